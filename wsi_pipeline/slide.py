@@ -156,11 +156,18 @@ def _is_companion(f: Path) -> bool:
     return f.parent.suffix == "" and (f.parent.with_suffix(".mrxs")).exists()
 
 
-def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+def _level_to_l0(v: int, downsample: float) -> int:
+    """Smallest level-0 coordinate that maps to level coordinate ``v`` under
+    ``floor(x / downsample)`` (the readers' convention)."""
+    return math.ceil(v * downsample - 1e-6)
+
+
+def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) -> np.ndarray:
     """Resample an ``(H, W, 3)`` uint8 image to ``size_wh`` with one good-quality filter.
 
     Integer shrink factors use exact box averaging (``PIL.Image.reduce``); other factors use
-    Lanczos (which low-pass filters when shrinking). Equal sizes return the input.
+    Lanczos (which low-pass filters when shrinking), or area averaging with ``box=True``
+    (no ringing; used for thumbnails). Equal sizes return the input.
     """
     from PIL import Image
 
@@ -172,7 +179,7 @@ def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     if fx == fy and fx >= 1 and float(fx).is_integer():
         out = img.reduce(int(fx))
     else:
-        out = img.resize((w, h), Image.Resampling.LANCZOS)
+        out = img.resize((w, h), Image.Resampling.BOX if box else Image.Resampling.LANCZOS)
     return np.asarray(out)
 
 
@@ -280,14 +287,15 @@ class Slide:
         lw, lh = m.level_dimensions[level]
         # clip to the level's bounds (in level px); outside stays white
         lx, ly = math.floor(xy[0] / ds), math.floor(xy[1] / ds)
+        if level == 0:
+            lx, ly = int(xy[0]), int(xy[1])
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, lw), min(ly + h, lh)
         out = np.full((h, w, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
-        # level-0 position of the clipped corner; exact for level 0, rounded for others
-        loc = (round(x0 * ds) if x0 != lx else int(xy[0]),
-               round(y0 * ds) if y0 != ly else int(xy[1]))  # fmt: skip
+        # smallest level-0 position that maps to level pixel (x0, y0) under floor(x / ds)
+        loc = (_level_to_l0(x0, ds), _level_to_l0(y0, ds))
         try:
             px = self._read(loc, level, (x1 - x0, y1 - y0))
         except SlideError:
@@ -380,19 +388,15 @@ class Slide:
         tw, th = max(1, math.ceil(m.width / downsample)), max(1, math.ceil(m.height / downsample))
         level = self.best_level(downsample)
         lds = m.level_downsamples[level]
-        lw, lh = m.level_dimensions[level]
         rel = downsample / lds  # source level px per thumbnail px
         out = np.empty((th, tw, 3), np.uint8)
         rows = max(1, int(strip_px // rel))  # thumbnail rows per strip
+        sw = round(tw * rel)  # may reach past the edge: read_region pads with white
         for r0 in range(0, th, rows):
             r1 = min(th, r0 + rows)
-            sy0, sy1 = round(r0 * rel), min(lh, round(r1 * rel))
-            sw = min(lw, round(tw * rel))
-            if sy1 <= sy0:
-                out[r0:r1] = 255
-                continue
-            strip = self.read_region((0, round(sy0 * lds)), level, (sw, sy1 - sy0))
-            out[r0:r1] = resize_rgb(strip, (tw, r1 - r0))
+            sy0, sy1 = round(r0 * rel), round(r1 * rel)
+            strip = self.read_region((0, _level_to_l0(sy0, lds)), level, (sw, max(1, sy1 - sy0)))
+            out[r0:r1] = resize_rgb(strip, (tw, r1 - r0), box=True)
         return out
 
 
@@ -587,7 +591,8 @@ def _check_tiff_integrity(series: Any, size: int, complaints: list[str]) -> None
     """Refuse a truncated TIFF: a broken IFD chain, or tile data past the end of the file."""
     broken = [m for m in complaints if "invalid" in m and "offset" in m]
     if broken:
-        raise _NotBrightfield(f"truncated or corrupt TIFF ({re.sub(r'<[^>]*>\s*', '', broken[0])})")
+        detail = re.sub(r"<[^>]*>\s*", "", broken[0])
+        raise _NotBrightfield(f"truncated or corrupt TIFF ({detail})")
     for i, level in enumerate(series.levels):
         page = level.keyframe
         offsets = np.asarray(page.dataoffsets, np.int64)
