@@ -1,0 +1,213 @@
+"""Patch codecs: a zarr v3 JPEG codec, and the byte-level helpers the tiler uses to build shards.
+
+``wsi_jpeg`` is a zarr v3 array-to-bytes codec storing each ``(1, T, T, 3)`` uint8 chunk as one
+standalone baseline JPEG (any JPEG decoder reads a chunk on its own). It is registered with zarr
+on import of this module and through the ``zarr.codecs`` entry point, so plain
+``zarr.open_group(...)["patches"][i]`` decodes patches in any process that has wsi-pipeline
+installed.
+
+The tiler does not push patches one by one through zarr (about 1 ms per chunk of Python/async
+overhead, see docs/store.md): it encodes inner chunks itself and writes whole shards in the
+sharding codec's binary layout (:func:`shard_bytes`). Readers may use zarr or
+:func:`read_shard_index` + :func:`decode_chunk` directly.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArraySpec
+    from zarr.core.buffer import Buffer, NDBuffer
+
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.registry import register_codec
+
+__all__ = [
+    "EMPTY",
+    "JpegCodec",
+    "adobe_rgb_marker",
+    "decode_chunk",
+    "encode_chunk",
+    "join_jpeg_tables",
+    "read_shard_index",
+    "shard_bytes",
+]
+
+CODEC_NAME = "wsi_jpeg"
+ZSTD_LEVEL = 3
+EMPTY = 2**64 - 1  # offset/length of a missing inner chunk in a shard index
+
+# APP14 "Adobe" segment with transform=0: tells decoders the 3 components are RGB, not YCbCr.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def adobe_rgb_marker() -> bytes:
+    """The APP14 segment that marks a JPEG's components as RGB (no colour transform)."""
+    return _ADOBE_RGB
+
+
+def join_jpeg_tables(tile: bytes, tables: bytes | None, *, rgb: bool) -> bytes:
+    """Turn an abbreviated TIFF JPEG tile into a standalone JPEG.
+
+    Parameters
+    ----------
+    tile : bytes
+        The tile's bytes as stored in the TIFF (starts with SOI).
+    tables : bytes or None
+        The TIFF ``JPEGTables`` (an SOI ... EOI stream of DQT/DHT), if any.
+    rgb : bool
+        True when the TIFF's photometric interpretation is RGB (Aperio): an Adobe APP14 marker is
+        inserted so decoders skip the YCbCr->RGB conversion.
+
+    Returns
+    -------
+    bytes
+        A JPEG any decoder reads to the same pixels as the TIFF reader.
+    """
+    if tile[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG tile (no SOI marker)")
+    body = tile[2:]
+    mid = tables[2:-2] if tables else b""
+    return b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + mid + body
+
+
+def encode_chunk(patch: np.ndarray, codec: str, *, quality: int = 90) -> bytes:
+    """Encode one ``(T, T, 3)`` uint8 patch as an inner chunk of the ``patches`` array."""
+    if codec == "jpeg":
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(patch), level=quality))
+    if codec == "zstd":
+        from numcodecs import Zstd
+
+        return bytes(Zstd(level=ZSTD_LEVEL).encode(np.ascontiguousarray(patch).tobytes()))
+    if codec == "raw":
+        return np.ascontiguousarray(patch).tobytes()
+    raise ValueError(f"unknown patch codec {codec!r}")
+
+
+def decode_chunk(data: bytes, codec: str, shape_hwc: tuple[int, int, int]) -> np.ndarray:
+    """Decode one inner chunk to an ``(T, T, 3)`` uint8 patch."""
+    import imagecodecs
+
+    if codec == "jpeg":
+        arr = imagecodecs.jpeg8_decode(data)
+    elif codec == "zstd":
+        from numcodecs import Zstd
+
+        arr = np.frombuffer(Zstd().decode(data), np.uint8)
+    elif codec == "raw":
+        arr = np.frombuffer(data, np.uint8)
+    else:
+        raise ValueError(f"unknown patch codec {codec!r}")
+    return arr.reshape(shape_hwc)
+
+
+def _crc32c(data: bytes) -> bytes:
+    import google_crc32c
+
+    return struct.pack("<I", google_crc32c.value(data))
+
+
+def shard_bytes(chunks: list[bytes | None], chunks_per_shard: int) -> bytes:
+    """Build one shard in zarr's sharding layout (index at the end, ``bytes`` + ``crc32c``).
+
+    Parameters
+    ----------
+    chunks : list of bytes or None
+        Encoded inner chunks in order; ``None`` marks a missing chunk. At most
+        ``chunks_per_shard`` entries (missing trailing ones are empty).
+    chunks_per_shard : int
+        Inner chunks along the shard's first axis (the other axes have one chunk).
+
+    Returns
+    -------
+    bytes
+        ``chunk bytes ... | index (chunks_per_shard x 2 uint64 LE) | crc32c of the index``.
+    """
+    index = np.full((chunks_per_shard, 2), EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    for i, c in enumerate(chunks):
+        if c is None:
+            continue
+        index[i] = (offset, len(c))
+        parts.append(c)
+        offset += len(c)
+    idx = index.tobytes()
+    parts.append(idx)
+    parts.append(_crc32c(idx))
+    return b"".join(parts)
+
+
+def read_shard_index(data_tail: bytes, chunks_per_shard: int) -> np.ndarray:
+    """Parse (and checksum) a shard index from the shard's last ``16 * n + 4`` bytes.
+
+    Returns
+    -------
+    (chunks_per_shard, 2) uint64 ndarray
+        ``(offset, nbytes)`` per inner chunk; :data:`EMPTY` for missing chunks.
+
+    Raises
+    ------
+    ValueError
+        When the tail is short or its checksum does not match (a torn or foreign file).
+    """
+    n = 16 * chunks_per_shard
+    if len(data_tail) < n + 4:
+        raise ValueError("shard shorter than its index")
+    idx, crc = data_tail[-(n + 4) : -4], data_tail[-4:]
+    if _crc32c(idx) != crc:
+        raise ValueError("shard index checksum mismatch")
+    return np.frombuffer(idx, dtype="<u8").reshape(chunks_per_shard, 2)
+
+
+@dataclass(frozen=True)
+class JpegCodec(ArrayBytesCodec):
+    """zarr v3 array->bytes codec: a uint8 ``(..., H, W, 3)`` chunk as one baseline JPEG.
+
+    Configuration: ``quality`` (1..100) used when zarr itself encodes a chunk.
+    """
+
+    is_fixed_size = False
+    quality: int = 90
+
+    def __init__(self, *, quality: int = 90) -> None:
+        object.__setattr__(self, "quality", int(quality))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JpegCodec:
+        config = data.get("configuration") or {}
+        return cls(**config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        import imagecodecs
+
+        arr = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(arr.reshape(chunk_spec.shape))
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        arr = np.asarray(chunk_array.as_ndarray_like())
+        h, w, c = arr.shape[-3:]
+        data = encode_chunk(arr.reshape(h, w, c), "jpeg", quality=self.quality)
+        return chunk_spec.prototype.buffer.from_bytes(data)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError("JPEG output size is data dependent")
+
+
+register_codec(CODEC_NAME, JpegCodec)

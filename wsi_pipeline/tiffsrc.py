@@ -1,0 +1,206 @@
+"""Low-level access to one pyramid level of a tiled TIFF: raw tile bytes and decoded tiles.
+
+The tiler uses this instead of ``read_region`` wherever it can: each source tile is read once
+(``os.pread``, no shared file position), decoded at most once per task, and — when the patch grid
+lines up with the file's own JPEG tiles — copied as bytes without decoding at all.
+
+Files that are not tiled TIFFs, or whose codec the readers treat specially (Aperio JPEG 2000
+YCbCr, 33003), get ``None`` from :func:`open_tiff_level` and are read through the slide reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .codecs import join_jpeg_tables
+
+__all__ = ["TiffLevel", "open_tiff_level"]
+
+log = logging.getLogger(__name__)
+
+JPEG = 7
+# codecs tifffile decodes to the same pixels as the slide readers
+_DECODABLE = {1, 5, 7, 8, 32946, 33005, 34712, 50000, 50001}
+_PHOTOMETRIC_RGB = 2
+_PHOTOMETRIC_YCBCR = 6
+
+
+@dataclass
+class TiffLevel:
+    """One tiled level of a TIFF file.
+
+    Attributes
+    ----------
+    path : str
+    width, height : int
+        Level size in pixels.
+    tile_w, tile_h : int
+        The file's tile size.
+    compression : int
+        TIFF compression code (7 = JPEG).
+    rgb_jpeg : bool
+        JPEG tiles whose components are RGB (photometric RGB, e.g. Aperio): copies need an Adobe
+        marker to decode right.
+    """
+
+    path: str
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    compression: int
+    rgb_jpeg: bool
+    _offsets: np.ndarray
+    _counts: np.ndarray
+    _tables: bytes | None
+    _decode: Any
+    _fd: int = -1
+    _cache: OrderedDict[int, np.ndarray] | None = None
+    cache_tiles: int = 256
+
+    @property
+    def tiles_across(self) -> int:
+        return math.ceil(self.width / self.tile_w)
+
+    @property
+    def tiles_down(self) -> int:
+        return math.ceil(self.height / self.tile_h)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def raw_tile(self, index: int) -> bytes:
+        """The tile's bytes as stored in the file."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        off, n = int(self._offsets[index]), int(self._counts[index])
+        if n == 0:
+            return b""
+        data = os.pread(self._fd, n, off)
+        if len(data) != n:
+            raise OSError(f"tile {index}: file ends after {len(data)} of {n} bytes (truncated)")
+        return data
+
+    def jpeg_tile(self, index: int) -> bytes:
+        """A JPEG tile as a standalone JPEG file (tables joined, RGB marked)."""
+        return join_jpeg_tables(self.raw_tile(index), self._tables, rgb=self.rgb_jpeg)
+
+    def tile(self, index: int) -> np.ndarray:
+        """Decoded tile ``(h, w, 3)`` uint8, cropped at the level's edge (cached, LRU)."""
+        if self._cache is None:
+            self._cache = OrderedDict()
+        arr = self._cache.get(index)
+        if arr is not None:
+            self._cache.move_to_end(index)
+            return arr
+        data = self.raw_tile(index)
+        if not data:
+            raise OSError(f"tile {index} has no data")
+        arr, _, shape = self._decode(data, index, jpegtables=self._tables)
+        arr = np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
+        self._cache[index] = arr
+        if len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        return arr
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region at this level, ``(h, w, 3)`` uint8, white outside the level."""
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = self.tile_w, self.tile_h
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                t = self.tile(ty * self.tiles_across + tx)
+                # overlap of tile and request, in level coordinates
+                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
+                ax1 = min(x1, tx * tw + t.shape[1])
+                ay1 = min(y1, ty * th + t.shape[0])
+                if ax1 <= ax0 or ay1 <= ay0:
+                    continue
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = t[
+                    ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
+                ]
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_fd"] = -1
+        d["_cache"] = None
+        d["_decode"] = None
+        return d
+
+
+def open_tiff_level(path: str, level: int, expected_wh: tuple[int, int]) -> TiffLevel | None:
+    """The ``level``-th level of the file's main series, if it is a tiled TIFF level of size
+    ``expected_wh`` with a codec we decode exactly like the slide readers; else ``None``."""
+    try:
+        import tifffile
+
+        with open(path, "rb") as fh:
+            if fh.read(2) not in (b"II", b"MM"):
+                return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("tifffile").disabled = True
+            try:
+                with tifffile.TiffFile(path) as tf:
+                    series = tf.series[0]
+                    if level >= len(series.levels):
+                        return None
+                    page = series.levels[level].keyframe
+                    if not page.is_tiled or page.planarconfig != 1:
+                        return None
+                    if (int(page.imagewidth), int(page.imagelength)) != tuple(expected_wh):
+                        return None
+                    if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
+                        return None
+                    if int(page.imagedepth) != 1 or int(page.compression) not in _DECODABLE:
+                        return None
+                    # load lazily-read attributes before any file access of ours (NOTES.md)
+                    offsets = np.asarray(page.dataoffsets, np.int64)
+                    counts = np.asarray(page.databytecounts, np.int64)
+                    tables = page.jpegtables
+                    decode = page.decode
+                    comp = int(page.compression)
+                    photometric = int(page.photometric)
+                    tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+                    width, height = int(page.imagewidth), int(page.imagelength)
+            finally:
+                logging.getLogger("tifffile").disabled = False
+    except Exception as exc:  # not a TIFF we can take apart: the slide reader will do
+        log.debug("%s: no direct TIFF access (%s)", path, exc)
+        return None
+    if comp == JPEG and photometric not in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR):
+        return None
+    return TiffLevel(
+        path=path,
+        width=width,
+        height=height,
+        tile_w=tile_w,
+        tile_h=tile_h,
+        compression=comp,
+        rgb_jpeg=comp == JPEG and photometric == _PHOTOMETRIC_RGB,
+        _offsets=offsets,
+        _counts=counts,
+        _tables=bytes(tables) if tables else None,
+        _decode=decode,
+    )

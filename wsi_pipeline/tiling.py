@@ -1,0 +1,788 @@
+"""Tile grid from the tissue mask and slide geometry; extraction into per-slide zarr stores.
+
+One slide goes through three steps, each a plain function so any scheduler can run it:
+
+1. :func:`prepare_slide` — open the slide, thumbnail, tissue mask, grid; create the store (or find
+   the unfinished one to resume). Returns a small picklable :class:`SlidePlan`.
+2. :func:`extract_shard` — for one shard (``patches_per_shard`` patches): read each source
+   region once, resample once (or copy the file's own JPEG tile untouched when the grid lines up),
+   encode, and write the shard file atomically. Shards are independent, so a large slide is split
+   over workers.
+3. :func:`finalize_slide` — record the status and write ``complete: true`` last.
+
+:func:`tile_slides` runs a batch: serially in this process (``workers=1``), or with dask.distributed
+(a ``LocalCluster`` of worker processes, or an existing cluster given by address), across slides
+and within large slides. It writes ``manifest.csv`` after each finished slide.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .codecs import encode_chunk, shard_bytes
+from .errors import SlideError, StoreError, TilingError, WSIPipelineError
+from .slide import Slide, open_slide, resize_rgb, slide_id_from_path
+from .specs import SlideMeta, TilingSpec
+from .store import (
+    create_patches_array,
+    create_store,
+    is_complete,
+    mark_complete,
+    shard_is_done,
+    store_path,
+    write_shard,
+)
+from .tiffsrc import JPEG, TiffLevel, open_tiff_level
+from .tissue import load_user_mask, rect_fractions, tissue_mask
+
+__all__ = [
+    "MANIFEST_FIELDS",
+    "Geometry",
+    "SlidePlan",
+    "TileResult",
+    "extract_shard",
+    "finalize_slide",
+    "prepare_slide",
+    "tile_grid",
+    "tile_slide",
+    "tile_slides",
+    "tiling_geometry",
+    "write_manifest",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FIELDS = ("slide_id", "path", "status", "n_patches", "seconds", "error")
+_MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least this many pixels
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where target pixels come from.
+
+    Attributes
+    ----------
+    downsample : float
+        Level-0 pixels per target pixel.
+    target_mpp : float or None
+        Target µm per pixel (None when the slide has no mpp and a level was asked for).
+    read_level : int
+        Pyramid level the pixels are read from (the best one at or above the resolution).
+    level_downsample : float
+        That level's downsample.
+    patch_l0 : float
+        Patch side in level-0 pixels.
+    stride_l0 : float
+        Grid step in level-0 pixels.
+    """
+
+    downsample: float
+    target_mpp: float | None
+    read_level: int
+    level_downsample: float
+    patch_l0: float
+    stride_l0: float
+
+    @property
+    def read_px(self) -> int:
+        """Patch side in pixels at the read level (before the one resample)."""
+        return max(1, round(self.patch_l0 / self.level_downsample))
+
+    @property
+    def resampled(self) -> bool:
+        return abs(self.downsample / self.level_downsample - 1.0) > 1e-3
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """One manifest row."""
+
+    slide_id: str
+    path: str
+    status: str  # ok | skipped | no_tissue | failed
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "slide_id": self.slide_id,
+            "path": self.path,
+            "status": self.status,
+            "n_patches": self.n_patches,
+            "seconds": f"{self.seconds:.2f}",
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What the shard tasks of one slide need (small and picklable)."""
+
+    slide_id: str
+    path: str
+    store: str
+    spec: TilingSpec
+    geometry: Geometry
+    level_wh: tuple[int, int]
+    n_patches: int
+    todo: tuple[int, ...]
+    slide_mpp: float | None = None
+    backend: str = "auto"
+    started: float = field(default_factory=time.time)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_patches / self.spec.patches_per_shard)
+
+
+# --------------------------------------------------------------------------------------------
+# geometry and grid
+# --------------------------------------------------------------------------------------------
+def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
+    """Resolve the spec's target resolution against one slide.
+
+    Raises
+    ------
+    TilingError
+        ``mpp`` asked for on a slide without mpp metadata, or a level the slide lacks.
+    """
+    m = slide.meta
+    if spec.mpp is not None:
+        if m.mpp is None:
+            raise TilingError(
+                f"--mpp {spec.mpp:g} asked for, but the slide has no resolution (mpp) "
+                "metadata; give the slide's own mpp with --slide-mpp, or tile at a --level",
+                path=m.path,
+            )
+        ds = spec.mpp / m.mpp
+        if ds < 1.0 - 1e-3:
+            log.warning(
+                "%s: target %.3g mpp is finer than the scan (%.3g mpp); patches are upsampled",
+                m.path, spec.mpp, m.mpp,
+            )  # fmt: skip
+        target_mpp: float | None = float(spec.mpp)
+    else:
+        level = int(spec.level or 0)
+        if level >= m.level_count:
+            raise TilingError(
+                f"level {level} asked for, but the slide has levels 0..{m.level_count - 1}",
+                path=m.path,
+            )
+        ds = m.level_downsamples[level]
+        target_mpp = None if m.mpp is None else m.mpp * ds
+    read_level = slide.best_level(ds)
+    return Geometry(
+        downsample=float(ds),
+        target_mpp=target_mpp,
+        read_level=read_level,
+        level_downsample=float(m.level_downsamples[read_level]),
+        patch_l0=spec.tile_px * ds,
+        stride_l0=spec.stride_px * ds,
+    )
+
+
+def tile_grid(
+    meta: SlideMeta,
+    geometry: Geometry,
+    spec: TilingSpec,
+    mask: np.ndarray,
+    mask_downsample: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch positions kept by the tissue threshold.
+
+    The grid starts at the slide's origin (so at native resolution it lines up with the file's
+    own tiles) and steps by the stride. With ``edge="drop"`` only patches entirely inside the
+    slide are candidates; with ``edge="pad"`` every patch starting inside the slide is.
+
+    Parameters
+    ----------
+    meta : SlideMeta
+    geometry : Geometry
+    spec : TilingSpec
+    mask : (h, w) bool ndarray
+        Tissue mask.
+    mask_downsample : float
+        Level-0 pixels per mask pixel.
+
+    Returns
+    -------
+    coords_xy : (N, 2) int64 ndarray
+        Level-0 top-left corners, row-major order (by y, then x).
+    tissue_fraction : (N,) float32 ndarray
+        Fraction of each patch on tissue (>= ``spec.min_tissue`` and > 0).
+    """
+    p, s = geometry.patch_l0, geometry.stride_l0
+    if spec.edge == "drop":
+        nx = max(0, math.floor((meta.width - p) / s + 1e-9) + 1) if meta.width >= p - 1e-6 else 0
+        ny = max(0, math.floor((meta.height - p) / s + 1e-9) + 1) if meta.height >= p - 1e-6 else 0
+    else:
+        nx, ny = math.ceil(meta.width / s - 1e-9), math.ceil(meta.height / s - 1e-9)
+    if nx == 0 or ny == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    xs = np.round(np.arange(nx) * s).astype(np.int64)
+    ys = np.round(np.arange(ny) * s).astype(np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    side = np.full(len(coords), p)
+    rects = np.stack([coords[:, 0], coords[:, 1], side, side], axis=1)
+    frac = rect_fractions(mask, rects, downsample=mask_downsample)
+    keep = (frac >= spec.min_tissue) & (frac > 0)
+    return coords[keep], frac[keep]
+
+
+def _mask_downsample(slide: Slide, spec: TilingSpec, geometry: Geometry) -> float:
+    """Thumbnail downsample: the mask spec's µm/px (or max size), fine enough to resolve each
+    patch into a few mask pixels, never larger than ``thumb_max_px``."""
+    m = slide.meta
+    max_px = spec.mask.thumb_max_px if m.mpp is not None else min(spec.mask.thumb_max_px, 2048)
+    ds = slide.thumbnail_downsample(max_px=max_px, mpp=spec.mask.thumb_mpp)
+    ds = min(ds, geometry.patch_l0 / _MIN_MASK_PX_PER_PATCH)
+    return max(ds, max(m.width, m.height) / spec.mask.thumb_max_px, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the three steps of one slide
+# --------------------------------------------------------------------------------------------
+def _tiling_attrs(spec: TilingSpec, geometry: Geometry, slide_mpp: float | None) -> dict:
+    return {
+        "spec": spec.to_dict(),
+        "tile_px": spec.tile_px,
+        "mpp": geometry.target_mpp,
+        "level": spec.level,
+        "downsample": geometry.downsample,
+        "read_level": geometry.read_level,
+        "patch_l0": geometry.patch_l0,
+        "stride_l0": geometry.stride_l0,
+        "overlap_px": spec.overlap_px,
+        "tissue_threshold": spec.min_tissue,
+        "mask": spec.mask.to_dict(),
+        "slide_mpp_override": slide_mpp,
+        "package_version": __version__,
+    }
+
+
+def _resumable(store: Path, meta: SlideMeta, attrs: dict[str, Any]) -> int | None:
+    """Number of patches of an unfinished store that can be resumed, else None."""
+    import zarr
+
+    try:
+        g = zarr.open_group(str(store), mode="r")
+        old = dict(g.attrs)
+        n = int(g["coords"].shape[0])
+        g["patches"]
+        g["tissue_fraction"]
+    except Exception:
+        return None
+    same_file = (old.get("slide") or {}).get("file_size") == meta.file_size
+    old_t = dict(old.get("tiling") or {})
+    same_tiling = {k: old_t.get(k) for k in attrs if k != "package_version"} == {
+        k: v for k, v in attrs.items() if k != "package_version"
+    }
+    return n if same_file and same_tiling else None
+
+
+def prepare_slide(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    spec: TilingSpec,
+    slide_id: str | None = None,
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    backend: str = "auto",
+) -> SlidePlan | TileResult:
+    """Open, mask and grid one slide and create (or resume) its store.
+
+    Returns
+    -------
+    SlidePlan
+        When patches remain to be written (``plan.todo`` lists the shards).
+    TileResult
+        When nothing remains: an already complete store (``skipped``), or a slide with no
+        tissue (``no_tissue``, a complete store with N = 0).
+
+    Raises
+    ------
+    WSIPipelineError
+        For a bad slide or parameters; the caller records it and goes on.
+    """
+    t0 = time.time()
+    sid = slide_id or slide_id_from_path(path)
+    store = store_path(out_dir, sid)
+    if not overwrite and is_complete(store):
+        import zarr
+
+        g = zarr.open_group(str(store), mode="r")
+        t = dict(g.attrs.get("tiling", {}))
+        return TileResult(sid, str(Path(path).absolute()), "skipped", int(t.get("n_patches", 0)),
+                          time.time() - t0)  # fmt: skip
+    with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
+        meta = slide.meta
+        geometry = tiling_geometry(slide, spec)
+        attrs = _tiling_attrs(spec, geometry, slide_mpp)
+        resume_n = None if overwrite else _resumable(store, meta, attrs)
+        if resume_n is not None:
+            todo = tuple(
+                s for s in range(math.ceil(resume_n / spec.patches_per_shard))
+                if not shard_is_done(store, s, min(spec.patches_per_shard,
+                                                   resume_n - s * spec.patches_per_shard),
+                                     spec.patches_per_shard)
+            )  # fmt: skip
+            log.info("%s: resuming unfinished store (%d of %d shards left)", sid, len(todo),
+                     math.ceil(resume_n / spec.patches_per_shard))  # fmt: skip
+            return SlidePlan(sid, meta.path, str(store), spec, geometry,
+                             meta.level_dimensions[geometry.read_level], resume_n, todo,
+                             slide_mpp, meta.backend, t0)  # fmt: skip
+        mask_ds = _mask_downsample(slide, spec, geometry)
+        thumb = slide.read_thumbnail(mask_ds)
+        thumb_mpp = None if meta.mpp is None else meta.mpp * mask_ds
+        if spec.mask.method == "user":
+            mask = load_user_mask(spec.mask.user_mask, shape=thumb.shape[:2], downsample=mask_ds)
+        else:
+            mask = tissue_mask(thumb, mpp=thumb_mpp, spec=spec.mask)
+        coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
+
+    g = create_store(store, slide_id=sid, meta=meta, tiling=attrs)
+    _write_array(g, "thumbnail", thumb, chunks=(512, 512, 3), attrs={"downsample": mask_ds})
+    _write_array(g, "tissue_mask", mask, chunks=(1024, 1024),
+                 attrs={"downsample": mask_ds, "method": spec.mask.method,
+                        "params": spec.mask.to_dict(), "tissue_fraction": float(mask.mean())})  # fmt: skip
+    _write_array(g, "coords", coords, chunks=(max(1, min(len(coords), 65536)), 2),
+                 attrs={"units": "level-0 px", "order": "x, y (top-left corner)"})  # fmt: skip
+    _write_array(g, "tissue_fraction", frac, chunks=(max(1, min(len(frac), 65536)),))
+    create_patches_array(
+        g, n=len(coords), tile_px=spec.tile_px, codec=spec.codec, quality=spec.jpeg_quality,
+        patches_per_shard=spec.patches_per_shard,
+        attrs={"mpp": geometry.target_mpp, "downsample": geometry.downsample,
+               "read_level": geometry.read_level},
+    )  # fmt: skip
+    plan = SlidePlan(sid, meta.path, str(store), spec, geometry,
+                     meta.level_dimensions[geometry.read_level], len(coords),
+                     tuple(range(math.ceil(len(coords) / spec.patches_per_shard))),
+                     slide_mpp, meta.backend, t0)  # fmt: skip
+    if len(coords) == 0:
+        return finalize_slide(plan)
+    return plan
+
+
+def _write_array(g: Any, name: str, data: np.ndarray, *, chunks: tuple, attrs: dict | None = None
+                 ) -> None:  # fmt: skip
+    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
+    arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
+    if data.size:
+        arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+
+
+class _Sources:
+    """Per-process cache of open slide sources (so a worker opens each slide once)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.items: dict[tuple, tuple[TiffLevel | None, Slide | None]] = {}
+
+    def get(self, plan: SlidePlan) -> tuple[TiffLevel | None, Slide | None]:
+        key = (plan.path, plan.geometry.read_level, plan.slide_mpp, plan.backend,
+               os.stat(plan.path).st_mtime_ns)  # fmt: skip
+        hit = self.items.get(key)
+        if hit is None:
+            tiff = open_tiff_level(plan.path, plan.geometry.read_level, plan.level_wh)
+            slide = None
+            if tiff is None:
+                slide = open_slide(plan.path, mpp=plan.slide_mpp, backend=plan.backend,
+                                   check_pixels=False)  # fmt: skip
+            while len(self.items) >= self.size:
+                _, (t, s) = self.items.popitem()
+                if t is not None:
+                    t.close()
+                if s is not None:
+                    s.close()
+            hit = self.items[key] = (tiff, slide)
+        return hit
+
+
+_SOURCES = _Sources()
+
+
+def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
+    """Read, encode and write one shard of a slide's patches.
+
+    Returns
+    -------
+    dict
+        ``copied`` (source JPEG tiles stored as is), ``encoded`` and ``bytes`` written.
+
+    Raises
+    ------
+    SlideError
+        When the slide's pixels cannot be decoded (naming the region).
+    """
+    import zarr
+
+    spec, geo = plan.spec, plan.geometry
+    per = spec.patches_per_shard
+    i0, i1 = shard * per, min(plan.n_patches, (shard + 1) * per)
+    coords = np.asarray(zarr.open_array(str(Path(plan.store) / "coords"), mode="r")[i0:i1])
+    tiff, slide = _SOURCES.get(plan)
+    T = spec.tile_px
+    rp = geo.read_px
+    lds = geo.level_downsample
+    can_copy = (
+        tiff is not None and spec.codec == "jpeg" and tiff.compression == JPEG
+        and not geo.resampled and (tiff.tile_w, tiff.tile_h) == (T, T) and rp == T
+    )  # fmt: skip
+    chunks: list[bytes | None] = []
+    copied = 0
+    for x, y in coords:
+        lx, ly = round(x / lds), round(y / lds)
+        try:
+            if can_copy and lx % T == 0 and ly % T == 0 and lx + T <= tiff.width \
+                    and ly + T <= tiff.height:  # fmt: skip
+                chunks.append(tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T))
+                copied += 1
+                continue
+            if tiff is not None:
+                region = tiff.read(lx, ly, rp, rp)
+            else:
+                region = slide.read_region((int(x), int(y)), geo.read_level, (rp, rp))
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(
+                f"tiles cannot be decoded at level {geo.read_level} near x={x} y={y}: "
+                f"{' '.join(str(exc).split()) or type(exc).__name__}",
+                path=plan.path,
+            ) from exc
+        patch = resize_rgb(region, (T, T)) if rp != T else region
+        chunks.append(encode_chunk(patch, spec.codec, quality=spec.jpeg_quality))
+    data = shard_bytes(chunks, per)
+    write_shard(plan.store, shard, data)
+    return {"copied": copied, "encoded": len(chunks) - copied, "bytes": len(data)}
+
+
+def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> TileResult:
+    """Check every shard is on disk, then mark the store complete (written last)."""
+    import zarr
+
+    per = plan.spec.patches_per_shard
+    for s in range(plan.n_shards):
+        n = min(per, plan.n_patches - s * per)
+        if not shard_is_done(plan.store, s, n, per):
+            raise StoreError(f"shard {s} missing or torn after extraction", path=plan.store)
+    g = zarr.open_group(plan.store, mode="r+")
+    status = "ok" if plan.n_patches else "no_tissue"
+    extra = {
+        "status": status,
+        "n_patches": plan.n_patches,
+        "copied_source_tiles": int(sum(s.get("copied", 0) for s in stats)),
+        "seconds": round(time.time() - plan.started, 3),
+    }
+    mark_complete(g, **extra)
+    return TileResult(plan.slide_id, plan.path, status, plan.n_patches, time.time() - plan.started,
+                      "" if plan.n_patches else "no tissue found (store has 0 patches)")  # fmt: skip
+
+
+def tile_slide(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    spec: TilingSpec | None = None,
+    slide_id: str | None = None,
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    backend: str = "auto",
+) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>.zarr`` in this process.
+
+    Raises
+    ------
+    WSIPipelineError
+        For a bad slide or parameters (the batch runner records these instead).
+    """
+    spec = spec or TilingSpec()
+    plan = prepare_slide(path, out_dir, spec=spec, slide_id=slide_id, slide_mpp=slide_mpp,
+                         overwrite=overwrite, backend=backend)  # fmt: skip
+    if isinstance(plan, TileResult):
+        return plan
+    stats = [extract_shard(plan, s) for s in plan.todo]
+    return finalize_slide(plan, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+def write_manifest(out_dir: str | os.PathLike, rows: Iterable[TileResult]) -> Path:
+    """Write ``out_dir/manifest.csv`` atomically, keeping rows of slides not in ``rows``."""
+    out = Path(out_dir)
+    path = out / "manifest.csv"
+    merged: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        try:
+            with open(path, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    if r.get("slide_id"):
+                        merged[r["slide_id"]] = {k: r.get(k, "") for k in MANIFEST_FIELDS}
+        except (OSError, csv.Error):
+            pass
+    for r in rows:
+        merged[r.slide_id] = r.row()
+    tmp = path.with_name(f".manifest.csv.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        w.writeheader()
+        for sid in sorted(merged):
+            w.writerow(merged[sid])
+    os.replace(tmp, path)
+    return path
+
+
+def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) -> TileResult:
+    if isinstance(exc, WSIPipelineError):
+        msg = str(exc)
+    else:
+        msg = f"{path}: internal error {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if debug:
+            log.error("%s", "".join(traceback.format_exception(exc)))
+    log.error("%s", msg)
+    return TileResult(sid, path, "failed", 0, time.time() - t0, msg)
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check that files can be written there.
+
+    Raises
+    ------
+    TilingError
+        When the folder cannot be created or written.
+    """
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TilingError(f"output folder cannot be written ({exc.strerror or exc})",
+                          path=out) from exc  # fmt: skip
+    return out
+
+
+def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[TileResult]]:
+    """Slide ids for a batch; later slides whose id is taken fail with a clear reason."""
+    seen: dict[str, Path] = {}
+    jobs: list[tuple[str, Path]] = []
+    dupes: list[TileResult] = []
+    for p in slides:
+        sid = slide_id_from_path(p)
+        if sid in seen:
+            msg = (f"{p.absolute()}: duplicate slide id {sid!r} (already used by "
+                   f"{seen[sid].absolute()}); rename one of the files")  # fmt: skip
+            log.error("%s", msg)
+            dupes.append(TileResult(sid, str(p.absolute()), "failed", 0, 0.0, msg))
+            continue
+        seen[sid] = p
+        jobs.append((sid, p))
+    return jobs, dupes
+
+
+def tile_slides(
+    slides: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    spec: TilingSpec | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    slide_mpp: float | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    debug: bool = False,
+    on_result: Callable[[TileResult], None] | None = None,
+) -> list[TileResult]:
+    """Tile a batch of slide files; one failure never stops the others.
+
+    Parameters
+    ----------
+    slides : sequence of path
+        Slide files (see :func:`wsi_pipeline.slide.find_slides` to expand folders).
+    out_dir : path
+        Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
+    spec : TilingSpec
+    workers : int
+        Worker processes (a dask ``LocalCluster``); 1 runs everything in this process.
+    scheduler : str, optional
+        Address of a running dask.distributed scheduler (its workers must see the same files).
+    overwrite : bool
+        Redo complete stores.
+    slide_mpp : float, optional
+        The slides' level-0 mpp, for files without one.
+    backend, progress, debug, on_result
+        Reader backend; show progress bars; log tracebacks of internal errors; callback per row.
+
+    Returns
+    -------
+    list of TileResult
+        One per slide (also written to ``manifest.csv``).
+
+    Raises
+    ------
+    TilingError
+        When ``out_dir`` cannot be written (nothing can be done then).
+    """
+    spec = spec or TilingSpec()
+    out = check_writable(out_dir)
+    jobs, results = _assign_ids([Path(s) for s in slides])
+    if results:
+        write_manifest(out, results)
+
+    def record(r: TileResult) -> None:
+        results.append(r)
+        write_manifest(out, [r])
+        if on_result is not None:
+            on_result(r)
+
+    if scheduler is None and workers <= 1:
+        _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
+    else:
+        _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record,
+                  workers, scheduler)  # fmt: skip
+    order = {sid: i for i, (sid, _) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order.get(r.slide_id, -1))
+
+
+def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
+    from tqdm.auto import tqdm
+
+    slides_bar = tqdm(total=n_slides, desc="slides", unit="slide", disable=not progress,
+                      position=0)  # fmt: skip
+    patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1,
+                     leave=False)  # fmt: skip
+    return slides_bar, patch_bar
+
+
+def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
+    slides_bar, patch_bar = _bars(progress, len(jobs))
+    try:
+        for sid, path in jobs:
+            t0 = time.time()
+            try:
+                plan = prepare_slide(path, out, spec=spec, slide_id=sid, slide_mpp=slide_mpp,
+                                     overwrite=overwrite, backend=backend)  # fmt: skip
+                if isinstance(plan, SlidePlan):
+                    patch_bar.reset(total=plan.n_patches)
+                    patch_bar.set_description(sid)
+                    stats = []
+                    for s in plan.todo:
+                        stats.append(extract_shard(plan, s))
+                        patch_bar.update(stats[-1]["copied"] + stats[-1]["encoded"])
+                    plan = finalize_slide(plan, stats)
+                record(plan)
+            except Exception as exc:
+                record(_failure(sid, str(Path(path).absolute()), exc, t0, debug))
+            slides_bar.update(1)
+    finally:
+        patch_bar.close()
+        slides_bar.close()
+
+
+def _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers,
+              scheduler) -> None:  # fmt: skip
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+        client = Client(cluster)
+    slides_bar, patch_bar = _bars(progress, len(jobs))
+    try:
+        window = max(2, 2 * len(client.scheduler_info().get("workers", {})) or 2 * workers)
+        pending = list(jobs)
+        meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
+        state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
+        ac = as_completed()
+
+        def submit_prepares() -> None:
+            while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
+                sid, path = pending.pop(0)
+                f = client.submit(prepare_slide, path, out, spec=spec, slide_id=sid,
+                                  slide_mpp=slide_mpp, overwrite=overwrite, backend=backend,
+                                  key=f"prepare-{sid}-{time.time_ns()}", pure=False)  # fmt: skip
+                meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
+                ac.add(f)
+
+        submit_prepares()
+        for f in ac:
+            kind, sid, path, t0, _ = meta.pop(f)
+            try:
+                res = f.result()
+            except Exception as exc:
+                if state.pop(sid, None) is not None:
+                    for g, v in list(meta.items()):
+                        if v[1] == sid:
+                            g.cancel()
+                            meta.pop(g)
+                record(_failure(sid, path, exc, t0, debug))
+                slides_bar.update(1)
+                submit_prepares()
+                continue
+            if kind == "prep":
+                if isinstance(res, TileResult):
+                    record(res)
+                    slides_bar.update(1)
+                else:
+                    patch_bar.total += res.n_patches
+                    patch_bar.refresh()
+                    state[sid] = {"plan": res, "left": len(res.todo), "stats": []}
+                    for s in res.todo:
+                        g = client.submit(extract_shard, res, s, priority=10, pure=False,
+                                          key=f"shard-{sid}-{s}-{time.time_ns()}")  # fmt: skip
+                        meta[g] = ("shard", sid, path, t0, res)
+                        ac.add(g)
+                    if not res.todo:
+                        g = client.submit(finalize_slide, res, [], priority=20, pure=False)
+                        meta[g] = ("final", sid, path, t0, res)
+                        ac.add(g)
+            elif kind == "shard":
+                st = state.get(sid)
+                if st is None:
+                    continue
+                st["stats"].append(res)
+                st["left"] -= 1
+                patch_bar.update(res["copied"] + res["encoded"])
+                if st["left"] == 0:
+                    g = client.submit(finalize_slide, st["plan"], st["stats"], priority=20,
+                                      pure=False)  # fmt: skip
+                    meta[g] = ("final", sid, path, t0, st["plan"])
+                    ac.add(g)
+            else:
+                state.pop(sid, None)
+                record(res)
+                slides_bar.update(1)
+            submit_prepares()
+    finally:
+        patch_bar.close()
+        slides_bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()

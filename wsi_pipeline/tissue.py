@@ -1,0 +1,230 @@
+"""Tissue masks from the thumbnail, and tissue fractions of rectangles.
+
+The default mask is a saturation/Otsu mask (tissue is coloured, glass is not), with
+morphological clean-up and hole filling whose sizes are given in µm², so one setting works at any
+thumbnail scale. Pen ink (saturated blue/green) and very dark debris/folds are excluded unless
+switched off. A user mask (PNG, or GeoJSON polygons in level-0 pixels) may replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .specs import MaskSpec
+
+__all__ = ["load_user_mask", "rect_fractions", "rgb_to_hsv", "tissue_mask"]
+
+# hue range (0..1) of blue/green marker ink; H&E and DAB hues lie outside it
+_PEN_HUE = (0.22, 0.69)
+_PEN_MIN_SAT = 0.45
+_DARK_MAX_VALUE = 0.25
+_BLUR_UM = 12.0  # Gaussian blur of the saturation image, in µm
+_SAT_CAP = 0.15  # Otsu's saturation threshold is never above this
+_OD_MARGIN = 0.07  # optical density above the brightest 2% (the glass) that counts as tissue  # value (0..1) below which a pixel is debris, ink or a thick fold
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue, saturation and value in 0..1 (float32) of an ``(H, W, 3)`` uint8 image."""
+    x = rgb.astype(np.float32) / 255.0
+    mx = x.max(axis=2)
+    mn = x.min(axis=2)
+    delta = mx - mn
+    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    safe = np.maximum(delta, 1e-6)
+    hue = np.where(
+        mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    )
+    hue = np.where(delta > 0, hue / 6.0, 0.0).astype(np.float32)
+    return hue, sat, mx
+
+
+def _um2_to_px(um2: float, mpp: float | None, shape: tuple[int, int], frac: float) -> int:
+    """An area in µm² as thumbnail pixels; without an mpp, ``frac`` of the thumbnail area."""
+    if mpp is None:
+        return max(1, int(frac * shape[0] * shape[1]))
+    return max(1, round(um2 / (mpp * mpp)))
+
+
+def tissue_mask(
+    thumb: np.ndarray,
+    *,
+    mpp: float | None = None,
+    spec: MaskSpec | None = None,
+) -> np.ndarray:
+    """Tissue mask of a thumbnail.
+
+    Parameters
+    ----------
+    thumb : (H, W, 3) uint8 ndarray
+        RGB thumbnail of the whole slide.
+    mpp : float, optional
+        µm per thumbnail pixel; sizes in ``spec`` are in µm² and need it. Without it, objects
+        smaller than 0.02% and holes smaller than 0.005% of the thumbnail are cleaned up.
+    spec : MaskSpec, optional
+        Parameters (defaults: :class:`~wsi_pipeline.specs.MaskSpec`). ``method="user"`` is
+        handled by the caller with :func:`load_user_mask`.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+        True on tissue.
+    """
+    from scipy import ndimage as ndi
+    from skimage import morphology
+    from skimage.filters import threshold_otsu
+
+    spec = spec or MaskSpec()
+    if thumb.ndim != 3 or thumb.shape[2] < 3:
+        raise ConfigError(f"thumbnail must be (H, W, 3) RGB, not shape {thumb.shape}")
+    # smooth over a few cells first, so tissue is one region and single nuclei are no "ink",
+    # whatever the thumbnail's scale
+    sigma = 1.0 if mpp is None else max(1.0, _BLUR_UM / mpp)
+    rgb = ndi.gaussian_filter(thumb[..., :3].astype(np.float32), sigma=(sigma, sigma, 0))
+    hue, sat, val = rgb_to_hsv(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    # coloured: Otsu on saturation, kept between a floor (blank glass is never tissue) and a cap
+    # (a crop that is all tissue must not be split in two by Otsu)
+    t = float(threshold_otsu(sat)) if sat.size > 16 and np.ptp(sat) > 0 else 1.0
+    mask = sat > float(np.clip(t, spec.min_saturation, _SAT_CAP))
+    # or clearly darker than the glass (pale, unsaturated stains such as IHC counterstain)
+    od = -np.log((rgb.max(axis=2) + 1.0) / 256.0)
+    mask |= od > float(np.percentile(od, 2)) + _OD_MARGIN
+    excluded = np.zeros_like(mask)
+    if spec.remove_pen:
+        pen = (hue >= _PEN_HUE[0]) & (hue <= _PEN_HUE[1]) & (sat >= _PEN_MIN_SAT)
+        excluded |= ndi.binary_dilation(pen, iterations=2)
+    if spec.remove_dark:
+        excluded |= val < _DARK_MAX_VALUE
+    mask &= ~excluded
+    mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
+    hole_px = _um2_to_px(spec.max_hole_um2, mpp, mask.shape, 5e-5)
+    obj_px = _um2_to_px(spec.min_object_um2, mpp, mask.shape, 2e-4)
+    mask = morphology.remove_small_holes(mask, max_size=hole_px)
+    mask &= ~excluded  # hole filling must not bring ink back
+    mask = morphology.remove_small_objects(mask, max_size=obj_px)
+    return mask.astype(bool)
+
+
+def load_user_mask(
+    path: str | os.PathLike, *, shape: tuple[int, int], downsample: float
+) -> np.ndarray:
+    """A user-supplied tissue mask at thumbnail resolution.
+
+    Parameters
+    ----------
+    path : path
+        PNG/TIFF image (non-zero = tissue; scaled to ``shape`` with nearest neighbour), or a
+        ``.geojson``/``.json`` file of Polygon/MultiPolygon features in level-0 pixels.
+    shape : (int, int)
+        ``(H, W)`` of the thumbnail.
+    downsample : float
+        Level-0 pixels per thumbnail pixel.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: user mask file not found")
+    if p.suffix.lower() in (".geojson", ".json"):
+        return _rasterize_geojson(p, shape, downsample)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigError(f"{p}: user mask is not a readable image ({exc})") from exc
+    arr = np.asarray(img.convert("L").resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+    return arr > 0
+
+
+def _rasterize_geojson(p: Path, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    from skimage.draw import polygon as draw_polygon
+
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: user mask is not valid JSON ({exc})") from exc
+    feats = doc.get("features", [doc] if doc.get("type") == "Feature" else [])
+    if doc.get("type") in ("Polygon", "MultiPolygon"):
+        feats = [{"geometry": doc}]
+    mask = np.zeros(shape, bool)
+    n = 0
+    for f in feats:
+        geom = (f or {}).get("geometry") or {}
+        polys = (
+            [geom.get("coordinates", [])]
+            if geom.get("type") == "Polygon"
+            else geom.get("coordinates", [])
+            if geom.get("type") == "MultiPolygon"
+            else []
+        )
+        for rings in polys:
+            for k, ring in enumerate(rings):
+                xy = np.asarray(ring, float) / downsample
+                if xy.ndim != 2 or len(xy) < 3:
+                    continue
+                rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=shape)
+                mask[rr, cc] = k == 0  # the first ring is the outline, later rings are holes
+                n += 1
+    if n == 0:
+        raise ConfigError(f"{p}: no Polygon or MultiPolygon geometry in the GeoJSON mask")
+    return mask
+
+
+def rect_fractions(
+    mask: np.ndarray, rects_xywh: np.ndarray, *, downsample: float
+) -> np.ndarray:
+    """Fraction of each level-0 rectangle covered by the mask (exact area integral).
+
+    The mask is taken as piecewise constant over its pixels; a rectangle's coverage is the
+    integral of the mask over it divided by its area, computed from a summed-area table with
+    bilinear interpolation, which is exact for fractional pixel boundaries. Parts of a rectangle
+    outside the mask count as background.
+
+    Parameters
+    ----------
+    mask : (h, w) bool ndarray
+        Tissue mask.
+    rects_xywh : (N, 4) ndarray
+        Level-0 ``x, y, width, height`` of each rectangle.
+    downsample : float
+        Level-0 pixels per mask pixel.
+
+    Returns
+    -------
+    (N,) float32 ndarray
+    """
+    rects = np.asarray(rects_xywh, dtype=np.float64).reshape(-1, 4)
+    if len(rects) == 0:
+        return np.zeros(0, np.float32)
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.float64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+
+    def integral(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 0, w)
+        y = np.clip(y, 0, h)
+        x0 = np.minimum(np.floor(x).astype(np.int64), w - 1) if w else np.zeros_like(x, np.int64)
+        y0 = np.minimum(np.floor(y).astype(np.int64), h - 1) if h else np.zeros_like(y, np.int64)
+        fx, fy = x - x0, y - y0
+        s00 = sat[y0, x0]
+        s01 = sat[y0, x0 + 1]
+        s10 = sat[y0 + 1, x0]
+        s11 = sat[y0 + 1, x0 + 1]
+        return s00 * (1 - fx) * (1 - fy) + s01 * fx * (1 - fy) + s10 * (1 - fx) * fy + s11 * fx * fy
+
+    x0 = rects[:, 0] / downsample
+    y0 = rects[:, 1] / downsample
+    x1 = (rects[:, 0] + rects[:, 2]) / downsample
+    y1 = (rects[:, 1] + rects[:, 3]) / downsample
+    total = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+    area = (x1 - x0) * (y1 - y0)
+    return np.clip(total / np.maximum(area, 1e-12), 0.0, 1.0).astype(np.float32)
