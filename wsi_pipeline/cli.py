@@ -1,7 +1,209 @@
-"""The ``wsi-pipeline`` command line (placeholder until the stages land)."""
+"""The ``wsi-pipeline`` command line: thin commands over the stage functions.
+
+Exit status: 0 when every slide succeeded, 1 when some failed (the rest were still processed and
+each failure is in the manifest), 2 for bad usage. Errors print as one line; ``--debug`` shows
+tracebacks.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+from typing import Any
 
+import click
+
+from . import __version__
+from .errors import ConfigError, WSIPipelineError
+
+log = logging.getLogger("wsi_pipeline")
+
+
+class _Failed(Exception):
+    """Some items failed; exit status 1 (details were already reported)."""
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("wsi_pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _set_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    obj = ctx.ensure_object(dict)
+    if value or param.name not in obj:
+        obj[param.name] = bool(value) or obj.get(param.name, False)
+    _setup_logging(obj.get("debug", False), obj.get("quiet", False))
+
+
+def common_options(f: Any) -> Any:
+    """``--debug`` and ``--quiet``, accepted before or after the command name."""
+    f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_flag,
+                     help="Show tracebacks and debug logs.")(f)  # fmt: skip
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_flag,
+                        help="No progress bars; warnings and errors only.")(f)  # fmt: skip
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="wsi-pipeline")
+@common_options
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Whole-slide images to tissue masks, zarr patch stores, MIL models and heatmaps.
+
+    Stages: synth (demo cohort) -> tile -> train -> predict -> heatmap; `run` does them all from
+    a pipeline file.
+    """
+    ctx.ensure_object(dict)
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output folder for <slide_id>.zarr stores and manifest.csv.")
+@click.option("--mpp", type=float, default=None,
+              help="Target resolution in µm per pixel (e.g. 0.5 for 20x). Default: --level 0.")
+@click.option("--level", type=int, default=None, help="Target pyramid level (native pixels).")
+@click.option("--tile-size", type=int, default=256, show_default=True,
+              help="Patch side in pixels at the target resolution.")
+@click.option("--overlap", type=int, default=0, show_default=True,
+              help="Overlap of neighbouring patches in target pixels.")
+@click.option("--tissue-threshold", type=float, default=0.25, show_default=True,
+              help="Smallest tissue fraction for a patch to be kept.")
+@click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True,
+              help="Patches reaching past the slide edge: keep (white outside) or drop.")
+@click.option("--codec", type=click.Choice(["jpeg", "zstd", "raw"]), default="jpeg",
+              show_default=True,
+              help="Patch codec: jpeg (lossy; copies the file's own JPEG tiles when aligned), "
+                   "zstd (lossless), raw.")
+@click.option("--jpeg-quality", type=int, default=90, show_default=True)
+@click.option("--mask-file", type=click.Path(path_type=Path), default=None,
+              help="Use this tissue mask (PNG, or GeoJSON polygons in level-0 px) for all slides.")
+@click.option("--keep-pen", is_flag=True, help="Do not exclude pen marks from the tissue mask.")
+@click.option("--keep-dark", is_flag=True, help="Do not exclude dark debris/folds.")
+@click.option("--slide-mpp", type=float, default=None,
+              help="Level-0 µm per pixel of slides whose files have none.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (dask LocalCluster); 1 = in this process.")
+@click.option("--scheduler", default=None,
+              help="Address of a dask.distributed scheduler (e.g. tcp://host:8786); its workers "
+                   "must see the slides and the output folder.")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Redo slides whose stores are complete.")
+@click.pass_context
+def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | None,
+         level: int | None, tile_size: int, overlap: int, tissue_threshold: float, edge: str,
+         codec: str, jpeg_quality: int, mask_file: Path | None, keep_pen: bool, keep_dark: bool,
+         slide_mpp: float | None, workers: int, scheduler: str | None, backend: str,
+         overwrite: bool) -> None:  # fmt: skip
+    """Mask tissue and tile SLIDES (files and/or folders) into OUT/<slide_id>.zarr.
+
+    Complete stores are skipped (unless --overwrite); unfinished ones are resumed. Writes
+    OUT/manifest.csv (slide_id, path, status, n_patches, seconds, error).
+    """
+    from .slide import find_slides
+    from .specs import MaskSpec, TilingSpec
+    from .tiling import tile_slides
+
+    if mpp is not None and level is not None:
+        raise click.UsageError("give --mpp or --level, not both")
+    if workers < 1:
+        raise click.UsageError("--workers must be >= 1")
+    mask = MaskSpec(
+        method="user" if mask_file else "otsu",
+        user_mask=str(mask_file) if mask_file else None,
+        remove_pen=not keep_pen,
+        remove_dark=not keep_dark,
+    )
+    spec = TilingSpec(
+        tile_px=tile_size, mpp=mpp, level=(level or 0) if mpp is None else None,
+        overlap_px=overlap, min_tissue=tissue_threshold, edge=edge, codec=codec,
+        jpeg_quality=jpeg_quality, mask=mask,
+    )  # fmt: skip
+    files, skipped = find_slides(list(slides))
+    for p, why in skipped:
+        log.info("skipping %s: %s", p, why)
+    if not files:
+        raise ConfigError(f"no slide files found in {', '.join(map(str, slides))}")
+    results = tile_slides(
+        files, out, spec=spec, workers=workers, scheduler=scheduler, overwrite=overwrite,
+        slide_mpp=slide_mpp, backend=backend, progress=not ctx.obj.get("quiet"),
+        debug=ctx.obj.get("debug", False),
+    )  # fmt: skip
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    click.echo(f"tiled {len(results)} slide(s): {summary}; manifest: {out / 'manifest.csv'}")
+    if any(not r.ok for r in results):
+        raise _Failed()
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--n-slides", type=int, default=40, show_default=True)
+@click.option("--width", type=int, default=8192, show_default=True, help="Level-0 width (px).")
+@click.option("--height", type=int, default=6144, show_default=True, help="Level-0 height (px).")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm per pixel.")
+@click.option("--positive-fraction", type=float, default=0.5, show_default=True)
+@click.option("--lesion-fraction", type=float, default=0.03, show_default=True,
+              help="Lesion area as a fraction of tissue area on positive slides.")
+@click.option("--tissue-fraction", type=float, default=0.3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+def synth(out: Path, n_slides: int, width: int, height: int, mpp: float,
+          positive_fraction: float, lesion_fraction: float, tissue_fraction: float, seed: int,
+          workers: int) -> None:  # fmt: skip
+    """Write a synthetic cohort to OUT: pyramidal slides with planted lesions (OUT/slides/),
+    labels.csv, ground-truth masks (OUT/masks/) and cohort.json."""
+    from .synth import summarize_cohort, write_cohort
+
+    write_cohort(
+        out, n_slides=n_slides, width=width, height=height, mpp=mpp,
+        positive_fraction=positive_fraction, lesion_fraction=lesion_fraction,
+        tissue_fraction=tissue_fraction, seed=seed, workers=workers,
+    )  # fmt: skip
+    click.echo(summarize_cohort(out))
+
+
+# ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="wsi-pipeline", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except _Failed:
+        return 1
+    except ConfigError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except WSIPipelineError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
     return 0
