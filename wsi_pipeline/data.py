@@ -1,0 +1,405 @@
+"""Labels, splits and bags of patches (or cached features) read from the stores.
+
+Everything here is checked before training starts: a labels row without a complete store, an
+unknown split name, duplicate slide ids, a single-class training set, or stores tiled with
+different tile sizes or resolutions each raise one clear error.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, StoreError, TrainingError
+from .store import PatchReader, is_complete, open_store, store_path
+
+__all__ = [
+    "SPLITS",
+    "BagDataset",
+    "LabelRow",
+    "Labels",
+    "augment_bag",
+    "check_tiling",
+    "make_splits",
+    "read_labels",
+    "resolve_stores",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    slide_id: str
+    label: str
+    split: str | None = None
+    case_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A parsed labels file.
+
+    Attributes
+    ----------
+    rows : tuple of LabelRow
+    classes : tuple of str
+        Class names in index order (integers sort numerically, names alphabetically).
+    path : str
+    """
+
+    rows: tuple[LabelRow, ...]
+    classes: tuple[str, ...]
+    path: str
+
+    def index(self, label: str) -> int:
+        return self.classes.index(label)
+
+
+def read_labels(path: str | os.PathLike) -> Labels:
+    """Read ``labels.csv``: ``slide_id,label`` and optional ``split`` and ``case_id`` columns.
+
+    Raises
+    ------
+    ConfigError
+        Missing file or columns, empty labels, duplicate slide ids, unknown split names.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: labels file not found")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            raw = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: unreadable labels file ({exc})") from exc
+    missing = {"slide_id", "label"} - set(fields)
+    if missing:
+        raise ConfigError(f"{p}: missing column(s) {', '.join(sorted(missing))} "
+                          f"(found: {', '.join(fields) or 'none'})")  # fmt: skip
+    rows: list[LabelRow] = []
+    seen: dict[str, int] = {}
+    for line, r in enumerate(raw, start=2):
+        sid, label = r.get("slide_id", ""), r.get("label", "")
+        if not sid or not label:
+            raise ConfigError(f"{p}:{line}: empty slide_id or label")
+        if sid in seen:
+            raise ConfigError(f"{p}:{line}: duplicate slide id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = line
+        split = r.get("split") or None
+        if split is not None:
+            split = _SPLIT_ALIASES.get(split.lower(), split.lower())
+            if split not in SPLITS:
+                raise ConfigError(f"{p}:{line}: unknown split {r.get('split')!r} for {sid!r} "
+                                  f"(use one of {', '.join(SPLITS)})")  # fmt: skip
+        rows.append(LabelRow(sid, label, split, r.get("case_id") or None))
+    if not rows:
+        raise ConfigError(f"{p}: no labelled slides")
+    names = sorted({r.label for r in rows})
+    if all(_is_int(n) for n in names):
+        names = sorted(names, key=int)
+    return Labels(tuple(rows), tuple(names), str(p))
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_stores(
+    store_dir: str | os.PathLike, labels: Labels, *, require_patches: bool = True
+) -> tuple[dict[str, Path], list[str]]:
+    """Map each labelled slide to its complete store.
+
+    Returns
+    -------
+    stores : dict of slide_id -> Path
+        Complete stores with at least one patch.
+    skipped : list of str
+        Slides whose stores are complete but hold no patches (warned about, left out).
+
+    Raises
+    ------
+    TrainingError
+        When a labelled slide's store is missing or unfinished (lists the first few).
+    """
+    d = Path(store_dir)
+    if not d.is_dir():
+        raise TrainingError(f"{d}: no such folder of stores; run 'wsi-pipeline tile' first")
+    stores: dict[str, Path] = {}
+    skipped: list[str] = []
+    problems: list[str] = []
+    for r in labels.rows:
+        sp = store_path(d, r.slide_id)
+        if not sp.exists():
+            problems.append(f"{r.slide_id!r}: no store {sp.name}")
+            continue
+        if not is_complete(sp):
+            problems.append(f"{r.slide_id!r}: store {sp.name} is unfinished")
+            continue
+        g = open_store(sp)
+        if require_patches and int(g["coords"].shape[0]) == 0:
+            log.warning("%s: store has no patches (status %s); left out", sp,
+                        g.attrs.get("tiling", {}).get("status"))  # fmt: skip
+            skipped.append(r.slide_id)
+            continue
+        stores[r.slide_id] = sp
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise TrainingError(f"{labels.path}: labelled slides without a complete store in {d}: "
+                            f"{'; '.join(problems[:3])}{more}; run 'wsi-pipeline tile' first")  # fmt: skip
+    return stores, skipped
+
+
+def _tiling_key(t: dict[str, Any]) -> tuple[int, float | None, float | None]:
+    mpp = t.get("mpp")
+    return (int(t["tile_px"]), None if mpp is None else round(float(mpp), 3),
+            None if mpp is not None else round(float(t["downsample"]), 3))  # fmt: skip
+
+
+def _describe(key: tuple[int, float | None, float | None]) -> str:
+    res = f"mpp {key[1]:g}" if key[1] is not None else f"downsample {key[2]:g} (no mpp)"
+    return f"{key[0]} px at {res}"
+
+
+def check_tiling(stores: dict[str, Path]) -> dict[str, Any]:
+    """The tiling shared by all stores (tile size, mpp or downsample).
+
+    Raises
+    ------
+    TrainingError
+        When stores were tiled with different tile sizes or resolutions.
+    """
+    first: tuple[str, tuple, dict[str, Any]] | None = None
+    for sid, sp in stores.items():
+        t = dict(open_store(sp).attrs["tiling"])
+        key = _tiling_key(t)
+        if first is None:
+            first = (sid, key, {"tile_px": key[0], "mpp": t.get("mpp"),
+                                "downsample": float(t["downsample"])})  # fmt: skip
+        elif key != first[1]:
+            raise TrainingError(f"{sp}: tiled with {_describe(key)}, but {first[0]!r} with "
+                                f"{_describe(first[1])}; re-tile so all slides match")  # fmt: skip
+    if first is None:
+        raise TrainingError("no stores with patches to train on")
+    return first[2]
+
+
+def make_splits(
+    labels: Labels,
+    slide_ids: Sequence[str],
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, str]:
+    """Assign each slide to ``train``, ``val`` or ``test``.
+
+    Uses the labels' ``split`` column when present; otherwise a seeded split, stratified by
+    label and grouped by ``case_id`` (all slides of a case land in one split). With ``folds=K``,
+    fold ``fold`` of a K-fold split (grouped and stratified the same way) is ``val`` and the rest
+    ``train``.
+
+    Raises
+    ------
+    ConfigError
+        Bad fractions or folds, a split column present for only some rows.
+    TrainingError
+        A training set with a single class, or an empty training set.
+    """
+    wanted = set(slide_ids)
+    rows = [r for r in labels.rows if r.slide_id in wanted]
+    given = [r.split for r in rows]
+    if folds is None and any(s is not None for s in given):
+        if any(s is None for s in given):
+            missing = [r.slide_id for r in rows if r.split is None][:3]
+            raise ConfigError(f"{labels.path}: 'split' is empty for {', '.join(missing)}; "
+                              "fill it for every row or drop the column")  # fmt: skip
+        splits = {r.slide_id: r.split for r in rows}
+    else:
+        splits = _grouped_split(rows, seed=seed, val_fraction=val_fraction,
+                                test_fraction=test_fraction, folds=folds, fold=fold)  # fmt: skip
+    train_labels = {r.label for r in rows if splits[r.slide_id] == "train"}
+    if not train_labels:
+        raise TrainingError(f"{labels.path}: the training split is empty")
+    if len(train_labels) < 2:
+        raise TrainingError(f"{labels.path}: the training split has a single class "
+                            f"({next(iter(train_labels))!r}); MIL needs at least two")  # fmt: skip
+    return splits
+
+
+def _grouped_split(rows: list[LabelRow], *, seed: int, val_fraction: float, test_fraction: float,
+                   folds: int | None, fold: int) -> dict[str, str]:  # fmt: skip
+    if folds is not None:
+        if folds < 2:
+            raise ConfigError(f"folds must be >= 2, not {folds}")
+        if not (0 <= fold < folds):
+            raise ConfigError(f"fold must be in 0..{folds - 1}, not {fold}")
+    elif not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError("val and test fractions must be in [0, 1) and sum to less than 1")
+    # a case is the unit; its label is its slides' most common label
+    cases: dict[str, list[LabelRow]] = {}
+    for r in rows:
+        cases.setdefault(r.case_id or r.slide_id, []).append(r)
+    by_label: dict[str, list[str]] = {}
+    for cid, rs in sorted(cases.items()):
+        labs = [r.label for r in rs]
+        by_label.setdefault(max(set(labs), key=labs.count), []).append(cid)
+    rng = np.random.default_rng(seed)
+    assign: dict[str, str] = {}
+    for lab in sorted(by_label):
+        cids = list(by_label[lab])
+        rng.shuffle(cids)
+        n = len(cids)
+        if folds is not None:
+            for k, cid in enumerate(cids):
+                assign[cid] = "val" if k % folds == fold else "train"
+            continue
+        n_test = round(n * test_fraction)
+        n_val = round(n * val_fraction)
+        if n >= 3:  # keep every split non-empty when asked for and possible
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            n_val = max(n_val, 1 if val_fraction > 0 else 0)
+        for k, cid in enumerate(cids):
+            assign[cid] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    return {r.slide_id: assign[r.case_id or r.slide_id] for r in rows}
+
+
+# --------------------------------------------------------------------------------------------
+# bags
+# --------------------------------------------------------------------------------------------
+def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Randomness of one bag in one epoch: independent of worker and order (so resumable)."""
+    return np.random.default_rng([seed, epoch, index, 0x5EED])
+
+
+def augment_bag(patches: np.ndarray, rng: np.random.Generator, *, jitter: float = 0.05
+                ) -> np.ndarray:  # fmt: skip
+    """H&E augmentations of a ``(K, T, T, 3)`` uint8 bag: per-patch flips and 90° rotations,
+    per-bag mild brightness/contrast/saturation jitter (±``jitter``)."""
+    out = np.empty_like(patches)
+    rots = rng.integers(0, 4, len(patches))
+    flips = rng.integers(0, 2, len(patches))
+    for i, p in enumerate(patches):
+        q = np.rot90(p, int(rots[i]))
+        out[i] = q[:, ::-1] if flips[i] else q
+    if jitter > 0:
+        b, c, s = 1 + rng.uniform(-jitter, jitter, 3)
+        x = out.astype(np.float32)
+        gray = x.mean(axis=3, keepdims=True)
+        x = gray + (x - gray) * s  # saturation
+        x = (x - 128.0) * c + 128.0  # contrast
+        x = x * b  # brightness
+        out = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class BagDataset:
+    """Bags of one slide each: patches ``(K, 3, T, T)`` uint8 (end-to-end mode) or features
+    ``(K, D)`` float32 (features mode), with the slide's class index.
+
+    A torch ``Dataset`` by duck typing (``__len__``/``__getitem__``), so this module does not
+    import torch until items are made.
+
+    Parameters
+    ----------
+    stores : sequence of Path
+        Complete stores, one per bag.
+    targets : sequence of int
+        Class index per bag.
+    max_patches : int or None
+        Bag size cap: a seeded random subset of at most this many patches per epoch (all patches
+        when None or when the slide has fewer).
+    features : str or None
+        ``features/<name>`` array to read instead of patches.
+    augment : bool
+        Training augmentations (patches only).
+    seed : int
+    """
+
+    def __init__(self, stores: Sequence[Path], targets: Sequence[int], *,
+                 max_patches: int | None = None, features: str | None = None,
+                 augment: bool = False, seed: int = 0) -> None:  # fmt: skip
+        if len(stores) != len(targets):
+            raise ValueError("one target per store")
+        self.stores = [Path(s) for s in stores]
+        self.targets = [int(t) for t in targets]
+        self.max_patches = max_patches
+        self.features = features
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._readers: dict[int, Any] = {}
+        self.n_patches = [int(open_store(s)["coords"].shape[0]) for s in self.stores]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.stores)
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_readers"] = {}
+        return d
+
+    def indices(self, i: int) -> np.ndarray:
+        """Patch indices of bag ``i`` this epoch (sorted, so reads go shard by shard)."""
+        n = self.n_patches[i]
+        if self.max_patches is None or n <= self.max_patches:
+            return np.arange(n)
+        rng = _item_rng(self.seed, self.epoch, i)
+        return np.sort(rng.choice(n, self.max_patches, replace=False))
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        import torch
+
+        idx = self.indices(i)
+        if self.features is not None:
+            arr = self._feature_array(i)
+            x = torch.from_numpy(np.asarray(arr.get_orthogonal_selection((idx, slice(None))),
+                                            dtype=np.float32))  # fmt: skip
+            return x, self.targets[i], i
+        reader = self._readers.get(i)
+        if reader is None:
+            reader = self._readers[i] = PatchReader(self.stores[i])
+        patches = reader.read(idx)
+        if self.augment:
+            patches = augment_bag(patches, _item_rng(self.seed + 1, self.epoch, i))
+        x = torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
+        return x, self.targets[i], i
+
+    def _feature_array(self, i: int) -> Any:
+        g = open_store(self.stores[i])
+        key = f"features/{self.features}"
+        try:
+            return g[key]
+        except KeyError as exc:
+            raise StoreError(f"no {key!r}; run the features step first",
+                             path=self.stores[i]) from exc  # fmt: skip
+
+
+def collate_one(batch: list[tuple[Any, int, int]]) -> tuple[Any, int, int]:
+    """DataLoader collate for batch_size=1 bags of different sizes."""
+    return batch[0]

@@ -1,0 +1,784 @@
+"""Weakly supervised MIL training from slide labels: end-to-end CNN or cached-feature heads.
+
+``train(store_dir, labels_csv, run_dir, config=TrainConfig(...))`` checks all inputs, splits the
+slides, trains with AdamW and a warm-up + cosine schedule, evaluates on the validation split each
+epoch (AUC), stops early, checkpoints each epoch atomically (``--resume`` continues bit-for-bit on
+the CPU), and leaves in the run folder everything ``predict`` needs:
+
+``model.pt`` (best weights, plain state dict), ``config.json`` (model + training config),
+``tiling.json``, ``labels.json``, ``splits.csv``, ``metrics.json``, ``checkpoint.pt``,
+``tensorboard/``, ``curves.png``, ``roc.png`` (and ``extractor.pt`` in features mode).
+
+Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs): bags are split
+over ranks and rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .data import (
+    BagDataset,
+    Labels,
+    check_tiling,
+    make_splits,
+    read_labels,
+    resolve_stores,
+)
+from .errors import ConfigError, TrainingError
+
+__all__ = [
+    "TrainConfig",
+    "auc_score",
+    "build_model",
+    "evaluate",
+    "load_run",
+    "resolve_device",
+    "roc_curve",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model and training options (saved to ``config.json``).
+
+    Attributes
+    ----------
+    model : str
+        MIL head (see ``wsi_pipeline.models.list_models()``).
+    backbone : str
+        Patch CNN (``smallcnn``, ``resnet18``, ``resnet50``).
+    mode : {"e2e", "features"}
+        Train the CNN through the MIL pooling, or train the head on features of a frozen backbone
+        cached in the stores (``features/<extractor>``).
+    backbone_weights : str or None
+        State-dict file for the backbone (torchvision names accepted); random init otherwise.
+    epochs, lr, weight_decay, warmup_epochs
+        AdamW with linear warm-up then cosine decay (per step).
+    max_patches : int
+        Patches per bag per training step (a seeded random subset of the slide's patches).
+    eval_max_patches : int or None
+        Patches per bag in evaluation (None = all, in chunks).
+    hidden_dim, dropout, attn_dim
+        Head sizes.
+    balance : {"sampler", "loss", "none"}
+        Class balance: weighted bag sampling, weighted loss, or nothing.
+    patience, min_epochs
+        Early stopping on validation AUC.
+    instance_weight : float
+        Weight of CLAM's instance loss (``clam_sb`` only).
+    seed : int
+    device : {"auto", "cpu", "cuda"}
+    amp : bool
+        Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+    channels_last, grad_checkpoint
+        CUDA memory-format and activation-memory options (end-to-end mode).
+    num_workers : int or None
+        DataLoader workers (None: 1 on CPU, 4 on CUDA).
+    val_fraction, test_fraction, folds, fold
+        Split options when labels.csv has no ``split`` column.
+    """
+
+    model: str = "abmil"
+    backbone: str = "smallcnn"
+    mode: str = "e2e"
+    backbone_weights: str | None = None
+    epochs: int = 40
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    max_patches: int = 128
+    eval_max_patches: int | None = None
+    hidden_dim: int = 128
+    dropout: float = 0.25
+    attn_dim: int = 128
+    balance: str = "sampler"
+    patience: int = 10
+    min_epochs: int = 5
+    instance_weight: float = 0.3
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    grad_checkpoint: bool = False
+    num_workers: int | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    folds: int | None = None
+    fold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("e2e", "features"):
+            raise ConfigError(f"mode must be 'e2e' or 'features', not {self.mode!r}")
+        if self.balance not in ("sampler", "loss", "none"):
+            raise ConfigError(f"balance must be 'sampler', 'loss' or 'none', not {self.balance!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        for name in ("epochs", "max_patches", "hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)!r}")
+        if not (self.lr > 0):
+            raise ConfigError(f"lr must be > 0, not {self.lr!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# small pieces shared with predict
+# --------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> Any:
+    """``auto`` -> CUDA when available, else CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def build_model(config: TrainConfig, num_classes: int, *, in_dim: int | None = None,
+                load_backbone: bool = True) -> Any:  # fmt: skip
+    """The MIL model the config describes (features mode: head only, on ``in_dim`` features)."""
+    from .models import get_model, model_options
+
+    opts: dict[str, Any] = {"num_classes": num_classes, "hidden_dim": config.hidden_dim,
+                            "dropout": config.dropout}  # fmt: skip
+    if "attn_dim" in model_options(config.model):
+        opts["attn_dim"] = config.attn_dim
+    if config.mode == "features":
+        opts.update(backbone=None, in_dim=in_dim)
+    else:
+        opts.update(backbone=config.backbone, grad_checkpoint=config.grad_checkpoint)
+        if load_backbone and config.backbone_weights:
+            opts["backbone_weights"] = config.backbone_weights
+    return get_model(config.model, **opts)
+
+
+def auc_score(y_true: Sequence[int], scores: np.ndarray) -> float:
+    """ROC AUC: binary (``scores`` (N,) for class 1) or macro one-vs-rest (``scores`` (N, C)).
+
+    Ties count half (Mann-Whitney U). NaN when a class has no positive or no negative.
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 2:
+        if s.shape[1] == 2:
+            return auc_score(y, s[:, 1])
+        aucs = [auc_score((y == c).astype(int), s[:, c]) for c in range(s.shape[1])]
+        aucs = [a for a in aucs if not math.isnan(a)]
+        return float(np.mean(aucs)) if aucs else float("nan")
+    pos, neg = s[y == 1], s[y != 1]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def roc_curve(y_true: Sequence[int], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates over all thresholds (binary)."""
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    y, s = y[order], s[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (1 + distinct) - tps
+    tpr = np.r_[0, tps / max(1, y.sum())]
+    fpr = np.r_[0, fps / max(1, len(y) - y.sum())]
+    return fpr, tpr
+
+
+def _autocast(device: Any, amp: bool) -> contextlib.AbstractContextManager:
+    import torch
+
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: Any, device: Any, channels_last: bool) -> Any:
+    import torch
+
+    x = x.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def bag_output(model: Any, x: Any, *, device: Any, amp: bool, channels_last: bool,
+               chunk: int = 512) -> Any:  # fmt: skip
+    """Inference on a whole bag of any size: embed in chunks, then the head once."""
+    import torch
+
+    with torch.inference_mode(), _autocast(device, amp):
+        if x.ndim == 4:  # patches
+            hs = [model.embed(_to_device(x[i : i + chunk], device, channels_last))
+                  for i in range(0, len(x), chunk)]  # fmt: skip
+            h = torch.cat(hs).float()
+        else:
+            h = _to_device(x, device, False).float()
+        return model.head_forward(h)
+
+
+def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
+             channels_last: bool = False, num_workers: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Slide-level loss, accuracy and AUC of ``model`` on every bag of ``dataset``."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    probs, targets, losses = [], [], []
+    for x, y, _ in _loader(dataset, shuffle_order=None, num_workers=num_workers, device=device):
+        out = bag_output(model, x, device=device, amp=amp, channels_last=channels_last)
+        logits = out.logits.float()
+        losses.append(float(F.cross_entropy(logits[None], torch.tensor([y], device=device))))
+        probs.append(torch.softmax(logits, -1).cpu().numpy())
+        targets.append(int(y))
+    p = np.stack(probs) if probs else np.zeros((0, 2))
+    return {
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "acc": float(np.mean(p.argmax(1) == np.asarray(targets))) if probs else float("nan"),
+        "auc": auc_score(targets, p) if probs else float("nan"),
+        "n": len(targets),
+        "probs": p,
+        "targets": targets,
+    }
+
+
+def _loader(dataset: BagDataset, *, shuffle_order: Sequence[int] | None, num_workers: int,
+            device: Any) -> Any:  # fmt: skip
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    ds: Any = dataset if shuffle_order is None else Subset(dataset, list(shuffle_order))
+    return DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", collate_fn=None,
+                      persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# distributed
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def _distributed(device_pref: str) -> Iterator[_Dist]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield _Dist()
+        return
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_pref != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        yield _Dist(rank, world, local)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _epoch_order(train_idx: Sequence[int], targets: Sequence[int], *, balance: str, seed: int,
+                 epoch: int, world: int) -> list[int]:  # fmt: skip
+    """This epoch's bag order (identical on every rank); class-balanced draws with ``sampler``."""
+    rng = np.random.default_rng([seed, epoch, 0xB46])
+    idx = np.asarray(train_idx)
+    if balance == "sampler":
+        y = np.asarray([targets[i] for i in idx])
+        counts = np.bincount(y)
+        w = 1.0 / counts[y]
+        order = rng.choice(idx, size=len(idx), replace=True, p=w / w.sum())
+    else:
+        order = rng.permutation(idx)
+    n = (len(order) // world) * world or len(order)
+    return [int(i) for i in order[:n]]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _rng_state(device: Any) -> dict[str, Any]:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: Any) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a run folder's config, tiling, classes and metrics.
+
+    Raises
+    ------
+    TrainingError
+        A missing folder or file, or a run written by an incompatible version.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise TrainingError(f"{d}: no such run folder; run 'wsi-pipeline train' first")
+    out: dict[str, Any] = {"dir": d}
+    for name in ("config.json", "tiling.json", "labels.json"):
+        p = d / name
+        if not p.is_file():
+            raise TrainingError(f"{d}: not a complete run (no {name}); train again")
+        try:
+            out[name.split(".")[0]] = json.loads(p.read_text())
+        except ValueError as exc:
+            raise TrainingError(f"{p}: unreadable ({exc})") from exc
+    if not (d / "model.pt").is_file():
+        raise TrainingError(f"{d}: not a complete run (no model.pt); train again")
+    cfg = out["config"]
+    if int(cfg.get("run_version", 0)) != RUN_VERSION:
+        raise TrainingError(f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
+                            f"{cfg.get('package_version', '?')}) is not readable by "
+                            f"{__version__}; train again")  # fmt: skip
+    try:
+        out["train_config"] = TrainConfig.from_dict(cfg["train"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{d}/config.json: incompatible training config ({exc})") from exc
+    return out
+
+
+RUN_VERSION = 1
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise TrainingError(f"{path}: cannot load weights ({' '.join(str(exc).split())[:200]})"
+                            ) from exc  # fmt: skip
+
+
+def load_model(run: dict[str, Any], *, device: Any) -> Any:
+    """The trained model of a run (best weights), in eval mode on ``device``."""
+    config: TrainConfig = run["train_config"]
+    model = build_model(config, len(run["labels"]["classes"]), in_dim=run["config"].get("in_dim"),
+                        load_backbone=False)  # fmt: skip
+    _load_weights(model, Path(run["dir"]) / "model.pt")
+    return model.to(device).eval()
+
+
+def train(
+    store_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a MIL model from slide labels.
+
+    Parameters
+    ----------
+    store_dir : path
+        Folder of ``<slide_id>.zarr`` stores.
+    labels_csv : path
+        ``slide_id,label[,split][,case_id]``.
+    run_dir : path
+        Output folder (created).
+    config : TrainConfig
+    resume : bool
+        Continue from ``run_dir/checkpoint.pt`` (same config required).
+    stop_after : int, optional
+        Stop after this many epochs in this call (for time-limited jobs; resume later).
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics.json``.
+
+    Raises
+    ------
+    ConfigError, TrainingError, StoreError
+        Bad labels, stores, splits or options -- all checked before training starts.
+    """
+
+    config = config or TrainConfig()
+    run = Path(run_dir)
+    labels = read_labels(labels_csv)
+    stores, skipped = resolve_stores(store_dir, labels)
+    tiling = check_tiling(stores)
+    splits = make_splits(labels, list(stores), seed=config.seed, val_fraction=config.val_fraction,
+                         test_fraction=config.test_fraction, folds=config.folds,
+                         fold=config.fold)  # fmt: skip
+    with _distributed(config.device) as dist_info:
+        return _train(config, run, labels, stores, skipped, tiling, splits, dist_info,
+                      resume=resume, stop_after=stop_after, progress=progress and dist_info.main)
+
+
+def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Path],
+           skipped: list[str], tiling: dict[str, Any], splits: dict[str, str], dist_info: _Dist,
+           *, resume: bool, stop_after: int | None, progress: bool) -> dict[str, Any]:  # fmt: skip
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    device = resolve_device(config.device)
+    if dist_info.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    num_workers = config.num_workers if config.num_workers is not None else (
+        4 if device.type == "cuda" else 1)  # fmt: skip
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / "checkpoint.pt"
+
+    order = [sid for sid in stores if splits[sid] in ("train", "val", "test")]
+    ids = {sp: [s for s in order if splits[s] == sp] for sp in ("train", "val", "test")}
+    targets = [labels.index(next(r.label for r in labels.rows if r.slide_id == s)) for s in order]
+    num_classes = len(labels.classes)
+
+    in_dim = None
+    extractor = None
+    if config.mode == "features":
+        from .features import ensure_features
+
+        extractor, in_dim = ensure_features(
+            [stores[s] for s in order], backbone=config.backbone, weights=config.backbone_weights,
+            device=device, seed=config.seed, run_dir=run if dist_info.main else None,
+            progress=progress,
+        )  # fmt: skip
+    model = build_model(config, num_classes, in_dim=in_dim).to(device)
+    if config.channels_last and device.type == "cuda" and config.mode == "e2e":
+        model = model.to(memory_format=torch.channels_last)
+
+    def bags(split: str, *, training: bool) -> BagDataset:
+        return BagDataset(
+            [stores[s] for s in ids[split]], [targets[pos[s]] for s in ids[split]],
+            max_patches=config.max_patches if training else config.eval_max_patches,
+            features=extractor, augment=training and config.mode == "e2e", seed=config.seed,
+        )  # fmt: skip
+
+    pos = {s: i for i, s in enumerate(order)}
+    train_set = bags("train", training=True)
+    val_set, test_set = bags("val", training=False), bags("test", training=False)
+    train_idx = list(range(len(train_set)))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(train_idx) // dist_info.world)
+    total = steps_per_epoch * config.epochs
+    warm = steps_per_epoch * config.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warm))
+    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    class_w = None
+    if config.balance == "loss":
+        counts = np.bincount(train_set.targets, minlength=num_classes)
+        class_w = torch.tensor(len(train_idx) / (num_classes * np.maximum(counts, 1)),
+                               dtype=torch.float32, device=device)  # fmt: skip
+
+    run_config = {
+        "run_version": RUN_VERSION,
+        "package_version": __version__,
+        "train": config.to_dict(),
+        "num_classes": num_classes,
+        "in_dim": in_dim if in_dim is not None else model.in_dim,
+        "extractor": extractor,
+        "torch_version": torch.__version__,
+    }
+    history: list[dict[str, Any]] = []
+    best = {"epoch": -1, "auc": -1.0, "loss": float("inf")}
+    start_epoch = 0
+    if resume:
+        if not ckpt_path.is_file():
+            raise TrainingError(f"{run}: nothing to resume (no checkpoint.pt)")
+        old = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        if old.get("train") != config.to_dict():
+            diff = sorted(k for k in config.to_dict() if (old.get("train") or {}).get(k) != getattr(config, k))
+            raise TrainingError(f"{run}: cannot resume with a different config "
+                                f"(changed: {', '.join(diff) or 'all'})")  # fmt: skip
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        _set_rng_state(ck["rng"], device)
+        history = json.loads(ck["history"])
+        best = json.loads(ck["best"])
+        start_epoch = int(ck["epoch"]) + 1
+        log.info("resuming %s at epoch %d", run, start_epoch)
+    elif ckpt_path.exists() and dist_info.main:
+        log.warning("%s: starting over (an earlier checkpoint is replaced; use --resume to "
+                    "continue it)", run)  # fmt: skip
+
+    if dist_info.main:
+        _atomic_json(run_config, run / "config.json")
+        _atomic_json(tiling, run / "tiling.json")
+        _atomic_json({"classes": list(labels.classes), "labels_csv": str(labels.path),
+                      "skipped_no_patches": skipped}, run / "labels.json")  # fmt: skip
+        with open(run / "splits.csv", "w") as fh:
+            fh.write("slide_id,label,split\n")
+            for s in order:
+                fh.write(f"{s},{labels.classes[targets[pos[s]]]},{splits[s]}\n")
+
+    ddp_model = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=config.model == "clam_sb")  # fmt: skip
+
+    instance_loss = config.model == "clam_sb" and config.instance_weight > 0
+    if instance_loss and dist_info.world > 1:
+        log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
+        instance_loss = False
+    writer = None
+    if dist_info.main:
+        with contextlib.suppress(Exception):
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=start_epoch)
+
+    stale = sum(1 for h in history if h["epoch"] > best["epoch"]) if history else 0
+    epochs_run = 0
+    stopped_early = bool(history and history[-1].get("stopped_early"))
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if stopped_early or (stop_after is not None and epochs_run >= stop_after):
+            break
+        t0 = time.time()
+        model.train()
+        train_set.set_epoch(epoch)
+        order_e = _epoch_order(train_idx, train_set.targets, balance=config.balance,
+                               seed=config.seed, epoch=epoch, world=dist_info.world)  # fmt: skip
+        mine = order_e[dist_info.rank :: dist_info.world]
+        losses = []
+        bar = tqdm(total=len(mine), desc=f"epoch {epoch + 1}/{config.epochs}", unit="bag",
+                   disable=not progress, leave=False)  # fmt: skip
+        for x, y, _ in _loader(train_set, shuffle_order=mine, num_workers=num_workers,
+                               device=device):  # fmt: skip
+            x = _to_device(x, device, config.channels_last)
+            yt = torch.tensor([y], device=device)
+            with _autocast(device, config.amp):
+                if instance_loss:  # CLAM: bag loss + instance clustering loss on the same h
+                    h = model.embed(x)
+                    out = model.head_forward(h)
+                else:
+                    out = ddp_model(x)
+                loss = F.cross_entropy(out.logits[None].float(), yt, weight=class_w)
+                if instance_loss:
+                    inst = model.head.instance_loss(h.float(), int(y))
+                    loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.close()
+        rec: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                               "lr": float(scheduler.get_last_lr()[0])}  # fmt: skip
+        stop_flag = torch.zeros(1)
+        if dist_info.main:
+            ev = evaluate(model, val_set, device=device, amp=config.amp,
+                          channels_last=config.channels_last) if ids["val"] else None  # fmt: skip
+            if ev is not None:
+                rec.update(val_loss=ev["loss"], val_auc=ev["auc"], val_acc=ev["acc"])
+            rec["seconds"] = round(time.time() - t0, 2)
+            auc = rec.get("val_auc", float("nan"))
+            better = (not math.isnan(auc) and (auc > best["auc"] or (
+                auc == best["auc"] and rec["val_loss"] < best["loss"]))) or (
+                not ids["val"] and rec["train_loss"] < best["loss"])  # fmt: skip
+            if better or best["epoch"] < 0:
+                best = {"epoch": epoch, "auc": auc if not math.isnan(auc) else -1.0,
+                        "loss": rec.get("val_loss", rec["train_loss"])}  # fmt: skip
+                _atomic_torch_save(model.state_dict(), run / "model.pt")
+                stale = 0
+            else:
+                stale += 1
+            if stale >= config.patience and epoch + 1 >= config.min_epochs:
+                rec["stopped_early"] = True
+                stop_flag[0] = 1
+            history.append(rec)
+            if writer is not None:
+                for k in ("train_loss", "val_loss", "val_auc", "val_acc", "lr"):
+                    if k in rec and not (isinstance(rec[k], float) and math.isnan(rec[k])):
+                        writer.add_scalar(k.replace("_", "/", 1), rec[k], epoch)
+                writer.flush()
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": _rng_state(device), "epoch": epoch, "history": json.dumps(history),
+                "best": json.dumps(best),
+            }, ckpt_path)  # fmt: skip
+            _write_metrics(run, history, best, None, splits, config)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(
+                f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)))  # fmt: skip
+        if dist_info.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(stop_flag, src=0)
+        epochs_run += 1
+        if stop_flag[0] > 0:
+            stopped_early = True
+    if writer is not None:
+        writer.close()
+
+    finished = stopped_early or not history or history[-1]["epoch"] + 1 >= config.epochs
+    result: dict[str, Any] = {}
+    if dist_info.main:
+        test = None
+        if finished:
+            _load_weights(model, run / "model.pt")
+            if ids["test"]:
+                test = evaluate(model, test_set, device=device, amp=config.amp,
+                                channels_last=config.channels_last)  # fmt: skip
+            val = evaluate(model, val_set, device=device, amp=config.amp,
+                           channels_last=config.channels_last) if ids["val"] else None  # fmt: skip
+            _plots(run, history, val, test, labels.classes)
+        result = _write_metrics(run, history, best, test, splits, config, finished=finished)
+    return result
+
+
+def _write_metrics(run: Path, history: list[dict[str, Any]], best: dict[str, Any],
+                   test: dict[str, Any] | None, splits: dict[str, str], config: TrainConfig,
+                   *, finished: bool = False) -> dict[str, Any]:  # fmt: skip
+    counts: dict[str, int] = {}
+    for sp in splits.values():
+        counts[sp] = counts.get(sp, 0) + 1
+    metrics = {
+        "finished": finished,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"] + 1 if best["epoch"] >= 0 else None,
+        "best_val_auc": best["auc"] if best["auc"] >= 0 else None,
+        "history": history,
+        "splits": counts,
+        "mode": config.mode,
+        "model": config.model,
+        "backbone": config.backbone,
+    }
+    if test is not None:
+        metrics["test"] = {k: test[k] for k in ("auc", "acc", "loss", "n")}
+    _atomic_json(metrics, run / "metrics.json")
+    return metrics
+
+
+def _plots(run: Path, history: list[dict[str, Any]], val: dict[str, Any] | None,
+           test: dict[str, Any] | None, classes: Sequence[str]) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    if any("val_loss" in h for h in history):
+        ax[0].plot(ep, [h.get("val_loss", np.nan) for h in history], label="val")
+        ax[1].plot(ep, [h.get("val_auc", np.nan) for h in history], label="val AUC")
+    ax[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    ax[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0, 1.02))
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(run / "curves.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, ev in (("val", val), ("test", test)):
+        if ev is None or not ev["n"] or ev["probs"].shape[1] != 2:
+            continue
+        fpr, tpr = roc_curve(ev["targets"], ev["probs"][:, 1])
+        ax.plot(fpr, tpr, label=f"{name} AUC {ev['auc']:.3f} (n={ev['n']})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC ({classes[-1]} vs rest)")  # fmt: skip
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run / "roc.png", dpi=100)
+    plt.close(fig)
