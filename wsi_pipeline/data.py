@@ -29,6 +29,7 @@ __all__ = [
     "augment_bag",
     "check_tiling",
     "make_splits",
+    "negative_class",
     "read_labels",
     "resolve_stores",
 ]
@@ -111,6 +112,19 @@ def read_labels(path: str | os.PathLike) -> Labels:
     if all(_is_int(n) for n in names):
         names = sorted(names, key=int)
     return Labels(tuple(rows), tuple(names), str(p))
+
+
+_NEGATIVE_NAMES = ("0", "normal", "negative", "benign", "healthy", "no", "false", "absent")
+
+
+def negative_class(classes: Sequence[str]) -> int:
+    """Index of the "nothing abnormal" class: ``0``/``normal``/``negative``/``benign``/... when
+    present (case-insensitive), else the first class. Per-patch abnormality is 1 - p(this)."""
+    low = [c.lower() for c in classes]
+    for name in _NEGATIVE_NAMES:
+        if name in low:
+            return low.index(name)
+    return 0
 
 
 def _is_int(s: str) -> bool:

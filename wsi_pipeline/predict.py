@@ -1,0 +1,255 @@
+"""Slide predictions and per-patch scores from a trained run.
+
+For each complete store: slide-level class probabilities and the predicted label (to
+``predictions.csv``), and per-patch scores written into the store as ``scores/<run_id>`` (N,)
+float32 — the patch's abnormality probability, ``1 - p(negative class)`` from the head's instance
+classifier — plus ``scores/<run_id>-attention`` (N,) for heads with attention. Patches are embedded
+in chunks, so memory is bounded by the chunk and the (N, D) embeddings.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import negative_class
+from .errors import TrainingError, WSIPipelineError
+from .slide import sanitize_id
+from .store import PatchReader, is_complete, list_stores, open_store
+
+__all__ = ["Prediction", "predict", "predict_store", "tiling_mismatch", "write_predictions"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row of ``predictions.csv``."""
+
+    slide_id: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    predicted: str = ""
+    n_patches: int = 0
+    run_id: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error or self.error.startswith("no patches")
+
+
+def tiling_mismatch(store_tiling: dict[str, Any], run_tiling: dict[str, Any]) -> str | None:
+    """Why a store's tiling differs from the run's (tile size, resolution), or None."""
+    if int(store_tiling["tile_px"]) != int(run_tiling["tile_px"]):
+        return f"tile size {store_tiling['tile_px']} px, the run was trained on {run_tiling['tile_px']} px"
+    a, b = store_tiling.get("mpp"), run_tiling.get("mpp")
+    if a is not None and b is not None:
+        if abs(float(a) - float(b)) / float(b) > 0.02:
+            return f"tiled at {float(a):g} mpp, the run was trained at {float(b):g} mpp"
+    elif abs(float(store_tiling["downsample"]) - float(run_tiling["downsample"])) > 0.02 * float(
+        run_tiling["downsample"]
+    ):
+        return (f"tiled at downsample {float(store_tiling['downsample']):g}, the run at "
+                f"{float(run_tiling['downsample']):g} (no mpp to compare)")  # fmt: skip
+    return None
+
+
+def _embed_all(model: Any, store: Path, *, device: Any, amp: bool, channels_last: bool,
+               chunk: int, features: str | None) -> Any:  # fmt: skip
+    """(N, D) float32 embeddings of every patch (cached features, or the backbone in chunks)."""
+    import torch
+
+    from .train import _autocast, _to_device
+
+    if features is not None:
+        arr = open_store(store)[f"features/{features}"]
+        return torch.from_numpy(np.asarray(arr[...], np.float32)).to(device)
+    reader = PatchReader(store)
+    hs = []
+    with torch.inference_mode(), _autocast(device, amp):
+        for i in range(0, reader.n, chunk):
+            x = torch.from_numpy(reader.read(np.arange(i, min(reader.n, i + chunk))))
+            x = _to_device(x.permute(0, 3, 1, 2), device, channels_last)
+            hs.append(model.embed(x).float())
+    return torch.cat(hs)
+
+
+def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: str, device: Any,
+                  amp: bool = True, channels_last: bool = False, chunk: int = 512,
+                  features: str | None = None, run_dir: str = "") -> Prediction:  # fmt: skip
+    """Predict one complete store and write its per-patch scores into it."""
+    import torch
+
+    g = open_store(store)
+    sid = g.attrs.get("slide_id") or store.stem
+    n = int(g["coords"].shape[0])
+    if n == 0:
+        return Prediction(sid, {}, "", 0, run_id, "no patches in the store (no tissue)")
+    h = _embed_all(model, store, device=device, amp=amp, channels_last=channels_last,
+                   chunk=chunk, features=features)  # fmt: skip
+    with torch.inference_mode():
+        out = model.head_forward(h)
+    probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
+    neg = negative_class(classes)
+    patch = torch.softmax(out.patch_logits.float(), -1).cpu().numpy()
+    score = (1.0 - patch[:, neg]).astype(np.float32)
+    attn = None if out.attention is None else out.attention.float().cpu().numpy().astype(np.float32)
+    pred = classes[int(probs.argmax())]
+    prob_map = {c: float(p) for c, p in zip(classes, probs)}
+    attrs = {
+        "run": run_id,
+        "run_dir": run_dir,
+        "classes": list(classes),
+        "negative_class": classes[neg],
+        "probabilities": prob_map,
+        "abnormal_probability": float(1.0 - probs[neg]),
+        "predicted": pred,
+        "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
+                 "instance classifier",
+    }  # fmt: skip
+    gw = open_store(store, mode="r+")
+    _write_scores(gw, f"scores/{run_id}", score, attrs)
+    if attn is not None:
+        _write_scores(gw, f"scores/{run_id}-attention", attn,
+                      {"run": run_id, "score": "attention weight (sums to 1 over the slide)"})  # fmt: skip
+    return Prediction(sid, prob_map, pred, n, run_id, "")
+
+
+def _write_scores(g: Any, key: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
+    arr = g.create_array(key, shape=values.shape, dtype="float32",
+                         chunks=(max(1, min(len(values), 65536)),), overwrite=True)  # fmt: skip
+    arr[...] = values
+    arr.attrs.update(attrs)
+    arr.attrs.update({"complete": True})
+
+
+def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[str]) -> Path:
+    """``predictions.csv``: slide_id, p_<class>..., probability (abnormal), predicted_label,
+    n_patches, run_id, error (written atomically)."""
+    neg = negative_class(classes)
+    fields = ["slide_id", *[f"p_{c}" for c in classes], "probability", "predicted_label",
+              "n_patches", "run_id", "error"]  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            row: dict[str, Any] = {"slide_id": r.slide_id, "predicted_label": r.predicted,
+                                   "n_patches": r.n_patches, "run_id": r.run_id,
+                                   "error": r.error}  # fmt: skip
+            for c in classes:
+                row[f"p_{c}"] = f"{r.probabilities[c]:.6f}" if r.probabilities else ""
+            row["probability"] = (f"{1.0 - r.probabilities[classes[neg]]:.6f}"
+                                  if r.probabilities else "")  # fmt: skip
+            w.writerow(row)
+    os.replace(tmp, path)
+    return path
+
+
+def predict(
+    store_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    slide_ids: Sequence[str] | None = None,
+    run_id: str | None = None,
+    chunk: int = 512,
+    progress: bool = True,
+) -> list[Prediction]:
+    """Predict every complete store in ``store_dir`` with the run in ``run_dir``.
+
+    Parameters
+    ----------
+    store_dir : path
+        Folder of stores.
+    run_dir : path
+        A training run folder.
+    out_dir : path
+        Where ``predictions.csv`` goes.
+    device : {"auto", "cpu", "cuda"}
+    slide_ids : sequence of str, optional
+        Only these slides.
+    run_id : str, optional
+        Name of the scores (``scores/<run_id>``); default: the run folder's name.
+    chunk : int
+        Patches per backbone pass.
+    progress : bool
+
+    Returns
+    -------
+    list of Prediction
+        One per store; failed ones carry an ``error`` (also in the CSV).
+
+    Raises
+    ------
+    TrainingError
+        A missing or incompatible run folder.
+    """
+    from tqdm.auto import tqdm
+
+    from .train import load_model, load_run, resolve_device
+
+    run = load_run(run_dir)
+    cfg = run["train_config"]
+    classes = list(run["labels"]["classes"])
+    rid = sanitize_id(run_id or Path(run_dir).resolve().name)
+    dev = resolve_device(device)
+    model = load_model(run, device=dev)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stores = list_stores(store_dir)
+    if slide_ids is not None:
+        wanted = {sanitize_id(s) for s in slide_ids}
+        stores = [s for s in stores if s.stem in wanted]
+    rows: list[Prediction] = []
+    ready: list[Path] = []
+    for sp in stores:
+        sid = sp.stem
+        if not is_complete(sp):
+            rows.append(Prediction(sid, run_id=rid, error=f"{sp}: store is unfinished; rerun "
+                                   "'wsi-pipeline tile'"))  # fmt: skip
+            continue
+        why = tiling_mismatch(dict(open_store(sp).attrs["tiling"]), run["tiling"])
+        if why:
+            rows.append(Prediction(sid, run_id=rid, error=f"{sp}: {why}; tile the slide like "
+                                   "the training slides"))  # fmt: skip
+            continue
+        ready.append(sp)
+    features = None
+    if cfg.mode == "features" and ready:
+        from .features import ensure_features
+
+        with_patches = [sp for sp in ready if int(open_store(sp)["coords"].shape[0]) > 0]
+        features, _ = ensure_features(with_patches, backbone=cfg.backbone,
+                                      weights=Path(run["dir"]) / "extractor.pt", device=dev,
+                                      progress=progress)  # fmt: skip
+        if features != run["config"].get("extractor"):
+            raise TrainingError(f"{run['dir']}/extractor.pt: does not match the features the run "
+                                "was trained on; train again")  # fmt: skip
+    t0 = time.time()
+    for sp in tqdm(ready, desc="predict", unit="slide", disable=not progress):
+        try:
+            rows.append(predict_store(model, sp, classes=classes, run_id=rid, device=dev,
+                                      amp=cfg.amp, channels_last=cfg.channels_last, chunk=chunk,
+                                      features=features, run_dir=str(run["dir"])))  # fmt: skip
+        except (WSIPipelineError, OSError) as exc:
+            msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
+            log.error("%s", msg)
+            rows.append(Prediction(sp.stem, run_id=rid, error=msg))
+    for r in rows:
+        if r.error and not r.ok:
+            log.error("%s", r.error)
+    rows.sort(key=lambda r: r.slide_id)
+    write_predictions(out / "predictions.csv", rows, classes)
+    log.info("predicted %d slide(s) in %.1f s", len(ready), time.time() - t0)
+    return rows
+
