@@ -84,6 +84,8 @@ def cli(ctx: click.Context) -> None:
               help="Patch codec: jpeg (lossy; copies the file's own JPEG tiles when aligned), "
                    "zstd (lossless), raw.")
 @click.option("--jpeg-quality", type=int, default=90, show_default=True)
+@click.option("--patches-per-shard", type=int, default=256, show_default=True,
+              help="Patches per shard file of the store's patches array.")
 @click.option("--mask-file", type=click.Path(path_type=Path), default=None,
               help="Use this tissue mask (PNG, or GeoJSON polygons in level-0 px) for all slides.")
 @click.option("--keep-pen", is_flag=True, help="Do not exclude pen marks from the tissue mask.")
@@ -101,7 +103,7 @@ def cli(ctx: click.Context) -> None:
 @click.pass_context
 def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | None,
          level: int | None, tile_size: int, overlap: int, tissue_threshold: float, edge: str,
-         codec: str, jpeg_quality: int, mask_file: Path | None, keep_pen: bool, keep_dark: bool,
+         codec: str, jpeg_quality: int, patches_per_shard: int, mask_file: Path | None, keep_pen: bool, keep_dark: bool,
          slide_mpp: float | None, workers: int, scheduler: str | None, backend: str,
          overwrite: bool) -> None:  # fmt: skip
     """Mask tissue and tile SLIDES (files and/or folders) into OUT/<slide_id>.zarr.
@@ -126,7 +128,7 @@ def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | N
     spec = TilingSpec(
         tile_px=tile_size, mpp=mpp, level=(level or 0) if mpp is None else None,
         overlap_px=overlap, min_tissue=tissue_threshold, edge=edge, codec=codec,
-        jpeg_quality=jpeg_quality, mask=mask,
+        jpeg_quality=jpeg_quality, patches_per_shard=patches_per_shard, mask=mask,
     )  # fmt: skip
     files, skipped = find_slides(list(slides))
     for p, why in skipped:

@@ -124,7 +124,7 @@ class MaskSpec:
     thumb_mpp: float = 8.0
     thumb_max_px: int = 4096
     min_saturation: float = 0.07
-    min_object_um2: float = 20_000.0
+    min_object_um2: float = 4_000.0
     max_hole_um2: float = 5_000.0
     remove_pen: bool = True
     remove_dark: bool = True

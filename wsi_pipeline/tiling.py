@@ -209,7 +209,8 @@ def tile_grid(
 
     The grid starts at the slide's origin (so at native resolution it lines up with the file's
     own tiles) and steps by the stride. With ``edge="drop"`` only patches entirely inside the
-    slide are candidates; with ``edge="pad"`` every patch starting inside the slide is.
+    slide are candidates; with ``edge="pad"`` the grid goes on until it covers the whole slide
+    (the last row/column reaches past the edge, read as white).
 
     Parameters
     ----------
@@ -232,8 +233,9 @@ def tile_grid(
     if spec.edge == "drop":
         nx = max(0, math.floor((meta.width - p) / s + 1e-9) + 1) if meta.width >= p - 1e-6 else 0
         ny = max(0, math.floor((meta.height - p) / s + 1e-9) + 1) if meta.height >= p - 1e-6 else 0
-    else:
-        nx, ny = math.ceil(meta.width / s - 1e-9), math.ceil(meta.height / s - 1e-9)
+    else:  # the fewest steps whose patches cover the slide
+        nx = max(1, math.ceil((meta.width - p) / s - 1e-9) + 1)
+        ny = max(1, math.ceil((meta.height - p) / s - 1e-9) + 1)
     if nx == 0 or ny == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     xs = np.round(np.arange(nx) * s).astype(np.int64)
@@ -456,7 +458,10 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
         try:
             if can_copy and lx % T == 0 and ly % T == 0 and lx + T <= tiff.width \
                     and ly + T <= tiff.height:  # fmt: skip
-                chunks.append(tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T))
+                jpeg = tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T)
+                if len(jpeg) < 64 or b"\xff\xd9" not in jpeg[-16:]:  # copied, so check it here
+                    raise ValueError("stored JPEG tile is truncated (no end-of-image marker)")
+                chunks.append(jpeg)
                 copied += 1
                 continue
             if tiff is not None:

@@ -1,0 +1,417 @@
+"""Tissue masking, the tile grid, extraction into stores, batches, resume and bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import StoreError, TilingError
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.specs import MaskSpec, TilingSpec
+from wsi_pipeline.store import SlideStore, is_complete, open_store, shard_path
+from wsi_pipeline.synth import write_slide
+from wsi_pipeline.tiling import tile_slide, tile_slides
+from wsi_pipeline.tissue import rect_fractions, tissue_mask
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small synthetic slides shared by the tests (written once)."""
+    d = tmp_path_factory.mktemp("synth")
+    write_slide(d / "pos.svs", width=2560, height=1792, mpp=0.5, seed=3, n_lesions=2,
+                lesion_fraction=0.04)  # fmt: skip
+    write_slide(d / "neg.svs", width=2048, height=1536, mpp=0.5, seed=4)
+    write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
+    write_slide(d / "tiny.svs", width=200, height=150, mpp=0.5, seed=6, tissue_fraction=0.9)
+    write_slide(d / "pen.svs", width=2048, height=1536, mpp=0.5, seed=8, pen_mark=True)
+    return d
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+
+
+# ---------------------------------------------------------------------------------------------
+# tissue masks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["pos", "neg", "pen"])
+def test_mask_matches_ground_truth(synth_dir: Path, name: str, tmp_path: Path) -> None:
+    from wsi_pipeline.synth import write_slide as ws
+
+    gt = ws(tmp_path / f"{name}.svs", width=6144, height=4608, mpp=0.5,
+            seed={"pos": 3, "neg": 4, "pen": 8}[name], n_lesions=2 if name == "pos" else 0,
+            pen_mark=name == "pen")  # fmt: skip
+    with open_slide(gt.path) as s:
+        ds = 16.0
+        thumb = s.read_thumbnail(ds)
+        mask = tissue_mask(thumb, mpp=0.5 * ds)
+    truth = _resize_mask(gt.tissue_mask, mask.shape)
+    assert _iou(mask, truth) >= 0.9
+
+
+def test_pen_is_excluded_unless_kept(synth_dir: Path) -> None:
+    with open_slide(synth_dir / "pen.svs") as s:
+        thumb = s.read_thumbnail(16.0)
+    with_pen = tissue_mask(thumb, mpp=8.0, spec=MaskSpec(remove_pen=False))
+    without = tissue_mask(thumb, mpp=8.0)
+    assert with_pen.sum() > without.sum() * 1.02
+
+
+def test_blank_slide_has_no_tissue(synth_dir: Path) -> None:
+    with open_slide(synth_dir / "blank.svs") as s:
+        assert not tissue_mask(s.read_thumbnail(8.0), mpp=4.0).any()
+    white = np.full((300, 400, 3), 245, np.uint8)
+    assert not tissue_mask(white).any()
+
+
+@pytest.mark.parametrize("rel", ["aperio/CMU-1-Small-Region.svs",
+                                 "aperio/tcga-cr-7395-01a-01-ts1.svs",
+                                 "generic-tiff/kidney-48-5.tif", "ome-tiff/OS-2-ndpi.ome.tif",
+                                 "ome-tiff/OS-2-vsi.ome.tif",
+                                 "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm"])  # fmt: skip
+def test_mask_plausible_on_real_slides(testdata: Path, rel: str) -> None:
+    with open_slide(testdata / rel) as s:
+        ds = max(s.meta.width, s.meta.height) / 400
+        mask = tissue_mask(s.read_thumbnail(ds), mpp=None if s.meta.mpp is None else s.meta.mpp * ds)
+    assert 0.001 < mask.mean() < 0.95
+
+
+def test_mask_close_to_histolab_reference(testdata: Path) -> None:
+    """Not ground truth, but a sanity check against another tool's answer."""
+    with open_slide(testdata / "aperio/CMU-1-Small-Region.svs") as s:
+        ref = np.load(testdata / "masks/tissue-mask-cmu-1-small-region.npy")
+        ds = s.meta.width / ref.shape[1]
+        mask = tissue_mask(s.read_thumbnail(ds), mpp=s.meta.mpp * ds)
+    assert _iou(mask, _resize_mask(ref, mask.shape)) > 0.6
+
+
+def test_rect_fractions_exact() -> None:
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    f = rect_fractions(mask, np.array([[0, 0, 40, 40], [10, 10, 20, 20], [15, 15, 10, 10],
+                                       [20, 0, 20, 20], [-40, -40, 20, 20]]), downsample=10)  # fmt: skip
+    assert np.allclose(f, [0.25, 1.0, 1.0, 0.25, 0.0])
+
+
+def test_user_masks(tmp_path: Path, synth_dir: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    png = tmp_path / "m.png"
+    m = np.zeros((96, 128), np.uint8)
+    m[:, 64:] = 255
+    Image.fromarray(m).save(png)
+    spec = TilingSpec(tile_px=256, mask=MaskSpec(method="user", user_mask=str(png)))
+    r = tile_slide(synth_dir / "neg.svs", tmp_path / "a", spec=spec)
+    xs = SlideStore(tmp_path / "a" / "neg.zarr").coords[:, 0]
+    assert r.status == "ok" and xs.min() >= 1024 - 256
+    gj = tmp_path / "m.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature",
+        "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1024, 0],
+        [1024, 768], [0, 768], [0, 0]]]}}]}))  # fmt: skip
+    spec = TilingSpec(tile_px=256, min_tissue=0.5, mask=MaskSpec(method="user", user_mask=str(gj)))
+    tile_slide(synth_dir / "neg.svs", tmp_path / "b", spec=spec)
+    c = SlideStore(tmp_path / "b" / "neg.zarr").coords
+    assert len(c) == 12 and c[:, 0].max() < 1024 and c[:, 1].max() < 768
+
+
+# ---------------------------------------------------------------------------------------------
+# stores
+# ---------------------------------------------------------------------------------------------
+def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None:
+    r = tile_slide(synth_dir / "pos.svs", tmp_path, spec=TilingSpec(tile_px=256))
+    assert r.status == "ok" and r.n_patches > 10
+    st = SlideStore(tmp_path / "pos.zarr")
+    g = zarr.open_group(str(st.path), mode="r")
+    assert g.attrs["complete"] is True
+    assert st.tiling["copied_source_tiles"] > 0
+    coords = st.coords
+    assert coords.dtype == np.int64 and coords.shape == (r.n_patches, 2)
+    assert (coords % 256 == 0).all()
+    order = np.lexsort((coords[:, 0], coords[:, 1]))
+    assert np.array_equal(order, np.arange(len(coords)))  # row-major
+    assert (st.tissue_fraction >= 0.25).all()
+    via_zarr = g["patches"][: min(8, r.n_patches)]
+    via_reader = st.reader().read(np.arange(min(8, r.n_patches)))
+    assert np.array_equal(via_zarr, via_reader)
+    with open_slide(synth_dir / "pos.svs") as s:
+        for i in range(0, r.n_patches, max(1, r.n_patches // 6)):
+            x, y = coords[i]
+            ref = s.read_region((int(x), int(y)), 0, (256, 256))
+            got = via_reader[i] if i < len(via_reader) else st.reader().read([i])[0]
+            if x + 256 <= 2560 and y + 256 <= 1792:  # copied tile: identical pixels
+                assert np.array_equal(got, ref)
+    assert g["thumbnail"].attrs["downsample"] == g["tissue_mask"].attrs["downsample"]
+
+
+def test_tile_at_mpp_resamples_once(synth_dir: Path, tmp_path: Path) -> None:
+    spec = TilingSpec(tile_px=128, mpp=1.0, codec="zstd")
+    r = tile_slide(synth_dir / "pos.svs", tmp_path, spec=spec)
+    st = SlideStore(tmp_path / "pos.zarr")
+    assert st.tiling["downsample"] == pytest.approx(2.0) and st.tiling["mpp"] == 1.0
+    assert st.tiling["patch_l0"] == 256
+    with open_slide(synth_dir / "pos.svs") as s:
+        for i in (0, r.n_patches // 2):
+            x, y = st.coords[i]
+            ref = s.read_region_mpp((int(x), int(y)), (128, 128), 1.0)
+            got = st.reader().read([i])[0]
+            assert np.abs(got.astype(int) - ref).max() <= 1  # lossless store of the same pixels
+
+
+def test_overlap_and_edges(synth_dir: Path, tmp_path: Path) -> None:
+    spec = TilingSpec(tile_px=256, overlap_px=128, min_tissue=0.0)
+    tile_slide(synth_dir / "tiny.svs", tmp_path / "pad", spec=spec)
+    st = SlideStore(tmp_path / "pad" / "tiny.zarr")
+    assert st.n_patches == 1  # smaller than one tile: one padded patch
+    p = st.reader().read([0])[0]
+    assert (p[160:, :] >= 250).all() and (p[:, 210:] >= 250).all()  # white padding
+    drop = TilingSpec(tile_px=256, edge="drop")
+    r = tile_slide(synth_dir / "tiny.svs", tmp_path / "drop", spec=drop)
+    assert r.status == "no_tissue" and r.n_patches == 0
+    r = tile_slide(synth_dir / "neg.svs", tmp_path / "ov", spec=spec)
+    c = SlideStore(tmp_path / "ov" / "neg.zarr").coords
+    assert set(np.unique(np.diff(np.unique(c[:, 0])))) == {128}
+
+
+def test_no_tissue_store_is_complete_and_empty(synth_dir: Path, tmp_path: Path) -> None:
+    r = tile_slide(synth_dir / "blank.svs", tmp_path)
+    assert r.status == "no_tissue" and r.n_patches == 0
+    g = open_store(tmp_path / "blank.zarr")
+    assert g["patches"].shape[0] == 0 and g["coords"].shape == (0, 2)
+    assert g.attrs["tiling"]["status"] == "no_tissue"
+
+
+def test_mpp_missing(testdata: Path, tmp_path: Path) -> None:
+    tcga = testdata / "aperio/tcga-cr-7395-01a-01-ts1.svs"
+    with pytest.raises(TilingError, match=r"tcga.*--mpp 0.5 asked for, but the slide has no "
+                                          r"resolution \(mpp\) metadata.*--slide-mpp"):  # fmt: skip
+        tile_slide(tcga, tmp_path, spec=TilingSpec(mpp=0.5))
+    r = tile_slide(tcga, tmp_path, spec=TilingSpec(mpp=0.5, tile_px=256), slide_mpp=0.25)
+    assert r.status == "ok"
+    st = SlideStore(tmp_path / "tcga-cr-7395-01a-01-ts1.zarr")
+    assert st.meta.mpp == 0.25 and st.meta.mpp_source == "user"
+    assert st.tiling["read_level"] == 1  # the 2x level, no level-0 decode
+    r = tile_slide(tcga, tmp_path / "lvl", spec=TilingSpec(level=1, tile_px=128))
+    assert r.status == "ok" and SlideStore(tmp_path / "lvl" / f"{tcga.stem}.zarr").tiling["mpp"] is None
+
+
+def test_store_version_and_unfinished_are_refused(synth_dir: Path, tmp_path: Path) -> None:
+    tile_slide(synth_dir / "neg.svs", tmp_path)
+    sp = tmp_path / "neg.zarr"
+    g = zarr.open_group(str(sp), mode="r+")
+    g.attrs["wsi_pipeline"] = {"store_version": 99, "package_version": "9.0"}
+    with pytest.raises(StoreError, match=r"neg\.zarr: store layout version 99 .*9\.0"):
+        open_store(sp)
+    g.attrs["wsi_pipeline"] = {"store_version": 1, "package_version": "0.1.0"}
+    g.attrs["complete"] = False
+    with pytest.raises(StoreError, match="unfinished"):
+        SlideStore(sp)
+    with pytest.raises(StoreError, match="no zarr store here"):
+        open_store(tmp_path / "missing.zarr")
+
+
+# ---------------------------------------------------------------------------------------------
+# batches, bad input, resume
+# ---------------------------------------------------------------------------------------------
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "manifest.csv", newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def test_batch_with_bad_inputs(synth_dir: Path, testdata: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(synth_dir / "neg.svs", src / "good.svs")
+    shutil.copy(synth_dir / "blank.svs", src / "blank.svs")
+    (src / "empty.svs").write_bytes(b"")
+    (src / "notes.txt").write_text("not a slide")
+    data = (synth_dir / "neg.svs").read_bytes()
+    (src / "cut.svs").write_bytes(data[: len(data) // 2])
+    shutil.copy(testdata / "broken/broken.svs", src / "garbage.svs")
+    shutil.copy(testdata / "broken/unreadable.svs", src / "undecodable.svs")
+    shutil.copy(testdata / "qptiff/small_vectra.qptiff", src / "fluo.qptiff")
+    dup = tmp_path / "other"
+    dup.mkdir()
+    shutil.copy(synth_dir / "pos.svs", dup / "good.svs")  # same id as in/good.svs
+    out = tmp_path / "out"
+    code = main(["tile", str(src), str(dup / "good.svs"), "--out", str(out), "-q"])
+    assert code == 1
+    m = _manifest(out)
+    assert m["good"]["status"] == "ok" and int(m["good"]["n_patches"]) > 0
+    assert m["blank"]["status"] == "no_tissue"
+    assert "empty file" in m["empty"]["error"]
+    assert "truncated" in m["cut"]["error"] or "unsupported" in m["cut"]["error"]
+    assert "unsupported" in m["garbage"]["error"]
+    assert "cannot be decoded" in m["undecodable"]["error"]
+    assert "fluorescence" in m["fluo"]["error"]
+    assert "notes" not in m
+    err = capsys.readouterr().err
+    assert "duplicate slide id 'good'" in err
+    for sid in ("empty", "cut", "garbage", "undecodable", "fluo"):
+        assert m[sid]["status"] == "failed" and str(src) in m[sid]["error"]
+        assert "\n" not in m[sid]["error"] and "Traceback" not in err
+        assert not is_complete(out / f"{sid}.zarr")
+    assert is_complete(out / "good.zarr")
+
+
+def test_unwritable_output_and_usage(synth_dir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TilingError, match="output folder cannot be written"):
+        tile_slides([synth_dir / "neg.svs"], blocker / "sub")
+    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 1
+    assert "output folder cannot be written" in capsys.readouterr().err
+    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(tmp_path / "o"),
+                 "--mpp", "1", "--level", "1"]) == 2  # fmt: skip
+    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(tmp_path / "o"),
+                 "--overlap", "300"]) == 2  # fmt: skip
+    assert main(["tile", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_rerun_skips_overwrite_redoes(synth_dir: Path, tmp_path: Path) -> None:
+    r1 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
+    mtime = (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns
+    r2 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
+    assert r2.status == "skipped" and r2.n_patches == r1.n_patches
+    assert (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+    r3 = tile_slides([synth_dir / "neg.svs"], tmp_path, overwrite=True, progress=False)[0]
+    assert r3.status == "ok" and r3.n_patches == r1.n_patches
+
+
+def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:
+    spec = TilingSpec(tile_px=128, patches_per_shard=16)
+    ref = tile_slide(synth_dir / "pos.svs", tmp_path / "ref", spec=spec)
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "ref", out)
+    store = out / "pos.zarr"
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["complete"] = False  # as if killed before the end
+    n_shards = -(-ref.n_patches // 16)
+    shard_path(store, n_shards - 1).unlink()  # last shard never written
+    torn = shard_path(store, 1)
+    torn.write_bytes(torn.read_bytes()[:-10])  # a torn shard is redone too
+    before = shard_path(store, 0).stat().st_mtime_ns
+    r = tile_slide(synth_dir / "pos.svs", out, spec=spec)
+    assert r.status == "ok" and is_complete(store)
+    assert shard_path(store, 0).stat().st_mtime_ns == before  # finished shards kept
+    a = SlideStore(store).reader().read(np.arange(r.n_patches))
+    b = SlideStore(tmp_path / "ref" / "pos.zarr").reader().read(np.arange(ref.n_patches))
+    assert np.array_equal(a, b)
+    # a changed file is not resumed: the store is redone
+    g.attrs["complete"] = False
+    slide2 = tmp_path / "pos.svs"
+    write_slide(slide2, width=2560, height=1792, mpp=0.5, seed=99, n_lesions=1)
+    shutil.move(store, out / "keep.zarr")
+    shutil.move(out / "keep.zarr", out / "pos.zarr")
+    r2 = tile_slide(slide2, out, spec=spec)
+    assert r2.status == "ok"
+    assert SlideStore(store).meta.file_size == slide2.stat().st_size
+
+
+def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
+    """kill -9 while a slide is being written: nothing claims to be complete, finished slides stay,
+    and a rerun finishes the job."""
+    big = tmp_path / "big.svs"
+    write_slide(big, width=6144, height=4096, mpp=0.5, seed=11)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(synth_dir / "neg.svs", src / "a_first.svs")
+    shutil.copy(big, src / "b_big.svs")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline", "tile", str(src), "--out", str(out), "-q",
+           "--tile-size", "64", "--patches-per-shard", "8", "--codec", "zstd"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    shard_dir = out / "b_big.zarr" / "patches" / "c"
+    while time.time() < deadline and proc.poll() is None:
+        if shard_dir.is_dir() and sum(1 for _ in shard_dir.iterdir()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "tiling finished before it could be killed; make the slide bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert is_complete(out / "a_first.zarr")
+    assert not is_complete(out / "b_big.zarr")
+    done_before = SlideStore(out / "a_first.zarr").n_patches
+    proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr
+    m = _manifest(out)
+    assert m["a_first"]["status"] == "skipped" and int(m["a_first"]["n_patches"]) == done_before
+    assert m["b_big"]["status"] == "ok" and is_complete(out / "b_big.zarr")
+    st = SlideStore(out / "b_big.zarr")
+    with open_slide(big) as s:
+        i = st.n_patches - 1
+        x, y = st.coords[i]
+        assert np.array_equal(st.reader().read([i])[0], s.read_region((int(x), int(y)), 0, (64, 64)))
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> None:
+    slides = [synth_dir / "pos.svs", synth_dir / "neg.svs", synth_dir / "blank.svs",
+              synth_dir / "tiny.svs"]  # fmt: skip
+    spec = TilingSpec(tile_px=128, patches_per_shard=32)
+    serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
+    par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, progress=False)
+    assert [(r.slide_id, r.status, r.n_patches) for r in serial] == \
+        [(r.slide_id, r.status, r.n_patches) for r in par]  # fmt: skip
+    for r in serial:
+        if r.n_patches:
+            a = SlideStore(tmp_path / "s" / f"{r.slide_id}.zarr").reader().read(np.arange(r.n_patches))
+            b = SlideStore(tmp_path / "p" / f"{r.slide_id}.zarr").reader().read(np.arange(r.n_patches))
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        code = main(["tile", str(synth_dir / "neg.svs"), str(synth_dir / "pos.svs"),
+                     "--out", str(tmp_path), "--scheduler", c.scheduler_address, "-q"])  # fmt: skip
+    assert code == 0
+    assert is_complete(tmp_path / "neg.zarr") and is_complete(tmp_path / "pos.zarr")
+
+
+def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path) -> None:
+    """A file that opens but has a broken tile in the tissue fails with the region named."""
+    import tifffile
+
+    bad = tmp_path / "in" / "bad.svs"
+    bad.parent.mkdir()
+    shutil.copy(synth_dir / "pos.svs", bad)
+    st_ok = tile_slide(synth_dir / "pos.svs", tmp_path / "ref", spec=TilingSpec(tile_px=256))
+    coords = SlideStore(tmp_path / "ref" / "pos.zarr").coords
+    x, y = coords[len(coords) // 2]
+    with tifffile.TiffFile(bad) as tf:
+        page = tf.pages[0]
+        idx = (int(y) // 256) * ((page.imagewidth + 255) // 256) + int(x) // 256
+        off, n = int(page.dataoffsets[idx]), int(page.databytecounts[idx])
+    with open(bad, "r+b") as fh:
+        fh.seek(off + n - 40)
+        fh.write(b"\x00" * 40)  # destroys the end of the tile, including its EOI marker
+    res = tile_slides([bad, synth_dir / "neg.svs"], tmp_path / "out", progress=False)
+    assert st_ok.status == "ok"
+    assert res[0].status == "failed" and f"x={x} y={y}" in res[0].error
+    assert "bad.svs" in res[0].error
+    assert res[1].status == "ok"
+    assert not is_complete(tmp_path / "out" / "bad.zarr")
