@@ -364,6 +364,27 @@ def _epoch_order(train_idx: Sequence[int], targets: Sequence[int], *, balance: s
     return [int(i) for i in order[:n]]
 
 
+def ids_train(order: Sequence[str], splits: dict[str, str]) -> list[str]:
+    return [s for s in order if splits[s] == "train"]
+
+
+def _feature_stats(stores: Sequence[Path], name: str) -> tuple[Any, Any]:
+    """Per-dimension mean and std of the cached features of the training slides."""
+    import torch
+
+    from .store import open_store
+
+    total, sq, n = None, None, 0
+    for sp in stores:
+        f = np.asarray(open_store(sp)[f"features/{name}"][...], np.float64)
+        total = f.sum(0) if total is None else total + f.sum(0)
+        sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
+        n += len(f)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -530,7 +551,11 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
             device=device, seed=config.seed, run_dir=run if dist_info.main else None,
             progress=progress,
         )  # fmt: skip
-    model = build_model(config, num_classes, in_dim=in_dim).to(device)
+    model = build_model(config, num_classes, in_dim=in_dim)
+    if extractor is not None:
+        model.set_feature_stats(*_feature_stats([stores[s] for s in ids_train(order, splits)],
+                                                extractor))  # fmt: skip
+    model = model.to(device)
     if config.channels_last and device.type == "cuda" and config.mode == "e2e":
         model = model.to(memory_format=torch.channels_last)
 

@@ -126,6 +126,19 @@ class MILModel(nn.Module):
         self.grad_checkpoint = bool(grad_checkpoint)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.in_dim = int(head.in_dim)
+        if backbone is None:
+            # cached features are standardised per dimension (set by the trainer from the
+            # training slides; identity until then) -- frozen-backbone features differ in scale
+            # by orders of magnitude
+            self.register_buffer("feature_mean", torch.zeros(self.in_dim))
+            self.register_buffer("feature_std", torch.ones(self.in_dim))
+
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise cached features with these per-dimension statistics (features mode)."""
+        if self.backbone is not None:
+            raise ConfigError("feature statistics only apply to a model without a backbone")
+        self.feature_mean.copy_(mean.to(self.feature_mean))
+        self.feature_std.copy_(std.clamp_min(1e-6).to(self.feature_std))
 
     def _embed_chunk(self, x: Tensor) -> Tensor:
         assert self.backbone is not None and self.normalize is not None
@@ -146,11 +159,11 @@ class MILModel(nn.Module):
         Returns
         -------
         (N, D) Tensor
-            Embeddings (the input itself in features mode).
+            Embeddings (in features mode: the input, standardised with the feature statistics).
         """
         if self.backbone is None:
             self._check_features(x)
-            return x
+            return (x - self.feature_mean) / self.feature_std
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"expected patches of shape (N, 3, T, T), got {tuple(x.shape)}")
         if x.shape[0] == 0:
