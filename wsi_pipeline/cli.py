@@ -179,6 +179,138 @@ def synth(out: Path, n_slides: int, width: int, height: int, mpp: float,
 
 
 # ---------------------------------------------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("stores", type=click.Path(path_type=Path))
+@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
+              help="CSV with slide_id,label (optional split, case_id).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML/JSON file of training options (command-line options override it).")
+@click.option("--model", default=None, help="MIL head: abmil, gated_abmil, clam_sb, maxmil, "
+                                              "topk, meanmil.  [default: abmil]")
+@click.option("--backbone", default=None,
+              help="Patch CNN: smallcnn, resnet18, resnet50.  [default: smallcnn]")
+@click.option("--mode", type=click.Choice(["e2e", "features"]), default=None,
+              help="e2e: train the CNN through the MIL pooling; features: train the head on "
+                   "features of a frozen backbone cached in the stores.  [default: e2e]")
+@click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
+              help="State-dict file for the backbone (torchvision names, or a run's model.pt).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--max-patches", type=int, default=None, help="Patches per bag per step.")
+@click.option("--balance", type=click.Choice(["sampler", "loss", "none"]), default=None)
+@click.option("--patience", type=int, default=None, help="Early-stopping patience (epochs).")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="auto, cpu or cuda.")
+@click.option("--precision", type=click.Choice(["amp", "fp32"]), default=None,
+              help="amp: mixed precision on CUDA (ignored on CPU).")
+@click.option("--grad-checkpoint", is_flag=True, default=None,
+              help="Recompute backbone activations to save GPU memory.")
+@click.option("--workers", type=int, default=None, help="DataLoader workers.")
+@click.option("--val-fraction", type=float, default=None)
+@click.option("--test-fraction", type=float, default=None)
+@click.option("--folds", type=int, default=None,
+              help="K-fold cross-validation grouped by case: trains OUT/fold_0..K-1.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--stop-after", type=int, default=None,
+              help="Stop after this many epochs in this call (resume later).")
+@click.pass_context
+def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
+          config_file: Path | None, resume: bool, stop_after: int | None, folds: int | None,
+          precision: str | None, **opts: Any) -> None:  # fmt: skip
+    """Train a MIL model on the stores in STORES from slide labels only."""
+    from .pipeline import load_options
+    from .train import TrainConfig, train_folds
+    from .train import train as run_train
+
+    base = load_options(config_file) if config_file else {}
+    overrides = {k: v for k, v in opts.items() if v is not None}
+    if precision is not None:
+        overrides["amp"] = precision == "amp"
+    for k in ("backbone_weights",):
+        if k in overrides:
+            overrides[k] = str(overrides[k])
+    if "workers" in overrides:
+        overrides["num_workers"] = overrides.pop("workers")
+    config = TrainConfig.from_dict({**base, **overrides})
+    progress = not ctx.obj.get("quiet")
+    if folds:
+        res = train_folds(stores, labels_csv, out, config=config, folds=folds, resume=resume,
+                          progress=progress)  # fmt: skip
+        click.echo(f"{folds}-fold validation AUC {res['val_auc_mean']:.3f} ± "
+                   f"{res['val_auc_std']:.3f}; runs in {out}/fold_*")  # fmt: skip
+        return
+    m = run_train(stores, labels_csv, out, config=config, resume=resume, stop_after=stop_after,
+                  progress=progress)  # fmt: skip
+    msg = f"trained {m['epochs_run']} epoch(s); best validation AUC {m['best_val_auc']}"
+    if "test" in m:
+        msg += f"; test AUC {m['test']['auc']:.3f} (n={m['test']['n']})"
+    click.echo(f"{msg}; run folder {out}")
+
+
+@cli.command()
+@common_options
+@click.argument("stores", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A training run folder.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder for predictions.csv.")
+@click.option("--run-id", default=None,
+              help="Name of the per-patch scores in the stores (scores/<run-id>); "
+                   "default: the run folder's name.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
+@click.pass_context
+def predict(ctx: click.Context, stores: Path, run_dir: Path, out: Path, run_id: str | None,
+            device: str, slides: tuple[str, ...]) -> None:  # fmt: skip
+    """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
+    from .predict import predict as run_predict
+
+    rows = run_predict(stores, run_dir, out, device=device, slide_ids=list(slides) or None,
+                       run_id=run_id, progress=not ctx.obj.get("quiet"))  # fmt: skip
+    bad = [r for r in rows if not r.ok]
+    click.echo(f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); "
+               f"{out / 'predictions.csv'}")  # fmt: skip
+    if bad:
+        raise _Failed()
+
+
+@cli.command("run")
+@common_options
+@click.argument("pipeline_file", type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Only validate the pipeline file.")
+@click.pass_context
+def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
+    """Run the stages a pipeline file names (synth, tile, train, predict, heatmap), skipping
+    those whose outputs are complete. Writes <out>/report.json."""
+    from .pipeline import load_pipeline, run_pipeline
+
+    p = load_pipeline(pipeline_file)
+    if check:
+        click.echo(f"{pipeline_file}: valid; stages {', '.join(p.stages)}; output {p.out}")
+        return
+    report = run_pipeline(p, progress=not ctx.obj.get("quiet"), debug=ctx.obj.get("debug", False))
+    for st in report["stages"]:
+        click.echo(f"  {st['stage']:<8} {st['status']:<8} {st['seconds']:>8.1f} s")
+    summ = report.get("summary", {})
+    if summ.get("held_out_auc") is not None:
+        click.echo(f"slide-level AUC on held-out slides (val+test, n={summ['held_out_n']}): "
+                   f"{summ['held_out_auc']:.3f}")  # fmt: skip
+    if summ.get("test_auc") is not None:
+        click.echo(f"slide-level AUC on the test split (n={summ['test_n']}): {summ['test_auc']:.3f}")
+    pngs = next((st.get("png") for st in report["stages"] if st["stage"] == "heatmap"), None)
+    if pngs:
+        click.echo("heatmaps:")
+        for png in pngs:
+            click.echo(f"  {png}")
+    click.echo(f"report: {p.out / 'report.json'}")
+    if report.get("failed"):
+        raise _Failed()
+
+
+# ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""
     args = sys.argv[1:] if argv is None else list(argv)

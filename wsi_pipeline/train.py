@@ -49,6 +49,7 @@ __all__ = [
     "resolve_device",
     "roc_curve",
     "train",
+    "train_folds",
 ]
 
 log = logging.getLogger(__name__)
@@ -807,3 +808,32 @@ def _plots(run: Path, history: list[dict[str, Any]], val: dict[str, Any] | None,
     fig.tight_layout()
     fig.savefig(run / "roc.png", dpi=100)
     plt.close(fig)
+
+
+def train_folds(
+    store_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    config: TrainConfig,
+    folds: int,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """K-fold cross-validation (grouped by case, stratified): ``run_dir/fold_<k>`` per fold and
+    ``run_dir/cv_metrics.json`` with the per-fold and mean validation AUC."""
+    out = Path(run_dir)
+    per_fold = []
+    for k in range(folds):
+        cfg = dataclasses.replace(config, folds=folds, fold=k, test_fraction=0.0)
+        fold_dir = out / f"fold_{k}"
+        again = resume and (fold_dir / "checkpoint.pt").is_file()
+        m = train(store_dir, labels_csv, fold_dir, config=cfg, resume=again, progress=progress)
+        per_fold.append(m.get("best_val_auc"))
+    aucs = np.array([a for a in per_fold if a is not None], float)
+    res = {"folds": folds, "val_auc": per_fold,
+           "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
+           "val_auc_std": float(aucs.std()) if aucs.size else float("nan")}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(res, out / "cv_metrics.json")
+    return res

@@ -1,0 +1,300 @@
+"""Training from slide labels, prediction, and their bad-input checks, on real stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.data import BagDataset, make_splits, read_labels, resolve_stores
+from wsi_pipeline.errors import ConfigError, TrainingError
+from wsi_pipeline.predict import predict
+from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.store import SlideStore
+from wsi_pipeline.synth import load_ground_truth, write_cohort
+from wsi_pipeline.tiling import tile_slides
+from wsi_pipeline.tissue import rect_fractions
+from wsi_pipeline.train import TrainConfig, auc_score, train
+
+TILING = TilingSpec(tile_px=64, mpp=1.0)
+FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
+
+
+def _cohort(root: Path, n: int, *, width: int, height: int, seed: int, **kw) -> tuple[Path, Path]:
+    write_cohort(root / "cohort", n_slides=n, width=width, height=height, mpp=0.5, seed=seed, **kw)
+    res = tile_slides(sorted((root / "cohort" / "slides").iterdir()), root / "stores",
+                      spec=kw.pop("spec", TILING), progress=False)  # fmt: skip
+    assert all(r.ok for r in res)
+    return root / "stores", root / "cohort" / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """8 small slides tiled at 1 mpp, 64-px patches: fast plumbing checks."""
+    return _cohort(tmp_path_factory.mktemp("small"), 8, width=1536, height=1024, seed=21)
+
+
+def _labels(path: Path, rows: list[tuple]) -> Path:
+    with open(path, "w") as fh:
+        fh.write(",".join(("slide_id", "label", "split")[: len(rows[0])]) + "\n")
+        for r in rows:
+            fh.write(",".join(map(str, r)) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def test_labels_and_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    labels = read_labels(labels_csv)
+    assert labels.classes == ("0", "1")
+    found, skipped = resolve_stores(stores, labels)
+    assert len(found) == 8 and not skipped
+    s1 = make_splits(labels, list(found), seed=3)
+    assert s1 == make_splits(labels, list(found), seed=3)
+    assert {"train", "val", "test"} == set(s1.values())
+    # case grouping: two slides of one case never straddle splits
+    rows = [(r.slide_id, r.label, "", f"case{i // 2}") for i, r in enumerate(labels.rows)]
+    p = tmp_path / "cases.csv"
+    with open(p, "w") as fh:
+        fh.write("slide_id,label,split,case_id\n")
+        fh.writelines(",".join(r) + "\n" for r in rows)
+    lab = read_labels(p)
+    for seed in range(5):
+        sp = make_splits(lab, [r.slide_id for r in lab.rows], seed=seed)
+        for a, b in zip(rows[::2], rows[1::2]):
+            assert sp[a[0]] == sp[b[0]]
+    folds = [make_splits(labels, list(found), folds=4, fold=k) for k in range(4)]
+    assert sorted(s for f in folds for s, v in f.items() if v == "val") == sorted(found)
+
+
+def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    ids = [r.slide_id for r in read_labels(labels_csv).rows]
+    with pytest.raises(ConfigError, match=r"missing column\(s\) label"):
+        read_labels(_labels(tmp_path / "a.csv", [(ids[0],)]))
+    with pytest.raises(ConfigError, match=r"duplicate slide id 'synth_000' \(first on line 2\)"):
+        read_labels(_labels(tmp_path / "b.csv", [(ids[0], 0), (ids[0], 1)]))
+    with pytest.raises(ConfigError, match=r"unknown split 'holdout'"):
+        read_labels(_labels(tmp_path / "c.csv", [(ids[0], 0, "holdout")]))
+    with pytest.raises(ConfigError, match="labels file not found"):
+        read_labels(tmp_path / "none.csv")
+    cfg = TrainConfig(**FAST)
+    with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
+        train(stores, _labels(tmp_path / "d.csv", [(ids[0], 0), ("nope", 1)]), tmp_path / "r", config=cfg)
+    one_class = _labels(tmp_path / "e.csv", [(i, 0, "train") for i in ids[:4]] + [(ids[4], 1, "val")])
+    with pytest.raises(TrainingError, match="training split has a single class"):
+        train(stores, one_class, tmp_path / "r", config=cfg)
+    # an unfinished store, and stores tiled differently
+    bad = tmp_path / "stores"
+    shutil.copytree(stores, bad)
+    zarr.open_group(str(bad / f"{ids[0]}.zarr"), mode="r+").attrs["complete"] = False
+    with pytest.raises(TrainingError, match=r"'synth_000': store synth_000\.zarr is unfinished"):
+        train(bad, labels_csv, tmp_path / "r", config=cfg)
+    shutil.rmtree(bad / f"{ids[0]}.zarr")
+    slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
+    tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
+    with pytest.raises(TrainingError, match=r"tiled with 64 px at mpp 1, but .synth_000. with 96 px"):
+        train(bad, labels_csv, tmp_path / "r", config=cfg)
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_store_without_patches_is_left_out(small: tuple[Path, Path], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from wsi_pipeline.synth import write_slide
+
+    stores, labels_csv = small
+    d = tmp_path / "stores"
+    shutil.copytree(stores, d)
+    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
+    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
+    lab = tmp_path / "l.csv"
+    lab.write_text(labels_csv.read_text() + "blank,0\n")
+    found, skipped = resolve_stores(d, read_labels(lab))
+    assert skipped == ["blank"] and "blank" not in found
+    assert "store has no patches" in caplog.text
+
+
+def test_bags_are_seeded_and_augmented(small: tuple[Path, Path]) -> None:
+    stores, _ = small
+    paths = sorted(stores.glob("*.zarr"))[:2]
+    ds = BagDataset(paths, [0, 1], max_patches=8, augment=True, seed=1)
+    a, ya, _ = ds[0]
+    b, _, _ = ds[0]
+    assert a.shape == (8, 3, 64, 64) and a.dtype == torch.uint8 and ya == 0
+    assert torch.equal(a, b)  # same epoch: same bag
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], a)  # next epoch: another subset/augmentation
+    full = BagDataset(paths, [0, 1])
+    assert len(full[0][0]) == SlideStore(paths[0]).n_patches
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------
+def test_train_writes_a_complete_run(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    run = tmp_path / "run"
+    m = train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
+    for f in ("model.pt", "checkpoint.pt", "config.json", "tiling.json", "labels.json",
+              "splits.csv", "metrics.json", "curves.png", "roc.png"):  # fmt: skip
+        assert (run / f).is_file(), f
+    assert any((run / "tensorboard").iterdir())
+    assert m["finished"] and m["epochs_run"] == 2 and len(m["history"]) == 2
+    assert {"train_loss", "val_loss", "val_auc", "lr"} <= set(m["history"][0])
+    assert json.loads((run / "tiling.json").read_text())["tile_px"] == 64
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_resume_is_bit_for_bit(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    cfg = TrainConfig(epochs=3, max_patches=12, num_workers=1, patience=10, seed=5)
+    train(stores, labels_csv, tmp_path / "straight", config=cfg, progress=False)
+    train(stores, labels_csv, tmp_path / "split", config=cfg, stop_after=1, progress=False)
+    assert not json.loads((tmp_path / "split" / "metrics.json").read_text())["finished"]
+    with pytest.raises(TrainingError, match="different config"):
+        train(stores, labels_csv, tmp_path / "split", config=TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}),
+              resume=True, progress=False)  # fmt: skip
+    train(stores, labels_csv, tmp_path / "split", config=cfg, resume=True, progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ha = json.loads(a["history"])
+    hb = json.loads(b["history"])
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_features_mode_and_predict(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    d = tmp_path / "stores"
+    shutil.copytree(stores, d)
+    run = tmp_path / "frun"
+    cfg = TrainConfig(mode="features", backbone="smallcnn", epochs=3, num_workers=0)
+    m = train(d, labels_csv, run, config=cfg, progress=False)
+    assert m["finished"] and (run / "extractor.pt").is_file()
+    name = json.loads((run / "config.json").read_text())["extractor"]
+    g = zarr.open_group(str(next(d.glob("*.zarr"))), mode="r")
+    assert g[f"features/{name}"].attrs["complete"] is True
+    assert g[f"features/{name}"].shape[1] == 128
+    rows = predict(d, run, tmp_path / "pred", progress=False)
+    assert len(rows) == 8 and all(r.ok for r in rows)
+
+
+def test_predict_outputs_and_errors(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    d = tmp_path / "stores"
+    shutil.copytree(stores, d)
+    run = tmp_path / "run"
+    train(d, labels_csv, run, config=TrainConfig(**FAST), progress=False)
+    # a store tiled differently, and one without patches
+    from wsi_pipeline.synth import write_slide
+
+    slide = next((labels_csv.parent / "slides").glob("synth_000.*"))
+    tile_slides([slide], tmp_path / "other", spec=TilingSpec(tile_px=64, mpp=2.0), progress=False)
+    shutil.copytree(tmp_path / "other" / "synth_000.zarr", d / "odd.zarr")
+    zarr.open_group(str(d / "odd.zarr"), mode="r+").attrs["slide_id"] = "odd"
+    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
+    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
+    code = main(["predict", str(d), "--run", str(run), "--out", str(tmp_path / "pred"), "-q"])
+    assert code == 1  # the mismatched store is an error
+    with open(tmp_path / "pred" / "predictions.csv") as fh:
+        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {*(f"synth_{i:03d}" for i in range(8)), "odd", "blank"}
+    assert "tiled at 2 mpp, the run was trained at 1 mpp" in rows["odd"]["error"]
+    assert rows["blank"]["probability"] == "" and "no patches" in rows["blank"]["error"]
+    r0 = rows["synth_000"]
+    assert abs(float(r0["p_0"]) + float(r0["p_1"]) - 1) < 1e-5
+    assert r0["predicted_label"] in ("0", "1") and r0["run_id"] == "run"
+    st = SlideStore(d / "synth_000.zarr")
+    scores = np.asarray(st.group["scores/run"][...])
+    att = np.asarray(st.group["scores/run-attention"][...])
+    assert scores.shape == (st.n_patches,) and ((scores >= 0) & (scores <= 1)).all()
+    assert abs(att.sum() - 1) < 1e-4
+    with pytest.raises(TrainingError, match="no such run folder"):
+        predict(d, tmp_path / "nope", tmp_path / "p2")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["run_version"] = 99
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match="run format 99"):
+        predict(d, run, tmp_path / "p2")
+
+
+def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    code = main(["train", str(stores), "--labels", str(labels_csv), "--out", str(tmp_path / "cv"),
+                 "--folds", "2", "--epochs", "1", "--max-patches", "8", "--workers", "0", "-q"])  # fmt: skip
+    assert code == 0
+    cv = json.loads((tmp_path / "cv" / "cv_metrics.json").read_text())
+    assert cv["folds"] == 2 and len(cv["val_auc"]) == 2
+    assert (tmp_path / "cv" / "fold_1" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "wsi_pipeline", "train",
+           str(stores), "--labels", str(labels_csv), "--out", str(tmp_path / "ddp"),
+           "--epochs", "2", "--max-patches", "8", "--workers", "0", "--device", "cpu", "-q"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["finished"] and m["epochs_run"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    m = train(stores, labels_csv, tmp_path / "gpu", config=TrainConfig(
+        device="cuda", amp=True, channels_last=True, epochs=2, max_patches=16), progress=False)  # fmt: skip
+    assert m["finished"]
+    rows = predict(stores, tmp_path / "gpu", tmp_path / "pred", device="cuda", progress=False)
+    assert all(r.ok for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# evidence it learns
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_learns_from_slide_labels(tmp_path: Path) -> None:
+    """A small cohort: held-out slide AUC well above chance, and lesion patches score higher than
+    normal ones on held-out positive slides (the precondition for heatmaps)."""
+    stores, labels_csv = _cohort(tmp_path, 24, width=3072, height=2048, seed=5,
+                                 lesion_fraction=0.05, spec=TilingSpec(tile_px=128, mpp=1.0))  # fmt: skip
+    run = tmp_path / "run"
+    cfg = TrainConfig(epochs=30, max_patches=64, patience=30, seed=0, val_fraction=0.25,
+                      test_fraction=0.25)  # fmt: skip
+    train(stores, labels_csv, run, config=cfg, progress=False)
+    rows = predict(stores, run, tmp_path / "pred", progress=False)
+    with open(run / "splits.csv") as fh:
+        split = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    held = [r for r in rows if split[r.slide_id]["split"] != "train"]
+    y = [int(split[r.slide_id]["label"]) for r in held]
+    auc = auc_score(y, np.array([r.probabilities["1"] for r in held]))
+    assert auc >= 0.8, f"held-out slide AUC {auc:.2f}"
+    ys, ss = [], []
+    for r in held:
+        if split[r.slide_id]["label"] != "1":
+            continue
+        st = SlideStore(stores / f"{r.slide_id}.zarr")
+        _, lesion, ds = load_ground_truth(labels_csv.parent, r.slide_id)
+        p = st.tiling["patch_l0"]
+        c = st.coords
+        frac = rect_fractions(lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds)
+        ys.append(frac >= 0.5)
+        ss.append(np.asarray(st.group["scores/run"][...]))
+    patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
+    assert patch_auc >= 0.8, f"patch-level AUC {patch_auc:.2f}"
