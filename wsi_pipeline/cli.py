@@ -222,8 +222,8 @@ def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
           precision: str | None, **opts: Any) -> None:  # fmt: skip
     """Train a MIL model on the stores in STORES from slide labels only."""
     from .pipeline import load_options
-    from .train import TrainConfig, train_folds
-    from .train import train as run_train
+    from .training import TrainConfig, train_folds
+    from .training import train as run_train
 
     base = load_options(config_file) if config_file else {}
     overrides = {k: v for k, v in opts.items() if v is not None}
@@ -244,6 +244,8 @@ def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
         return
     m = run_train(stores, labels_csv, out, config=config, resume=resume, stop_after=stop_after,
                   progress=progress)  # fmt: skip
+    if not m:  # a non-zero rank under torchrun: rank 0 reports
+        return
     msg = f"trained {m['epochs_run']} epoch(s); best validation AUC {m['best_val_auc']}"
     if "test" in m:
         msg += f"; test AUC {m['test']['auc']:.3f} (n={m['test']['n']})"
@@ -266,13 +268,56 @@ def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
 def predict(ctx: click.Context, stores: Path, run_dir: Path, out: Path, run_id: str | None,
             device: str, slides: tuple[str, ...]) -> None:  # fmt: skip
     """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
-    from .predict import predict as run_predict
+    from .prediction import predict as run_predict
 
     rows = run_predict(stores, run_dir, out, device=device, slide_ids=list(slides) or None,
                        run_id=run_id, progress=not ctx.obj.get("quiet"))  # fmt: skip
     bad = [r for r in rows if not r.ok]
     click.echo(f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); "
                f"{out / 'predictions.csv'}")  # fmt: skip
+    if bad:
+        raise _Failed()
+
+
+@cli.command()
+@common_options
+@click.argument("stores", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="The run whose scores to show (its folder; scores/<run-id> in the stores).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output folder: OUT/<slide_id>/ per slide.")
+@click.option("--run-id", default=None, help="Scores name if not the run folder's name.")
+@click.option("--which", type=click.Choice(["score", "attention"]), default="score",
+              show_default=True,
+              help="Per-patch abnormality probability, or the head's attention.")
+@click.option("--mode", type=click.Choice(["probability", "percentile"]), default=None,
+              help="probability: fixed 0..1 scale; percentile: within-slide ranks 0..100. "
+                   "[default: probability for score, percentile for attention]")
+@click.option("--threshold", type=float, default=None,
+              help="GeoJSON regions and areas above this (in the mode's units). "
+                   "[default: 0.5 / 90]")
+@click.option("--downsample", type=float, default=None,
+              help="Level-0 px per heatmap px. [default: the thumbnail's]")
+@click.option("--sigma-um", type=float, default=0.0, show_default=True,
+              help="Gaussian smoothing in µm.")
+@click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Redo exports that are up to date.")
+def heatmap(stores: Path, run_dir: Path, out: Path, run_id: str | None, which: str,
+            mode: str | None, threshold: float | None, downsample: float | None,
+            sigma_um: float, slides: tuple[str, ...], overwrite: bool) -> None:  # fmt: skip
+    """Per slide in STORES: PNG overlay, pyramidal TIFF, GeoJSON regions and a JSON summary."""
+    from .heatmap import heatmaps
+    from .slide import sanitize_id
+
+    rid = sanitize_id(run_id or run_dir.resolve().name)
+    res = heatmaps(stores, out, run_id=rid, which=which, mode=mode, threshold=threshold,
+                   downsample=downsample, sigma_um=sigma_um, slide_ids=list(slides) or None,
+                   overwrite=overwrite)  # fmt: skip
+    for r in res:
+        if r["status"] == "skipped" and r.get("reason") == "no patches":
+            click.echo(f"{r['store']}: skipped (no patches)", err=True)
+    bad = [r for r in res if not r["ok"]]
+    click.echo(f"heatmaps for {len(res) - len(bad)} of {len(res)} slide(s) in {out}")
     if bad:
         raise _Failed()
 

@@ -164,7 +164,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     ConfigError
         Unknown key, wrong type, missing path or stage inputs -- naming the key.
     """
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     data = load_options(path)
     where = str(path)
@@ -349,7 +349,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
 
     if "train" in p.stages and p.train is not None:
         def do_train() -> tuple[str, dict[str, Any]]:
-            from .train import TrainConfig, train
+            from .training import TrainConfig, train
 
             opts = dict(p.train)
             opts.pop("folds", None)
@@ -365,7 +365,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
 
     if "predict" in p.stages:
         def do_predict() -> tuple[str, dict[str, Any]]:
-            from .predict import predict
+            from .prediction import predict
 
             pred_dir = p.out / "predictions"
             csv_path = pred_dir / "predictions.csv"
@@ -386,11 +386,11 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
 
             heat_dir = p.out / "heatmaps"
             res = heatmaps(p.stores, heat_dir, run_id=_run_id(p), **p.heatmap)
-            if any(r.get("error") and r.get("status") == "failed" for r in res):
+            if any(not r["ok"] for r in res):
                 report["failed"] = True
-            pngs = sorted(str(x) for r in res for k, x in (r.get("paths") or {}).items()
-                          if k == "png")  # fmt: skip
-            return "ran", {"heatmaps": str(heat_dir), "png": pngs}
+            pngs = sorted(r["files"]["png"] for r in res if "png" in r.get("files", {}))
+            status = "skipped" if all(r["status"] == "skipped" for r in res) else "ran"
+            return status, {"heatmaps": str(heat_dir), "png": pngs}
 
         stage("heatmap", do_heatmap)
 
@@ -423,7 +423,7 @@ def _summary(p: Pipeline) -> dict[str, Any]:
     """Held-out slide-level AUC from predictions.csv and the run's splits, and test metrics."""
     import csv
 
-    from .train import auc_score
+    from .training import auc_score
 
     out: dict[str, Any] = {}
     run = p.run_dir
