@@ -175,14 +175,8 @@ def _pieces(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return np.clip(starts, 0, n), np.clip(ends, 0, n), overlap
 
 
-def _accumulate(
-    x_lo: np.ndarray,
-    x_hi: np.ndarray,
-    y_lo: np.ndarray,
-    y_hi: np.ndarray,
-    values: np.ndarray,
-    shape: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
+def _accumulate(x_lo: np.ndarray, x_hi: np.ndarray, y_lo: np.ndarray, y_hi: np.ndarray,
+                values: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Overlap-weighted sums of ``values`` and of the overlaps over a ``shape`` block.
 
     Each footprint (heatmap px, block-relative) is split into at most 3 x 3 rectangles of constant
@@ -196,9 +190,8 @@ def _accumulate(
     stride = bw + 1
     ys, ye = ys[:, :, None] * stride, ye[:, :, None] * stride
     xs, xe = xs[:, None, :], xe[:, None, :]
-    idx = np.concatenate(
-        [(ys + xs).ravel(), (ys + xe).ravel(), (ye + xs).ravel(), (ye + xe).ravel()]
-    )
+    idx = np.concatenate([(ys + xs).ravel(), (ys + xe).ravel(), (ye + xs).ravel(),
+                          (ye + xe).ravel()])  # fmt: skip
     wts = np.concatenate([w, -w, -w, w])
     v = np.repeat(values.astype(np.float64), 9)
     size = (bh + 1) * stride
@@ -226,9 +219,8 @@ def _smooth(a: np.ndarray, sigma_px: float) -> np.ndarray:
     return oaconvolve(a, k[:, None], mode="same", axes=0)
 
 
-def _sample_mask(
-    mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int], cols: tuple[int, int]
-) -> np.ndarray:
+def _sample_mask(mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int],
+                 cols: tuple[int, int]) -> np.ndarray:  # fmt: skip
     """Nearest-neighbour sample of a mask (at ``mask_ds``) at the centres of heatmap pixels."""
     mh, mw = mask.shape
     r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
@@ -460,21 +452,22 @@ def overlay_rgb(
     -------
     (H, W, 3) uint8 ndarray
     """
-    lut = _lut(cmap) if isinstance(cmap, str) else cmap
-    bg = background.astype(np.float32)
-    grey = bg @ np.array([0.299, 0.587, 0.114], np.float32)
-    out = np.repeat((0.55 * grey + 0.45 * 255.0)[..., None], 3, axis=2)
-    ok = np.isfinite(values)
+    lut = _lut(cmap) if isinstance(cmap, str) else np.asarray(cmap, np.uint8)
     lo, hi = value_range
-    t = np.clip((values[ok] - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    colour = lut[np.round(t * 255).astype(np.int64)].astype(np.float32)
-    out[ok] = (1.0 - alpha) * bg[ok] + alpha * colour
-    return np.round(out).astype(np.uint8)
+    ok = np.isfinite(values)
+    t = np.nan_to_num((values - lo) * (255.0 / max(hi - lo, 1e-12)), nan=0.0)
+    colour = lut[np.clip(t + 0.5, 0, 255).astype(np.uint8)]
+    # integer blending in 1/256 steps: colour over the slide where scored, light grey elsewhere
+    a = np.uint16(round(float(alpha) * 256))
+    bg = background.astype(np.uint16)
+    blend = ((256 - a) * bg + a * colour + 128) >> 8
+    grey = (bg[..., 0] * 77 + bg[..., 1] * 150 + bg[..., 2] * 29 + 128) >> 8
+    light = (grey * 141 + 255 * 115 + 128) >> 8  # 55 % grey + 45 % white
+    return np.where(ok[..., None], blend, light[..., None]).astype(np.uint8)
 
 
-def _background_rows(
-    thumb: np.ndarray, thumb_ds: float, ds: float, shape: tuple[int, int]
-) -> Callable[[int, int], np.ndarray]:
+def _background_rows(thumb: np.ndarray, thumb_ds: float, ds: float,
+                     shape: tuple[int, int]) -> Callable[[int, int], np.ndarray]:  # fmt: skip
     """A function ``(r0, r1) -> (r1 - r0, W, 3) uint8``: the thumbnail on the heatmap grid.
 
     A grid no larger than the thumbnail is box-resampled once (it is smaller than the
@@ -567,6 +560,8 @@ def write_pyramid_tiff(
 
     if compression not in ("deflate", "jpeg"):
         raise ConfigError(f"TIFF compression must be 'deflate' or 'jpeg', not {compression!r}")
+    if int(tile_px) < 16 or int(tile_px) % 16:
+        raise ConfigError(f"TIFF tile size must be a multiple of 16, not {tile_px!r}")
     dtype = np.dtype(dtype)
     rgb = len(shape) == 3
     if compression == "jpeg" and not rgb:
@@ -607,16 +602,14 @@ def write_pyramid_tiff(
     out = Path(path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with tifffile.TiffWriter(
-            tmp, bigtiff=h * w * dtype.itemsize * (3 if rgb else 1) > 2**31
-        ) as tw:
+        big = h * w * dtype.itemsize * (3 if rgb else 1) > 2**31
+        with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
             arr = None
             for k, (lh, lw) in enumerate(sizes):
                 extra: dict[str, Any] = {"subfiletype": 1 if k else 0}
                 if res:
-                    extra.update(
-                        resolution=(res * lw / w, res * lh / h), resolutionunit="CENTIMETER"
-                    )
+                    extra["resolution"] = (res * lw / w, res * lh / h)
+                    extra["resolutionunit"] = "CENTIMETER"
                 if k == 0:
                     data: Any = level0()
                     extra["description"] = description
@@ -738,25 +731,14 @@ def threshold_regions(
         geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
         geom = affine_transform(geom, [ds, 0, 0, ds, 0.5 * ds, 0.5 * ds])
         vals = v[sl][sub]
-        meas: dict[str, float] = {
-            "score_mean": float(np.mean(vals)),
-            "score_max": float(np.max(vals)),
-            "area_px": float(geom.area),
-        }
+        meas = {"score_mean": float(np.mean(vals)), "score_max": float(np.max(vals)),
+                "area_px": float(geom.area)}  # fmt: skip
         if mpp:
             meas["area_um2"] = float(geom.area) * float(mpp) ** 2
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": mapping(geom),
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{name} {len(features) + 1}",
-                    "classification": {"name": name, "color": [int(c) for c in color_rgb]},
-                    "measurements": meas,
-                },
-            }
-        )
+        props = {"objectType": "annotation", "name": f"{name} {len(features) + 1}",
+                 "classification": {"name": name, "color": [int(c) for c in color_rgb]},
+                 "measurements": meas}  # fmt: skip
+        features.append({"type": "Feature", "geometry": mapping(geom), "properties": props})
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -784,20 +766,10 @@ def _pool(values: np.ndarray, f: int) -> np.ndarray:
         return np.where(n > 0, s / n, np.nan).astype(np.float32)
 
 
-def _render_png(
-    path: Path,
-    values: np.ndarray,
-    thumb: np.ndarray,
-    *,
-    value_range: tuple[float, float],
-    threshold: float,
-    cmap: str,
-    alpha: float,
-    title: str,
-    legend: str,
-    bar_label: str,
-    max_px: int,
-) -> Path:
+def _render_png(path: Path, values: np.ndarray, thumb: np.ndarray, *,
+                value_range: tuple[float, float], threshold: float, cmap: str, alpha: float,
+                title: str, legend: str, bar_label: str, max_px: int) -> Path:  # fmt: skip
+    """The overlay (averaged down to ``max_px``) with title, colour bar and legend, as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -836,17 +808,11 @@ def _render_png(
 # --------------------------------------------------------------------------------------------
 # one slide
 # --------------------------------------------------------------------------------------------
-def _scores_key(run_id: str, which: str) -> str:
-    if which == "score":
-        return f"scores/{run_id}"
-    if which == "attention":
-        return f"scores/{run_id}-attention"
-    raise ConfigError(f"which must be 'score' or 'attention', not {which!r}")
-
-
 def _read_scores(store: SlideStore, run_id: str, which: str) -> tuple[np.ndarray, dict[str, Any]]:
     """Per-patch scores of a run and the prediction attrs (from ``scores/<run>``)."""
-    key = _scores_key(run_id, which)
+    if which not in ("score", "attention"):
+        raise ConfigError(f"which must be 'score' or 'attention', not {which!r}")
+    key = f"scores/{run_id}" + ("-attention" if which == "attention" else "")
     g = store.group
     try:
         arr = g[key]
@@ -868,7 +834,10 @@ def _read_scores(store: SlideStore, run_id: str, which: str) -> tuple[np.ndarray
     if len(scores) != store.n_patches:
         raise StoreError(f"'{key}' has {len(scores)} values for {store.n_patches} patches; rerun "
                          f"'wsi-pipeline predict --run {run_id}'", path=store.path)  # fmt: skip
-    pred = dict(g[f"scores/{run_id}"].attrs) if which != "score" else dict(arr.attrs)
+    try:  # the slide's prediction lives with the scores
+        pred = dict(arr.attrs) if which == "score" else dict(g[f"scores/{run_id}"].attrs)
+    except KeyError:
+        pred = {}
     return scores, pred
 
 
@@ -896,16 +865,9 @@ def _file_names(slide_id: str, which: str) -> dict[str, str]:
     }
 
 
-def _prepare(
-    store_path: str | os.PathLike,
-    *,
-    run_id: str,
-    which: str,
-    mode: str | None,
-    threshold: float | None,
-    downsample: float | None,
-    options: dict[str, Any],
-) -> tuple[SlideStore, np.ndarray, dict[str, Any], dict[str, Any]]:
+def _prepare(store_path: str | os.PathLike, *, run_id: str, which: str, mode: str | None,
+             threshold: float | None, downsample: float | None, options: dict[str, Any],
+             ) -> tuple[SlideStore, np.ndarray, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Open and check one export: the store, its scores, the prediction attrs and the
     parameters (recorded in the summary, compared to skip a finished export)."""
     store = SlideStore(store_path)
@@ -1168,17 +1130,9 @@ def heatmaps(
     return results
 
 
-def _finished(
-    store_path: Path,
-    folder: Path,
-    *,
-    run_id: str,
-    which: str,
-    mode: str | None,
-    threshold: float | None,
-    downsample: float | None,
-    options: dict[str, Any],
-) -> dict[str, str] | None:
+def _finished(store_path: Path, folder: Path, *, run_id: str, which: str, mode: str | None,
+              threshold: float | None, downsample: float | None,
+              options: dict[str, Any]) -> dict[str, str] | None:  # fmt: skip
     """The files of a finished export with the same parameters and scores, else None."""
     try:
         store, _, _, params = _prepare(store_path, run_id=run_id, which=which, mode=mode,
