@@ -504,18 +504,25 @@ def _open_openslide(p: Path, spath: str, size: int) -> Slide:
     import openslide
 
     h = openslide.OpenSlide(str(p))
-    props = h.properties
-    mpp_x = _trustworthy_mpp(props.get(openslide.PROPERTY_NAME_MPP_X))
-    mpp_y = _trustworthy_mpp(props.get(openslide.PROPERTY_NAME_MPP_Y))
+    props = dict(h.properties)
+    return Slide(h, _meta(h, props, "openslide", props.get(openslide.PROPERTY_NAME_VENDOR),
+                          spath, size))  # fmt: skip
+
+
+def _meta(h: Any, props: dict[str, Any], backend: str, vendor: str | None, spath: str,
+          size: int) -> SlideMeta:  # fmt: skip
+    """SlideMeta from an open reader; both readers name properties ``<backend>.<name>``."""
+    mpp_x = _trustworthy_mpp(props.get(f"{backend}.mpp-x"))
+    mpp_y = _trustworthy_mpp(props.get(f"{backend}.mpp-y"))
     if mpp_x is None or mpp_y is None:
         mpp_x = mpp_y = None
-    tw = props.get("openslide.level[0].tile-width")
-    th = props.get("openslide.level[0].tile-height")
-    meta = SlideMeta(
+    tw = props.get(f"{backend}.level[0].tile-width") or 0
+    th = props.get(f"{backend}.level[0].tile-height") or 0
+    return SlideMeta(
         path=spath,
         file_size=size,
-        backend="openslide",
-        vendor=props.get(openslide.PROPERTY_NAME_VENDOR),
+        backend=backend,
+        vendor=vendor,
         width=int(h.dimensions[0]),
         height=int(h.dimensions[1]),
         level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
@@ -523,10 +530,9 @@ def _open_openslide(p: Path, spath: str, size: int) -> Slide:
         mpp_x=mpp_x,
         mpp_y=mpp_y,
         mpp_source="file" if mpp_x is not None else None,
-        objective_power=_float_or_none(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
-        tile_wh=(int(tw), int(th)) if tw and th else None,
+        objective_power=_float_or_none(props.get(f"{backend}.objective-power")),
+        tile_wh=(int(tw), int(th)) if int(tw) and int(th) else None,
     )
-    return Slide(h, meta)
 
 
 def _open_tiffslide(p: Path, spath: str, size: int) -> Slide:
@@ -549,31 +555,10 @@ def _open_tiffslide(p: Path, spath: str, size: int) -> Slide:
     except Exception:
         h.close()
         raise
-    mpp_x = _trustworthy_mpp(props.get("tiffslide.mpp-x"))
-    mpp_y = _trustworthy_mpp(props.get("tiffslide.mpp-y"))
-    if mpp_x is None or mpp_y is None:
-        mpp_x = mpp_y = None
     vendor = props.get("tiffslide.vendor")
     if vendor is None:
         vendor = "ome" if tf.is_ome else "qptiff" if tf.is_qpi else "generic-tiff"
-    tw = props.get("tiffslide.level[0].tile-width") or 0
-    th = props.get("tiffslide.level[0].tile-height") or 0
-    meta = SlideMeta(
-        path=spath,
-        file_size=size,
-        backend="tiffslide",
-        vendor=vendor,
-        width=int(h.dimensions[0]),
-        height=int(h.dimensions[1]),
-        level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
-        level_downsamples=tuple(float(d) for d in h.level_downsamples),
-        mpp_x=mpp_x,
-        mpp_y=mpp_y,
-        mpp_source="file" if mpp_x is not None else None,
-        objective_power=_float_or_none(props.get("tiffslide.objective-power")),
-        tile_wh=(int(tw), int(th)) if tw and th else None,
-    )
-    return Slide(h, meta)
+    return Slide(h, _meta(h, props, "tiffslide", vendor, spath, size))
 
 
 class _CollectLog(logging.Handler):
