@@ -594,11 +594,13 @@ def _noise_grid(seed: int, fid: int, xs: np.ndarray, ys: np.ndarray, cell: float
     kx0, ky0 = int(ix[0]) - 1, int(iy[0]) - 1
     kx = np.arange(kx0, int(ix[-1]) + 3)
     ky = np.arange(ky0, int(iy[-1]) + 3)
-    lattice = 2 * _uniform(_hash(seed, fid, ky[:, None], kx[None, :])) - 1
+    lattice = (2 * _uniform(_hash(seed, fid, ky[:, None], kx[None, :])) - 1).astype(np.float32)
     cx = ix.astype(np.int64) - kx0 - 1
     cy = iy.astype(np.int64) - ky0 - 1
-    along_x = sum(lattice[:, cx + j] * wx[j] for j in range(4))  # (n_ky, nx)
-    return _NOISE_GAIN * sum(along_x[cy + j] * wy[j][:, None] for j in range(4))
+    along_x = sum(lattice[:, cx + j] * wx[j].astype(np.float32) for j in range(4))  # (n_ky, nx)
+    return sum(
+        along_x[cy + j] * (_NOISE_GAIN * wy[j][:, None]).astype(np.float32) for j in range(4)
+    )
 
 
 def _noise_points(seed: int, fid: int, x: np.ndarray, y: np.ndarray, cell: float) -> np.ndarray:
@@ -891,7 +893,7 @@ def _render_tile(
         ta = ta if ta.any() else None
     if ta is None and pen is None:
         return None
-    noise = rng.standard_normal((size, size, 5), dtype=f32)
+    noise = (rng.random((size, size, 5), dtype=f32) - 0.5) * math.sqrt(12)  # unit variance
     od = np.zeros((size, size, 3), f32)
     if ta is not None:
         h, e = _stain(m, xs, ys, x0, y0, size)
@@ -912,15 +914,15 @@ def _stain(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin optical densities, each ``(size, size)`` float32, of the tissue."""
     f32, um = np.float32, m.um
-    grain = _noise_grid(m.seed, _F_GRAIN, xs, ys, 2.0 * um).astype(f32)
-    bundle = _noise_grid(m.seed, _F_BUNDLE, xs, ys, 22 * um).astype(f32)
+    grain = _noise_grid(m.seed, _F_GRAIN, xs, ys, 2.0 * um)
+    bundle = _noise_grid(m.seed, _F_BUNDLE, xs, ys, 22 * um)
     # Stroma: collagen with wavy, broken pale clefts along a slowly turning direction.
     k, cos, sin, warp = m.fib
     phase = k * (cos * xs[None, :] + sin * ys[:, None])
     phase += warp * _noise_grid(m.seed, _F_FIBRE, xs, ys, 160 * um)
     phase += 1.2 * _noise_grid(m.seed, _F_FIBRE + 1, xs, ys, 5 * um)
     cleft = _soft(np.sin(phase).astype(f32) - 0.72, 0.35)
-    presence = _soft(_noise_grid(m.seed, _F_FIBRE + 2, xs, ys, 12 * um).astype(f32) + 0.3, 1.2)
+    presence = _soft(_noise_grid(m.seed, _F_FIBRE + 2, xs, ys, 12 * um) + 0.3, 1.2)
     e = 0.58 * (1 + 0.15 * bundle) * (1 + 0.06 * grain) * (1 - 0.55 * cleft * presence)
     e *= 0.6 + 0.4 * _soft(bundle + 1.3, 0.8)  # loose, paler stroma between bundles
     h = 0.08 * (1 + 0.2 * grain)
@@ -937,7 +939,7 @@ def _stain(
             h += les * (0.02 - h)
     nuc = _nuclei(m, x0, y0, size)
     if nuc is not None:
-        chrom = 0.5 * _noise_grid(m.seed, _F_CHROM, xs, ys, 1.1 * um).astype(f32)
+        chrom = 0.5 * _noise_grid(m.seed, _F_CHROM, xs, ys, 1.1 * um)
         hn, cov, en = _draw_nuclei(nuc, x0, y0, size, chrom)
         e = e * (1 - 0.7 * cov) + en
         h = h + hn
@@ -1205,7 +1207,13 @@ def _write_svs(path: str, m: _Model, a: dict[str, Any]) -> None:
     dims = [(w, h)]
     while max(w // 4 ** len(dims), h // 4 ** len(dims)) >= _MIN_LEVEL_PX:
         dims.append((w // 4 ** len(dims), h // 4 ** len(dims)))
-    keep = next((k for k, (lw, lh) in enumerate(dims) if lw * lh * 3 <= _KEEP_BYTES), len(dims) - 1)
+    # Keep whole the first level >= 1 that fits in _KEEP_BYTES and is at least thumbnail-sized
+    # (level 0 only for small slides): the thumbnail and smaller levels are computed from it.
+    need = min(_THUMB_PX, max(w, h))
+    fits = [
+        k for k, (lw, lh) in enumerate(dims) if lw * lh * 3 <= _KEEP_BYTES and max(lw, lh) >= need
+    ]
+    keep = next((k for k in fits if k >= 1), fits[0] if fits else len(dims) - 1)
     # Level 0 goes straight to the file; levels 1 .. keep-1 are streamed; level `keep` is kept.
     spool_dir = os.path.dirname(os.path.abspath(path))
     sinks = {
