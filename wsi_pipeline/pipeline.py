@@ -320,10 +320,9 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
             from .synth import write_cohort
 
             marker = p.cohort / "cohort.json"
-            before = marker.stat().st_mtime_ns if marker.exists() else None
-            write_cohort(p.cohort, **p.synth)
-            after = marker.stat().st_mtime_ns
-            return ("skipped" if before == after else "ran"), {"cohort": str(p.cohort)}
+            before = marker.read_text() if marker.exists() else None
+            write_cohort(p.cohort, **p.synth)  # skips slides that are already written
+            return ("skipped" if before == marker.read_text() else "ran"), {"cohort": str(p.cohort)}
 
         stage("synth", do_synth)
 

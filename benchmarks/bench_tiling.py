@@ -1,0 +1,242 @@
+"""Tiling throughput and memory against the decode floor and the usual openslide loop.
+
+Measured side by side in one run, with the same number of worker processes for every row, on a
+synthetic slide (default 40,000 x 30,000 px at 0.25 mpp, ~30% tissue, 256-px JPEG tiles):
+
+1. decode floor   -- JPEG-decode just the file's own level-0 tiles that hold tissue;
+2. openslide loop -- one ``openslide.read_region`` per patch into numpy (CLAM-style datasets);
+3. our ``tile``   -- to a complete store (mask, grid, patches, manifest; default codec).
+
+Then the 0.5-mpp-from-0.25-mpp (resampled) case against the same two baselines, store bytes
+against the source's compressed bytes for the same tiles, and random single-patch reads from the
+store against openslide reads of the same patches. ``--big`` adds peak RSS tiling a
+100,000 x 60,000 slide.
+
+    python benchmarks/bench_tiling.py [--work bench-out/tiling] [--workers 2] [--big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import measured, table
+
+
+def ensure_slide(work: Path, width: int, height: int, mpp: float = 0.25) -> Path:
+    from wsi_pipeline.synth import write_slide
+
+    path = work / f"slide_{width}x{height}.svs"
+    if not path.exists():
+        t0 = time.time()
+        print(f"writing synthetic slide {path.name} ...", flush=True)
+        write_slide(path, width=width, height=height, mpp=mpp, seed=1, tissue_fraction=0.3,
+                    n_lesions=3, lesion_fraction=0.02)  # fmt: skip
+        print(f"  done in {time.time() - t0:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)")
+    return path
+
+
+def tissue_coords(slide: Path, tile_px: int, mpp: float | None) -> np.ndarray:
+    """The patches our tiler keeps (same mask and grid), without writing pixels."""
+    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.specs import TilingSpec
+    from wsi_pipeline.tiling import _mask_downsample, tile_grid, tiling_geometry
+    from wsi_pipeline.tissue import tissue_mask
+
+    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
+    with open_slide(slide) as s:
+        geo = tiling_geometry(s, spec)
+        ds = _mask_downsample(s, spec, geo)
+        mask = tissue_mask(s.read_thumbnail(ds), mpp=s.meta.mpp * ds, spec=spec.mask)
+        coords, _ = tile_grid(s.meta, geo, spec, mask, ds)
+    return coords
+
+
+def source_tiles(slide: Path, coords: np.ndarray, patch_l0: int) -> np.ndarray:
+    """Indices of the level-0 file tiles under the patches."""
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tf:
+        page = tf.pages[0]
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        down = -(-page.imagelength // th)
+    idx = set()
+    for x, y in coords:
+        for ty in range(int(y) // th, min(down, (int(y) + patch_l0 - 1) // th + 1)):
+            for tx in range(int(x) // tw, min(across, (int(x) + patch_l0 - 1) // tw + 1)):
+                idx.add(ty * across + tx)
+    return np.array(sorted(idx))
+
+
+def _decode_part(args: tuple[str, np.ndarray]) -> int:
+    import imagecodecs
+    import tifffile
+
+    path, tiles = args
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in tiles:
+            data = os.pread(fd, counts[i], offsets[i])
+            imagecodecs.jpeg8_decode(data, tables=tables)
+    finally:
+        os.close(fd)
+    return len(tiles)
+
+
+def _openslide_part(args: tuple[str, np.ndarray, int, int]) -> int:
+    import openslide
+    from PIL import Image
+
+    path, coords, read_px, out_px = args
+    s = openslide.OpenSlide(path)
+    for x, y in coords:
+        img = s.read_region((int(x), int(y)), 0, (read_px, read_px)).convert("RGB")
+        if read_px != out_px:
+            img = img.resize((out_px, out_px), Image.Resampling.BOX)
+        np.asarray(img)
+    s.close()
+    return len(coords)
+
+
+def _pool_rate(fn, parts: list, workers: int) -> tuple[float, dict[str, float]]:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pool.map(_noop, range(workers))  # start the workers outside the timing
+        with measured() as m:
+            n = sum(pool.map(fn, parts))
+    return n / m["seconds"], m
+
+
+def _noop(_: int) -> None:
+    import imagecodecs  # noqa: F401
+    import openslide  # noqa: F401
+
+
+def run_case(slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float | None,
+             label: str) -> list[dict]:  # fmt: skip
+    from wsi_pipeline.specs import TilingSpec
+    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.tiling import tile_slides
+
+    coords = tissue_coords(slide, tile_px, mpp)
+    ds = 1 if mpp is None else round(mpp / 0.25)
+    patch_l0 = tile_px * ds
+    tiles = source_tiles(slide, coords, patch_l0)
+    rows = []
+    floor, mf = _pool_rate(_decode_part, [(str(slide), t) for t in np.array_split(tiles, workers)],
+                           workers)  # fmt: skip
+    floor_patches = floor * len(coords) / len(tiles)  # patches/s if decoding were all it took
+    rows.append({"case": label, "row": "decode floor (tissue tiles)", "rate": floor_patches,
+                 "unit_rate": floor, "peak_mb": mf["peak_mb"], "n": len(tiles)})  # fmt: skip
+    os_rate, mo = _pool_rate(_openslide_part, [(str(slide), c, patch_l0, tile_px)
+                                               for c in np.array_split(coords, workers)], workers)  # fmt: skip
+    rows.append({"case": label, "row": "openslide read_region loop", "rate": os_rate,
+                 "peak_mb": mo["peak_mb"], "n": len(coords)})  # fmt: skip
+    out = work / f"stores_{label}"
+    shutil.rmtree(out, ignore_errors=True)
+    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
+    with measured() as m:
+        res = tile_slides([slide], out, spec=spec, workers=workers, progress=False)
+    assert res[0].status == "ok", res[0].error
+    st = SlideStore(out / f"{slide.stem}.zarr")
+    store_bytes = sum(f.stat().st_size for f in (st.path / "patches").rglob("*") if f.is_file())
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tf:
+        counts = np.asarray(tf.pages[0].databytecounts)
+    src_bytes = int(counts[tiles].sum())
+    rows.append({"case": label, "row": f"wsi-pipeline tile (workers={workers})",
+                 "rate": res[0].n_patches / m["seconds"], "peak_mb": m["peak_mb"],
+                 "n": res[0].n_patches, "bytes_ratio": store_bytes / src_bytes,
+                 "copied": st.tiling.get("copied_source_tiles")})  # fmt: skip
+    for r in rows:
+        r["x_floor"] = r["rate"] / floor_patches
+        r["x_openslide"] = r["rate"] / os_rate
+    return rows
+
+
+def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
+    import openslide
+
+    from wsi_pipeline.store import SlideStore
+
+    st = SlideStore(work / "stores_native" / f"{slide.stem}.zarr")
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, st.n_patches, n)
+    coords = st.coords[idx]
+    reader = st.reader()
+    reader.read([0])
+    with measured() as m1:
+        for i in idx:
+            reader.read([int(i)])
+    s = openslide.OpenSlide(str(slide))
+    with measured() as m2:
+        for x, y in coords:
+            np.asarray(s.read_region((int(x), int(y)), 0, (256, 256)).convert("RGB"))
+    arr = st.group["patches"]
+    with measured() as m3:
+        for i in idx[:300]:
+            arr[int(i)]
+    a, b, c = n / m1["seconds"], n / m2["seconds"], 300 / m3["seconds"]
+    return [
+        {"case": "random", "row": "store PatchReader, 1 patch/call", "rate": a, "x_openslide": a / b},
+        {"case": "random", "row": "store via zarr-python, 1 patch/call", "rate": c, "x_openslide": c / b},
+        {"case": "random", "row": "openslide read_region, same patches", "rate": b, "x_openslide": 1.0},
+    ]  # fmt: skip
+
+
+def big_rss(work: Path, workers: int) -> list[dict]:
+    from wsi_pipeline.specs import TilingSpec
+    from wsi_pipeline.tiling import tile_slides
+
+    slide = ensure_slide(work, 100_000, 60_000)
+    out = work / "stores_big"
+    shutil.rmtree(out, ignore_errors=True)
+    with measured() as m:
+        res = tile_slides([slide], out, spec=TilingSpec(tile_px=256), workers=workers,
+                          progress=False)  # fmt: skip
+    return [{"case": "100k x 60k", "row": f"wsi-pipeline tile (workers={workers})",
+             "rate": res[0].n_patches / m["seconds"], "peak_mb": m["peak_mb"],
+             "n": res[0].n_patches}]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("bench-out/tiling"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=40_000)
+    ap.add_argument("--height", type=int, default=30_000)
+    ap.add_argument("--big", action="store_true", help="also tile a 100,000 x 60,000 slide")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    slide = ensure_slide(args.work, args.width, args.height)
+    rows = run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=None, label="native")
+    rows += run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=0.5,
+                     label="0.5mpp")  # fmt: skip
+    rows += random_reads(slide, args.work)
+    if args.big:
+        rows += big_rss(args.work, args.workers)
+    f1 = lambda v: f"{v:,.0f}"  # noqa: E731
+    f2 = lambda v: f"{v:.2f}"  # noqa: E731
+    print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
+    print(table(rows, [("case", "case", str), ("row", "row", str), ("n", "patches", f1),
+                       ("rate", "patches/s", f1), ("x_floor", "x decode floor", f2),
+                       ("x_openslide", "x openslide", f2), ("peak_mb", "peak RSS MB", f1),
+                       ("bytes_ratio", "store/source bytes", f2), ("copied", "copied tiles", f1)]))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
