@@ -181,10 +181,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                  stages=tuple(s for s in STAGES if s in stages))  # fmt: skip
 
     if "synth" in data and "synth" in p.stages:
-        from .synth import write_cohort
+        from .synth import _SLIDE_DEFAULTS, write_cohort
 
         p.synth = _section(where, data["synth"], "synth")
-        _check_section(where, "synth", p.synth, _signature_types(write_cohort, {"out_dir"}))
+        allowed = {**_signature_types(write_cohort, {"out_dir"}), **_SLIDE_DEFAULTS}
+        _check_section(where, "synth", p.synth, allowed)
     elif "synth" in p.stages:
         p.stages = tuple(s for s in p.stages if s != "synth")
 
