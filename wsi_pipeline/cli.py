@@ -142,13 +142,11 @@ def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | N
         overlap_px=overlap, min_tissue=tissue_threshold, edge=edge, codec=codec,
         jpeg_quality=jpeg_quality, patches_per_shard=patches_per_shard, mask=mask,
     )  # fmt: skip
-    files, skipped = find_slides(list(slides))
-    for p, why in skipped:
-        log.info("skipping %s: %s", p, why)
+    files, _ = find_slides(list(slides))
     if not files:
         raise ConfigError(f"no slide files found in {', '.join(map(str, slides))}")
     results = tile_slides(
-        files, out, spec=spec, workers=workers, scheduler=scheduler, overwrite=overwrite,
+        list(slides), out, spec=spec, workers=workers, scheduler=scheduler, overwrite=overwrite,
         slide_mpp=slide_mpp, backend=backend, progress=not ctx.obj.get("quiet"),
         debug=ctx.obj.get("debug", False),
     )  # fmt: skip

@@ -329,12 +329,10 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
 
     if "tile" in p.stages:
         def do_tile() -> tuple[str, dict[str, Any]]:
-            from .slide import find_slides
             from .tiling import tile_slides
 
             spec, batch = _tiling_spec(p.tile)
-            files, _ = find_slides(p.slides)
-            res = tile_slides(files, p.stores, spec=spec, progress=progress, debug=debug, **batch)
+            res = tile_slides(p.slides, p.stores, spec=spec, progress=progress, debug=debug, **batch)
             failed = [r for r in res if not r.ok]
             if failed:
                 report["failed"] = True

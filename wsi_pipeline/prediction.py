@@ -67,7 +67,7 @@ def _embed_all(model: Any, store: Path, *, device: Any, amp: bool, channels_last
     """(N, D) float32 embeddings of every patch (cached features, or the backbone in chunks)."""
     import torch
 
-    from .train import _autocast, _to_device
+    from .training import _autocast, _to_device
 
     if features is not None:
         arr = open_store(store)[f"features/{features}"]
@@ -196,7 +196,7 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    from .train import load_model, load_run, resolve_device
+    from .training import load_model, load_run, resolve_device
 
     run = load_run(run_dir)
     cfg = run["train_config"]

@@ -627,7 +627,7 @@ def tile_slides(
     Parameters
     ----------
     slides : sequence of path
-        Slide files (see :func:`wsi_pipeline.slide.find_slides` to expand folders).
+        Slide files and/or folders (searched with :func:`wsi_pipeline.slide.find_slides`).
     out_dir : path
         Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
     spec : TilingSpec
@@ -652,9 +652,14 @@ def tile_slides(
     TilingError
         When ``out_dir`` cannot be written (nothing can be done then).
     """
+    from .slide import find_slides
+
     spec = spec or TilingSpec()
     out = check_writable(out_dir)
-    jobs, results = _assign_ids([Path(s) for s in slides])
+    files, skipped = find_slides(list(slides))
+    for p, why in skipped:
+        log.info("skipping %s: %s", p, why)
+    jobs, results = _assign_ids(files)
     if results:
         write_manifest(out, results)
 

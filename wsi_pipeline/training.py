@@ -498,7 +498,7 @@ def train(
     Returns
     -------
     dict
-        The metrics written to ``metrics.json``.
+        The metrics written to ``metrics.json`` (empty on ranks other than 0 under torchrun).
 
     Raises
     ------
