@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measured, table
 
-TILE = {"tile_px": 128, "mpp": 1.0}
+TILE = {"tile_px": 128, "mpp": 1.0, "overlap_px": 64}
 
 
 def cohort(work: Path, name: str, seed: int, n: int) -> tuple[Path, Path, Path]:
@@ -138,6 +138,39 @@ def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
     return auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
 
 
+def localisation(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> dict:
+    """IoU of the thresholded heatmap (p >= 0.5) with the planted lesions on held-out positive
+    slides, and the tissue fraction above threshold on held-out negatives."""
+    from wsi_pipeline.heatmap import heatmap_iou, heatmaps
+    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.synth import load_ground_truth
+
+    with open(run / "splits.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] != "train"]
+    res = heatmaps(stores, run / "heatmaps", run_id=run_id, slide_ids=[r["slide_id"] for r in rows])
+    ious, neg_area = [], []
+    from wsi_pipeline.heatmap import stitch_scores
+
+    for r in rows:
+        st = SlideStore(stores / f"{r['slide_id']}.zarr")
+        ds = float(st.group["thumbnail"].attrs["downsample"])
+        values, _ = stitch_scores(
+            st.coords, np.asarray(st.group[f"scores/{run_id}"][...]),
+            patch_l0=float(st.tiling["patch_l0"]), slide_wh=(st.meta.width, st.meta.height),
+            downsample=ds, tissue_mask=st.tissue_mask,
+            mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]))  # fmt: skip
+        _, lesion, gt_ds = load_ground_truth(cohort_dir, r["slide_id"])
+        if r["label"] == "1":
+            ious.append(heatmap_iou(values, lesion, threshold=0.5, downsample=ds,
+                                    truth_downsample=gt_ds))  # fmt: skip
+        else:
+            tissue = np.isfinite(values)
+            neg_area.append(float((values[tissue] >= 0.5).mean()) if tissue.any() else 0.0)
+    return {"iou_mean": float(np.mean(ious)), "iou_median": float(np.median(ious)),
+            "n_pos": len(ious), "neg_area_mean": float(np.mean(neg_area)),
+            "n_neg": len(neg_area), "exported": sum(1 for r in res if r["ok"])}  # fmt: skip
+
+
 def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
     from wsi_pipeline.prediction import predict
     from wsi_pipeline.training import train
@@ -177,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_cfg = TrainConfig(epochs=30, lr=1e-3, max_patches=128, patience=30, seed=0)
     e2e = train_and_score(stores_a, labels_a, args.work / "A" / "run_e2e", e2e_cfg)
     pauc = patch_auc(stores_a, args.work / "A" / "run_e2e", labels_a.parent, "run_e2e")
+    loc = localisation(stores_a, args.work / "A" / "run_e2e", labels_a.parent, "run_e2e")
     stores_b, labels_b, _ = cohort(args.work, "B", seed=8, n=args.slides)
     transfer_cfg = TrainConfig(mode="features", backbone="smallcnn", epochs=30, patience=30,
                                backbone_weights=str(args.work / "A" / "run_e2e" / "model.pt"))  # fmt: skip
@@ -200,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                        ("test_auc", "test AUC", f2), ("peak_mb", "peak RSS MB", f0)]))  # fmt: skip
     print(f"\npatch-level AUC of per-patch scores vs planted lesions (held-out positives of A): "
           f"{pauc:.3f}")  # fmt: skip
+    print(f"heatmap localisation (held-out slides of A, p >= 0.5): IoU with the planted lesions "
+          f"mean {loc['iou_mean']:.2f}, median {loc['iou_median']:.2f} over {loc['n_pos']} "
+          f"positive slides; tissue above threshold on {loc['n_neg']} negative slides: "
+          f"{loc['neg_area_mean']:.1%}")  # fmt: skip
     (args.work / "results.json").write_text(json.dumps(
         {"e2e_A": e2e, "e2e_B": e2e_b, "features_transfer": transfer, "features_random": rand,
-         "patch_auc": pauc}, indent=2))  # fmt: skip
+         "patch_auc": pauc, "localisation": loc}, indent=2))  # fmt: skip
     return 0
 
 

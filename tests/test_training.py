@@ -17,22 +17,23 @@ import zarr
 from wsi_pipeline.cli import main
 from wsi_pipeline.data import BagDataset, make_splits, read_labels, resolve_stores
 from wsi_pipeline.errors import ConfigError, TrainingError
-from wsi_pipeline.predict import predict
+from wsi_pipeline.prediction import predict
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore
 from wsi_pipeline.synth import load_ground_truth, write_cohort
 from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.train import TrainConfig, auc_score, train
+from wsi_pipeline.training import TrainConfig, auc_score, train
 
 TILING = TilingSpec(tile_px=64, mpp=1.0)
 FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
 
 
-def _cohort(root: Path, n: int, *, width: int, height: int, seed: int, **kw) -> tuple[Path, Path]:
+def _cohort(root: Path, n: int, *, width: int, height: int, seed: int,
+            spec: TilingSpec = TILING, **kw) -> tuple[Path, Path]:  # fmt: skip
     write_cohort(root / "cohort", n_slides=n, width=width, height=height, mpp=0.5, seed=seed, **kw)
     res = tile_slides(sorted((root / "cohort" / "slides").iterdir()), root / "stores",
-                      spec=kw.pop("spec", TILING), progress=False)  # fmt: skip
+                      spec=spec, progress=False)  # fmt: skip
     assert all(r.ok for r in res)
     return root / "stores", root / "cohort" / "labels.csv"
 
@@ -272,11 +273,10 @@ def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> Non
 def test_learns_from_slide_labels(tmp_path: Path) -> None:
     """A small cohort: held-out slide AUC well above chance, and lesion patches score higher than
     normal ones on held-out positive slides (the precondition for heatmaps)."""
-    stores, labels_csv = _cohort(tmp_path, 24, width=3072, height=2048, seed=5,
+    stores, labels_csv = _cohort(tmp_path, 40, width=4096, height=3072, seed=5,
                                  lesion_fraction=0.05, spec=TilingSpec(tile_px=128, mpp=1.0))  # fmt: skip
     run = tmp_path / "run"
-    cfg = TrainConfig(epochs=30, max_patches=64, patience=30, seed=0, val_fraction=0.25,
-                      test_fraction=0.25)  # fmt: skip
+    cfg = TrainConfig(epochs=25, lr=1e-3, max_patches=64, patience=25, seed=0)
     train(stores, labels_csv, run, config=cfg, progress=False)
     rows = predict(stores, run, tmp_path / "pred", progress=False)
     with open(run / "splits.csv") as fh:
