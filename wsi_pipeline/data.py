@@ -349,12 +349,14 @@ class BagDataset:
         ``features/<name>`` array to read instead of patches.
     augment : bool
         Training augmentations (patches only).
+    jitter : float
+        Strength of the per-bag colour jitter (see :func:`augment_bag`).
     seed : int
     """
 
     def __init__(self, stores: Sequence[Path], targets: Sequence[int], *,
                  max_patches: int | None = None, features: str | None = None,
-                 augment: bool = False, seed: int = 0) -> None:  # fmt: skip
+                 augment: bool = False, jitter: float = 0.1, seed: int = 0) -> None:  # fmt: skip
         if len(stores) != len(targets):
             raise ValueError("one target per store")
         self.stores = [Path(s) for s in stores]
@@ -362,6 +364,7 @@ class BagDataset:
         self.max_patches = max_patches
         self.features = features
         self.augment = augment
+        self.jitter = float(jitter)
         self.seed = seed
         self.epoch = 0
         self._readers: dict[int, Any] = {}
@@ -400,7 +403,8 @@ class BagDataset:
             reader = self._readers[i] = PatchReader(self.stores[i])
         patches = reader.read(idx)
         if self.augment:
-            patches = augment_bag(patches, _item_rng(self.seed + 1, self.epoch, i))
+            patches = augment_bag(patches, _item_rng(self.seed + 1, self.epoch, i),
+                                  jitter=self.jitter)  # fmt: skip
         x = torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
         return x, self.targets[i], i
 

@@ -74,6 +74,9 @@ class TrainConfig:
         AdamW with linear warm-up then cosine decay (per step).
     max_patches : int
         Patches per bag per training step (a seeded random subset of the slide's patches).
+    color_jitter : float
+        Per-bag brightness/contrast/saturation jitter (±) in end-to-end training, with random
+        flips and 90° rotations of each patch.
     eval_max_patches : int or None
         Patches per bag in evaluation (None = all, in chunks).
     hidden_dim, dropout, attn_dim
@@ -105,6 +108,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     max_patches: int = 128
+    color_jitter: float = 0.1
     eval_max_patches: int | None = None
     hidden_dim: int = 128
     dropout: float = 0.25
@@ -564,7 +568,8 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         return BagDataset(
             [stores[s] for s in ids[split]], [targets[pos[s]] for s in ids[split]],
             max_patches=config.max_patches if training else config.eval_max_patches,
-            features=extractor, augment=training and config.mode == "e2e", seed=config.seed,
+            features=extractor, augment=training and config.mode == "e2e",
+            jitter=config.color_jitter, seed=config.seed,
         )  # fmt: skip
 
     pos = {s: i for i, s in enumerate(order)}
