@@ -304,7 +304,7 @@ def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 0x5EED])
 
 
-def augment_bag(patches: np.ndarray, rng: np.random.Generator, *, jitter: float = 0.05
+def augment_bag(patches: np.ndarray, rng: np.random.Generator, *, jitter: float = 0.15
                 ) -> np.ndarray:  # fmt: skip
     """H&E augmentations of a ``(K, T, T, 3)`` uint8 bag: per-patch flips and 90° rotations,
     per-bag mild brightness/contrast/saturation jitter (±``jitter``)."""
@@ -356,7 +356,7 @@ class BagDataset:
 
     def __init__(self, stores: Sequence[Path], targets: Sequence[int], *,
                  max_patches: int | None = None, features: str | None = None,
-                 augment: bool = False, jitter: float = 0.1, seed: int = 0) -> None:  # fmt: skip
+                 augment: bool = False, jitter: float = 0.15, seed: int = 0) -> None:  # fmt: skip
         if len(stores) != len(targets):
             raise ValueError("one target per store")
         self.stores = [Path(s) for s in stores]

@@ -108,7 +108,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     max_patches: int = 128
-    color_jitter: float = 0.1
+    color_jitter: float = 0.15
     eval_max_patches: int | None = None
     hidden_dim: int = 128
     dropout: float = 0.25
