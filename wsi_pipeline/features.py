@@ -121,7 +121,7 @@ def ensure_features(
         arr = g.get(f"features/{name}") if "features" in g else None
         if arr is None or arr.attrs.get("complete") is not True:
             todo.append(sp)
-    for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=not progress):
+    for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
         feats = embed_store(sp, net, device=device, batch_size=batch_size)
         g = open_store(sp, mode="r+")
         arr = g.create_array(f"features/{name}", shape=(len(feats), dim), dtype=FEATURES_DTYPE,

@@ -236,7 +236,7 @@ def predict(
             raise TrainingError(f"{run['dir']}/extractor.pt: does not match the features the run "
                                 "was trained on; train again")  # fmt: skip
     t0 = time.time()
-    for sp in tqdm(ready, desc="predict", unit="slide", disable=not progress):
+    for sp in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
         try:
             rows.append(predict_store(model, sp, classes=classes, run_id=rid, device=dev,
                                       amp=cfg.amp, channels_last=cfg.channels_last, chunk=chunk,

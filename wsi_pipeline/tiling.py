@@ -681,9 +681,9 @@ def tile_slides(
 def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     from tqdm.auto import tqdm
 
-    slides_bar = tqdm(total=n_slides, desc="slides", unit="slide", disable=not progress,
+    slides_bar = tqdm(total=n_slides, desc="slides", unit="slide", disable=None if progress else True,
                       position=0)  # fmt: skip
-    patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1,
+    patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None if progress else True, position=1,
                      leave=False)  # fmt: skip
     return slides_bar, patch_bar
 

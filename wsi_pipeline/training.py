@@ -497,7 +497,7 @@ def train(
     stop_after : int, optional
         Stop after this many epochs in this call (for time-limited jobs; resume later).
     progress : bool
-        Show progress bars.
+        Show progress bars (on a terminal; never in logs).
 
     Returns
     -------
@@ -668,7 +668,7 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         mine = order_e[dist_info.rank :: dist_info.world]
         losses = []
         bar = tqdm(total=len(mine), desc=f"epoch {epoch + 1}/{config.epochs}", unit="bag",
-                   disable=not progress, leave=False)  # fmt: skip
+                   disable=None if progress else True, leave=False)  # fmt: skip
         for x, y, _ in _loader(train_set, shuffle_order=mine, num_workers=num_workers,
                                device=device):  # fmt: skip
             x = _to_device(x, device, config.channels_last)
