@@ -357,9 +357,12 @@ def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
         click.echo(f"slide-level AUC on the test split (n={summ['test_n']}): {summ['test_auc']:.3f}")
     pngs = next((st.get("png") for st in report["stages"] if st["stage"] == "heatmap"), None)
     if pngs:
-        click.echo("heatmaps:")
-        for png in pngs:
+        click.echo(f"heatmaps ({len(pngs)} slides; PNG overlay, pyramidal TIFF, GeoJSON, summary "
+                   f"in each folder):")  # fmt: skip
+        for png in pngs[:10]:
             click.echo(f"  {png}")
+        if len(pngs) > 10:
+            click.echo(f"  ... and {len(pngs) - 10} more in {Path(pngs[0]).parent.parent}")
     click.echo(f"report: {p.out / 'report.json'}")
     if report.get("failed"):
         raise _Failed()
