@@ -296,6 +296,10 @@ def test_rerun_skips_overwrite_redoes(synth_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns == mtime
     r3 = tile_slides([synth_dir / "neg.svs"], tmp_path, overwrite=True, progress=False)[0]
     assert r3.status == "ok" and r3.n_patches == r1.n_patches
+    # a complete store of other tiling parameters is not reused
+    r4 = tile_slides([synth_dir / "neg.svs"], tmp_path, spec=TilingSpec(tile_px=128),
+                     progress=False)[0]  # fmt: skip
+    assert r4.status == "ok" and SlideStore(tmp_path / "neg.zarr").tiling["tile_px"] == 128
 
 
 def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:

@@ -331,10 +331,16 @@ def prepare_slide(
     if not overwrite and is_complete(store):
         import zarr
 
-        g = zarr.open_group(str(store), mode="r")
-        t = dict(g.attrs.get("tiling", {}))
-        return TileResult(sid, str(Path(path).absolute()), "skipped", int(t.get("n_patches", 0)),
-                          time.time() - t0)  # fmt: skip
+        attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+        t = dict(attrs.get("tiling", {}))
+        same = (t.get("spec") == spec.to_dict() and t.get("slide_mpp_override") == slide_mpp
+                and (attrs.get("slide") or {}).get("file_size") == _file_size(path))  # fmt: skip
+        if same:
+            return TileResult(sid, str(Path(path).absolute()), "skipped",
+                              int(t.get("n_patches", 0)), time.time() - t0)  # fmt: skip
+        log.warning("%s: the slide file or the tiling parameters changed since %s was written; "
+                    "tiling again", path, store)  # fmt: skip
+        overwrite = True
     with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
         meta = slide.meta
         geometry = tiling_geometry(slide, spec)
@@ -382,6 +388,13 @@ def prepare_slide(
     if len(coords) == 0:
         return finalize_slide(plan)
     return plan
+
+
+def _file_size(path: str | os.PathLike) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def _write_array(g: Any, name: str, data: np.ndarray, *, chunks: tuple, attrs: dict | None = None
