@@ -148,7 +148,7 @@ def test_train_writes_a_complete_run(small: tuple[Path, Path], tmp_path: Path) -
     run = tmp_path / "run"
     m = train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
     for f in ("model.pt", "checkpoint.pt", "config.json", "tiling.json", "labels.json",
-              "splits.csv", "metrics.json", "curves.png", "roc.png"):  # fmt: skip
+              "splits.csv", "metrics.json", "calibration.json", "curves.png", "roc.png"):  # fmt: skip
         assert (run / f).is_file(), f
     assert any((run / "tensorboard").iterdir())
     assert m["finished"] and m["epochs_run"] == 2 and len(m["history"]) == 2
@@ -231,6 +231,28 @@ def test_predict_outputs_and_errors(small: tuple[Path, Path], tmp_path: Path) ->
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(TrainingError, match="run format 99"):
         predict(d, run, tmp_path / "p2")
+
+
+def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    ids = [r.slide_id for r in read_labels(labels_csv).rows]
+    names = ["tumour_b", "normal", "tumour_a", "normal"] * 2
+    lab = _labels(tmp_path / "multi.csv", list(zip(ids, names)))
+    run = tmp_path / "run"
+    m = train(stores, lab, run, config=TrainConfig(epochs=1, max_patches=8, num_workers=0,
+                                                    val_fraction=0.25, test_fraction=0.0),
+              progress=False)  # fmt: skip
+    assert m["finished"]
+    assert json.loads((run / "labels.json").read_text())["classes"] == ["normal", "tumour_a",
+                                                                       "tumour_b"]  # fmt: skip
+    predict(stores, run, tmp_path / "pred", progress=False)
+    with open(tmp_path / "pred" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    r = rows[0]
+    p = [float(r[f"p_{c}"]) for c in ("normal", "tumour_a", "tumour_b")]
+    assert abs(sum(p) - 1) < 1e-5
+    assert abs(float(r["probability"]) - (1 - p[0])) < 1e-5  # abnormal = not "normal"
+    assert r["predicted_label"] in ("normal", "tumour_a", "tumour_b")
 
 
 def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:

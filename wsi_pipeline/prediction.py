@@ -3,7 +3,8 @@
 For each complete store: slide-level class probabilities and the predicted label (to
 ``predictions.csv``), and per-patch scores written into the store as ``scores/<run_id>`` (N,)
 float32 — the patch's abnormality probability, ``1 - p(negative class)`` from the head's instance
-classifier — plus ``scores/<run_id>-attention`` (N,) for heads with attention. Patches are embedded
+classifier, both calibrated on the run's validation slides (see :mod:`wsi_pipeline.calibration`) —
+plus ``scores/<run_id>-attention`` (N,) for heads with attention. Patches are embedded
 in chunks, so memory is bounded by the chunk and the (N, D) embeddings.
 """
 
@@ -84,9 +85,16 @@ def _embed_all(model: Any, store: Path, *, device: Any, amp: bool, channels_last
 
 def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: str, device: Any,
                   amp: bool = True, channels_last: bool = False, chunk: int = 512,
-                  features: str | None = None, run_dir: str = "") -> Prediction:  # fmt: skip
-    """Predict one complete store and write its per-patch scores into it."""
+                  features: str | None = None, run_dir: str = "",
+                  calibration: dict[str, Any] | None = None) -> Prediction:  # fmt: skip
+    """Predict one complete store and write its per-patch scores into it.
+
+    Slide probabilities and per-patch scores go through the run's calibration (fitted on its
+    validation slides; plain softmax when there is none).
+    """
     import torch
+
+    from .calibration import apply_calibration
 
     g = open_store(store)
     sid = g.attrs.get("slide_id") or store.stem
@@ -97,9 +105,9 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
                    chunk=chunk, features=features)  # fmt: skip
     with torch.inference_mode():
         out = model.head_forward(h)
-    probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
+    probs = apply_calibration(out.logits.float().cpu().numpy(), calibration)
     neg = negative_class(classes)
-    patch = torch.softmax(out.patch_logits.float(), -1).cpu().numpy()
+    patch = apply_calibration(out.patch_logits.float().cpu().numpy(), calibration)
     score = (1.0 - patch[:, neg]).astype(np.float32)
     attn = None if out.attention is None else out.attention.float().cpu().numpy().astype(np.float32)
     pred = classes[int(probs.argmax())]
@@ -114,6 +122,7 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
         "predicted": pred,
         "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
                  "instance classifier",
+        "calibration": (calibration or {}).get("method", "none"),
     }  # fmt: skip
     gw = open_store(store, mode="r+")
     _write_scores(gw, f"scores/{run_id}", score, attrs)
@@ -240,7 +249,8 @@ def predict(
         try:
             rows.append(predict_store(model, sp, classes=classes, run_id=rid, device=dev,
                                       amp=cfg.amp, channels_last=cfg.channels_last, chunk=chunk,
-                                      features=features, run_dir=str(run["dir"])))  # fmt: skip
+                                      features=features, run_dir=str(run["dir"]),
+                                      calibration=run.get("calibration")))  # fmt: skip
         except (WSIPipelineError, OSError) as exc:
             msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
             log.error("%s", msg)

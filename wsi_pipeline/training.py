@@ -6,7 +6,8 @@ epoch (AUC), stops early, checkpoints each epoch atomically (``--resume`` contin
 the CPU), and leaves in the run folder everything ``predict`` needs:
 
 ``model.pt`` (best weights, plain state dict), ``config.json`` (model + training config),
-``tiling.json``, ``labels.json``, ``splits.csv``, ``metrics.json``, ``checkpoint.pt``,
+``tiling.json``, ``labels.json``, ``splits.csv``, ``metrics.json``, ``calibration.json`` (the
+probability calibration fitted on the validation slides), ``checkpoint.pt``,
 ``tensorboard/``, ``curves.png``, ``roc.png`` (and ``extractor.pt`` in features mode).
 
 Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs): bags are split
@@ -261,15 +262,17 @@ def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
     import torch.nn.functional as F
 
     model.eval()
-    probs, targets, losses = [], [], []
+    probs, targets, losses, raw = [], [], [], []
     for x, y, _ in _loader(dataset, shuffle_order=None, num_workers=num_workers, device=device):
         out = bag_output(model, x, device=device, amp=amp, channels_last=channels_last)
         logits = out.logits.float()
         losses.append(float(F.cross_entropy(logits[None], torch.tensor([y], device=device))))
         probs.append(torch.softmax(logits, -1).cpu().numpy())
+        raw.append(logits.cpu().numpy())
         targets.append(int(y))
     p = np.stack(probs) if probs else np.zeros((0, 2))
     return {
+        "logits": np.stack(raw) if raw else np.zeros((0, p.shape[1])),
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "acc": float(np.mean(p.argmax(1) == np.asarray(targets))) if probs else float("nan"),
         "auc": auc_score(targets, p) if probs else float("nan"),
@@ -441,6 +444,8 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
                             f"{cfg.get('package_version', '?')}) is not readable by "
                             f"{__version__}; train again")  # fmt: skip
+    cal = d / "calibration.json"
+    out["calibration"] = json.loads(cal.read_text()) if cal.is_file() else None
     try:
         out["train_config"] = TrainConfig.from_dict(cfg["train"])
     except (ConfigError, KeyError, TypeError) as exc:
@@ -753,9 +758,39 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
                                 channels_last=config.channels_last)  # fmt: skip
             val = evaluate(model, val_set, device=device, amp=config.amp,
                            channels_last=config.channels_last) if ids["val"] else None  # fmt: skip
+            cal = _calibrate(run, val, labels.classes)
+            if test is not None:
+                test["calibrated"] = _calibrated_metrics(test, cal)
             _plots(run, history, val, test, labels.classes)
         result = _write_metrics(run, history, best, test, splits, config, finished=finished)
     return result
+
+
+def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
+    """Fit the probability calibration on the validation slides; ``calibration.json``."""
+    from .calibration import fit_calibration, identity_calibration
+    from .data import negative_class
+
+    if val is None or not val["n"]:
+        cal = identity_calibration(len(classes))
+    else:
+        cal = fit_calibration(val["logits"], val["targets"], negative=negative_class(classes))
+    _atomic_json(cal, run / "calibration.json")
+    return cal
+
+
+def _calibrated_metrics(ev: dict[str, Any], cal: dict[str, Any]) -> dict[str, float]:
+    """Accuracy, log loss and Brier score of calibrated probabilities."""
+    from .calibration import apply_calibration
+
+    p = apply_calibration(ev["logits"], cal)
+    y = np.asarray(ev["targets"], int)
+    onehot = np.eye(p.shape[1])[y]
+    return {
+        "acc": float(np.mean(p.argmax(1) == y)),
+        "log_loss": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)))),
+        "brier": float(np.mean(((p - onehot) ** 2).sum(1))),
+    }
 
 
 def _write_metrics(run: Path, history: list[dict[str, Any]], best: dict[str, Any],
@@ -776,7 +811,8 @@ def _write_metrics(run: Path, history: list[dict[str, Any]], best: dict[str, Any
         "backbone": config.backbone,
     }
     if test is not None:
-        metrics["test"] = {k: test[k] for k in ("auc", "acc", "loss", "n")}
+        metrics["test"] = {k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated")
+                           if k in test}  # fmt: skip
     _atomic_json(metrics, run / "metrics.json")
     return metrics
 

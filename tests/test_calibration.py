@@ -1,0 +1,46 @@
+"""Probability calibration on validation logits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_pipeline.calibration import apply_calibration, fit_calibration, identity_calibration
+from wsi_pipeline.training import auc_score
+
+
+def test_platt_on_small_margins_is_bounded_and_monotone() -> None:
+    # a model that ranks perfectly but whose logits are tiny (p ~ 0.5)
+    m = np.array([-0.02, -0.01, -0.015, 0.01, 0.02, 0.03])
+    logits = np.stack([np.zeros_like(m), m], axis=1)
+    y = [0, 0, 0, 1, 1, 1]
+    cal = fit_calibration(logits, y)
+    assert cal["method"] == "platt" and cal["a"] > 10
+    p = apply_calibration(logits, cal)[:, 1]
+    assert np.all(np.diff(p[np.argsort(m)]) >= 0)  # monotone: AUC unchanged
+    assert auc_score(y, p) == auc_score(y, m) == 1.0
+    # Platt's smoothed targets: confident but never 0/1 on 3 + 3 slides
+    assert 0.7 < p[3:].mean() < 0.95
+    assert 0.05 < p[:3].mean() < 0.3
+    # patches share the slide's scale
+    patch = apply_calibration(np.array([[0.0, 0.05], [0.0, -0.05]]), cal)
+    assert patch[0, 1] > 0.9 and patch[1, 1] < 0.1
+
+
+def test_negative_class_index_and_multiclass() -> None:
+    logits = np.array([[0.1, 0.0], [-0.1, 0.0], [0.2, 0.0], [-0.2, 0.0]])
+    y = [0, 1, 0, 1]  # class 1 is the negative one here
+    cal = fit_calibration(logits, y, negative=1)
+    p = apply_calibration(logits, cal)
+    assert np.allclose(p.sum(1), 1) and p[0, 0] > 0.5 and p[1, 0] < 0.5
+    rng = np.random.default_rng(0)
+    y3 = np.repeat([0, 1, 2], 5)
+    z = np.eye(3)[y3] * 0.05 + rng.normal(0, 0.01, (15, 3))
+    cal3 = fit_calibration(z, y3)
+    assert cal3["method"] == "temperature" and cal3["temperature"] < 0.1
+    assert (apply_calibration(z, cal3).argmax(1) == y3).mean() == 1.0
+
+
+def test_identity_without_two_classes() -> None:
+    assert fit_calibration(np.zeros((3, 2)), [1, 1, 1])["method"] == "none"
+    z = np.array([[1.0, 2.0]])
+    assert np.allclose(apply_calibration(z, identity_calibration(2)), apply_calibration(z, None))
