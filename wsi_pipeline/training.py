@@ -845,7 +845,10 @@ def _plots(run: Path, history: list[dict[str, Any]], val: dict[str, Any] | None,
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title=f"ROC ({classes[-1]} vs rest)")  # fmt: skip
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "ROC curves are drawn for binary tasks", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(run / "roc.png", dpi=100)
     plt.close(fig)
