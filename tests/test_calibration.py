@@ -44,3 +44,18 @@ def test_identity_without_two_classes() -> None:
     assert fit_calibration(np.zeros((3, 2)), [1, 1, 1])["method"] == "none"
     z = np.array([[1.0, 2.0]])
     assert np.allclose(apply_calibration(z, identity_calibration(2)), apply_calibration(z, None))
+
+
+def test_patch_reference_controls_false_positives_on_negatives() -> None:
+    from wsi_pipeline.calibration import apply_patch_calibration, fit_patch_reference
+
+    rng = np.random.default_rng(1)
+    slide = np.array([[0.0, -0.02], [0.0, -0.01], [0.0, 0.01], [0.0, 0.02]])
+    cal = fit_calibration(slide, [0, 0, 1, 1])
+    negatives = [np.stack([np.zeros(200), rng.normal(-0.01, 0.05, 200)], 1) for _ in range(2)]
+    cal = fit_patch_reference(cal, negatives)
+    assert cal["patch"]["quantile"] == 99.0 and cal["patch"]["n"] == 400
+    p_neg = apply_patch_calibration(np.concatenate(negatives), cal)[:, 1]
+    assert 0.002 <= (p_neg > 0.5).mean() <= 0.02  # ~1% of normal patches above 0.5
+    lesion = np.stack([np.zeros(20), np.full(20, 0.4)], 1)
+    assert (apply_patch_calibration(lesion, cal)[:, 1] > 0.9).all()

@@ -9,8 +9,13 @@ logits of the validation slides are mapped to calibrated probabilities:
   perfectly separated validation set cannot push the slope to infinity;
 - multi-class: temperature scaling, ``softmax(logits / T)``, with the same target smoothing.
 
-The same map is applied to each patch's instance logits, so per-patch scores and slide
-probabilities share one calibrated scale. Calibration is monotone: AUCs do not change.
+Per-patch scores cannot use the slide map as is: a slide's logit is an attention-weighted mean of
+its patches' logits, so single patches spread much wider than slides do. For two classes the patch
+map keeps the slide slope ``a`` but is centred on the negative validation slides, whose patches
+are all normal under the MIL assumption: ``p = sigmoid(a * (m - m_ref))`` with ``m_ref`` the
+99th percentile of their patch margins. A patch scores above 0.5 when it looks more abnormal than
+99% of the patches of slides known to be normal -- a specificity-referenced probability. Without
+negative validation slides the slide map is used. Calibration is monotone: AUCs do not change.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["apply_calibration", "fit_calibration", "identity_calibration"]
+__all__ = [
+    "apply_calibration",
+    "apply_patch_calibration",
+    "fit_calibration",
+    "fit_patch_reference",
+    "identity_calibration",
+]
+
+PATCH_QUANTILE = 99.0
 
 
 def identity_calibration(num_classes: int) -> dict[str, Any]:
@@ -103,3 +116,47 @@ def apply_calibration(logits: np.ndarray, cal: dict[str, Any] | None) -> np.ndar
     if cal["method"] == "temperature":
         return _softmax(z / float(cal["temperature"]))
     raise ValueError(f"unknown calibration method {cal['method']!r}")
+
+
+def fit_patch_reference(cal: dict[str, Any], negative_patch_logits: list[np.ndarray]
+                        ) -> dict[str, Any]:  # fmt: skip
+    """Add the patch map to a binary Platt calibration.
+
+    Parameters
+    ----------
+    cal : dict
+        From :func:`fit_calibration`.
+    negative_patch_logits : list of (N_i, 2) ndarray
+        Patch logits of each negative validation slide.
+
+    Returns
+    -------
+    dict
+        ``cal`` with a ``patch`` entry (``a``, ``center``, ``quantile``, ``n``), unchanged when it
+        is not a binary Platt calibration or there are no negative patches.
+    """
+    if cal.get("method") != "platt" or not negative_patch_logits:
+        return cal
+    z = np.concatenate([np.asarray(p, np.float64) for p in negative_patch_logits])
+    if len(z) == 0:
+        return cal
+    neg = int(cal["negative"])
+    m = z[:, 1 - neg] - z[:, neg]
+    out = dict(cal)
+    out["patch"] = {"a": float(cal["a"]), "center": float(np.percentile(m, PATCH_QUANTILE)),
+                    "quantile": PATCH_QUANTILE, "n": len(m)}  # fmt: skip
+    return out
+
+
+def apply_patch_calibration(patch_logits: np.ndarray, cal: dict[str, Any] | None) -> np.ndarray:
+    """Calibrated class probabilities of patches ``(N, C)`` (see the module docstring)."""
+    if cal is None or "patch" not in cal:
+        return apply_calibration(patch_logits, cal)
+    z = np.asarray(patch_logits, np.float64)
+    neg = int(cal["negative"])
+    pc = cal["patch"]
+    p_pos = 1.0 / (1.0 + np.exp(-pc["a"] * ((z[:, 1 - neg] - z[:, neg]) - pc["center"])))
+    out = np.empty_like(z)
+    out[:, 1 - neg] = p_pos
+    out[:, neg] = 1.0 - p_pos
+    return out

@@ -94,7 +94,7 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
     """
     import torch
 
-    from .calibration import apply_calibration
+    from .calibration import apply_calibration, apply_patch_calibration
 
     g = open_store(store)
     sid = g.attrs.get("slide_id") or store.stem
@@ -107,7 +107,7 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
         out = model.head_forward(h)
     probs = apply_calibration(out.logits.float().cpu().numpy(), calibration)
     neg = negative_class(classes)
-    patch = apply_calibration(out.patch_logits.float().cpu().numpy(), calibration)
+    patch = apply_patch_calibration(out.patch_logits.float().cpu().numpy(), calibration)
     score = (1.0 - patch[:, neg]).astype(np.float32)
     attn = None if out.attention is None else out.attention.float().cpu().numpy().astype(np.float32)
     pred = classes[int(probs.argmax())]
@@ -123,6 +123,9 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
         "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
                  "instance classifier",
         "calibration": (calibration or {}).get("method", "none"),
+        "patch_calibration": "specificity-referenced: 0.5 = the 99th percentile of patches of "
+                             "negative validation slides" if calibration and "patch" in calibration
+                             else (calibration or {}).get("method", "none"),
     }  # fmt: skip
     gw = open_store(store, mode="r+")
     _write_scores(gw, f"scores/{run_id}", score, attrs)

@@ -262,17 +262,19 @@ def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
     import torch.nn.functional as F
 
     model.eval()
-    probs, targets, losses, raw = [], [], [], []
+    probs, targets, losses, raw, patch = [], [], [], [], []
     for x, y, _ in _loader(dataset, shuffle_order=None, num_workers=num_workers, device=device):
         out = bag_output(model, x, device=device, amp=amp, channels_last=channels_last)
         logits = out.logits.float()
         losses.append(float(F.cross_entropy(logits[None], torch.tensor([y], device=device))))
         probs.append(torch.softmax(logits, -1).cpu().numpy())
         raw.append(logits.cpu().numpy())
+        patch.append(out.patch_logits.float().cpu().numpy())
         targets.append(int(y))
     p = np.stack(probs) if probs else np.zeros((0, 2))
     return {
         "logits": np.stack(raw) if raw else np.zeros((0, p.shape[1])),
+        "patch_logits": patch,
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "acc": float(np.mean(p.argmax(1) == np.asarray(targets))) if probs else float("nan"),
         "auc": auc_score(targets, p) if probs else float("nan"),
@@ -767,14 +769,18 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
 
 
 def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
-    """Fit the probability calibration on the validation slides; ``calibration.json``."""
-    from .calibration import fit_calibration, identity_calibration
+    """Fit the probability calibration on the validation slides; ``calibration.json``
+    (see :mod:`wsi_pipeline.calibration`)."""
+    from .calibration import fit_calibration, fit_patch_reference, identity_calibration
     from .data import negative_class
 
+    neg = negative_class(classes)
     if val is None or not val["n"]:
         cal = identity_calibration(len(classes))
     else:
-        cal = fit_calibration(val["logits"], val["targets"], negative=negative_class(classes))
+        cal = fit_calibration(val["logits"], val["targets"], negative=neg)
+        cal = fit_patch_reference(cal, [p for p, t in zip(val["patch_logits"], val["targets"])
+                                        if t == neg])  # fmt: skip
     _atomic_json(cal, run / "calibration.json")
     return cal
 
