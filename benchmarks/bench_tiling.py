@@ -219,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=40_000)
     ap.add_argument("--height", type=int, default=30_000)
     ap.add_argument("--big", action="store_true", help="also tile a 100,000 x 60,000 slide")
+    ap.add_argument("--only-big", action="store_true", help="only the 100,000 x 60,000 row")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    f1 = lambda v: f"{v:,.0f}"  # noqa: E731
+    f2 = lambda v: f"{v:.2f}"  # noqa: E731
+    if args.only_big:
+        rows = big_rss(args.work, args.workers)
+        print(table(rows, [("case", "case", str), ("row", "row", str), ("n", "patches", f1),
+                           ("rate", "patches/s", f1), ("peak_mb", "peak RSS MB", f1)]))  # fmt: skip
+        return 0
     slide = ensure_slide(args.work, args.width, args.height)
     rows = run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=None, label="native")
     rows += run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=0.5,
@@ -228,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     rows += random_reads(slide, args.work)
     if args.big:
         rows += big_rss(args.work, args.workers)
-    f1 = lambda v: f"{v:,.0f}"  # noqa: E731
-    f2 = lambda v: f"{v:.2f}"  # noqa: E731
     print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
     print(table(rows, [("case", "case", str), ("row", "row", str), ("n", "patches", f1),
                        ("rate", "patches/s", f1), ("x_floor", "x decode floor", f2),
