@@ -144,23 +144,33 @@ def run_case(slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float 
                                                for c in np.array_split(coords, workers)], workers)  # fmt: skip
     rows.append({"case": label, "row": "openslide read_region loop", "rate": os_rate,
                  "peak_mb": mo["peak_mb"], "n": len(coords)})  # fmt: skip
-    out = work / f"stores_{label}"
-    shutil.rmtree(out, ignore_errors=True)
-    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
-    with measured() as m:
-        res = tile_slides([slide], out, spec=spec, workers=workers, progress=False)
-    assert res[0].status == "ok", res[0].error
-    st = SlideStore(out / f"{slide.stem}.zarr")
-    store_bytes = sum(f.stat().st_size for f in (st.path / "patches").rglob("*") if f.is_file())
     import tifffile
+    from distributed import LocalCluster
 
     with tifffile.TiffFile(slide) as tf:
         counts = np.asarray(tf.pages[0].databytecounts)
     src_bytes = int(counts[tiles].sum())
-    rows.append({"case": label, "row": f"wsi-pipeline tile (workers={workers})",
-                 "rate": res[0].n_patches / m["seconds"], "peak_mb": m["peak_mb"],
-                 "n": res[0].n_patches, "bytes_ratio": store_bytes / src_bytes,
-                 "copied": st.tiling.get("copied_source_tiles")})  # fmt: skip
+    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
+
+    def ours(name: str, **kw) -> None:
+        out = work / f"stores_{label}"
+        shutil.rmtree(out, ignore_errors=True)
+        with measured() as m:
+            res = tile_slides([slide], out, spec=spec, progress=False, **kw)
+        assert res[0].status == "ok", res[0].error
+        st = SlideStore(out / f"{slide.stem}.zarr")
+        store_bytes = sum(f.stat().st_size for f in (st.path / "patches").rglob("*") if f.is_file())
+        rows.append({"case": label, "row": name, "rate": res[0].n_patches / m["seconds"],
+                     "peak_mb": m["peak_mb"], "n": res[0].n_patches,
+                     "bytes_ratio": store_bytes / src_bytes,
+                     "copied": st.tiling.get("copied_source_tiles")})  # fmt: skip
+
+    # like the baselines' pools, the workers are started outside the timing
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:  # fmt: skip
+        ours(f"wsi-pipeline tile, {workers} dask workers", scheduler=cluster.scheduler_address)
+    ours(f"wsi-pipeline tile --workers {workers} (cluster start timed)", workers=workers)
+    ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
         r["x_openslide"] = r["rate"] / os_rate
