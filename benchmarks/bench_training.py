@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         return 0
 
-    e2e_cfg = TrainConfig(epochs=25, lr=1e-3, max_patches=64, patience=25, seed=0)
+    e2e_cfg = TrainConfig(epochs=50, lr=1e-3, max_patches=64, patience=50, seed=0)
     e2e = train_and_score(stores_a, labels_a, args.work / "A" / "run_e2e", e2e_cfg)
     pauc = patch_auc(stores_a, args.work / "A" / "run_e2e", labels_a.parent, "run_e2e")
     loc = localisation(stores_a, args.work / "A" / "run_e2e", labels_a.parent, "run_e2e")
