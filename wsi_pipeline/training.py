@@ -87,7 +87,11 @@ class TrainConfig:
     patience, min_epochs
         Early stopping on validation AUC.
     instance_weight : float
-        Weight of CLAM's instance loss (``clam_sb`` only).
+        Weight of the instance loss next to the slide loss: CLAM's instance clustering loss for
+        ``clam_sb``, the top-k MIL instance loss (:func:`topk_instance_loss`) for the other heads;
+        0 turns it off.
+    instance_k : int
+        Patches per bag in the top-k instance loss.
     seed : int
     device : {"auto", "cpu", "cuda"}
     amp : bool
@@ -118,6 +122,7 @@ class TrainConfig:
     patience: int = 10
     min_epochs: int = 5
     instance_weight: float = 0.3
+    instance_k: int = 4
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -395,6 +400,37 @@ def _feature_stats(stores: Sequence[Path], name: str) -> tuple[Any, Any]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
+def topk_instance_loss(patch_logits: Any, label: int, negative: int, *, k: int = 4) -> Any:
+    """Instance loss from the MIL assumption, on the ``k`` most abnormal-looking patches.
+
+    In a negative slide every patch is negative: the ``k`` patches the model finds most abnormal
+    are pushed to the negative class (hard negatives). In a positive slide at least one patch is
+    positive: the ``k`` most abnormal-looking patches are pushed to the slide's class (as in
+    max/top-k MIL, Campanella et al. 2019). This gives the patch encoder direct gradients when the
+    abnormality covers a few percent of the tissue and attention pooling dilutes it.
+
+    Parameters
+    ----------
+    patch_logits : (N, C) Tensor
+    label, negative : int
+        The slide's class and the negative class.
+    k : int
+        Patches per bag (clipped to N).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    lead = label if label != negative else None
+    if lead is None:  # most abnormal by the largest non-negative logit over the negative one
+        others = [c for c in range(patch_logits.shape[1]) if c != negative]
+        margin = patch_logits[:, others].max(dim=1).values - patch_logits[:, negative]
+    else:
+        margin = patch_logits[:, lead] - patch_logits[:, negative]
+    idx = torch.topk(margin.detach(), min(k, len(margin))).indices
+    target = torch.full((len(idx),), label, dtype=torch.long, device=patch_logits.device)
+    return F.cross_entropy(patch_logits[idx], target)
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -653,6 +689,10 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
     if instance_loss and dist_info.world > 1:
         log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
         instance_loss = False
+    topk_loss = config.model != "clam_sb" and config.instance_weight > 0
+    from .data import negative_class
+
+    neg_idx = negative_class(labels.classes)
     writer = None
     if dist_info.main:
         with contextlib.suppress(Exception):
@@ -689,6 +729,10 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
                 loss = F.cross_entropy(out.logits[None].float(), yt, weight=class_w)
                 if instance_loss:
                     inst = model.head.instance_loss(h.float(), int(y))
+                    loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
+                elif topk_loss:
+                    inst = topk_instance_loss(out.patch_logits.float(), int(y), neg_idx,
+                                              k=config.instance_k)  # fmt: skip
                     loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
