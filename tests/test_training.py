@@ -23,7 +23,7 @@ from wsi_pipeline.store import SlideStore
 from wsi_pipeline.synth import load_ground_truth, write_cohort
 from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.training import TrainConfig, auc_score, train
+from wsi_pipeline.training import TrainConfig, auc_score, topk_instance_loss, train
 
 TILING = TilingSpec(tile_px=64, mpp=1.0)
 FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
@@ -286,6 +286,26 @@ def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> Non
     assert m["finished"]
     rows = predict(stores, tmp_path / "gpu", tmp_path / "pred", device="cuda", progress=False)
     assert all(r.ok for r in rows)
+
+
+def test_instance_loss_follows_the_mil_assumption() -> None:
+    """Negative slide: every patch is pushed to the negative class. Positive slide: only the k
+    patches that look most positive get a gradient, towards the slide's class."""
+    logits = torch.tensor([[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]],
+                          requires_grad=True)  # fmt: skip
+    neg = topk_instance_loss(logits, 0, 0, k=2)
+    assert torch.isclose(neg, torch.nn.functional.cross_entropy(logits, torch.zeros(5, dtype=torch.long)))
+    neg.backward()
+    assert bool((logits.grad[:, 1] > 0).all())  # every patch's positive logit is pushed down
+    logits.grad = None
+    topk_instance_loss(logits, 1, 0, k=2).backward()
+    moved = logits.grad.abs().sum(dim=1) > 0
+    assert moved.tolist() == [True, False, False, True, False]  # the two highest margins
+    assert bool((logits.grad[moved, 1] < 0).all())  # pushed up (gradient descent)
+    # three classes, slide of class 2: top-k by the class-2-vs-normal margin
+    three = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], requires_grad=True)
+    topk_instance_loss(three, 2, 0, k=1).backward()
+    assert (three.grad.abs().sum(dim=1) > 0).tolist() == [False, True, False]
 
 
 # ---------------------------------------------------------------------------------------------
