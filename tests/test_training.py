@@ -289,23 +289,27 @@ def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> Non
 
 
 def test_instance_loss_follows_the_mil_assumption() -> None:
-    """Negative slide: every patch is pushed to the negative class. Positive slide: only the k
-    patches that look most positive get a gradient, towards the slide's class."""
+    """Only the k most abnormal-looking patches get a gradient: towards the negative class in a
+    negative slide (hard negatives), towards the slide's class in a positive one."""
     logits = torch.tensor([[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]],
                           requires_grad=True)  # fmt: skip
-    neg = topk_instance_loss(logits, 0, 0, k=2)
-    assert torch.isclose(neg, torch.nn.functional.cross_entropy(logits, torch.zeros(5, dtype=torch.long)))
-    neg.backward()
-    assert bool((logits.grad[:, 1] > 0).all())  # every patch's positive logit is pushed down
-    logits.grad = None
-    topk_instance_loss(logits, 1, 0, k=2).backward()
+    topk_instance_loss(logits, 0, 0, k=2).backward()
     moved = logits.grad.abs().sum(dim=1) > 0
     assert moved.tolist() == [True, False, False, True, False]  # the two highest margins
+    assert bool((logits.grad[moved, 1] > 0).all())  # their positive logit is pushed down
+    logits.grad = None
+    loss = topk_instance_loss(logits, 1, 0, k=2)
+    loss.backward()
+    assert moved.tolist() == (logits.grad.abs().sum(dim=1) > 0).tolist()
     assert bool((logits.grad[moved, 1] < 0).all())  # pushed up (gradient descent)
+    target = torch.ones(2, dtype=torch.long)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits[[3, 0]], target))
     # three classes, slide of class 2: top-k by the class-2-vs-normal margin
     three = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], requires_grad=True)
     topk_instance_loss(three, 2, 0, k=1).backward()
     assert (three.grad.abs().sum(dim=1) > 0).tolist() == [False, True, False]
+    # k larger than the bag: every patch
+    assert torch.isfinite(topk_instance_loss(logits[:1], 1, 0, k=8))
 
 
 # ---------------------------------------------------------------------------------------------
