@@ -317,12 +317,14 @@ def test_instance_loss_follows_the_mil_assumption() -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_learns_from_slide_labels(tmp_path: Path) -> None:
-    """A small cohort: held-out slide AUC well above chance, and lesion patches score higher than
-    normal ones on held-out positive slides (the precondition for heatmaps)."""
-    stores, labels_csv = _cohort(tmp_path, 40, width=4096, height=3072, seed=5,
-                                 lesion_fraction=0.05, spec=TilingSpec(tile_px=128, mpp=1.0))  # fmt: skip
+    """The demo's cohort and training (pipelines/demo.yaml): held-out slide AUC well above
+    chance, and lesion patches score higher than normal ones on held-out positive slides (the
+    precondition for heatmaps)."""
+    stores, labels_csv = _cohort(tmp_path, 40, width=8192, height=6144, seed=5,
+                                 lesion_fraction=0.05, workers=2,
+                                 spec=TilingSpec(tile_px=128, mpp=1.0, min_tissue=0.25))  # fmt: skip
     run = tmp_path / "run"
-    cfg = TrainConfig(epochs=25, lr=1e-3, max_patches=64, patience=25, seed=0)
+    cfg = TrainConfig(epochs=30, lr=1e-3, max_patches=64, patience=30, seed=0)
     train(stores, labels_csv, run, config=cfg, progress=False)
     rows = predict(stores, run, tmp_path / "pred", progress=False)
     with open(run / "splits.csv") as fh:
