@@ -36,6 +36,7 @@ from .data import (
     Labels,
     check_tiling,
     make_splits,
+    negative_class,
     read_labels,
     resolve_stores,
 )
@@ -696,8 +697,6 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
         instance_loss = False
     topk_loss = config.model != "clam_sb" and config.instance_weight > 0
-    from .data import negative_class
-
     neg_idx = negative_class(labels.classes)
     writer = None
     if dist_info.main:
@@ -822,7 +821,6 @@ def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) ->
     """Fit the probability calibration on the validation slides; ``calibration.json``
     (see :mod:`wsi_pipeline.calibration`)."""
     from .calibration import fit_calibration, fit_patch_reference, identity_calibration
-    from .data import negative_class
 
     neg = negative_class(classes)
     if val is None or not val["n"]:
