@@ -107,12 +107,7 @@ def apply_calibration(logits: np.ndarray, cal: dict[str, Any] | None) -> np.ndar
         return _softmax(z)
     if cal["method"] == "platt":
         neg = int(cal["negative"])
-        pos = 1 - neg
-        p_pos = 1.0 / (1.0 + np.exp(-(cal["a"] * (z[..., pos] - z[..., neg]) + cal["b"])))
-        out = np.empty_like(z)
-        out[..., pos] = p_pos
-        out[..., neg] = 1.0 - p_pos
-        return out
+        return _two_class(cal["a"] * (z[..., 1 - neg] - z[..., neg]) + cal["b"], neg)
     if cal["method"] == "temperature":
         return _softmax(z / float(cal["temperature"]))
     raise ValueError(f"unknown calibration method {cal['method']!r}")
@@ -155,8 +150,15 @@ def apply_patch_calibration(patch_logits: np.ndarray, cal: dict[str, Any] | None
     z = np.asarray(patch_logits, np.float64)
     neg = int(cal["negative"])
     pc = cal["patch"]
-    p_pos = 1.0 / (1.0 + np.exp(-pc["a"] * ((z[:, 1 - neg] - z[:, neg]) - pc["center"])))
-    out = np.empty_like(z)
-    out[:, 1 - neg] = p_pos
-    out[:, neg] = 1.0 - p_pos
+    return _two_class(pc["a"] * ((z[..., 1 - neg] - z[..., neg]) - pc["center"]), neg)
+
+
+def _two_class(score: np.ndarray, negative: int) -> np.ndarray:
+    """``(..., 2)`` probabilities with ``p(positive) = sigmoid(score)`` (overflow-free)."""
+    from scipy.special import expit
+
+    p_pos = expit(score)
+    out = np.empty((*np.shape(score), 2))
+    out[..., 1 - negative] = p_pos
+    out[..., negative] = 1.0 - p_pos
     return out

@@ -270,22 +270,22 @@ def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
     import torch.nn.functional as F
 
     model.eval()
-    probs, targets, losses, raw, patch = [], [], [], [], []
+    raw, targets, losses, patch = [], [], [], []
     for x, y, _ in _loader(dataset, shuffle_order=None, num_workers=num_workers, device=device):
         out = bag_output(model, x, device=device, amp=amp, channels_last=channels_last)
         logits = out.logits.float()
         losses.append(float(F.cross_entropy(logits[None], torch.tensor([y], device=device))))
-        probs.append(torch.softmax(logits, -1).cpu().numpy())
         raw.append(logits.cpu().numpy())
         patch.append(out.patch_logits.float().cpu().numpy())
         targets.append(int(y))
-    p = np.stack(probs) if probs else np.zeros((0, 2))
+    logits_np = np.stack(raw) if raw else np.zeros((0, 2), np.float32)
+    p = torch.softmax(torch.from_numpy(logits_np), -1).numpy()
     return {
-        "logits": np.stack(raw) if raw else np.zeros((0, p.shape[1])),
+        "logits": logits_np,
         "patch_logits": patch,
         "loss": float(np.mean(losses)) if losses else float("nan"),
-        "acc": float(np.mean(p.argmax(1) == np.asarray(targets))) if probs else float("nan"),
-        "auc": auc_score(targets, p) if probs else float("nan"),
+        "acc": float(np.mean(p.argmax(1) == np.asarray(targets))) if raw else float("nan"),
+        "auc": auc_score(targets, p) if raw else float("nan"),
         "n": len(targets),
         "probs": p,
         "targets": targets,
@@ -732,12 +732,13 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
                 else:
                     out = ddp_model(x)
                 loss = F.cross_entropy(out.logits[None].float(), yt, weight=class_w)
+                inst = None
                 if instance_loss:
                     inst = model.head.instance_loss(h.float(), int(y))
-                    loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
                 elif topk_loss:
                     inst = topk_instance_loss(out.patch_logits.float(), int(y), neg_idx,
                                               k=config.instance_k)  # fmt: skip
+                if inst is not None:
                     loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
