@@ -63,7 +63,11 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[An
     for r in rows:
         cells.append([fmt(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c[i].rjust(widths[i]) if i else c[i].ljust(widths[i])
-                       for i in range(len(columns))) for c in cells]  # fmt: skip
+    lines = [
+        "  ".join(
+            c[i].rjust(widths[i]) if i else c[i].ljust(widths[i]) for i in range(len(columns))
+        )
+        for c in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -91,12 +91,28 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
     lfrac = rect_fractions(lesion, rects[keep], downsample=mds)
     scores = np.clip(lfrac + rng.normal(0, 0.05, len(lfrac)), 0, 1).astype(np.float32)
 
-    meta = SlideMeta(path=str(work / "virtual_slide.svs"), file_size=0, backend="none",
-                     vendor="synthetic", width=width, height=height,
-                     level_dimensions=((width, height),), level_downsamples=(1.0,), mpp_x=mpp,
-                     mpp_y=mpp, mpp_source="file")  # fmt: skip
-    tiling = {"tile_px": patch_px, "mpp": target_mpp, "downsample": ds, "patch_l0": patch_l0,
-              "stride_l0": stride_l0, "overlap_px": overlap_px, "tissue_threshold": 0.25}  # fmt: skip
+    meta = SlideMeta(
+        path=str(work / "virtual_slide.svs"),
+        file_size=0,
+        backend="none",
+        vendor="synthetic",
+        width=width,
+        height=height,
+        level_dimensions=((width, height),),
+        level_downsamples=(1.0,),
+        mpp_x=mpp,
+        mpp_y=mpp,
+        mpp_source="file",
+    )
+    tiling = {
+        "tile_px": patch_px,
+        "mpp": target_mpp,
+        "downsample": ds,
+        "patch_l0": patch_l0,
+        "stride_l0": stride_l0,
+        "overlap_px": overlap_px,
+        "tissue_threshold": 0.25,
+    }
     g = create_store(path, slide_id="bench_slide", meta=meta, tiling=tiling)
     for name, data in (("thumbnail", thumb), ("tissue_mask", tissue)):
         arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape)
@@ -113,14 +129,21 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         quality=90,
         patches_per_shard=256,
         attrs={},
-    )  # fmt: skip  (empty: never read)
+    )  # empty: never read
     mark_complete(g, status="ok", n_patches=len(coords))
-    arr = g.create_array(f"scores/{RUN}", shape=scores.shape, dtype="float32",
-                         chunks=scores.shape)  # fmt: skip
+    arr = g.create_array(f"scores/{RUN}", shape=scores.shape, dtype="float32", chunks=scores.shape)
     arr[...] = scores
-    arr.attrs.update({"run": RUN, "classes": ["normal", "tumour"], "negative_class": "normal",
-                      "probabilities": {"normal": 0.2, "tumour": 0.8},
-                      "abnormal_probability": 0.8, "predicted": "tumour", "complete": True})  # fmt: skip
+    arr.attrs.update(
+        {
+            "run": RUN,
+            "classes": ["normal", "tumour"],
+            "negative_class": "normal",
+            "probabilities": {"normal": 0.2, "tumour": 0.8},
+            "abnormal_probability": 0.8,
+            "predicted": "tumour",
+            "complete": True,
+        }
+    )
     marker.write_text(json.dumps(key))
     return path
 
@@ -134,9 +157,14 @@ def run_ours(store: Path, out: Path, ds: float, sigma_um: float) -> dict[str, An
     total = time.perf_counter() - t0
     s = json.loads(paths["summary"].read_text())
     tiff_mb = paths["tiff"].stat().st_size / 2**20
-    return {"seconds": total, "stages": s["seconds"], "grid_wh": s["heatmap_size_wh"],
-            "tiff_mb": tiff_mb, "area_mm2": s["area_above_threshold_mm2"],
-            "values_npy": str(_save_values(paths["values_tiff"], out))}  # fmt: skip
+    return {
+        "seconds": total,
+        "stages": s["seconds"],
+        "grid_wh": s["heatmap_size_wh"],
+        "tiff_mb": tiff_mb,
+        "area_mm2": s["area_above_threshold_mm2"],
+        "values_npy": str(_save_values(paths["values_tiff"], out)),
+    }
 
 
 def _save_values(values_tiff: Path, out: Path) -> Path:
@@ -189,22 +217,29 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
     stitch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     thumb = st.thumbnail
-    bg = hm._background_rows(thumb, float(st.group["thumbnail"].attrs["downsample"]), ds,
-                             grid.shape)  # fmt: skip
+    bg = hm._background_rows(
+        thumb, float(st.group["thumbnail"].attrs["downsample"]), ds, grid.shape
+    )
     lut = hm._lut("jet")
-    hm.write_pyramid_tiff(out / "naive_overlay.tif",
-                          lambda r0, r1: hm.overlay_rgb(grid[r0:r1], bg(r0, r1),
-                                                        value_range=(0, 1), cmap=lut),
-                          (*grid.shape, 3), mpp=st.meta.mpp * ds)  # fmt: skip
+    hm.write_pyramid_tiff(
+        out / "naive_overlay.tif",
+        lambda r0, r1: hm.overlay_rgb(grid[r0:r1], bg(r0, r1), value_range=(0, 1), cmap=lut),
+        (*grid.shape, 3),
+        mpp=st.meta.mpp * ds,
+    )
     tiff_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     regions = hm.threshold_regions(grid, threshold=0.5, downsample=ds, mpp=st.meta.mpp)
     geo_s = time.perf_counter() - t0
     np.save(out / "naive_values.npy", grid)
-    return {"seconds": stitch_s + tiff_s + geo_s,
-            "stages": {"stitch": stitch_s, "tiff": tiff_s, "geojson": geo_s},
-            "grid_wh": [gw, gh], "rows": rows, "n_regions": len(regions["features"]),
-            "values_npy": str(out / "naive_values.npy")}  # fmt: skip
+    return {
+        "seconds": stitch_s + tiff_s + geo_s,
+        "stages": {"stitch": stitch_s, "tiff": tiff_s, "geojson": geo_s},
+        "grid_wh": [gw, gh],
+        "rows": rows,
+        "n_regions": len(regions["features"]),
+        "values_npy": str(out / "naive_values.npy"),
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -230,8 +265,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _spawn(argv: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                          env={**os.environ, "MPLBACKEND": "Agg"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"variant {argv} failed:\n{proc.stderr[-3000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
@@ -251,14 +290,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=30_000)
     ap.add_argument("--mpp", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--downsample", type=float, nargs="+", default=[32.0, 16.0, 8.0],
-                    help="heatmap downsamples for our export (level-0 px per heatmap px)")  # fmt: skip
-    ap.add_argument("--sigma-um", type=float, default=50.0,
-                    help="also time our export with this smoothing at the finest downsample")  # fmt: skip
+    ap.add_argument(
+        "--downsample",
+        type=float,
+        nargs="+",
+        default=[32.0, 16.0, 8.0],
+        help="heatmap downsamples for our export (level-0 px per heatmap px)",
+    )
+    ap.add_argument(
+        "--sigma-um",
+        type=float,
+        default=50.0,
+        help="also time our export with this smoothing at the finest downsample",
+    )
     ap.add_argument("--naive-downsample", type=float, default=8.0)
-    ap.add_argument("--naive-fraction", type=float, default=None,
-                    help="area fraction for the naive canvas (default: all of it if it fits "
-                         "in half the available memory, else 1/4)")  # fmt: skip
+    ap.add_argument(
+        "--naive-fraction",
+        type=float,
+        default=None,
+        help="area fraction for the naive canvas (default: all of it if it fits "
+        "in half the available memory, else 1/4)",
+    )
     # child-process options
     ap.add_argument("--variant", choices=["ours", "naive", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -277,20 +329,46 @@ def main(argv: list[str] | None = None) -> int:
     import zarr
 
     n = int(zarr.open_group(str(store), mode="r")["coords"].shape[0])
-    print(f"store {store} ({args.width} x {args.height} px at {args.mpp} mpp, "
-          f"{args.width * args.height / 1e9:.2f} gigapixel, {n} patches of 512 level-0 px with "
-          f"50 % overlap) ready in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    print(
+        f"store {store} ({args.width} x {args.height} px at {args.mpp} mpp, "
+        f"{args.width * args.height / 1e9:.2f} gigapixel, {n} patches of 512 level-0 px with "
+        f"50 % overlap) ready in {time.perf_counter() - t0:.1f} s"
+    )
 
     base = _spawn(["--variant", "baseline", "--out", str(work / "baseline")])
     rows: list[tuple[str, dict[str, Any]]] = []
     for ds in args.downsample:
-        r = _spawn(["--variant", "ours", "--store", str(store), "--ds", str(ds), "--sigma-um",
-                    "0", "--out", str(work / f"ours_ds{ds:g}")])  # fmt: skip
+        r = _spawn(
+            [
+                "--variant",
+                "ours",
+                "--store",
+                str(store),
+                "--ds",
+                str(ds),
+                "--sigma-um",
+                "0",
+                "--out",
+                str(work / f"ours_ds{ds:g}"),
+            ]
+        )
         rows.append((f"ours ds={ds:g}", r))
     if args.sigma_um > 0:
         ds = min(args.downsample)
-        r = _spawn(["--variant", "ours", "--store", str(store), "--ds", str(ds), "--sigma-um",
-                    str(args.sigma_um), "--out", str(work / f"ours_ds{ds:g}_sigma")])  # fmt: skip
+        r = _spawn(
+            [
+                "--variant",
+                "ours",
+                "--store",
+                str(store),
+                "--ds",
+                str(ds),
+                "--sigma-um",
+                str(args.sigma_um),
+                "--out",
+                str(work / f"ours_ds{ds:g}_sigma"),
+            ]
+        )
         rows.append((f"ours ds={ds:g} sigma={args.sigma_um:g}um", r))
 
     need_mb = args.width * args.height * 6 / 2**20  # float32 + uint16 canvases
@@ -298,8 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     if frac is None:
         frac = 1.0 if need_mb < 0.5 * _available_mb() else 0.25
     nds = args.naive_downsample
-    naive = _spawn(["--variant", "naive", "--store", str(store), "--ds", str(nds), "--fraction",
-                    str(frac), "--out", str(work / f"naive_ds{nds:g}")])  # fmt: skip
+    naive = _spawn(
+        [
+            "--variant",
+            "naive",
+            "--store",
+            str(store),
+            "--ds",
+            str(nds),
+            "--fraction",
+            str(frac),
+            "--out",
+            str(work / f"naive_ds{nds:g}"),
+        ]
+    )
     if frac < 1:
         scale = args.height / naive["rows"]
         naive["measured_seconds"] = naive["seconds"]
@@ -323,36 +413,50 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(a[both] - b[both]).mean()) if both.any() else None
 
     print()
-    print(f"import baseline (python + numpy/scipy/matplotlib/shapely/tifffile/zarr): "
-          f"{base['peak_rss_mb']:.0f} MB peak RSS")  # fmt: skip
-    hdr = (f"{'variant':<34} {'grid (w x h)':>13} {'stitch s':>9} {'tiff s':>7} {'png s':>6} "
-           f"{'geojson s':>9} {'total s':>8} {'peak RSS MB':>12}")  # fmt: skip
+    print(
+        f"import baseline (python + numpy/scipy/matplotlib/shapely/tifffile/zarr): "
+        f"{base['peak_rss_mb']:.0f} MB peak RSS"
+    )
+    hdr = (
+        f"{'variant':<34} {'grid (w x h)':>13} {'stitch s':>9} {'tiff s':>7} {'png s':>6} "
+        f"{'geojson s':>9} {'total s':>8} {'peak RSS MB':>12}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for name, r in rows:
         st = r["stages"]
-        print(f"{name:<34} {r['grid_wh'][0]:>6} x {r['grid_wh'][1]:<5} {st['stitch']:>9.2f} "
-              f"{st['tiff']:>7.2f} {st.get('png', float('nan')):>6.2f} {st['geojson']:>9.2f} "
-              f"{r['seconds']:>8.2f} {r['peak_rss_mb']:>12.0f}")  # fmt: skip
+        print(
+            f"{name:<34} {r['grid_wh'][0]:>6} x {r['grid_wh'][1]:<5} {st['stitch']:>9.2f} "
+            f"{st['tiff']:>7.2f} {st.get('png', float('nan')):>6.2f} {st['geojson']:>9.2f} "
+            f"{r['seconds']:>8.2f} {r['peak_rss_mb']:>12.0f}"
+        )
     print()
-    print("ours: stitch + overlay TIFF + float32 values TIFF + PNG + GeoJSON + summary "
-          "(export_heatmaps); naive: level-0 canvas stitch + the same overlay TIFF writer "
-          "(no values TIFF, no PNG) + GeoJSON")  # fmt: skip
+    print(
+        "ours: stitch + overlay TIFF + float32 values TIFF + PNG + GeoJSON + summary "
+        "(export_heatmaps); naive: level-0 canvas stitch + the same overlay TIFF writer "
+        "(no values TIFF, no PNG) + GeoJSON"
+    )
     if frac < 1:
-        print(f"naive: ran on {naive['rows']} of {args.height} rows ({naive['rows'] / args.height:.0%} "
-              f"of the area: {naive['measured_seconds']:.2f} s, {naive['measured_peak_rss_mb']:.0f} MB "
-              "peak RSS); time and RSS above the import baseline extrapolated linearly")  # fmt: skip
+        print(
+            f"naive: ran on {naive['rows']} of {args.height} rows ({naive['rows'] / args.height:.0%} "
+            f"of the area: {naive['measured_seconds']:.2f} s, {naive['measured_peak_rss_mb']:.0f} MB "
+            "peak RSS); time and RSS above the import baseline extrapolated linearly"
+        )
     else:
         print(f"naive: full slide ({need_mb / 1024:.1f} GiB of level-0 canvases)")
     if ours_same is not None:
-        print(f"at ds={nds:g}: naive / ours  time {naive['seconds'] / ours_same['seconds']:.1f}x, "
-              f"stitch {naive['stages']['stitch'] / ours_same['stages']['stitch']:.1f}x, "
-              f"peak RSS {naive['peak_rss_mb'] / ours_same['peak_rss_mb']:.1f}x "
-              f"(above the import baseline: "
-              f"{(naive['peak_rss_mb'] - base['peak_rss_mb']) / max(1.0, ours_same['peak_rss_mb'] - base['peak_rss_mb']):.0f}x)")  # fmt: skip
+        print(
+            f"at ds={nds:g}: naive / ours  time {naive['seconds'] / ours_same['seconds']:.1f}x, "
+            f"stitch {naive['stages']['stitch'] / ours_same['stages']['stitch']:.1f}x, "
+            f"peak RSS {naive['peak_rss_mb'] / ours_same['peak_rss_mb']:.1f}x "
+            f"(above the import baseline: "
+            f"{(naive['peak_rss_mb'] - base['peak_rss_mb']) / max(1.0, ours_same['peak_rss_mb'] - base['peak_rss_mb']):.0f}x)"
+        )
         if diff is not None:
-            print(f"mean |ours - naive| over common heatmap pixels: {diff:.4f} "
-                  "(ours is area-weighted per heatmap pixel, naive averages per level-0 pixel)")  # fmt: skip
+            print(
+                f"mean |ours - naive| over common heatmap pixels: {diff:.4f} "
+                "(ours is area-weighted per heatmap pixel, naive averages per level-0 pixel)"
+            )
     return 0
 
 

@@ -38,8 +38,16 @@ def ensure_slide(work: Path, width: int, height: int, mpp: float = 0.25) -> Path
     if not path.exists():
         t0 = time.time()
         print(f"writing synthetic slide {path.name} ...", flush=True)
-        write_slide(path, width=width, height=height, mpp=mpp, seed=1, tissue_fraction=0.3,
-                    n_lesions=3, lesion_fraction=0.02)  # fmt: skip
+        write_slide(
+            path,
+            width=width,
+            height=height,
+            mpp=mpp,
+            seed=1,
+            tissue_fraction=0.3,
+            n_lesions=3,
+            lesion_fraction=0.02,
+        )
         print(f"  done in {time.time() - t0:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)")
     return path
 
@@ -124,8 +132,9 @@ def _noop(_: int) -> None:
     import openslide  # noqa: F401
 
 
-def run_case(slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float | None,
-             label: str) -> list[dict]:  # fmt: skip
+def run_case(
+    slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float | None, label: str
+) -> list[dict]:
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import SlideStore
     from wsi_pipeline.tiling import tile_slides
@@ -135,15 +144,34 @@ def run_case(slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float 
     patch_l0 = tile_px * ds
     tiles = source_tiles(slide, coords, patch_l0)
     rows = []
-    floor, mf = _pool_rate(_decode_part, [(str(slide), t) for t in np.array_split(tiles, workers)],
-                           workers)  # fmt: skip
+    floor, mf = _pool_rate(
+        _decode_part, [(str(slide), t) for t in np.array_split(tiles, workers)], workers
+    )
     floor_patches = floor * len(coords) / len(tiles)  # patches/s if decoding were all it took
-    rows.append({"case": label, "row": "decode floor (tissue tiles)", "rate": floor_patches,
-                 "unit_rate": floor, "peak_mb": mf["peak_mb"], "n": len(tiles)})  # fmt: skip
-    os_rate, mo = _pool_rate(_openslide_part, [(str(slide), c, patch_l0, tile_px)
-                                               for c in np.array_split(coords, workers)], workers)  # fmt: skip
-    rows.append({"case": label, "row": "openslide read_region loop", "rate": os_rate,
-                 "peak_mb": mo["peak_mb"], "n": len(coords)})  # fmt: skip
+    rows.append(
+        {
+            "case": label,
+            "row": "decode floor (tissue tiles)",
+            "rate": floor_patches,
+            "unit_rate": floor,
+            "peak_mb": mf["peak_mb"],
+            "n": len(tiles),
+        }
+    )
+    os_rate, mo = _pool_rate(
+        _openslide_part,
+        [(str(slide), c, patch_l0, tile_px) for c in np.array_split(coords, workers)],
+        workers,
+    )
+    rows.append(
+        {
+            "case": label,
+            "row": "openslide read_region loop",
+            "rate": os_rate,
+            "peak_mb": mo["peak_mb"],
+            "n": len(coords),
+        }
+    )
     import tifffile
     from distributed import LocalCluster
 
@@ -160,14 +188,22 @@ def run_case(slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float 
         assert res[0].status == "ok", res[0].error
         st = SlideStore(out / f"{slide.stem}.zarr")
         store_bytes = sum(f.stat().st_size for f in (st.path / "patches").rglob("*") if f.is_file())
-        rows.append({"case": label, "row": name, "rate": res[0].n_patches / m["seconds"],
-                     "peak_mb": m["peak_mb"], "n": res[0].n_patches,
-                     "bytes_ratio": store_bytes / src_bytes,
-                     "copied": st.tiling.get("copied_source_tiles")})  # fmt: skip
+        rows.append(
+            {
+                "case": label,
+                "row": name,
+                "rate": res[0].n_patches / m["seconds"],
+                "peak_mb": m["peak_mb"],
+                "n": res[0].n_patches,
+                "bytes_ratio": store_bytes / src_bytes,
+                "copied": st.tiling.get("copied_source_tiles"),
+            }
+        )
 
     # like the baselines' pools, the workers are started outside the timing
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster:  # fmt: skip
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         ours(f"wsi-pipeline tile, {workers} dask workers", scheduler=cluster.scheduler_address)
     ours(f"wsi-pipeline tile --workers {workers} (cluster start timed)", workers=workers)
     ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
@@ -201,10 +237,25 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
             arr[int(i)]
     a, b, c = n / m1["seconds"], n / m2["seconds"], 300 / m3["seconds"]
     return [
-        {"case": "random", "row": "store PatchReader, 1 patch/call", "rate": a, "x_openslide": a / b},
-        {"case": "random", "row": "store via zarr-python, 1 patch/call", "rate": c, "x_openslide": c / b},
-        {"case": "random", "row": "openslide read_region, same patches", "rate": b, "x_openslide": 1.0},
-    ]  # fmt: skip
+        {
+            "case": "random",
+            "row": "store PatchReader, 1 patch/call",
+            "rate": a,
+            "x_openslide": a / b,
+        },
+        {
+            "case": "random",
+            "row": "store via zarr-python, 1 patch/call",
+            "rate": c,
+            "x_openslide": c / b,
+        },
+        {
+            "case": "random",
+            "row": "openslide read_region, same patches",
+            "rate": b,
+            "x_openslide": 1.0,
+        },
+    ]
 
 
 def big_rss(work: Path, workers: int) -> list[dict]:
@@ -215,11 +266,18 @@ def big_rss(work: Path, workers: int) -> list[dict]:
     out = work / "stores_big"
     shutil.rmtree(out, ignore_errors=True)
     with measured() as m:
-        res = tile_slides([slide], out, spec=TilingSpec(tile_px=256), workers=workers,
-                          progress=False)  # fmt: skip
-    return [{"case": "100k x 60k", "row": f"wsi-pipeline tile (workers={workers})",
-             "rate": res[0].n_patches / m["seconds"], "peak_mb": m["peak_mb"],
-             "n": res[0].n_patches}]  # fmt: skip
+        res = tile_slides(
+            [slide], out, spec=TilingSpec(tile_px=256), workers=workers, progress=False
+        )
+    return [
+        {
+            "case": "100k x 60k",
+            "row": f"wsi-pipeline tile (workers={workers})",
+            "rate": res[0].n_patches / m["seconds"],
+            "peak_mb": m["peak_mb"],
+            "n": res[0].n_patches,
+        }
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,21 +294,42 @@ def main(argv: list[str] | None = None) -> int:
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     if args.only_big:
         rows = big_rss(args.work, args.workers)
-        print(table(rows, [("case", "case", str), ("row", "row", str), ("n", "patches", f1),
-                           ("rate", "patches/s", f1), ("peak_mb", "peak RSS MB", f1)]))  # fmt: skip
+        print(
+            table(
+                rows,
+                [
+                    ("case", "case", str),
+                    ("row", "row", str),
+                    ("n", "patches", f1),
+                    ("rate", "patches/s", f1),
+                    ("peak_mb", "peak RSS MB", f1),
+                ],
+            )
+        )
         return 0
     slide = ensure_slide(args.work, args.width, args.height)
     rows = run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=None, label="native")
-    rows += run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=0.5,
-                     label="0.5mpp")  # fmt: skip
+    rows += run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=0.5, label="0.5mpp")
     rows += random_reads(slide, args.work)
     if args.big:
         rows += big_rss(args.work, args.workers)
     print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
-    print(table(rows, [("case", "case", str), ("row", "row", str), ("n", "patches", f1),
-                       ("rate", "patches/s", f1), ("x_floor", "x decode floor", f2),
-                       ("x_openslide", "x openslide", f2), ("peak_mb", "peak RSS MB", f1),
-                       ("bytes_ratio", "store/source bytes", f2), ("copied", "copied tiles", f1)]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                ("case", "case", str),
+                ("row", "row", str),
+                ("n", "patches", f1),
+                ("rate", "patches/s", f1),
+                ("x_floor", "x decode floor", f2),
+                ("x_openslide", "x openslide", f2),
+                ("peak_mb", "peak RSS MB", f1),
+                ("bytes_ratio", "store/source bytes", f2),
+                ("copied", "copied tiles", f1),
+            ],
+        )
+    )
     return 0
 
 

@@ -47,10 +47,24 @@ def cohort(
 
     root = work / name
     t0 = time.time()
-    write_cohort(root / "cohort", n_slides=n, width=size[0], height=size[1], mpp=0.5, seed=seed,
-                 lesion_fraction=0.05, workers=2, **options)  # fmt: skip
-    res = tile_slides(sorted((root / "cohort" / "slides").iterdir()), root / "stores",
-                      spec=TilingSpec(**TILE), workers=2, progress=False)  # fmt: skip
+    write_cohort(
+        root / "cohort",
+        n_slides=n,
+        width=size[0],
+        height=size[1],
+        mpp=0.5,
+        seed=seed,
+        lesion_fraction=0.05,
+        workers=2,
+        **options,
+    )
+    res = tile_slides(
+        sorted((root / "cohort" / "slides").iterdir()),
+        root / "stores",
+        spec=TilingSpec(**TILE),
+        workers=2,
+        progress=False,
+    )
     assert all(r.ok for r in res)
     print(f"cohort {name}: {n} slides ready in {time.time() - t0:.0f} s", flush=True)
     return root / "stores", root / "cohort" / "labels.csv", root / "cohort" / "slides"
@@ -89,14 +103,26 @@ def throughput(stores: Path, slides: Path, steps: int = 30, k: int = 64) -> list
         st = SlideStore(paths[j])
         coords = st.coords[ds.indices(j)]
         h = handles.get(j) or handles.setdefault(
-            j, openslide.OpenSlide(str(slides / f"{st.slide_id}.svs")))
+            j, openslide.OpenSlide(str(slides / f"{st.slide_id}.svs"))
+        )
         p = int(st.tiling["patch_l0"])
-        arr = np.stack([np.asarray(h.read_region((int(x), int(y)), 0, (p, p)).convert("RGB")
-                                   .resize((128, 128), Image.Resampling.BOX)) for x, y in coords])  # fmt: skip
+        arr = np.stack(
+            [
+                np.asarray(
+                    h.read_region((int(x), int(y)), 0, (p, p))
+                    .convert("RGB")
+                    .resize((128, 128), Image.Resampling.BOX)
+                )
+                for x, y in coords
+            ]
+        )
         return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
 
     rows = []
-    for name, load in (("store (PatchReader)", from_store), ("openslide on the fly", from_openslide)):
+    for name, load in (
+        ("store (PatchReader)", from_store),
+        ("openslide on the fly", from_openslide),
+    ):
         load(0)
         with measured() as m_io:
             n_io = sum(len(load(i)) for i in range(steps))
@@ -107,8 +133,14 @@ def throughput(stores: Path, slides: Path, steps: int = 30, k: int = 64) -> list
                 x = load(i)
                 step(x)
                 n_all += len(x)
-        rows.append({"row": name, "io": n_io / m_io["seconds"], "train": n_all / m_all["seconds"],
-                     "peak_mb": m_all["peak_mb"]})  # fmt: skip
+        rows.append(
+            {
+                "row": name,
+                "io": n_io / m_io["seconds"],
+                "train": n_all / m_all["seconds"],
+                "peak_mb": m_all["peak_mb"],
+            }
+        )
     base = rows[1]
     for r in rows:
         r["x_io"] = r["io"] / base["io"]
@@ -140,7 +172,9 @@ def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
         st = SlideStore(stores / f"{r['slide_id']}.zarr")
         _, lesion, ds = load_ground_truth(cohort_dir, r["slide_id"])
         c, p = st.coords, st.tiling["patch_l0"]
-        frac = rect_fractions(lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds)
+        frac = rect_fractions(
+            lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds
+        )
         ys.append(frac >= 0.5)
         ss.append(np.asarray(st.group[f"scores/{run_id}"][...]))
     return auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
@@ -158,9 +192,13 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     from wsi_pipeline.synth import load_ground_truth
     from wsi_pipeline.tiling import tile_slides
 
-    tile_slides([cohort_dir / "slides" / f"{r['slide_id']}.svs" for r in rows], dense,
-                spec=TilingSpec(**TILE, overlap_px=TILE["tile_px"] // 2), workers=2,
-                progress=False)  # fmt: skip
+    tile_slides(
+        [cohort_dir / "slides" / f"{r['slide_id']}.svs" for r in rows],
+        dense,
+        spec=TilingSpec(**TILE, overlap_px=TILE["tile_px"] // 2),
+        workers=2,
+        progress=False,
+    )
     predict(dense, run, dense.parent / f"pred_{dense.name}", run_id=run_id, progress=False)
     res = heatmaps(dense, dense.parent / f"heatmaps_{dense.name}", run_id=run_id)
     ious, neg_area = [], []
@@ -168,21 +206,31 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
         st = SlideStore(dense / f"{r['slide_id']}.zarr")
         ds = float(st.group["thumbnail"].attrs["downsample"])
         values, _ = stitch_scores(
-            st.coords, np.asarray(st.group[f"scores/{run_id}"][...]),
-            patch_l0=float(st.tiling["patch_l0"]), slide_wh=(st.meta.width, st.meta.height),
-            downsample=ds, tissue_mask=st.tissue_mask,
-            mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]))  # fmt: skip
+            st.coords,
+            np.asarray(st.group[f"scores/{run_id}"][...]),
+            patch_l0=float(st.tiling["patch_l0"]),
+            slide_wh=(st.meta.width, st.meta.height),
+            downsample=ds,
+            tissue_mask=st.tissue_mask,
+            mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]),
+        )
         _, lesion, gt_ds = load_ground_truth(cohort_dir, r["slide_id"])
         if r["label"] == "1":
-            ious.append(heatmap_iou(values, lesion, threshold=0.5, downsample=ds,
-                                    truth_downsample=gt_ds))  # fmt: skip
+            ious.append(
+                heatmap_iou(values, lesion, threshold=0.5, downsample=ds, truth_downsample=gt_ds)
+            )
         else:
             tissue = np.isfinite(values)
             neg_area.append(float((values[tissue] >= 0.5).mean()) if tissue.any() else 0.0)
-    return {"iou_mean": float(np.mean(ious)), "iou_median": float(np.median(ious)),
-            "iou_min": float(np.min(ious)), "n_pos": len(ious),
-            "neg_area_mean": float(np.mean(neg_area)), "n_neg": len(neg_area),
-            "exported": sum(1 for r in res if r["ok"])}  # fmt: skip
+    return {
+        "iou_mean": float(np.mean(ious)),
+        "iou_median": float(np.median(ious)),
+        "iou_min": float(np.min(ious)),
+        "n_pos": len(ious),
+        "neg_area_mean": float(np.mean(neg_area)),
+        "n_neg": len(neg_area),
+        "exported": sum(1 for r in res if r["ok"]),
+    }
 
 
 def read_rows(path: Path, held_out_only: bool = False) -> list[dict]:
@@ -200,9 +248,15 @@ def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
     predict(stores, run, run / "pred", progress=False)
     auc, n = held_out(run, run / "pred" / "predictions.csv")
     epochs = [h["seconds"] for h in metrics["history"]]
-    return {"seconds": m["seconds"], "peak_mb": m["peak_mb"], "auc": auc, "n": n,
-            "epoch_s": float(np.median(epochs)), "epochs": len(epochs),
-            "test_auc": metrics.get("test", {}).get("auc")}  # fmt: skip
+    return {
+        "seconds": m["seconds"],
+        "peak_mb": m["peak_mb"],
+        "auc": auc,
+        "n": n,
+        "epoch_s": float(np.median(epochs)),
+        "epochs": len(epochs),
+        "test_auc": metrics.get("test", {}).get("auc"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("bench-out/training"))
     ap.add_argument("--slides", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=30, help="end-to-end epochs")
-    ap.add_argument("--more-seeds", type=int, nargs="*", default=[1, 2],
-                    help="further training seeds of the e2e run on A (robustness)")
+    ap.add_argument(
+        "--more-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="further training seeds of the e2e run on A (robustness)",
+    )
     ap.add_argument("--quick", action="store_true", help="throughput only")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -223,9 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     rows = throughput(stores_a, slides_a)
     print("\n1. training throughput, abmil + smallcnn, bags of 64 patches of 128 px, 1 process\n")
-    print(table(rows, [("row", "patches from", str), ("io", "read patches/s", f0),
-                       ("x_io", "x openslide", f2), ("train", "train patches/s", f0),
-                       ("x_train", "x openslide", f2), ("peak_mb", "peak RSS MB", f0)]))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                ("row", "patches from", str),
+                ("io", "read patches/s", f0),
+                ("x_io", "x openslide", f2),
+                ("train", "train patches/s", f0),
+                ("x_train", "x openslide", f2),
+                ("peak_mb", "peak RSS MB", f0),
+            ],
+        )
+    )
     if args.quick:
         return 0
 
@@ -233,18 +302,33 @@ def main(argv: list[str] | None = None) -> int:
     run_a = args.work / "A" / "run_e2e"
     e2e = train_and_score(stores_a, labels_a, run_a, e2e_cfg)
     pauc = patch_auc(stores_a, run_a, labels_a.parent, "run_e2e")
-    loc = localisation(read_rows(run_a / "splits.csv", held_out_only=True), labels_a.parent,
-                       run_a, "run_e2e", args.work / "A" / "stores_dense")  # fmt: skip
+    loc = localisation(
+        read_rows(run_a / "splits.csv", held_out_only=True),
+        labels_a.parent,
+        run_a,
+        "run_e2e",
+        args.work / "A" / "stores_dense",
+    )
     # Larger slides, one or two lesions each (5% of the tissue): lesions of ~0.3-1 mm^2, many
     # patches across, as on real slides. Predicted with A's run, never trained on.
     _, labels_l, _ = cohort(args.work, "L", seed=99, n=8, size=(12288, 9216), n_lesions=(1, 2))
-    loc_l = localisation(read_rows(labels_l), labels_l.parent, run_a, "run_e2e",
-                         args.work / "L" / "stores_dense")  # fmt: skip
-    seeds = [train_and_score(stores_a, labels_a, args.work / "A" / f"run_e2e_seed{s}",
-                             replace(e2e_cfg, seed=s)) for s in args.more_seeds]  # fmt: skip
+    loc_l = localisation(
+        read_rows(labels_l), labels_l.parent, run_a, "run_e2e", args.work / "L" / "stores_dense"
+    )
+    seeds = [
+        train_and_score(
+            stores_a, labels_a, args.work / "A" / f"run_e2e_seed{s}", replace(e2e_cfg, seed=s)
+        )
+        for s in args.more_seeds
+    ]
     stores_b, labels_b, _ = cohort(args.work, "B", seed=8, n=args.slides)
-    transfer_cfg = TrainConfig(mode="features", backbone="smallcnn", epochs=25, patience=25,
-                               backbone_weights=str(run_a / "model.pt"))  # fmt: skip
+    transfer_cfg = TrainConfig(
+        mode="features",
+        backbone="smallcnn",
+        epochs=25,
+        patience=25,
+        backbone_weights=str(run_a / "model.pt"),
+    )
     transfer = train_and_score(stores_b, labels_b, args.work / "B" / "run_features", transfer_cfg)
     e2e_b = train_and_score(stores_b, labels_b, args.work / "B" / "run_e2e", e2e_cfg)
     rand_cfg = TrainConfig(mode="features", backbone="resnet18", epochs=25, patience=25)
@@ -258,23 +342,52 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         r["x_epoch"] = e2e_b["epoch_s"] / r["epoch_s"]
-    print(f"\n2./3. training on {args.slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
-          "(lesions 5% of tissue), held-out = val + test slides\n")  # fmt: skip
-    print(table(rows, [("row", "run", str), ("seconds", "wall s", f0), ("epochs", "epochs", str),
-                       ("epoch_s", "s/epoch", f2), ("x_epoch", "epoch speed-up", f2),
-                       ("auc", "held-out AUC", f2), ("n", "n", str),
-                       ("test_auc", "test AUC", f2), ("peak_mb", "peak RSS MB", f0)]))  # fmt: skip
-    print(f"\npatch-level AUC of per-patch scores vs planted lesions (held-out positives of A): "
-          f"{pauc:.3f}")  # fmt: skip
+    print(
+        f"\n2./3. training on {args.slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
+        "(lesions 5% of tissue), held-out = val + test slides\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("row", "run", str),
+                ("seconds", "wall s", f0),
+                ("epochs", "epochs", str),
+                ("epoch_s", "s/epoch", f2),
+                ("x_epoch", "epoch speed-up", f2),
+                ("auc", "held-out AUC", f2),
+                ("n", "n", str),
+                ("test_auc", "test AUC", f2),
+                ("peak_mb", "peak RSS MB", f0),
+            ],
+        )
+    )
+    print(
+        f"\npatch-level AUC of per-patch scores vs planted lesions (held-out positives of A): "
+        f"{pauc:.3f}"
+    )
     for name, res in (("held-out slides of A", loc), ("cohort L, 12288x9216, 1-2 lesions", loc_l)):
-        print(f"heatmap localisation ({name}, p >= 0.5): IoU with the planted lesions mean "
-              f"{res['iou_mean']:.2f}, median {res['iou_median']:.2f}, min {res['iou_min']:.2f} "
-              f"over {res['n_pos']} positive slides; tissue above threshold on {res['n_neg']} "
-              f"negative slides: {res['neg_area_mean']:.2%}")  # fmt: skip
-    (args.work / "results.json").write_text(json.dumps(
-        {"e2e_A": e2e, "e2e_B": e2e_b, "features_transfer": transfer, "features_random": rand,
-         "patch_auc": pauc, "localisation": loc, "localisation_L": loc_l,
-         "e2e_A_seeds": dict(zip(map(str, args.more_seeds), seeds))}, indent=2))  # fmt: skip
+        print(
+            f"heatmap localisation ({name}, p >= 0.5): IoU with the planted lesions mean "
+            f"{res['iou_mean']:.2f}, median {res['iou_median']:.2f}, min {res['iou_min']:.2f} "
+            f"over {res['n_pos']} positive slides; tissue above threshold on {res['n_neg']} "
+            f"negative slides: {res['neg_area_mean']:.2%}"
+        )
+    (args.work / "results.json").write_text(
+        json.dumps(
+            {
+                "e2e_A": e2e,
+                "e2e_B": e2e_b,
+                "features_transfer": transfer,
+                "features_random": rand,
+                "patch_auc": pauc,
+                "localisation": loc,
+                "localisation_L": loc_l,
+                "e2e_A_seeds": dict(zip(map(str, args.more_seeds), seeds)),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -31,8 +31,9 @@ DS = 8.0  # heatmap downsample used for the exports (512 x 384 px: a 2-level pyr
 
 def _write_scores(store: Path, key: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
     g = zarr.open_group(str(store), mode="r+")
-    arr = g.create_array(key, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),),
-                         overwrite=True)  # fmt: skip
+    arr = g.create_array(
+        key, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),), overwrite=True
+    )
     arr[...] = values
     arr.attrs.update({**attrs, "complete": True})
 
@@ -41,8 +42,15 @@ def _write_scores(store: Path, key: str, values: np.ndarray, attrs: dict[str, An
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A lesion slide's store with synthetic scores, a copy without scores, an empty store."""
     root = tmp_path_factory.mktemp("heatmap")
-    slide = synth.write_slide(root / "lesion.svs", width=4096, height=3072, mpp=0.5, seed=3,
-                              n_lesions=2, lesion_fraction=0.1)  # fmt: skip
+    slide = synth.write_slide(
+        root / "lesion.svs",
+        width=4096,
+        height=3072,
+        mpp=0.5,
+        seed=3,
+        n_lesions=2,
+        lesion_fraction=0.1,
+    )
     stores = root / "stores"
     spec = TilingSpec(tile_px=128, mpp=0.5, overlap_px=64)
     tile_slide(slide.path, stores, spec=spec)
@@ -53,38 +61,57 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     frac = rect_fractions(slide.lesion_mask, rects, downsample=slide.gt_downsample)
     rng = np.random.default_rng(0)
     scores = np.clip(frac + rng.normal(0.0, 0.05, len(frac)), 0, 1).astype(np.float32)
-    _write_scores(store, f"scores/{RUN}", scores, {
-        "run": RUN, "classes": ["normal", "tumour"], "negative_class": "normal",
-        "probabilities": {"normal": 0.1, "tumour": 0.9}, "abnormal_probability": 0.9,
-        "predicted": "tumour",
-    })  # fmt: skip
+    _write_scores(
+        store,
+        f"scores/{RUN}",
+        scores,
+        {
+            "run": RUN,
+            "classes": ["normal", "tumour"],
+            "negative_class": "normal",
+            "probabilities": {"normal": 0.1, "tumour": 0.9},
+            "abnormal_probability": 0.9,
+            "predicted": "tumour",
+        },
+    )
     attn = np.exp(5 * frac)
-    _write_scores(store, f"scores/{RUN}-attention", (attn / attn.sum()).astype(np.float32),
-                  {"run": RUN})  # fmt: skip
+    _write_scores(
+        store, f"scores/{RUN}-attention", (attn / attn.sum()).astype(np.float32), {"run": RUN}
+    )
     # a store without scores, and one without patches
     shutil.copytree(store, stores / "unscored.zarr")
     shutil.rmtree(stores / "unscored.zarr" / "scores")
     zarr.open_group(str(stores / "unscored.zarr"), mode="r+").attrs["slide_id"] = "unscored"
-    blank = synth.write_slide(root / "blank.svs", width=1024, height=768, mpp=0.5, seed=1,
-                              tissue_fraction=0.0)  # fmt: skip
+    blank = synth.write_slide(
+        root / "blank.svs", width=1024, height=768, mpp=0.5, seed=1, tissue_fraction=0.0
+    )
     tile_slide(blank.path, stores, spec=spec)
-    return {"root": root, "slide": slide, "stores": stores, "store": store, "scores": scores,
-            "coords": coords, "patch_l0": patch_l0}  # fmt: skip
+    return {
+        "root": root,
+        "slide": slide,
+        "stores": stores,
+        "store": store,
+        "scores": scores,
+        "coords": coords,
+        "patch_l0": patch_l0,
+    }
 
 
 @pytest.fixture(scope="module")
 def exported(data: dict[str, Any]) -> dict[str, Path]:
     """Probability-mode exports at downsample 8, opaque colours (so colours can be read back)."""
-    return hm.export_heatmaps(data["store"], data["root"] / "out", run_id=RUN, downsample=DS,
-                              alpha=1.0, cmap="jet")  # fmt: skip
+    return hm.export_heatmaps(
+        data["store"], data["root"] / "out", run_id=RUN, downsample=DS, alpha=1.0, cmap="jet"
+    )
 
 
 # ------------------------------------------------------------------------------------ stitching
 def test_overlap_is_averaged_exactly() -> None:
     """Two patches with scores 0 and 1 overlapping by half: 0.5 in the overlap."""
     coords = np.array([[0, 0], [2, 0]])
-    values, coverage = hm.stitch_scores(coords, np.array([0.0, 1.0]), patch_l0=4,
-                                        slide_wh=(8, 4), downsample=1)  # fmt: skip
+    values, coverage = hm.stitch_scores(
+        coords, np.array([0.0, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1
+    )
     assert values.shape == (4, 8) and values.dtype == np.float32
     np.testing.assert_allclose(values[0, :6], [0, 0, 0.5, 0.5, 1, 1], atol=1e-6)
     assert np.isnan(values[:, 6:]).all()
@@ -94,8 +121,9 @@ def test_overlap_is_averaged_exactly() -> None:
 def test_fractional_overlap_is_area_weighted() -> None:
     """A heatmap pixel overlapped 2/2 by one patch and 1/2 by another: weights 2 and 1."""
     coords = np.array([[0, 0], [1, 0]])
-    values, coverage = hm.stitch_scores(coords, np.array([0.0, 1.0]), patch_l0=2,
-                                        slide_wh=(4, 2), downsample=2)  # fmt: skip
+    values, coverage = hm.stitch_scores(
+        coords, np.array([0.0, 1.0]), patch_l0=2, slide_wh=(4, 2), downsample=2
+    )
     np.testing.assert_allclose(values[0], [1 / 3, 1.0], atol=1e-6)
     np.testing.assert_allclose(coverage[0], [1.5, 0.5], atol=1e-6)
 
@@ -106,8 +134,15 @@ def test_blocks_equal_one_block(sigma_um: float) -> None:
     coords = rng.integers(-100, 3000, size=(400, 2))
     scores = rng.random(400)
     mask = rng.random((40, 60)) > 0.3
-    kw = dict(patch_l0=223.5, slide_wh=(3000, 2000), downsample=7.3, tissue_mask=mask,
-              mask_downsample=50.0, sigma_um=sigma_um, mpp=0.5)  # fmt: skip
+    kw = dict(
+        patch_l0=223.5,
+        slide_wh=(3000, 2000),
+        downsample=7.3,
+        tissue_mask=mask,
+        mask_downsample=50.0,
+        sigma_um=sigma_um,
+        mpp=0.5,
+    )
     ref, ref_cov = hm.stitch_scores(coords, scores, block_px=10**6, **kw)
     got, got_cov = hm.stitch_scores(coords, scores, block_px=13, **kw)
     assert ref.shape == (hm.heatmap_shape((3000, 2000), 7.3)) == (274, 411)
@@ -121,8 +156,14 @@ def test_smoothing_keeps_a_constant_field_and_masks_outside_tissue() -> None:
     coords = np.column_stack([xs.ravel(), ys.ravel()])
     mask = np.zeros((20, 30), bool)
     mask[3:15, 5:25] = True  # tissue at mask downsample 100
-    kw = dict(patch_l0=200, slide_wh=(3000, 2000), downsample=10, tissue_mask=mask,
-              mask_downsample=100, mpp=0.5)  # fmt: skip
+    kw = dict(
+        patch_l0=200,
+        slide_wh=(3000, 2000),
+        downsample=10,
+        tissue_mask=mask,
+        mask_downsample=100,
+        mpp=0.5,
+    )
     values, _ = hm.stitch_scores(coords, np.full(len(coords), 0.7), sigma_um=60.0, **kw)
     inside = np.kron(mask, np.ones((10, 10), bool))
     assert np.isfinite(values[inside]).all()
@@ -141,8 +182,9 @@ def test_stitch_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="3 rows but scores has 2"):
         hm.stitch_scores(np.zeros((3, 2)), np.zeros(2), patch_l0=4, slide_wh=(8, 8), downsample=1)
     with pytest.raises(ConfigError, match="needs the slide's mpp"):
-        hm.stitch_scores(np.zeros((1, 2)), np.zeros(1), patch_l0=4, slide_wh=(8, 8),
-                         downsample=1, sigma_um=5.0)  # fmt: skip
+        hm.stitch_scores(
+            np.zeros((1, 2)), np.zeros(1), patch_l0=4, slide_wh=(8, 8), downsample=1, sigma_um=5.0
+        )
     with pytest.raises(ConfigError, match="must be positive"):
         hm.stitch_scores(np.zeros((1, 2)), np.zeros(1), patch_l0=4, slide_wh=(8, 8), downsample=0)
 
@@ -155,9 +197,15 @@ def test_a_100k_by_60k_slide_needs_no_level0_array() -> None:
     coords = rng.integers(0, 100_000, size=(20_000, 2)) * [1, 0.6]
     tracemalloc.start()
     try:
-        values, _ = hm.stitch_scores(coords.astype(np.int64), rng.random(20_000), patch_l0=512,
-                                     slide_wh=(100_000, 60_000), downsample=32, sigma_um=50,
-                                     mpp=0.25)  # fmt: skip
+        values, _ = hm.stitch_scores(
+            coords.astype(np.int64),
+            rng.random(20_000),
+            patch_l0=512,
+            slide_wh=(100_000, 60_000),
+            downsample=32,
+            sigma_um=50,
+            mpp=0.25,
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -170,8 +218,9 @@ def test_pyramid_writer_jpeg_and_no_mpp(tmp_path: Path) -> None:
     tiffslide = pytest.importorskip("tiffslide")
     img = np.zeros((700, 1100, 3), np.uint8)
     img[..., 0] = np.linspace(0, 255, 1100)[None, :]
-    p = hm.write_pyramid_tiff(tmp_path / "x.tif", lambda r0, r1: img[r0:r1], img.shape,
-                              compression="jpeg")  # fmt: skip
+    p = hm.write_pyramid_tiff(
+        tmp_path / "x.tif", lambda r0, r1: img[r0:r1], img.shape, compression="jpeg"
+    )
     for s in (openslide.OpenSlide(str(p)), tiffslide.TiffSlide(str(p))):
         with s:
             assert s.level_dimensions == ((1100, 700), (550, 350), (275, 175), (138, 88))
@@ -184,9 +233,14 @@ def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
     st = SlideStore(data["store"])
     mask = st.tissue_mask
     values, coverage = hm.stitch_scores(
-        data["coords"], data["scores"], patch_l0=data["patch_l0"], slide_wh=(4096, 3072),
-        downsample=16, tissue_mask=mask, mask_downsample=16,
-    )  # fmt: skip
+        data["coords"],
+        data["scores"],
+        patch_l0=data["patch_l0"],
+        slide_wh=(4096, 3072),
+        downsample=16,
+        tissue_mask=mask,
+        mask_downsample=16,
+    )
     assert values.shape == mask.shape
     assert np.isnan(values[~mask]).all()
     assert np.isfinite(values[mask & (coverage > 0)]).all()
@@ -194,14 +248,16 @@ def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ values, metrics
 def test_percentile_ranks() -> None:
-    np.testing.assert_allclose(hm.percentile_ranks(np.array([0.1, 0.5, 0.3, 0.3])),
-                               [0, 100, 50, 50])  # fmt: skip
+    np.testing.assert_allclose(
+        hm.percentile_ranks(np.array([0.1, 0.5, 0.3, 0.3])), [0, 100, 50, 50]
+    )
     r = hm.percentile_ranks(np.array([np.nan, 2.0, 1.0]))
     assert np.isnan(r[0]) and list(r[1:]) == [100.0, 0.0]
     assert list(hm.percentile_ranks(np.array([0.2]))) == [100.0]
     assert hm.percentile_ranks(np.zeros(0)).shape == (0,)
-    np.testing.assert_array_equal(hm.display_values(np.array([0.2, 0.9]), mode="probability"),
-                                  np.float32([0.2, 0.9]))  # fmt: skip
+    np.testing.assert_array_equal(
+        hm.display_values(np.array([0.2, 0.9]), mode="probability"), np.float32([0.2, 0.9])
+    )
     with pytest.raises(ConfigError, match="mode must be one of"):
         hm.display_values(np.zeros(2), mode="rank")
 
@@ -337,8 +393,11 @@ def test_regions_have_holes() -> None:
     assert len(big.interiors) == 1
     assert big.bounds == (8.0, 8.0, 40.0, 40.0)  # pixel edges 2..10 at 4 level-0 px per pixel
     assert big.area == pytest.approx(32 * 32 - 8 * 8, rel=0.05)
-    assert fc["features"][0]["properties"]["measurements"].keys() == {"score_mean", "score_max",
-                                                                      "area_px"}  # fmt: skip
+    assert fc["features"][0]["properties"]["measurements"].keys() == {
+        "score_mean",
+        "score_max",
+        "area_px",
+    }
 
 
 def test_summary_and_png(data: dict[str, Any], exported: dict[str, Path]) -> None:
@@ -369,8 +428,9 @@ def test_summary_and_png(data: dict[str, Any], exported: dict[str, Path]) -> Non
 def test_attention_is_shown_as_percentiles(data: dict[str, Any]) -> None:
     import tifffile
 
-    paths = hm.export_heatmaps(data["store"], data["root"] / "attn", run_id=RUN,
-                               which="attention", values_tiff=True)  # fmt: skip
+    paths = hm.export_heatmaps(
+        data["store"], data["root"] / "attn", run_id=RUN, which="attention", values_tiff=True
+    )
     s = json.loads(paths["summary"].read_text())
     assert s["which"] == "attention" and s["mode"] == "percentile" and s["threshold"] == 90.0
     assert "percentile" in s["legend"] and "not comparable across slides" in s["legend"]
@@ -378,14 +438,18 @@ def test_attention_is_shown_as_percentiles(data: dict[str, Any]) -> None:
     v = tifffile.imread(paths["values_tiff"], key=0)
     assert np.nanmax(v) > 90 and np.nanmin(v) < 50  # most patches tie at 0 lesion
     with pytest.raises(ConfigError, match="not probabilities"):
-        hm.export_heatmaps(data["store"], data["root"] / "attn", run_id=RUN, which="attention",
-                           mode="probability")  # fmt: skip
+        hm.export_heatmaps(
+            data["store"], data["root"] / "attn", run_id=RUN, which="attention", mode="probability"
+        )
 
 
 def test_export_errors(data: dict[str, Any]) -> None:
     out = data["root"] / "bad"
-    with pytest.raises(StoreError, match=r"unscored\.zarr: no 'scores/test'.*wsi-pipeline predict "
-                       r"--run test' first"):  # fmt: skip
+    with pytest.raises(
+        StoreError,
+        match=r"unscored\.zarr: no 'scores/test'.*wsi-pipeline predict "
+        r"--run test' first",
+    ):
         hm.export_heatmaps(data["stores"] / "unscored.zarr", out, run_id=RUN)
     with pytest.raises(StoreError, match=r"no 'scores/other' in the store \(it has: test\)"):
         hm.export_heatmaps(data["store"], out, run_id="other")
@@ -410,15 +474,16 @@ def test_batch_reports_each_slide(data: dict[str, Any]) -> None:
     assert bad["status"] == "failed" and not bad["ok"]
     assert "unscored.zarr" in bad["error"] and "wsi-pipeline predict --run test" in bad["error"]
     assert "\n" not in bad["error"]
-    again = {r["slide_id"]: r for r in hm.heatmaps(data["stores"], out, run_id=RUN,
-                                                      downsample=16)}  # fmt: skip
+    again = {r["slide_id"]: r for r in hm.heatmaps(data["stores"], out, run_id=RUN, downsample=16)}
     assert again["lesion"]["status"] == "skipped"
     assert again["lesion"]["reason"] == "already exported"
-    forced = hm.heatmaps(data["stores"], out, run_id=RUN, downsample=16, overwrite=True,
-                         slide_ids=["lesion"])  # fmt: skip
+    forced = hm.heatmaps(
+        data["stores"], out, run_id=RUN, downsample=16, overwrite=True, slide_ids=["lesion"]
+    )
     assert [r["status"] for r in forced] == ["ok"]
-    changed = hm.heatmaps(data["stores"], out, run_id=RUN, downsample=16, threshold=0.6,
-                          slide_ids=["lesion"])  # fmt: skip
+    changed = hm.heatmaps(
+        data["stores"], out, run_id=RUN, downsample=16, threshold=0.6, slide_ids=["lesion"]
+    )
     assert [r["status"] for r in changed] == ["ok"]
     with pytest.raises(ConfigError, match="mode must be one of"):
         hm.heatmaps(data["stores"], out, run_id=RUN, mode="zscore")

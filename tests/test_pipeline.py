@@ -17,13 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = {
     "name": "small",
-    "synth": {"n_slides": 8, "width": 1536, "height": 1024, "mpp": 0.5, "seed": 21,
-              "lesion_fraction": 0.05},
+    "synth": {
+        "n_slides": 8,
+        "width": 1536,
+        "height": 1024,
+        "mpp": 0.5,
+        "seed": 21,
+        "lesion_fraction": 0.05,
+    },
     "tile": {"mpp": 1.0, "tile_size": 64, "overlap": 32},
     "train": {"epochs": 2, "max_patches": 16, "num_workers": 0},
     "predict": {"device": "cpu"},
     "heatmap": {"which": "score", "mode": "probability", "threshold": 0.5},
-}  # fmt: skip
+}
 
 
 def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
@@ -82,7 +88,9 @@ def test_shipped_pipelines_validate(tmp_path: Path) -> None:
         text = (ROOT / "pipelines" / name).read_text()
         text = text.replace("/data/slides", str(slides)).replace("/data/new_slides", str(slides))
         text = text.replace("/data/labels.csv", str(labels))
-        text = text.replace("/data/runs/my-cohort/run", str(run)).replace("/data/runs", str(tmp_path))
+        text = text.replace("/data/runs/my-cohort/run", str(run)).replace(
+            "/data/runs", str(tmp_path)
+        )
         p = tmp_path / name
         p.write_text(text)
         load_pipeline(p)
@@ -92,8 +100,13 @@ def test_run_end_to_end_then_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, {**SMALL, "out": "out"})
     report = run_pipeline(path, progress=False)
-    assert [s["stage"] for s in report["stages"]] == ["synth", "tile", "train", "predict",
-                                                      "heatmap"]  # fmt: skip
+    assert [s["stage"] for s in report["stages"]] == [
+        "synth",
+        "tile",
+        "train",
+        "predict",
+        "heatmap",
+    ]
     assert all(s["status"] == "ran" for s in report["stages"]), report["stages"]
     assert not report["failed"]
     out = tmp_path / "out"

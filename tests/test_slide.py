@@ -27,8 +27,14 @@ GOOD = {
     "ome-tiff/OS-2-vsi.ome.tif": ("tiffslide", "ome", (1445, 1445), 1, 0.3461, None),
     "dicom/boxes/boxes_0.dcm": ("openslide", "dicom", (16, 16), 1, 0.499, 20.0),
     "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm": (
-        "openslide", "dicom", (1152, 700), 1, 28.97, None),
-}  # fmt: skip
+        "openslide",
+        "dicom",
+        (1152, 700),
+        1,
+        28.97,
+        None,
+    ),
+}
 
 # path -> a regex the one-line error must match
 BAD = {
@@ -90,17 +96,21 @@ def test_bad_files_raise_one_line(testdata: Path, rel: str) -> None:
 
 @pytest.mark.parametrize("rel", BOTH)
 def test_backends_agree(testdata: Path, rel: str) -> None:
-    with open_slide(testdata / rel, backend="openslide") as a, open_slide(
-        testdata / rel, backend="tiffslide"
-    ) as b:
+    with (
+        open_slide(testdata / rel, backend="openslide") as a,
+        open_slide(testdata / rel, backend="tiffslide") as b,
+    ):
         assert a.meta.level_dimensions == b.meta.level_dimensions
         assert a.meta.mpp == b.meta.mpp
         for level, (w, h) in enumerate(a.meta.level_dimensions):
             size = (min(w, 700), min(h, 500))
-            assert np.array_equal(a.read_region((0, 0), level, size),
-                                  b.read_region((0, 0), level, size)), (rel, level)  # fmt: skip
-            xy = (int(a.meta.level_downsamples[level] * (w - size[0]) // 2),
-                  int(a.meta.level_downsamples[level] * (h - size[1]) // 2))  # fmt: skip
+            assert np.array_equal(
+                a.read_region((0, 0), level, size), b.read_region((0, 0), level, size)
+            ), (rel, level)
+            xy = (
+                int(a.meta.level_downsamples[level] * (w - size[0]) // 2),
+                int(a.meta.level_downsamples[level] * (h - size[1]) // 2),
+            )
             pa = a.read_region(xy, level, size).astype(int)
             pb = b.read_region(xy, level, size).astype(int)
             if level == 0 or float(a.meta.level_downsamples[level]).is_integer():
@@ -206,7 +216,9 @@ def test_missing_directory_empty_truncated(tmp_path: Path, testdata: Path) -> No
     for frac in (0.3, 0.8, 0.99):
         cut = tmp_path / f"cut{int(frac * 100)}.svs"
         cut.write_bytes(data[: int(len(data) * frac)])
-        with pytest.raises(SlideError, match=rf"cut{int(frac * 100)}\.svs: (truncated|unsupported)"):
+        with pytest.raises(
+            SlideError, match=rf"cut{int(frac * 100)}\.svs: (truncated|unsupported)"
+        ):
             open_slide(cut)
     notslide = tmp_path / "notes.svs"
     notslide.write_text("hello")

@@ -62,10 +62,13 @@ def test_join_jpeg_tables_needs_a_jpeg() -> None:
 
 def test_plain_zarr_reads_the_store_without_our_import(store: Path) -> None:
     """The wsi_jpeg codec is found through the installed entry point."""
-    code = ("import sys, zarr; g = zarr.open_group(sys.argv[1], mode='r'); "
-            "print(g['patches'][3].shape, g['patches'].shape[0])")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(store)], capture_output=True, text=True,
-                         check=True).stdout.split()  # fmt: skip
+    code = (
+        "import sys, zarr; g = zarr.open_group(sys.argv[1], mode='r'); "
+        "print(g['patches'][3].shape, g['patches'].shape[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(store)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[:3] == ["(128,", "128,", "3)"]
 
 

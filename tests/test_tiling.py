@@ -29,8 +29,9 @@ from wsi_pipeline.tissue import rect_fractions, tissue_mask
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small synthetic slides shared by the tests (written once)."""
     d = tmp_path_factory.mktemp("synth")
-    write_slide(d / "pos.svs", width=2560, height=1792, mpp=0.5, seed=3, n_lesions=2,
-                lesion_fraction=0.04)  # fmt: skip
+    write_slide(
+        d / "pos.svs", width=2560, height=1792, mpp=0.5, seed=3, n_lesions=2, lesion_fraction=0.04
+    )
     write_slide(d / "neg.svs", width=2048, height=1536, mpp=0.5, seed=4)
     write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
     write_slide(d / "tiny.svs", width=200, height=150, mpp=0.5, seed=6, tissue_fraction=0.9)
@@ -55,9 +56,15 @@ def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def test_mask_matches_ground_truth(synth_dir: Path, name: str, tmp_path: Path) -> None:
     from wsi_pipeline.synth import write_slide as ws
 
-    gt = ws(tmp_path / f"{name}.svs", width=6144, height=4608, mpp=0.5,
-            seed={"pos": 3, "neg": 4, "pen": 8}[name], n_lesions=2 if name == "pos" else 0,
-            pen_mark=name == "pen")  # fmt: skip
+    gt = ws(
+        tmp_path / f"{name}.svs",
+        width=6144,
+        height=4608,
+        mpp=0.5,
+        seed={"pos": 3, "neg": 4, "pen": 8}[name],
+        n_lesions=2 if name == "pos" else 0,
+        pen_mark=name == "pen",
+    )
     with open_slide(gt.path) as s:
         ds = 16.0
         thumb = s.read_thumbnail(ds)
@@ -81,15 +88,23 @@ def test_blank_slide_has_no_tissue(synth_dir: Path) -> None:
     assert not tissue_mask(white).any()
 
 
-@pytest.mark.parametrize("rel", ["aperio/CMU-1-Small-Region.svs",
-                                 "aperio/tcga-cr-7395-01a-01-ts1.svs",
-                                 "generic-tiff/kidney-48-5.tif", "ome-tiff/OS-2-ndpi.ome.tif",
-                                 "ome-tiff/OS-2-vsi.ome.tif",
-                                 "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm"])  # fmt: skip
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "aperio/CMU-1-Small-Region.svs",
+        "aperio/tcga-cr-7395-01a-01-ts1.svs",
+        "generic-tiff/kidney-48-5.tif",
+        "ome-tiff/OS-2-ndpi.ome.tif",
+        "ome-tiff/OS-2-vsi.ome.tif",
+        "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm",
+    ],
+)
 def test_mask_plausible_on_real_slides(testdata: Path, rel: str) -> None:
     with open_slide(testdata / rel) as s:
         ds = max(s.meta.width, s.meta.height) / 400
-        mask = tissue_mask(s.read_thumbnail(ds), mpp=None if s.meta.mpp is None else s.meta.mpp * ds)
+        mask = tissue_mask(
+            s.read_thumbnail(ds), mpp=None if s.meta.mpp is None else s.meta.mpp * ds
+        )
     assert 0.001 < mask.mean() < 0.95
 
 
@@ -105,8 +120,19 @@ def test_mask_close_to_histolab_reference(testdata: Path) -> None:
 def test_rect_fractions_exact() -> None:
     mask = np.zeros((4, 4), bool)
     mask[1:3, 1:3] = True
-    f = rect_fractions(mask, np.array([[0, 0, 40, 40], [10, 10, 20, 20], [15, 15, 10, 10],
-                                       [20, 0, 20, 20], [-40, -40, 20, 20]]), downsample=10)  # fmt: skip
+    f = rect_fractions(
+        mask,
+        np.array(
+            [
+                [0, 0, 40, 40],
+                [10, 10, 20, 20],
+                [15, 15, 10, 10],
+                [20, 0, 20, 20],
+                [-40, -40, 20, 20],
+            ]
+        ),
+        downsample=10,
+    )
     assert np.allclose(f, [0.25, 1.0, 1.0, 0.25, 0.0])
 
 
@@ -124,9 +150,23 @@ def test_user_masks(tmp_path: Path, synth_dir: Path) -> None:
     xs = SlideStore(tmp_path / "a" / "neg.zarr").coords[:, 0]
     assert r.status == "ok" and xs.min() >= 1024 - 256
     gj = tmp_path / "m.geojson"
-    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature",
-        "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1024, 0],
-        [1024, 768], [0, 768], [0, 0]]]}}]}))  # fmt: skip
+    gj.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {},
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[0, 0], [1024, 0], [1024, 768], [0, 768], [0, 0]]],
+                        },
+                    }
+                ],
+            }
+        )
+    )
     spec = TilingSpec(tile_px=256, min_tissue=0.5, mask=MaskSpec(method="user", user_mask=str(gj)))
     tile_slide(synth_dir / "neg.svs", tmp_path / "b", spec=spec)
     c = SlideStore(tmp_path / "b" / "neg.zarr").coords
@@ -201,8 +241,11 @@ def test_no_tissue_store_is_complete_and_empty(synth_dir: Path, tmp_path: Path) 
 
 def test_mpp_missing(testdata: Path, tmp_path: Path) -> None:
     tcga = testdata / "aperio/tcga-cr-7395-01a-01-ts1.svs"
-    with pytest.raises(TilingError, match=r"tcga.*--mpp 0.5 asked for, but the slide has no "
-                                          r"resolution \(mpp\) metadata.*--slide-mpp"):  # fmt: skip
+    with pytest.raises(
+        TilingError,
+        match=r"tcga.*--mpp 0.5 asked for, but the slide has no "
+        r"resolution \(mpp\) metadata.*--slide-mpp",
+    ):
         tile_slide(tcga, tmp_path, spec=TilingSpec(mpp=0.5))
     r = tile_slide(tcga, tmp_path, spec=TilingSpec(mpp=0.5, tile_px=256), slide_mpp=0.25)
     assert r.status == "ok"
@@ -210,7 +253,10 @@ def test_mpp_missing(testdata: Path, tmp_path: Path) -> None:
     assert st.meta.mpp == 0.25 and st.meta.mpp_source == "user"
     assert st.tiling["read_level"] == 1  # the 2x level, no level-0 decode
     r = tile_slide(tcga, tmp_path / "lvl", spec=TilingSpec(level=1, tile_px=128))
-    assert r.status == "ok" and SlideStore(tmp_path / "lvl" / f"{tcga.stem}.zarr").tiling["mpp"] is None
+    assert (
+        r.status == "ok"
+        and SlideStore(tmp_path / "lvl" / f"{tcga.stem}.zarr").tiling["mpp"] is None
+    )
 
 
 def test_store_version_and_unfinished_are_refused(synth_dir: Path, tmp_path: Path) -> None:
@@ -236,8 +282,9 @@ def _manifest(out: Path) -> dict[str, dict[str, str]]:
         return {r["slide_id"]: r for r in csv.DictReader(fh)}
 
 
-def test_batch_with_bad_inputs(synth_dir: Path, testdata: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_batch_with_bad_inputs(
+    synth_dir: Path, testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(synth_dir / "neg.svs", src / "good.svs")
@@ -273,18 +320,34 @@ def test_batch_with_bad_inputs(synth_dir: Path, testdata: Path, tmp_path: Path,
     assert is_complete(out / "good.zarr")
 
 
-def test_unwritable_output_and_usage(synth_dir: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_unwritable_output_and_usage(
+    synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(TilingError, match="output folder cannot be written"):
         tile_slides([synth_dir / "neg.svs"], blocker / "sub")
     assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 1
     assert "output folder cannot be written" in capsys.readouterr().err
-    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(tmp_path / "o"),
-                 "--mpp", "1", "--level", "1"]) == 2  # fmt: skip
-    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(tmp_path / "o"),
-                 "--overlap", "300"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "tile",
+                str(synth_dir / "neg.svs"),
+                "--out",
+                str(tmp_path / "o"),
+                "--mpp",
+                "1",
+                "--level",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["tile", str(synth_dir / "neg.svs"), "--out", str(tmp_path / "o"), "--overlap", "300"])
+        == 2
+    )
     assert main(["tile", "--out", str(tmp_path / "o")]) == 2
 
 
@@ -297,8 +360,9 @@ def test_rerun_skips_overwrite_redoes(synth_dir: Path, tmp_path: Path) -> None:
     r3 = tile_slides([synth_dir / "neg.svs"], tmp_path, overwrite=True, progress=False)[0]
     assert r3.status == "ok" and r3.n_patches == r1.n_patches
     # a complete store of other tiling parameters is not reused
-    r4 = tile_slides([synth_dir / "neg.svs"], tmp_path, spec=TilingSpec(tile_px=128),
-                     progress=False)[0]  # fmt: skip
+    r4 = tile_slides(
+        [synth_dir / "neg.svs"], tmp_path, spec=TilingSpec(tile_px=128), progress=False
+    )[0]
     assert r4.status == "ok" and SlideStore(tmp_path / "neg.zarr").tiling["tile_px"] == 128
 
 
@@ -342,8 +406,22 @@ def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
     shutil.copy(synth_dir / "neg.svs", src / "a_first.svs")
     shutil.copy(big, src / "b_big.svs")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wsi_pipeline", "tile", str(src), "--out", str(out), "-q",
-           "--tile-size", "64", "--patches-per-shard", "8", "--codec", "zstd"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipeline",
+        "tile",
+        str(src),
+        "--out",
+        str(out),
+        "-q",
+        "--tile-size",
+        "64",
+        "--patches-per-shard",
+        "8",
+        "--codec",
+        "zstd",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     shard_dir = out / "b_big.zarr" / "patches" / "c"
@@ -366,22 +444,37 @@ def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
     with open_slide(big) as s:
         i = st.n_patches - 1
         x, y = st.coords[i]
-        assert np.array_equal(st.reader().read([i])[0], s.read_region((int(x), int(y)), 0, (64, 64)))
+        assert np.array_equal(
+            st.reader().read([i])[0], s.read_region((int(x), int(y)), 0, (64, 64))
+        )
 
 
 @pytest.mark.slow
 def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> None:
-    slides = [synth_dir / "pos.svs", synth_dir / "neg.svs", synth_dir / "blank.svs",
-              synth_dir / "tiny.svs"]  # fmt: skip
+    slides = [
+        synth_dir / "pos.svs",
+        synth_dir / "neg.svs",
+        synth_dir / "blank.svs",
+        synth_dir / "tiny.svs",
+    ]
     spec = TilingSpec(tile_px=128, patches_per_shard=32)
     serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
     par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, progress=False)
-    assert [(r.slide_id, r.status, r.n_patches) for r in serial] == \
-        [(r.slide_id, r.status, r.n_patches) for r in par]  # fmt: skip
+    assert [(r.slide_id, r.status, r.n_patches) for r in serial] == [
+        (r.slide_id, r.status, r.n_patches) for r in par
+    ]
     for r in serial:
         if r.n_patches:
-            a = SlideStore(tmp_path / "s" / f"{r.slide_id}.zarr").reader().read(np.arange(r.n_patches))
-            b = SlideStore(tmp_path / "p" / f"{r.slide_id}.zarr").reader().read(np.arange(r.n_patches))
+            a = (
+                SlideStore(tmp_path / "s" / f"{r.slide_id}.zarr")
+                .reader()
+                .read(np.arange(r.n_patches))
+            )
+            b = (
+                SlideStore(tmp_path / "p" / f"{r.slide_id}.zarr")
+                .reader()
+                .read(np.arange(r.n_patches))
+            )
             assert np.array_equal(a, b)
 
 
@@ -389,9 +482,21 @@ def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> N
 def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        code = main(["tile", str(synth_dir / "neg.svs"), str(synth_dir / "pos.svs"),
-                     "--out", str(tmp_path), "--scheduler", c.scheduler_address, "-q"])  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as c:
+        code = main(
+            [
+                "tile",
+                str(synth_dir / "neg.svs"),
+                str(synth_dir / "pos.svs"),
+                "--out",
+                str(tmp_path),
+                "--scheduler",
+                c.scheduler_address,
+                "-q",
+            ]
+        )
     assert code == 0
     assert is_complete(tmp_path / "neg.zarr") and is_complete(tmp_path / "pos.zarr")
 

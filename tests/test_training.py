@@ -29,11 +29,13 @@ TILING = TilingSpec(tile_px=64, mpp=1.0)
 FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
 
 
-def _cohort(root: Path, n: int, *, width: int, height: int, seed: int,
-            spec: TilingSpec = TILING, **kw) -> tuple[Path, Path]:  # fmt: skip
+def _cohort(
+    root: Path, n: int, *, width: int, height: int, seed: int, spec: TilingSpec = TILING, **kw
+) -> tuple[Path, Path]:
     write_cohort(root / "cohort", n_slides=n, width=width, height=height, mpp=0.5, seed=seed, **kw)
-    res = tile_slides(sorted((root / "cohort" / "slides").iterdir()), root / "stores",
-                      spec=spec, progress=False)  # fmt: skip
+    res = tile_slides(
+        sorted((root / "cohort" / "slides").iterdir()), root / "stores", spec=spec, progress=False
+    )
     assert all(r.ok for r in res)
     return root / "stores", root / "cohort" / "labels.csv"
 
@@ -92,8 +94,15 @@ def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None
         read_labels(tmp_path / "none.csv")
     cfg = TrainConfig(**FAST)
     with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
-        train(stores, _labels(tmp_path / "d.csv", [(ids[0], 0), ("nope", 1)]), tmp_path / "r", config=cfg)
-    one_class = _labels(tmp_path / "e.csv", [(i, 0, "train") for i in ids[:4]] + [(ids[4], 1, "val")])
+        train(
+            stores,
+            _labels(tmp_path / "d.csv", [(ids[0], 0), ("nope", 1)]),
+            tmp_path / "r",
+            config=cfg,
+        )
+    one_class = _labels(
+        tmp_path / "e.csv", [(i, 0, "train") for i in ids[:4]] + [(ids[4], 1, "val")]
+    )
     with pytest.raises(TrainingError, match="training split has a single class"):
         train(stores, one_class, tmp_path / "r", config=cfg)
     # an unfinished store, and stores tiled differently
@@ -105,13 +114,16 @@ def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None
     shutil.rmtree(bad / f"{ids[0]}.zarr")
     slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
     tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
-    with pytest.raises(TrainingError, match=r"tiled with 64 px at mpp 1, but .synth_000. with 96 px"):
+    with pytest.raises(
+        TrainingError, match=r"tiled with 64 px at mpp 1, but .synth_000. with 96 px"
+    ):
         train(bad, labels_csv, tmp_path / "r", config=cfg)
     assert not (tmp_path / "r").exists()  # nothing started
 
 
-def test_store_without_patches_is_left_out(small: tuple[Path, Path], tmp_path: Path,
-                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_store_without_patches_is_left_out(
+    small: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from wsi_pipeline.synth import write_slide
 
     stores, labels_csv = small
@@ -147,8 +159,18 @@ def test_train_writes_a_complete_run(small: tuple[Path, Path], tmp_path: Path) -
     stores, labels_csv = small
     run = tmp_path / "run"
     m = train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
-    for f in ("model.pt", "checkpoint.pt", "config.json", "tiling.json", "labels.json",
-              "splits.csv", "metrics.json", "calibration.json", "curves.png", "roc.png"):  # fmt: skip
+    for f in (
+        "model.pt",
+        "checkpoint.pt",
+        "config.json",
+        "tiling.json",
+        "labels.json",
+        "splits.csv",
+        "metrics.json",
+        "calibration.json",
+        "curves.png",
+        "roc.png",
+    ):
         assert (run / f).is_file(), f
     assert any((run / "tensorboard").iterdir())
     assert m["finished"] and m["epochs_run"] == 2 and len(m["history"]) == 2
@@ -165,8 +187,14 @@ def test_resume_is_bit_for_bit(small: tuple[Path, Path], tmp_path: Path) -> None
     train(stores, labels_csv, tmp_path / "split", config=cfg, stop_after=1, progress=False)
     assert not json.loads((tmp_path / "split" / "metrics.json").read_text())["finished"]
     with pytest.raises(TrainingError, match="different config"):
-        train(stores, labels_csv, tmp_path / "split", config=TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}),
-              resume=True, progress=False)  # fmt: skip
+        train(
+            stores,
+            labels_csv,
+            tmp_path / "split",
+            config=TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}),
+            resume=True,
+            progress=False,
+        )
     train(stores, labels_csv, tmp_path / "split", config=cfg, resume=True, progress=False)
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
@@ -239,12 +267,21 @@ def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None
     names = ["tumour_b", "normal", "tumour_a", "normal"] * 2
     lab = _labels(tmp_path / "multi.csv", list(zip(ids, names)))
     run = tmp_path / "run"
-    m = train(stores, lab, run, config=TrainConfig(epochs=1, max_patches=8, num_workers=0,
-                                                    val_fraction=0.25, test_fraction=0.0),
-              progress=False)  # fmt: skip
+    m = train(
+        stores,
+        lab,
+        run,
+        config=TrainConfig(
+            epochs=1, max_patches=8, num_workers=0, val_fraction=0.25, test_fraction=0.0
+        ),
+        progress=False,
+    )
     assert m["finished"]
-    assert json.loads((run / "labels.json").read_text())["classes"] == ["normal", "tumour_a",
-                                                                       "tumour_b"]  # fmt: skip
+    assert json.loads((run / "labels.json").read_text())["classes"] == [
+        "normal",
+        "tumour_a",
+        "tumour_b",
+    ]
     predict(stores, run, tmp_path / "pred", progress=False)
     with open(tmp_path / "pred" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -257,8 +294,25 @@ def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None
 
 def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
-    code = main(["train", str(stores), "--labels", str(labels_csv), "--out", str(tmp_path / "cv"),
-                 "--folds", "2", "--epochs", "1", "--max-patches", "8", "--workers", "0", "-q"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            str(stores),
+            "--labels",
+            str(labels_csv),
+            "--out",
+            str(tmp_path / "cv"),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--max-patches",
+            "8",
+            "--workers",
+            "0",
+            "-q",
+        ]
+    )
     assert code == 0
     cv = json.loads((tmp_path / "cv" / "cv_metrics.json").read_text())
     assert cv["folds"] == 2 and len(cv["val_auc"]) == 2
@@ -269,9 +323,29 @@ def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:
 def test_ddp_two_processes_gloo(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "wsi_pipeline", "train",
-           str(stores), "--labels", str(labels_csv), "--out", str(tmp_path / "ddp"),
-           "--epochs", "2", "--max-patches", "8", "--workers", "0", "--device", "cpu", "-q"]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wsi_pipeline",
+        "train",
+        str(stores),
+        "--labels",
+        str(labels_csv),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--epochs",
+        "2",
+        "--max-patches",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -281,8 +355,13 @@ def test_ddp_two_processes_gloo(small: tuple[Path, Path], tmp_path: Path) -> Non
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
-    m = train(stores, labels_csv, tmp_path / "gpu", config=TrainConfig(
-        device="cuda", amp=True, channels_last=True, epochs=2, max_patches=16), progress=False)  # fmt: skip
+    m = train(
+        stores,
+        labels_csv,
+        tmp_path / "gpu",
+        config=TrainConfig(device="cuda", amp=True, channels_last=True, epochs=2, max_patches=16),
+        progress=False,
+    )
     assert m["finished"]
     rows = predict(stores, tmp_path / "gpu", tmp_path / "pred", device="cuda", progress=False)
     assert all(r.ok for r in rows)
@@ -291,8 +370,9 @@ def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> Non
 def test_instance_loss_follows_the_mil_assumption() -> None:
     """Only the k most abnormal-looking patches get a gradient: towards the negative class in a
     negative slide (hard negatives), towards the slide's class in a positive one."""
-    logits = torch.tensor([[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]],
-                          requires_grad=True)  # fmt: skip
+    logits = torch.tensor(
+        [[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]], requires_grad=True
+    )
     topk_instance_loss(logits, 0, 0, k=2).backward()
     moved = logits.grad.abs().sum(dim=1) > 0
     assert moved.tolist() == [True, False, False, True, False]  # the two highest margins
@@ -320,9 +400,16 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
     """The demo's cohort and training (pipelines/demo.yaml): held-out slide AUC well above
     chance, and lesion patches score higher than normal ones on held-out positive slides (the
     precondition for heatmaps)."""
-    stores, labels_csv = _cohort(tmp_path, 40, width=8192, height=6144, seed=5,
-                                 lesion_fraction=0.05, workers=2,
-                                 spec=TilingSpec(tile_px=128, mpp=1.0, min_tissue=0.25))  # fmt: skip
+    stores, labels_csv = _cohort(
+        tmp_path,
+        40,
+        width=8192,
+        height=6144,
+        seed=5,
+        lesion_fraction=0.05,
+        workers=2,
+        spec=TilingSpec(tile_px=128, mpp=1.0, min_tissue=0.25),
+    )
     run = tmp_path / "run"
     cfg = TrainConfig(epochs=30, lr=1e-3, max_patches=64, patience=30, seed=0)
     train(stores, labels_csv, run, config=cfg, progress=False)
@@ -341,7 +428,9 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
         _, lesion, ds = load_ground_truth(labels_csv.parent, r.slide_id)
         p = st.tiling["patch_l0"]
         c = st.coords
-        frac = rect_fractions(lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds)
+        frac = rect_fractions(
+            lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds
+        )
         ys.append(frac >= 0.5)
         ss.append(np.asarray(st.group["scores/run"][...]))
     patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))

@@ -47,8 +47,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def fit_calibration(logits: np.ndarray, targets: Sequence[int], *, negative: int = 0
-                    ) -> dict[str, Any]:  # fmt: skip
+def fit_calibration(
+    logits: np.ndarray, targets: Sequence[int], *, negative: int = 0
+) -> dict[str, Any]:
     """Fit Platt scaling (binary) or a temperature (multi-class) on validation logits.
 
     Parameters
@@ -82,10 +83,17 @@ def fit_calibration(logits: np.ndarray, targets: Sequence[int], *, negative: int
             s = ab[0] * m + ab[1]
             return float(np.mean(np.logaddexp(0, s) - t * s))
 
-        res = minimize(nll, np.array([1.0, 0.0]), method="L-BFGS-B",
-                       bounds=[(1e-3, 1e4), (-50.0, 50.0)])  # fmt: skip
-        return {"method": "platt", "num_classes": 2, "negative": int(negative),
-                "a": float(res.x[0]), "b": float(res.x[1]), "n": int(n)}  # fmt: skip
+        res = minimize(
+            nll, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(1e-3, 1e4), (-50.0, 50.0)]
+        )
+        return {
+            "method": "platt",
+            "num_classes": 2,
+            "negative": int(negative),
+            "a": float(res.x[0]),
+            "b": float(res.x[1]),
+            "n": int(n),
+        }
     smooth = np.full((n, c), 0.0)
     for i, yi in enumerate(y):
         smooth[i] = 1.0 / (counts[yi] + 2) / max(c - 1, 1)
@@ -96,8 +104,12 @@ def fit_calibration(logits: np.ndarray, targets: Sequence[int], *, negative: int
         return float(-np.mean((smooth * np.log(np.clip(p, 1e-12, 1))).sum(1)))
 
     res = minimize(nll_t, np.array([0.0]), method="L-BFGS-B", bounds=[(-9.0, 5.0)])
-    return {"method": "temperature", "num_classes": int(c), "temperature": float(np.exp(res.x[0])),
-            "n": int(n)}  # fmt: skip
+    return {
+        "method": "temperature",
+        "num_classes": int(c),
+        "temperature": float(np.exp(res.x[0])),
+        "n": int(n),
+    }
 
 
 def apply_calibration(logits: np.ndarray, cal: dict[str, Any] | None) -> np.ndarray:
@@ -113,8 +125,9 @@ def apply_calibration(logits: np.ndarray, cal: dict[str, Any] | None) -> np.ndar
     raise ValueError(f"unknown calibration method {cal['method']!r}")
 
 
-def fit_patch_reference(cal: dict[str, Any], negative_patch_logits: list[np.ndarray]
-                        ) -> dict[str, Any]:  # fmt: skip
+def fit_patch_reference(
+    cal: dict[str, Any], negative_patch_logits: list[np.ndarray]
+) -> dict[str, Any]:
     """Add the patch map to a binary Platt calibration.
 
     Parameters
@@ -138,8 +151,12 @@ def fit_patch_reference(cal: dict[str, Any], negative_patch_logits: list[np.ndar
     neg = int(cal["negative"])
     m = z[:, 1 - neg] - z[:, neg]
     out = dict(cal)
-    out["patch"] = {"a": float(cal["a"]), "center": float(np.percentile(m, PATCH_QUANTILE)),
-                    "quantile": PATCH_QUANTILE, "n": len(m)}  # fmt: skip
+    out["patch"] = {
+        "a": float(cal["a"]),
+        "center": float(np.percentile(m, PATCH_QUANTILE)),
+        "quantile": PATCH_QUANTILE,
+        "n": len(m),
+    }
     return out
 
 

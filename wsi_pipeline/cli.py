@@ -55,10 +55,21 @@ def _set_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 
 def common_options(f: Any) -> Any:
     """``--debug`` and ``--quiet``, accepted before or after the command name."""
-    f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_flag,
-                     help="Show tracebacks and debug logs.")(f)  # fmt: skip
-    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_flag,
-                        help="No progress bars; warnings and errors only.")(f)  # fmt: skip
+    f = click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_flag,
+        help="Show tracebacks and debug logs.",
+    )(f)
+    return click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_flag,
+        help="No progress bars; warnings and errors only.",
+    )(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,46 +89,121 @@ def cli(ctx: click.Context) -> None:
 @cli.command()
 @common_options
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output folder for <slide_id>.zarr stores and manifest.csv.")
-@click.option("--mpp", type=float, default=None,
-              help="Target resolution in µm per pixel (e.g. 0.5 for 20x). Default: --level 0.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder for <slide_id>.zarr stores and manifest.csv.",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help="Target resolution in µm per pixel (e.g. 0.5 for 20x). Default: --level 0.",
+)
 @click.option("--level", type=int, default=None, help="Target pyramid level (native pixels).")
-@click.option("--tile-size", type=int, default=256, show_default=True,
-              help="Patch side in pixels at the target resolution.")
-@click.option("--overlap", type=int, default=0, show_default=True,
-              help="Overlap of neighbouring patches in target pixels.")
-@click.option("--tissue-threshold", type=float, default=0.25, show_default=True,
-              help="Smallest tissue fraction for a patch to be kept.")
-@click.option("--edge", type=click.Choice(["pad", "drop"]), default="pad", show_default=True,
-              help="Patches reaching past the slide edge: keep (white outside) or drop.")
-@click.option("--codec", type=click.Choice(["jpeg", "zstd", "raw"]), default="jpeg",
-              show_default=True,
-              help="Patch codec: jpeg (lossy; copies the file's own JPEG tiles when aligned), "
-                   "zstd (lossless), raw.")
+@click.option(
+    "--tile-size",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Patch side in pixels at the target resolution.",
+)
+@click.option(
+    "--overlap",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Overlap of neighbouring patches in target pixels.",
+)
+@click.option(
+    "--tissue-threshold",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="Smallest tissue fraction for a patch to be kept.",
+)
+@click.option(
+    "--edge",
+    type=click.Choice(["pad", "drop"]),
+    default="pad",
+    show_default=True,
+    help="Patches reaching past the slide edge: keep (white outside) or drop.",
+)
+@click.option(
+    "--codec",
+    type=click.Choice(["jpeg", "zstd", "raw"]),
+    default="jpeg",
+    show_default=True,
+    help="Patch codec: jpeg (lossy; copies the file's own JPEG tiles when aligned), "
+    "zstd (lossless), raw.",
+)
 @click.option("--jpeg-quality", type=int, default=90, show_default=True)
-@click.option("--patches-per-shard", type=int, default=256, show_default=True,
-              help="Patches per shard file of the store's patches array.")
-@click.option("--mask-file", type=click.Path(path_type=Path), default=None,
-              help="Use this tissue mask (PNG, or GeoJSON polygons in level-0 px) for all slides.")
+@click.option(
+    "--patches-per-shard",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Patches per shard file of the store's patches array.",
+)
+@click.option(
+    "--mask-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Use this tissue mask (PNG, or GeoJSON polygons in level-0 px) for all slides.",
+)
 @click.option("--keep-pen", is_flag=True, help="Do not exclude pen marks from the tissue mask.")
 @click.option("--keep-dark", is_flag=True, help="Do not exclude dark debris/folds.")
-@click.option("--slide-mpp", type=float, default=None,
-              help="Level-0 µm per pixel of slides whose files have none.")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Worker processes (dask LocalCluster); 1 = in this process.")
-@click.option("--scheduler", default=None,
-              help="Address of a dask.distributed scheduler (e.g. tcp://host:8786); its workers "
-                   "must see the slides and the output folder.")
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
-              show_default=True)
+@click.option(
+    "--slide-mpp",
+    type=float,
+    default=None,
+    help="Level-0 µm per pixel of slides whose files have none.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes (dask LocalCluster); 1 = in this process.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of a dask.distributed scheduler (e.g. tcp://host:8786); its workers "
+    "must see the slides and the output folder.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "openslide", "tiffslide"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--overwrite", is_flag=True, help="Redo slides whose stores are complete.")
 @click.pass_context
-def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | None,
-         level: int | None, tile_size: int, overlap: int, tissue_threshold: float, edge: str,
-         codec: str, jpeg_quality: int, patches_per_shard: int, mask_file: Path | None, keep_pen: bool, keep_dark: bool,
-         slide_mpp: float | None, workers: int, scheduler: str | None, backend: str,
-         overwrite: bool) -> None:  # fmt: skip
+def tile(
+    ctx: click.Context,
+    slides: tuple[Path, ...],
+    out: Path,
+    mpp: float | None,
+    level: int | None,
+    tile_size: int,
+    overlap: int,
+    tissue_threshold: float,
+    edge: str,
+    codec: str,
+    jpeg_quality: int,
+    patches_per_shard: int,
+    mask_file: Path | None,
+    keep_pen: bool,
+    keep_dark: bool,
+    slide_mpp: float | None,
+    workers: int,
+    scheduler: str | None,
+    backend: str,
+    overwrite: bool,
+) -> None:
     """Mask tissue and tile SLIDES (files and/or folders) into OUT/<slide_id>.zarr.
 
     Complete stores are skipped (unless --overwrite); unfinished ones are resumed. Writes
@@ -138,18 +224,32 @@ def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | N
         remove_dark=not keep_dark,
     )
     spec = TilingSpec(
-        tile_px=tile_size, mpp=mpp, level=(level or 0) if mpp is None else None,
-        overlap_px=overlap, min_tissue=tissue_threshold, edge=edge, codec=codec,
-        jpeg_quality=jpeg_quality, patches_per_shard=patches_per_shard, mask=mask,
-    )  # fmt: skip
+        tile_px=tile_size,
+        mpp=mpp,
+        level=(level or 0) if mpp is None else None,
+        overlap_px=overlap,
+        min_tissue=tissue_threshold,
+        edge=edge,
+        codec=codec,
+        jpeg_quality=jpeg_quality,
+        patches_per_shard=patches_per_shard,
+        mask=mask,
+    )
     files, _ = find_slides(list(slides))
     if not files:
         raise ConfigError(f"no slide files found in {', '.join(map(str, slides))}")
     results = tile_slides(
-        list(slides), out, spec=spec, workers=workers, scheduler=scheduler, overwrite=overwrite,
-        slide_mpp=slide_mpp, backend=backend, progress=not ctx.obj.get("quiet"),
+        list(slides),
+        out,
+        spec=spec,
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=overwrite,
+        slide_mpp=slide_mpp,
+        backend=backend,
+        progress=not ctx.obj.get("quiet"),
         debug=ctx.obj.get("debug", False),
-    )  # fmt: skip
+    )
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -168,23 +268,44 @@ def tile(ctx: click.Context, slides: tuple[Path, ...], out: Path, mpp: float | N
 @click.option("--height", type=int, default=6144, show_default=True, help="Level-0 height (px).")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm per pixel.")
 @click.option("--positive-fraction", type=float, default=0.5, show_default=True)
-@click.option("--lesion-fraction", type=float, default=0.03, show_default=True,
-              help="Lesion area as a fraction of tissue area on positive slides.")
+@click.option(
+    "--lesion-fraction",
+    type=float,
+    default=0.03,
+    show_default=True,
+    help="Lesion area as a fraction of tissue area on positive slides.",
+)
 @click.option("--tissue-fraction", type=float, default=0.3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True)
-def synth(out: Path, n_slides: int, width: int, height: int, mpp: float,
-          positive_fraction: float, lesion_fraction: float, tissue_fraction: float, seed: int,
-          workers: int) -> None:  # fmt: skip
+def synth(
+    out: Path,
+    n_slides: int,
+    width: int,
+    height: int,
+    mpp: float,
+    positive_fraction: float,
+    lesion_fraction: float,
+    tissue_fraction: float,
+    seed: int,
+    workers: int,
+) -> None:
     """Write a synthetic cohort to OUT: pyramidal slides with planted lesions (OUT/slides/),
     labels.csv, ground-truth masks (OUT/masks/) and cohort.json."""
     from .synth import summarize_cohort, write_cohort
 
     write_cohort(
-        out, n_slides=n_slides, width=width, height=height, mpp=mpp,
-        positive_fraction=positive_fraction, lesion_fraction=lesion_fraction,
-        tissue_fraction=tissue_fraction, seed=seed, workers=workers,
-    )  # fmt: skip
+        out,
+        n_slides=n_slides,
+        width=width,
+        height=height,
+        mpp=mpp,
+        positive_fraction=positive_fraction,
+        lesion_fraction=lesion_fraction,
+        tissue_fraction=tissue_fraction,
+        seed=seed,
+        workers=workers,
+    )
     click.echo(summarize_cohort(out))
 
 
@@ -192,20 +313,42 @@ def synth(out: Path, n_slides: int, width: int, height: int, mpp: float,
 @cli.command()
 @common_options
 @click.argument("stores", type=click.Path(path_type=Path))
-@click.option("--labels", "labels_csv", required=True, type=click.Path(path_type=Path),
-              help="CSV with slide_id,label (optional split, case_id).")
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV with slide_id,label (optional split, case_id).",
+)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Run folder.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="YAML/JSON file of training options (command-line options override it).")
-@click.option("--model", default=None, help="MIL head: abmil, gated_abmil, clam_sb, maxmil, "
-                                              "topk, meanmil.  [default: abmil]")
-@click.option("--backbone", default=None,
-              help="Patch CNN: smallcnn, resnet18, resnet50.  [default: smallcnn]")
-@click.option("--mode", type=click.Choice(["e2e", "features"]), default=None,
-              help="e2e: train the CNN through the MIL pooling; features: train the head on "
-                   "features of a frozen backbone cached in the stores.  [default: e2e]")
-@click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
-              help="State-dict file for the backbone (torchvision names, or a run's model.pt).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML/JSON file of training options (command-line options override it).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="MIL head: abmil, gated_abmil, clam_sb, maxmil, topk, meanmil.  [default: abmil]",
+)
+@click.option(
+    "--backbone", default=None, help="Patch CNN: smallcnn, resnet18, resnet50.  [default: smallcnn]"
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["e2e", "features"]),
+    default=None,
+    help="e2e: train the CNN through the MIL pooling; features: train the head on "
+    "features of a frozen backbone cached in the stores.  [default: e2e]",
+)
+@click.option(
+    "--backbone-weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="State-dict file for the backbone (torchvision names, or a run's model.pt).",
+)
 @click.option("--epochs", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
@@ -214,22 +357,47 @@ def synth(out: Path, n_slides: int, width: int, height: int, mpp: float,
 @click.option("--patience", type=int, default=None, help="Early-stopping patience (epochs).")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="auto, cpu or cuda.")
-@click.option("--precision", type=click.Choice(["amp", "fp32"]), default=None,
-              help="amp: mixed precision on CUDA (ignored on CPU).")
-@click.option("--grad-checkpoint", is_flag=True, default=None,
-              help="Recompute backbone activations to save GPU memory.")
+@click.option(
+    "--precision",
+    type=click.Choice(["amp", "fp32"]),
+    default=None,
+    help="amp: mixed precision on CUDA (ignored on CPU).",
+)
+@click.option(
+    "--grad-checkpoint",
+    is_flag=True,
+    default=None,
+    help="Recompute backbone activations to save GPU memory.",
+)
 @click.option("--workers", type=int, default=None, help="DataLoader workers.")
 @click.option("--val-fraction", type=float, default=None)
 @click.option("--test-fraction", type=float, default=None)
-@click.option("--folds", type=int, default=None,
-              help="K-fold cross-validation grouped by case: trains OUT/fold_0..K-1.")
+@click.option(
+    "--folds",
+    type=int,
+    default=None,
+    help="K-fold cross-validation grouped by case: trains OUT/fold_0..K-1.",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
-@click.option("--stop-after", type=int, default=None,
-              help="Stop after this many epochs in this call (resume later).")
+@click.option(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="Stop after this many epochs in this call (resume later).",
+)
 @click.pass_context
-def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
-          config_file: Path | None, resume: bool, stop_after: int | None, folds: int | None,
-          precision: str | None, **opts: Any) -> None:  # fmt: skip
+def train(
+    ctx: click.Context,
+    stores: Path,
+    labels_csv: Path,
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    stop_after: int | None,
+    folds: int | None,
+    precision: str | None,
+    **opts: Any,
+) -> None:
     """Train a MIL model on the stores in STORES from slide labels only."""
     from .pipeline import load_options
     from .training import TrainConfig, train_folds
@@ -247,13 +415,23 @@ def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
     config = TrainConfig.from_dict({**base, **overrides})
     progress = not ctx.obj.get("quiet")
     if folds:
-        res = train_folds(stores, labels_csv, out, config=config, folds=folds, resume=resume,
-                          progress=progress)  # fmt: skip
-        click.echo(f"{folds}-fold validation AUC {res['val_auc_mean']:.3f} ± "
-                   f"{res['val_auc_std']:.3f}; runs in {out}/fold_*")  # fmt: skip
+        res = train_folds(
+            stores, labels_csv, out, config=config, folds=folds, resume=resume, progress=progress
+        )
+        click.echo(
+            f"{folds}-fold validation AUC {res['val_auc_mean']:.3f} ± "
+            f"{res['val_auc_std']:.3f}; runs in {out}/fold_*"
+        )
         return
-    m = run_train(stores, labels_csv, out, config=config, resume=resume, stop_after=stop_after,
-                  progress=progress)  # fmt: skip
+    m = run_train(
+        stores,
+        labels_csv,
+        out,
+        config=config,
+        resume=resume,
+        stop_after=stop_after,
+        progress=progress,
+    )
     if not m:  # a non-zero rank under torchrun: rank 0 reports
         return
     msg = f"trained {m['epochs_run']} epoch(s); best validation AUC {m['best_val_auc']}"
@@ -265,26 +443,54 @@ def train(ctx: click.Context, stores: Path, labels_csv: Path, out: Path,
 @cli.command()
 @common_options
 @click.argument("stores", type=click.Path(path_type=Path))
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="A training run folder.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder for predictions.csv.")
-@click.option("--run-id", default=None,
-              help="Name of the per-patch scores in the stores (scores/<run-id>); "
-                   "default: the run folder's name.")
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A training run folder.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for predictions.csv.",
+)
+@click.option(
+    "--run-id",
+    default=None,
+    help="Name of the per-patch scores in the stores (scores/<run-id>); "
+    "default: the run folder's name.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
 @click.pass_context
-def predict(ctx: click.Context, stores: Path, run_dir: Path, out: Path, run_id: str | None,
-            device: str, slides: tuple[str, ...]) -> None:  # fmt: skip
+def predict(
+    ctx: click.Context,
+    stores: Path,
+    run_dir: Path,
+    out: Path,
+    run_id: str | None,
+    device: str,
+    slides: tuple[str, ...],
+) -> None:
     """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
     from .prediction import predict as run_predict
 
-    rows = run_predict(stores, run_dir, out, device=device, slide_ids=list(slides) or None,
-                       run_id=run_id, progress=not ctx.obj.get("quiet"))  # fmt: skip
+    rows = run_predict(
+        stores,
+        run_dir,
+        out,
+        device=device,
+        slide_ids=list(slides) or None,
+        run_id=run_id,
+        progress=not ctx.obj.get("quiet"),
+    )
     bad = [r for r in rows if not r.ok]
-    click.echo(f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); "
-               f"{out / 'predictions.csv'}")  # fmt: skip
+    click.echo(
+        f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); {out / 'predictions.csv'}"
+    )
     if bad:
         raise _Failed()
 
@@ -292,37 +498,82 @@ def predict(ctx: click.Context, stores: Path, run_dir: Path, out: Path, run_id: 
 @cli.command()
 @common_options
 @click.argument("stores", type=click.Path(path_type=Path))
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="The run whose scores to show (its folder; scores/<run-id> in the stores).")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output folder: OUT/<slide_id>/ per slide.")
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The run whose scores to show (its folder; scores/<run-id> in the stores).",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: OUT/<slide_id>/ per slide.",
+)
 @click.option("--run-id", default=None, help="Scores name if not the run folder's name.")
-@click.option("--which", type=click.Choice(["score", "attention"]), default="score",
-              show_default=True,
-              help="Per-patch abnormality probability, or the head's attention.")
-@click.option("--mode", type=click.Choice(["probability", "percentile"]), default=None,
-              help="probability: fixed 0..1 scale; percentile: within-slide ranks 0..100. "
-                   "[default: probability for score, percentile for attention]")
-@click.option("--threshold", type=float, default=None,
-              help="GeoJSON regions and areas above this (in the mode's units). "
-                   "[default: 0.5 / 90]")
-@click.option("--downsample", type=float, default=None,
-              help="Level-0 px per heatmap px. [default: the thumbnail's]")
-@click.option("--sigma-um", type=float, default=0.0, show_default=True,
-              help="Gaussian smoothing in µm.")
+@click.option(
+    "--which",
+    type=click.Choice(["score", "attention"]),
+    default="score",
+    show_default=True,
+    help="Per-patch abnormality probability, or the head's attention.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["probability", "percentile"]),
+    default=None,
+    help="probability: fixed 0..1 scale; percentile: within-slide ranks 0..100. "
+    "[default: probability for score, percentile for attention]",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="GeoJSON regions and areas above this (in the mode's units). [default: 0.5 / 90]",
+)
+@click.option(
+    "--downsample",
+    type=float,
+    default=None,
+    help="Level-0 px per heatmap px. [default: the thumbnail's]",
+)
+@click.option(
+    "--sigma-um", type=float, default=0.0, show_default=True, help="Gaussian smoothing in µm."
+)
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Redo exports that are up to date.")
-def heatmap(stores: Path, run_dir: Path, out: Path, run_id: str | None, which: str,
-            mode: str | None, threshold: float | None, downsample: float | None,
-            sigma_um: float, slides: tuple[str, ...], overwrite: bool) -> None:  # fmt: skip
+def heatmap(
+    stores: Path,
+    run_dir: Path,
+    out: Path,
+    run_id: str | None,
+    which: str,
+    mode: str | None,
+    threshold: float | None,
+    downsample: float | None,
+    sigma_um: float,
+    slides: tuple[str, ...],
+    overwrite: bool,
+) -> None:
     """Per slide in STORES: PNG overlay, pyramidal TIFF, GeoJSON regions and a JSON summary."""
     from .heatmap import heatmaps
     from .slide import sanitize_id
 
     rid = sanitize_id(run_id or run_dir.resolve().name)
-    res = heatmaps(stores, out, run_id=rid, which=which, mode=mode, threshold=threshold,
-                   downsample=downsample, sigma_um=sigma_um, slide_ids=list(slides) or None,
-                   overwrite=overwrite)  # fmt: skip
+    res = heatmaps(
+        stores,
+        out,
+        run_id=rid,
+        which=which,
+        mode=mode,
+        threshold=threshold,
+        downsample=downsample,
+        sigma_um=sigma_um,
+        slide_ids=list(slides) or None,
+        overwrite=overwrite,
+    )
     for r in res:
         if r["status"] == "skipped" and r.get("reason") == "no patches":
             click.echo(f"{r['store']}: skipped (no patches)", err=True)
@@ -351,14 +602,20 @@ def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
         click.echo(f"  {st['stage']:<8} {st['status']:<8} {st['seconds']:>8.1f} s")
     summ = report.get("summary", {})
     if summ.get("held_out_auc") is not None:
-        click.echo(f"slide-level AUC on held-out slides (val+test, n={summ['held_out_n']}): "
-                   f"{summ['held_out_auc']:.3f}")  # fmt: skip
+        click.echo(
+            f"slide-level AUC on held-out slides (val+test, n={summ['held_out_n']}): "
+            f"{summ['held_out_auc']:.3f}"
+        )
     if summ.get("test_auc") is not None:
-        click.echo(f"slide-level AUC on the test split (n={summ['test_n']}): {summ['test_auc']:.3f}")
+        click.echo(
+            f"slide-level AUC on the test split (n={summ['test_n']}): {summ['test_auc']:.3f}"
+        )
     pngs = next((st.get("png") for st in report["stages"] if st["stage"] == "heatmap"), None)
     if pngs:
-        click.echo(f"heatmaps ({len(pngs)} slides; PNG overlay, pyramidal TIFF, GeoJSON, summary "
-                   f"in each folder):")  # fmt: skip
+        click.echo(
+            f"heatmaps ({len(pngs)} slides; PNG overlay, pyramidal TIFF, GeoJSON, summary "
+            f"in each folder):"
+        )
         for png in pngs[:10]:
             click.echo(f"  {png}")
         if len(pngs) > 10:

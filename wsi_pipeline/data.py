@@ -88,8 +88,10 @@ def read_labels(path: str | os.PathLike) -> Labels:
         raise ConfigError(f"{p}: unreadable labels file ({exc})") from exc
     missing = {"slide_id", "label"} - set(fields)
     if missing:
-        raise ConfigError(f"{p}: missing column(s) {', '.join(sorted(missing))} "
-                          f"(found: {', '.join(fields) or 'none'})")  # fmt: skip
+        raise ConfigError(
+            f"{p}: missing column(s) {', '.join(sorted(missing))} "
+            f"(found: {', '.join(fields) or 'none'})"
+        )
     rows: list[LabelRow] = []
     seen: dict[str, int] = {}
     for line, r in enumerate(raw, start=2):
@@ -103,8 +105,10 @@ def read_labels(path: str | os.PathLike) -> Labels:
         if split is not None:
             split = _SPLIT_ALIASES.get(split.lower(), split.lower())
             if split not in SPLITS:
-                raise ConfigError(f"{p}:{line}: unknown split {r.get('split')!r} for {sid!r} "
-                                  f"(use one of {', '.join(SPLITS)})")  # fmt: skip
+                raise ConfigError(
+                    f"{p}:{line}: unknown split {r.get('split')!r} for {sid!r} "
+                    f"(use one of {', '.join(SPLITS)})"
+                )
         rows.append(LabelRow(sid, label, split, r.get("case_id") or None))
     if not rows:
         raise ConfigError(f"{p}: no labelled slides")
@@ -168,22 +172,30 @@ def resolve_stores(
             continue
         g = open_store(sp)
         if require_patches and int(g["coords"].shape[0]) == 0:
-            log.warning("%s: store has no patches (status %s); left out", sp,
-                        g.attrs.get("tiling", {}).get("status"))  # fmt: skip
+            log.warning(
+                "%s: store has no patches (status %s); left out",
+                sp,
+                g.attrs.get("tiling", {}).get("status"),
+            )
             skipped.append(r.slide_id)
             continue
         stores[r.slide_id] = sp
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise TrainingError(f"{labels.path}: labelled slides without a complete store in {d}: "
-                            f"{'; '.join(problems[:3])}{more}; run 'wsi-pipeline tile' first")  # fmt: skip
+        raise TrainingError(
+            f"{labels.path}: labelled slides without a complete store in {d}: "
+            f"{'; '.join(problems[:3])}{more}; run 'wsi-pipeline tile' first"
+        )
     return stores, skipped
 
 
 def _tiling_key(t: dict[str, Any]) -> tuple[int, float | None, float | None]:
     mpp = t.get("mpp")
-    return (int(t["tile_px"]), None if mpp is None else round(float(mpp), 3),
-            None if mpp is not None else round(float(t["downsample"]), 3))  # fmt: skip
+    return (
+        int(t["tile_px"]),
+        None if mpp is None else round(float(mpp), 3),
+        None if mpp is not None else round(float(t["downsample"]), 3),
+    )
 
 
 def _describe(key: tuple[int, float | None, float | None]) -> str:
@@ -204,11 +216,16 @@ def check_tiling(stores: dict[str, Path]) -> dict[str, Any]:
         t = dict(open_store(sp).attrs["tiling"])
         key = _tiling_key(t)
         if first is None:
-            first = (sid, key, {"tile_px": key[0], "mpp": t.get("mpp"),
-                                "downsample": float(t["downsample"])})  # fmt: skip
+            first = (
+                sid,
+                key,
+                {"tile_px": key[0], "mpp": t.get("mpp"), "downsample": float(t["downsample"])},
+            )
         elif key != first[1]:
-            raise TrainingError(f"{sp}: tiled with {_describe(key)}, but {first[0]!r} with "
-                                f"{_describe(first[1])}; re-tile so all slides match")  # fmt: skip
+            raise TrainingError(
+                f"{sp}: tiled with {_describe(key)}, but {first[0]!r} with "
+                f"{_describe(first[1])}; re-tile so all slides match"
+            )
     if first is None:
         raise TrainingError("no stores with patches to train on")
     return first[2]
@@ -244,29 +261,48 @@ def make_splits(
     if folds is None and any(s is not None for s in given):
         if any(s is None for s in given):
             missing = [r.slide_id for r in rows if r.split is None][:3]
-            raise ConfigError(f"{labels.path}: 'split' is empty for {', '.join(missing)}; "
-                              "fill it for every row or drop the column")  # fmt: skip
+            raise ConfigError(
+                f"{labels.path}: 'split' is empty for {', '.join(missing)}; "
+                "fill it for every row or drop the column"
+            )
         splits = {r.slide_id: r.split for r in rows}
     else:
-        splits = _grouped_split(rows, seed=seed, val_fraction=val_fraction,
-                                test_fraction=test_fraction, folds=folds, fold=fold)  # fmt: skip
+        splits = _grouped_split(
+            rows,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            folds=folds,
+            fold=fold,
+        )
     train_labels = {r.label for r in rows if splits[r.slide_id] == "train"}
     if not train_labels:
         raise TrainingError(f"{labels.path}: the training split is empty")
     if len(train_labels) < 2:
-        raise TrainingError(f"{labels.path}: the training split has a single class "
-                            f"({next(iter(train_labels))!r}); MIL needs at least two")  # fmt: skip
+        raise TrainingError(
+            f"{labels.path}: the training split has a single class "
+            f"({next(iter(train_labels))!r}); MIL needs at least two"
+        )
     return splits
 
 
-def _grouped_split(rows: list[LabelRow], *, seed: int, val_fraction: float, test_fraction: float,
-                   folds: int | None, fold: int) -> dict[str, str]:  # fmt: skip
+def _grouped_split(
+    rows: list[LabelRow],
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    folds: int | None,
+    fold: int,
+) -> dict[str, str]:
     if folds is not None:
         if folds < 2:
             raise ConfigError(f"folds must be >= 2, not {folds}")
         if not (0 <= fold < folds):
             raise ConfigError(f"fold must be in 0..{folds - 1}, not {fold}")
-    elif not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+    elif not (
+        0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
+    ):
         raise ConfigError("val and test fractions must be in [0, 1) and sum to less than 1")
     # a case is the unit; its label is its slides' most common label
     cases: dict[str, list[LabelRow]] = {}
@@ -304,8 +340,9 @@ def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 0x5EED])
 
 
-def augment_bag(patches: np.ndarray, rng: np.random.Generator, *, jitter: float = 0.15
-                ) -> np.ndarray:  # fmt: skip
+def augment_bag(
+    patches: np.ndarray, rng: np.random.Generator, *, jitter: float = 0.15
+) -> np.ndarray:
     """H&E augmentations of a ``(K, T, T, 3)`` uint8 bag: per-patch flips and 90° rotations,
     per-bag mild brightness/contrast/saturation jitter (±``jitter``)."""
     out = np.empty_like(patches)
@@ -354,9 +391,17 @@ class BagDataset:
     seed : int
     """
 
-    def __init__(self, stores: Sequence[Path], targets: Sequence[int], *,
-                 max_patches: int | None = None, features: str | None = None,
-                 augment: bool = False, jitter: float = 0.15, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        stores: Sequence[Path],
+        targets: Sequence[int],
+        *,
+        max_patches: int | None = None,
+        features: str | None = None,
+        augment: bool = False,
+        jitter: float = 0.15,
+        seed: int = 0,
+    ) -> None:
         if len(stores) != len(targets):
             raise ValueError("one target per store")
         self.stores = [Path(s) for s in stores]
@@ -395,16 +440,18 @@ class BagDataset:
         idx = self.indices(i)
         if self.features is not None:
             arr = self._feature_array(i)
-            x = torch.from_numpy(np.asarray(arr.get_orthogonal_selection((idx, slice(None))),
-                                            dtype=np.float32))  # fmt: skip
+            x = torch.from_numpy(
+                np.asarray(arr.get_orthogonal_selection((idx, slice(None))), dtype=np.float32)
+            )
             return x, self.targets[i], i
         reader = self._readers.get(i)
         if reader is None:
             reader = self._readers[i] = PatchReader(self.stores[i])
         patches = reader.read(idx)
         if self.augment:
-            patches = augment_bag(patches, _item_rng(self.seed + 1, self.epoch, i),
-                                  jitter=self.jitter)  # fmt: skip
+            patches = augment_bag(
+                patches, _item_rng(self.seed + 1, self.epoch, i), jitter=self.jitter
+            )
         x = torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
         return x, self.targets[i], i
 
@@ -414,8 +461,9 @@ class BagDataset:
         try:
             return g[key]
         except KeyError as exc:
-            raise StoreError(f"no {key!r}; run the features step first",
-                             path=self.stores[i]) from exc  # fmt: skip
+            raise StoreError(
+                f"no {key!r}; run the features step first", path=self.stores[i]
+            ) from exc
 
 
 def collate_one(batch: list[tuple[Any, int, int]]) -> tuple[Any, int, int]:

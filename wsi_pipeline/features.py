@@ -61,8 +61,11 @@ def embed_store(store: Path, net: Any, *, device: Any, batch_size: int = 256) ->
         for i in range(0, reader.n, batch_size):
             x = torch.from_numpy(reader.read(np.arange(i, min(reader.n, i + batch_size))))
             x = x.permute(0, 3, 1, 2).to(device, non_blocking=True)
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
-                torch.autocast("cpu", enabled=False)  # fmt: skip
+            ctx = (
+                torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False)
+            )
             with ctx:
                 h = net(norm(x))
             outs.append(h.float().cpu().numpy())
@@ -124,15 +127,30 @@ def ensure_features(
     for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
         feats = embed_store(sp, net, device=device, batch_size=batch_size)
         g = open_store(sp, mode="r+")
-        arr = g.create_array(f"features/{name}", shape=(len(feats), dim), dtype=FEATURES_DTYPE,
-                             chunks=(max(1, min(len(feats), 8192)), dim), overwrite=True)  # fmt: skip
+        arr = g.create_array(
+            f"features/{name}",
+            shape=(len(feats), dim),
+            dtype=FEATURES_DTYPE,
+            chunks=(max(1, min(len(feats), 8192)), dim),
+            overwrite=True,
+        )
         if len(feats):
             arr[...] = feats.astype(FEATURES_DTYPE)
-        arr.attrs.update({"backbone": backbone, "weights": str(weights) if weights else None,
-                          "weights_sha256": state_dict_digest(state), "dim": dim,
-                          "normalization": "x/255, ImageNet mean/std"})  # fmt: skip
+        arr.attrs.update(
+            {
+                "backbone": backbone,
+                "weights": str(weights) if weights else None,
+                "weights_sha256": state_dict_digest(state),
+                "dim": dim,
+                "normalization": "x/255, ImageNet mean/std",
+            }
+        )
         arr.attrs.update({"complete": True})
     if todo:
-        log.info("features %s: embedded %d store(s), %d already cached", name, len(todo),
-                 len(stores) - len(todo))  # fmt: skip
+        log.info(
+            "features %s: embedded %d store(s), %d already cached",
+            name,
+            len(todo),
+            len(stores) - len(todo),
+        )
     return name, dim

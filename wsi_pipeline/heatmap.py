@@ -175,8 +175,14 @@ def _pieces(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return np.clip(starts, 0, n), np.clip(ends, 0, n), overlap
 
 
-def _accumulate(x_lo: np.ndarray, x_hi: np.ndarray, y_lo: np.ndarray, y_hi: np.ndarray,
-                values: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _accumulate(
+    x_lo: np.ndarray,
+    x_hi: np.ndarray,
+    y_lo: np.ndarray,
+    y_hi: np.ndarray,
+    values: np.ndarray,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
     """Overlap-weighted sums of ``values`` and of the overlaps over a ``shape`` block.
 
     Each footprint (heatmap px, block-relative) is split into at most 3 x 3 rectangles of constant
@@ -190,8 +196,9 @@ def _accumulate(x_lo: np.ndarray, x_hi: np.ndarray, y_lo: np.ndarray, y_hi: np.n
     stride = bw + 1
     ys, ye = ys[:, :, None] * stride, ye[:, :, None] * stride
     xs, xe = xs[:, None, :], xe[:, None, :]
-    idx = np.concatenate([(ys + xs).ravel(), (ys + xe).ravel(), (ye + xs).ravel(),
-                          (ye + xe).ravel()])  # fmt: skip
+    idx = np.concatenate(
+        [(ys + xs).ravel(), (ys + xe).ravel(), (ye + xs).ravel(), (ye + xe).ravel()]
+    )
     wts = np.concatenate([w, -w, -w, w])
     v = np.repeat(values.astype(np.float64), 9)
     size = (bh + 1) * stride
@@ -219,8 +226,9 @@ def _smooth(a: np.ndarray, sigma_px: float) -> np.ndarray:
     return oaconvolve(a, k[:, None], mode="same", axes=0)
 
 
-def _sample_mask(mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int],
-                 cols: tuple[int, int]) -> np.ndarray:  # fmt: skip
+def _sample_mask(
+    mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int], cols: tuple[int, int]
+) -> np.ndarray:
     """Nearest-neighbour sample of a mask (at ``mask_ds``) at the centres of heatmap pixels."""
     mh, mw = mask.shape
     r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
@@ -330,9 +338,13 @@ def stitch_scores(
                 continue  # no patch here: NaN, coverage 0
             px, py = row_x[sel] / ds, row_y[sel] / ds
             num, den = _accumulate(
-                px - ec0, px + p / ds - ec0, py - er0, py + p / ds - er0, row_v[sel],
+                px - ec0,
+                px + p / ds - ec0,
+                py - er0,
+                py + p / ds - er0,
+                row_v[sel],
                 (er1 - er0, ec1 - ec0),
-            )  # fmt: skip
+            )
             inner = (slice(r0 - er0, r1 - er0), slice(c0 - ec0, c1 - ec0))
             raw = den[inner]
             if sigma_px > 0:
@@ -466,8 +478,9 @@ def overlay_rgb(
     return np.where(ok[..., None], blend, light[..., None]).astype(np.uint8)
 
 
-def _background_rows(thumb: np.ndarray, thumb_ds: float, ds: float,
-                     shape: tuple[int, int]) -> Callable[[int, int], np.ndarray]:  # fmt: skip
+def _background_rows(
+    thumb: np.ndarray, thumb_ds: float, ds: float, shape: tuple[int, int]
+) -> Callable[[int, int], np.ndarray]:
     """A function ``(r0, r1) -> (r1 - r0, W, 3) uint8``: the thumbnail on the heatmap grid.
 
     A grid no larger than the thumbnail is box-resampled once (it is smaller than the
@@ -503,8 +516,9 @@ def _background_rows(thumb: np.ndarray, thumb_ds: float, ds: float,
 def _reduce2(a: np.ndarray) -> np.ndarray:
     """2 x 2 mean (NaN-aware for floats; rounded for uint8), odd edges replicated."""
     if a.shape[0] % 2 or a.shape[1] % 2:
-        a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)) + ((0, 0),) * (a.ndim - 2),
-                   mode="edge")  # fmt: skip
+        a = np.pad(
+            a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)) + ((0, 0),) * (a.ndim - 2), mode="edge"
+        )
     q = (a[0::2, 0::2], a[0::2, 1::2], a[1::2, 0::2], a[1::2, 1::2])
     if a.dtype == np.uint8:
         return ((sum(x.astype(np.uint16) for x in q) + 2) // 4).astype(np.uint8)
@@ -731,13 +745,19 @@ def threshold_regions(
         geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
         geom = affine_transform(geom, [ds, 0, 0, ds, 0.5 * ds, 0.5 * ds])
         vals = v[sl][sub]
-        meas = {"score_mean": float(np.mean(vals)), "score_max": float(np.max(vals)),
-                "area_px": float(geom.area)}  # fmt: skip
+        meas = {
+            "score_mean": float(np.mean(vals)),
+            "score_max": float(np.max(vals)),
+            "area_px": float(geom.area),
+        }
         if mpp:
             meas["area_um2"] = float(geom.area) * float(mpp) ** 2
-        props = {"objectType": "annotation", "name": f"{name} {len(features) + 1}",
-                 "classification": {"name": name, "color": [int(c) for c in color_rgb]},
-                 "measurements": meas}  # fmt: skip
+        props = {
+            "objectType": "annotation",
+            "name": f"{name} {len(features) + 1}",
+            "classification": {"name": name, "color": [int(c) for c in color_rgb]},
+            "measurements": meas,
+        }
         features.append({"type": "Feature", "geometry": mapping(geom), "properties": props})
     return {"type": "FeatureCollection", "features": features}
 
@@ -766,9 +786,20 @@ def _pool(values: np.ndarray, f: int) -> np.ndarray:
         return np.where(n > 0, s / n, np.nan).astype(np.float32)
 
 
-def _render_png(path: Path, values: np.ndarray, thumb: np.ndarray, *,
-                value_range: tuple[float, float], threshold: float, cmap: str, alpha: float,
-                title: str, legend: str, bar_label: str, max_px: int) -> Path:  # fmt: skip
+def _render_png(
+    path: Path,
+    values: np.ndarray,
+    thumb: np.ndarray,
+    *,
+    value_range: tuple[float, float],
+    threshold: float,
+    cmap: str,
+    alpha: float,
+    title: str,
+    legend: str,
+    bar_label: str,
+    max_px: int,
+) -> Path:
     """The overlay (averaged down to ``max_px``) with title, colour bar and legend, as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -781,8 +812,9 @@ def _render_png(path: Path, values: np.ndarray, thumb: np.ndarray, *,
     rgb = overlay_rgb(v, bg, value_range=value_range, cmap=cmap, alpha=alpha)
     dpi = 100
     h, w = v.shape
-    fig = Figure(figsize=(max(6.0, w / dpi + 1.6), max(4.0, h / dpi + 1.3)), dpi=dpi,
-                 layout="constrained")  # fmt: skip
+    fig = Figure(
+        figsize=(max(6.0, w / dpi + 1.6), max(4.0, h / dpi + 1.3)), dpi=dpi, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.imshow(rgb, interpolation="nearest")
@@ -792,8 +824,9 @@ def _render_png(path: Path, values: np.ndarray, thumb: np.ndarray, *,
         ax.contour(above.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    cb = fig.colorbar(ScalarMappable(norm=Normalize(*value_range), cmap=cmap), ax=ax,
-                      fraction=0.04, pad=0.02)  # fmt: skip
+    cb = fig.colorbar(
+        ScalarMappable(norm=Normalize(*value_range), cmap=cmap), ax=ax, fraction=0.04, pad=0.02
+    )
     cb.ax.axhline(threshold, color="white", linewidth=1.5)
     cb.ax.tick_params(labelsize=8)
     cb.set_label(bar_label, fontsize=8)
@@ -823,17 +856,26 @@ def _read_scores(store: SlideStore, run_id: str, which: str) -> tuple[np.ndarray
             runs = []
         have = f" (it has: {', '.join(runs)})" if runs else " (it has no scores)"
         if which == "attention" and run_id in runs:
-            raise StoreError(f"run {run_id!r} has no attention scores (its head has no attention); "
-                             "use which='score'", path=store.path) from None  # fmt: skip
-        raise StoreError(f"no '{key}' in the store{have}; run 'wsi-pipeline predict --run "
-                         f"{run_id}' first", path=store.path) from None  # fmt: skip
+            raise StoreError(
+                f"run {run_id!r} has no attention scores (its head has no attention); "
+                "use which='score'",
+                path=store.path,
+            ) from None
+        raise StoreError(
+            f"no '{key}' in the store{have}; run 'wsi-pipeline predict --run {run_id}' first",
+            path=store.path,
+        ) from None
     if arr.attrs.get("complete") is not True:
-        raise StoreError(f"'{key}' is unfinished; rerun 'wsi-pipeline predict --run {run_id}'",
-                         path=store.path)  # fmt: skip
+        raise StoreError(
+            f"'{key}' is unfinished; rerun 'wsi-pipeline predict --run {run_id}'", path=store.path
+        )
     scores = np.asarray(arr[...], dtype=np.float32).reshape(-1)
     if len(scores) != store.n_patches:
-        raise StoreError(f"'{key}' has {len(scores)} values for {store.n_patches} patches; rerun "
-                         f"'wsi-pipeline predict --run {run_id}'", path=store.path)  # fmt: skip
+        raise StoreError(
+            f"'{key}' has {len(scores)} values for {store.n_patches} patches; rerun "
+            f"'wsi-pipeline predict --run {run_id}'",
+            path=store.path,
+        )
     try:  # the slide's prediction lives with the scores
         pred = dict(arr.attrs) if which == "score" else dict(g[f"scores/{run_id}"].attrs)
     except KeyError:
@@ -865,9 +907,16 @@ def _file_names(slide_id: str, which: str) -> dict[str, str]:
     }
 
 
-def _prepare(store_path: str | os.PathLike, *, run_id: str, which: str, mode: str | None,
-             threshold: float | None, downsample: float | None, options: dict[str, Any],
-             ) -> tuple[SlideStore, np.ndarray, dict[str, Any], dict[str, Any]]:  # fmt: skip
+def _prepare(
+    store_path: str | os.PathLike,
+    *,
+    run_id: str,
+    which: str,
+    mode: str | None,
+    threshold: float | None,
+    downsample: float | None,
+    options: dict[str, Any],
+) -> tuple[SlideStore, np.ndarray, dict[str, Any], dict[str, Any]]:
     """Open and check one export: the store, its scores, the prediction attrs and the
     parameters (recorded in the summary, compared to skip a finished export)."""
     store = SlideStore(store_path)
@@ -879,8 +928,16 @@ def _prepare(store_path: str | os.PathLike, *, run_id: str, which: str, mode: st
     if not ds > 0:
         raise ConfigError(f"downsample must be > 0, not {downsample!r}")
     digest = hashlib.sha1(np.ascontiguousarray(scores).tobytes()).hexdigest()
-    params = {"run": run_id, "which": which, "mode": mode, "threshold": thr, "downsample": ds,
-              **options, "n_patches": store.n_patches, "scores_sha1": digest}  # fmt: skip
+    params = {
+        "run": run_id,
+        "which": which,
+        "mode": mode,
+        "threshold": thr,
+        "downsample": ds,
+        **options,
+        "n_patches": store.n_patches,
+        "scores_sha1": digest,
+    }
     return store, scores, pred, params
 
 
@@ -954,12 +1011,23 @@ def export_heatmaps(
         raise ConfigError(f"TIFF compression must be 'deflate' or 'jpeg', not {compression!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
-    options = {"sigma_um": float(sigma_um), "cmap": cmap, "alpha": float(alpha),
-               "compression": compression, "values_tiff": bool(values_tiff),
-               "mask_tissue": bool(mask_tissue)}  # fmt: skip
-    store, scores, pred, params = _prepare(store_path, run_id=run_id, which=which, mode=mode,
-                                           threshold=threshold, downsample=downsample,
-                                           options=options)  # fmt: skip
+    options = {
+        "sigma_um": float(sigma_um),
+        "cmap": cmap,
+        "alpha": float(alpha),
+        "compression": compression,
+        "values_tiff": bool(values_tiff),
+        "mask_tissue": bool(mask_tissue),
+    }
+    store, scores, pred, params = _prepare(
+        store_path,
+        run_id=run_id,
+        which=which,
+        mode=mode,
+        threshold=threshold,
+        downsample=downsample,
+        options=options,
+    )
     mode, thr, ds = params["mode"], params["threshold"], params["downsample"]
     meta, g, sid = store.meta, store.group, store.slide_id
     thumb = np.asarray(g["thumbnail"][...])
@@ -973,10 +1041,17 @@ def export_heatmaps(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     values, _ = stitch_scores(
-        coords, shown, patch_l0=float(store.tiling["patch_l0"]),
-        slide_wh=(meta.width, meta.height), downsample=ds, tissue_mask=mask,
-        mask_downsample=mask_ds, sigma_um=sigma_um, mpp=mpp, block_px=block_px,
-    )  # fmt: skip
+        coords,
+        shown,
+        patch_l0=float(store.tiling["patch_l0"]),
+        slide_wh=(meta.width, meta.height),
+        downsample=ds,
+        tissue_mask=mask,
+        mask_downsample=mask_ds,
+        sigma_um=sigma_um,
+        mpp=mpp,
+        block_px=block_px,
+    )
     seconds["stitch"] = time.perf_counter() - t0
     vrange = MODES[mode]
     out = Path(out_dir)
@@ -991,30 +1066,53 @@ def export_heatmaps(
 
     # pyramidal TIFFs, strip by strip from the (small) stitched grid
     t0 = time.perf_counter()
-    desc = (f"wsi-pipeline {__version__} heatmap overlay of {sid}: {which}, {mode} mode, run "
-            f"{run_id}; level 0 spans the slide at downsample {ds:g} "
-            f"({'unknown' if hmpp is None else f'{hmpp:g}'} um per pixel)")  # fmt: skip
+    desc = (
+        f"wsi-pipeline {__version__} heatmap overlay of {sid}: {which}, {mode} mode, run "
+        f"{run_id}; level 0 spans the slide at downsample {ds:g} "
+        f"({'unknown' if hmpp is None else f'{hmpp:g}'} um per pixel)"
+    )
     bg_rows = _background_rows(thumb, float(g["thumbnail"].attrs["downsample"]), ds, values.shape)
     write_pyramid_tiff(
         paths["tiff"],
-        lambda r0, r1: overlay_rgb(values[r0:r1], bg_rows(r0, r1), value_range=vrange, cmap=lut,
-                                   alpha=alpha),
-        (*values.shape, 3), mpp=hmpp, compression=compression, description=desc,
-    )  # fmt: skip
+        lambda r0, r1: overlay_rgb(
+            values[r0:r1], bg_rows(r0, r1), value_range=vrange, cmap=lut, alpha=alpha
+        ),
+        (*values.shape, 3),
+        mpp=hmpp,
+        compression=compression,
+        description=desc,
+    )
     if values_tiff:
-        write_pyramid_tiff(paths["values_tiff"], lambda r0, r1: values[r0:r1], values.shape,
-                           dtype=np.float32, mpp=hmpp,
-                           description=desc.replace("overlay", f"values ({mode})"))  # fmt: skip
+        write_pyramid_tiff(
+            paths["values_tiff"],
+            lambda r0, r1: values[r0:r1],
+            values.shape,
+            dtype=np.float32,
+            mpp=hmpp,
+            description=desc.replace("overlay", f"values ({mode})"),
+        )
     seconds["tiff"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     p_abn = pred.get("abnormal_probability")
     p_txt = "?" if p_abn is None else f"{float(p_abn):.3f}"
-    title = (f"{sid}: predicted {pred.get('predicted', '?')} (P abnormal {p_txt}), run {run_id}"
-             f"\n{which} heatmap, {mode} mode, threshold {thr:g}")  # fmt: skip
-    _render_png(paths["png"], values, thumb, value_range=vrange, threshold=thr, cmap=cmap,
-                alpha=alpha, title=title, legend=legend + "; white outline: at or above the "
-                "threshold", bar_label=f"{what} ({mode})", max_px=png_max_px)  # fmt: skip
+    title = (
+        f"{sid}: predicted {pred.get('predicted', '?')} (P abnormal {p_txt}), run {run_id}"
+        f"\n{which} heatmap, {mode} mode, threshold {thr:g}"
+    )
+    _render_png(
+        paths["png"],
+        values,
+        thumb,
+        value_range=vrange,
+        threshold=thr,
+        cmap=cmap,
+        alpha=alpha,
+        title=title,
+        legend=legend + "; white outline: at or above the threshold",
+        bar_label=f"{what} ({mode})",
+        max_px=png_max_px,
+    )
     seconds["png"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -1027,26 +1125,46 @@ def export_heatmaps(
     top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:10]
     pct = shown if mode == "percentile" else percentile_ranks(scores)
     summary = {
-        "slide_id": sid, "store": str(store.path), "run": run_id, "which": which, "mode": mode,
-        "value_range": list(vrange), "legend": legend, "threshold": thr,
-        "prediction": {"label": pred.get("predicted"), "abnormal_probability": p_abn,
-                       "probabilities": pred.get("probabilities"),
-                       "classes": pred.get("classes")},
-        "n_patches": store.n_patches, "downsample": ds,
+        "slide_id": sid,
+        "store": str(store.path),
+        "run": run_id,
+        "which": which,
+        "mode": mode,
+        "value_range": list(vrange),
+        "legend": legend,
+        "threshold": thr,
+        "prediction": {
+            "label": pred.get("predicted"),
+            "abnormal_probability": p_abn,
+            "probabilities": pred.get("probabilities"),
+            "classes": pred.get("classes"),
+        },
+        "n_patches": store.n_patches,
+        "downsample": ds,
         "heatmap_size_wh": [int(values.shape[1]), int(values.shape[0])],
-        "mpp": mpp, "heatmap_mpp": hmpp, "sigma_um": float(sigma_um),
+        "mpp": mpp,
+        "heatmap_mpp": hmpp,
+        "sigma_um": float(sigma_um),
         "area_above_threshold_px": above_px,
         "area_above_threshold_mm2": None if mpp is None else above_px * mpp * mpp * 1e-6,
         "tissue_area_mm2": None if mpp is None else n_valid * (ds * mpp) ** 2 * 1e-6,
         "fraction_above_threshold": area_above(values, thr) / n_valid if n_valid else 0.0,
         "n_regions": len(regions["features"]),
-        "top_patches": [{"index": int(i), "x": int(coords[i, 0]), "y": int(coords[i, 1]),
-                         "score": float(scores[i]), "percentile": float(pct[i])} for i in top],
+        "top_patches": [
+            {
+                "index": int(i),
+                "x": int(coords[i, 0]),
+                "y": int(coords[i, 1]),
+                "score": float(scores[i]),
+                "percentile": float(pct[i]),
+            }
+            for i in top
+        ],
         "files": {k: v for k, v in names.items() if k != "summary"},
         "params": params,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "wsi_pipeline_version": __version__,
-    }  # fmt: skip
+    }
     _write_json(paths["summary"], summary, indent=1)
     return paths
 
@@ -1099,26 +1217,54 @@ def heatmaps(
     if slide_ids is not None:
         wanted = {sanitize_id(s) for s in slide_ids}
         stores = [s for s in stores if s.stem in wanted]
-    options = {"sigma_um": float(sigma_um), "cmap": cmap, "alpha": float(alpha),
-               "compression": compression, "values_tiff": bool(values_tiff),
-               "mask_tissue": True}  # fmt: skip
+    options = {
+        "sigma_um": float(sigma_um),
+        "cmap": cmap,
+        "alpha": float(alpha),
+        "compression": compression,
+        "values_tiff": bool(values_tiff),
+        "mask_tissue": True,
+    }
     results: list[dict[str, Any]] = []
     for sp in stores:
         t0 = time.time()
         folder = Path(out_dir) / sp.stem  # the store's name: the sanitised slide id
-        row: dict[str, Any] = {"slide_id": sp.stem, "store": str(sp), "status": "failed",
-                               "ok": False, "error": "", "reason": "", "files": {}}  # fmt: skip
+        row: dict[str, Any] = {
+            "slide_id": sp.stem,
+            "store": str(sp),
+            "status": "failed",
+            "ok": False,
+            "error": "",
+            "reason": "",
+            "files": {},
+        }
         try:
             if SlideStore(sp).n_patches == 0:
                 row.update(status="skipped", ok=True, reason="no patches")
-            elif not overwrite and (done := _finished(sp, folder, run_id=run_id, which=which,
-                                                       mode=mode, threshold=threshold,
-                                                       downsample=downsample, options=options)):  # fmt: skip
+            elif not overwrite and (
+                done := _finished(
+                    sp,
+                    folder,
+                    run_id=run_id,
+                    which=which,
+                    mode=mode,
+                    threshold=threshold,
+                    downsample=downsample,
+                    options=options,
+                )
+            ):
                 row.update(status="skipped", ok=True, reason="already exported", files=done)
             else:
-                paths = export_heatmaps(sp, folder, run_id=run_id, which=which, mode=mode,
-                                        threshold=threshold, downsample=downsample,
-                                        **options)  # fmt: skip
+                paths = export_heatmaps(
+                    sp,
+                    folder,
+                    run_id=run_id,
+                    which=which,
+                    mode=mode,
+                    threshold=threshold,
+                    downsample=downsample,
+                    **options,
+                )
                 row.update(status="ok", ok=True, files={k: str(v) for k, v in paths.items()})
         except (WSIPipelineError, OSError) as exc:
             msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
@@ -1130,14 +1276,28 @@ def heatmaps(
     return results
 
 
-def _finished(store_path: Path, folder: Path, *, run_id: str, which: str, mode: str | None,
-              threshold: float | None, downsample: float | None,
-              options: dict[str, Any]) -> dict[str, str] | None:  # fmt: skip
+def _finished(
+    store_path: Path,
+    folder: Path,
+    *,
+    run_id: str,
+    which: str,
+    mode: str | None,
+    threshold: float | None,
+    downsample: float | None,
+    options: dict[str, Any],
+) -> dict[str, str] | None:
     """The files of a finished export with the same parameters and scores, else None."""
     try:
-        store, _, _, params = _prepare(store_path, run_id=run_id, which=which, mode=mode,
-                                       threshold=threshold, downsample=downsample,
-                                       options=options)  # fmt: skip
+        store, _, _, params = _prepare(
+            store_path,
+            run_id=run_id,
+            which=which,
+            mode=mode,
+            threshold=threshold,
+            downsample=downsample,
+            options=options,
+        )
         summary = folder / _file_names(store.slide_id, which)["summary"]
         old = json.loads(summary.read_text())
     except (WSIPipelineError, OSError, ValueError):

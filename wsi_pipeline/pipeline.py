@@ -63,8 +63,11 @@ def load_options(path: str | os.PathLike) -> dict[str, Any]:
     try:
         import yaml
 
-        data = yaml.safe_load(p.read_text()) if p.suffix.lower() in (".yaml", ".yml") else \
-            json.loads(p.read_text())  # fmt: skip
+        data = (
+            yaml.safe_load(p.read_text())
+            if p.suffix.lower() in (".yaml", ".yml")
+            else json.loads(p.read_text())
+        )
     except Exception as exc:
         raise ConfigError(f"{p}: not valid YAML/JSON ({' '.join(str(exc).split())})") from exc
     if data is None:
@@ -106,8 +109,9 @@ class Pipeline:
 
 def _type_name(t: type | tuple[type, ...]) -> str:
     ts = t if isinstance(t, tuple) else (t,)
-    return " or ".join("number" if x is float else x.__name__ for x in ts if x is not int or
-                       float not in ts)  # fmt: skip
+    return " or ".join(
+        "number" if x is float else x.__name__ for x in ts if x is not int or float not in ts
+    )
 
 
 def _check_type(where: str, key: str, value: Any, t: type | tuple[type, ...]) -> None:
@@ -117,8 +121,9 @@ def _check_type(where: str, key: str, value: Any, t: type | tuple[type, ...]) ->
     else:
         ok = isinstance(value, ts)
     if not ok:
-        raise ConfigError(f"{where}: '{key}' must be {_type_name(t)}, not {type(value).__name__} "
-                          f"({value!r})")  # fmt: skip
+        raise ConfigError(
+            f"{where}: '{key}' must be {_type_name(t)}, not {type(value).__name__} ({value!r})"
+        )
 
 
 def _section(where: str, data: Any, name: str) -> dict[str, Any]:
@@ -139,12 +144,12 @@ def _signature_types(fn: Callable[..., Any], skip: set[str]) -> dict[str, Any]:
     return out
 
 
-def _check_section(where: str, section: str, data: dict[str, Any],
-                   allowed: dict[str, Any]) -> None:  # fmt: skip
+def _check_section(where: str, section: str, data: dict[str, Any], allowed: dict[str, Any]) -> None:
     for key, value in data.items():
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key '{section}.{key}' (known: "
-                              f"{', '.join(sorted(allowed))})")  # fmt: skip
+            raise ConfigError(
+                f"{where}: unknown key '{section}.{key}' (known: {', '.join(sorted(allowed))})"
+            )
         t = allowed[key]
         if isinstance(t, type | tuple):
             _check_type(where, f"{section}.{key}", value, t)
@@ -170,15 +175,21 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     where = str(path)
     for key in data:
         if key not in _TOP_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})")
+            raise ConfigError(
+                f"{where}: unknown key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})"
+            )
     if "out" not in data:
         raise ConfigError(f"{where}: 'out' (the output folder) is required")
     _check_type(where, "out", data["out"], str)
     stages = data.get("stages", list(STAGES))
     if not isinstance(stages, list) or any(s not in STAGES for s in stages):
         raise ConfigError(f"{where}: 'stages' must be a list of {', '.join(STAGES)}")
-    p = Pipeline(path=where, name=str(data.get("name") or Path(path).stem), out=Path(data["out"]),
-                 stages=tuple(s for s in STAGES if s in stages))  # fmt: skip
+    p = Pipeline(
+        path=where,
+        name=str(data.get("name") or Path(path).stem),
+        out=Path(data["out"]),
+        stages=tuple(s for s in STAGES if s in stages),
+    )
 
     if "synth" in data and "synth" in p.stages:
         from .synth import _SLIDE_DEFAULTS, write_cohort
@@ -227,8 +238,12 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             from .heatmap import heatmaps
 
             p.heatmap = _section(where, data["heatmap"], "heatmap")
-            _check_section(where, "heatmap", p.heatmap,
-                           _signature_types(heatmaps, {"store_dir", "out_dir", "run_id"}))  # fmt: skip
+            _check_section(
+                where,
+                "heatmap",
+                p.heatmap,
+                _signature_types(heatmaps, {"store_dir", "out_dir", "run_id"}),
+            )
         else:
             p.stages = tuple(s for s in p.stages if s != "heatmap")
 
@@ -246,8 +261,9 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             raise ConfigError(f"{where}: 'labels': {p.labels} does not exist")
     if "train" not in p.stages and ({"predict", "heatmap"} & set(p.stages)):
         if p.run is None:
-            raise ConfigError(f"{where}: 'run' (a trained run folder) is required when there is "
-                              "no train stage")  # fmt: skip
+            raise ConfigError(
+                f"{where}: 'run' (a trained run folder) is required when there is no train stage"
+            )
         if not (p.run / "model.pt").is_file():
             raise ConfigError(f"{where}: 'run': {p.run} is not a trained run (no model.pt)")
     return p
@@ -291,8 +307,9 @@ def _train_done(p: Pipeline, config: Any) -> str:
     return "resume" if (run / "checkpoint.pt").is_file() else "fresh"
 
 
-def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = True,
-                 debug: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_pipeline(
+    pipeline: Pipeline | str | os.PathLike, *, progress: bool = True, debug: bool = False
+) -> dict[str, Any]:
     """Run a pipeline's stages in order, skipping complete ones; writes ``<out>/report.json``.
 
     Returns
@@ -303,8 +320,13 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
     """
     p = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     p.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"pipeline": p.path, "name": p.name, "out": str(p.out),
-                              "stages": [], "failed": False}  # fmt: skip
+    report: dict[str, Any] = {
+        "pipeline": p.path,
+        "name": p.name,
+        "out": str(p.out),
+        "stages": [],
+        "failed": False,
+    }
     started = time.time()
 
     def stage(name: str, fn: Callable[[], tuple[str, dict[str, Any]]]) -> None:
@@ -317,6 +339,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
         _write_report(p, report)
 
     if "synth" in p.stages and p.synth is not None:
+
         def do_synth() -> tuple[str, dict[str, Any]]:
             from .synth import write_cohort
 
@@ -328,11 +351,14 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
         stage("synth", do_synth)
 
     if "tile" in p.stages:
+
         def do_tile() -> tuple[str, dict[str, Any]]:
             from .tiling import tile_slides
 
             spec, batch = _tiling_spec(p.tile)
-            res = tile_slides(p.slides, p.stores, spec=spec, progress=progress, debug=debug, **batch)
+            res = tile_slides(
+                p.slides, p.stores, spec=spec, progress=progress, debug=debug, **batch
+            )
             failed = [r for r in res if not r.ok]
             if failed:
                 report["failed"] = True
@@ -340,12 +366,16 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
             for r in res:
                 counts[r.status] = counts.get(r.status, 0) + 1
             status = "skipped" if counts.get("skipped", 0) == len(res) else "ran"
-            return status, {"stores": str(p.stores), "slides": counts,
-                            "manifest": str(p.stores / "manifest.csv")}  # fmt: skip
+            return status, {
+                "stores": str(p.stores),
+                "slides": counts,
+                "manifest": str(p.stores / "manifest.csv"),
+            }
 
         stage("tile", do_tile)
 
     if "train" in p.stages and p.train is not None:
+
         def do_train() -> tuple[str, dict[str, Any]]:
             from .training import TrainConfig, train
 
@@ -355,21 +385,31 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
             state = _train_done(p, config)
             if state == "done":
                 return "skipped", {"run": str(p.run_dir)}
-            train(p.stores, p.labels, p.run_dir, config=config, resume=state == "resume",
-                  progress=progress)  # fmt: skip
+            train(
+                p.stores,
+                p.labels,
+                p.run_dir,
+                config=config,
+                resume=state == "resume",
+                progress=progress,
+            )
             return ("resumed" if state == "resume" else "ran"), {"run": str(p.run_dir)}
 
         stage("train", do_train)
 
     if "predict" in p.stages:
+
         def do_predict() -> tuple[str, dict[str, Any]]:
             from .prediction import predict
 
             pred_dir = p.out / "predictions"
             csv_path = pred_dir / "predictions.csv"
             model = p.run_dir / "model.pt"
-            if csv_path.is_file() and csv_path.stat().st_mtime >= model.stat().st_mtime and \
-                    _all_scored(p):  # fmt: skip
+            if (
+                csv_path.is_file()
+                and csv_path.stat().st_mtime >= model.stat().st_mtime
+                and _all_scored(p)
+            ):
                 return "skipped", {"predictions": str(csv_path)}
             rows = predict(p.stores, p.run_dir, pred_dir, progress=progress, **p.predict)
             if any(not r.ok for r in rows):
@@ -379,6 +419,7 @@ def run_pipeline(pipeline: Pipeline | str | os.PathLike, *, progress: bool = Tru
         stage("predict", do_predict)
 
     if "heatmap" in p.stages and p.heatmap is not None:
+
         def do_heatmap() -> tuple[str, dict[str, Any]]:
             from .heatmap import heatmaps
 

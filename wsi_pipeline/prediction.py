@@ -58,13 +58,23 @@ def tiling_mismatch(store_tiling: dict[str, Any], run_tiling: dict[str, Any]) ->
     elif abs(float(store_tiling["downsample"]) - float(run_tiling["downsample"])) > 0.02 * float(
         run_tiling["downsample"]
     ):
-        return (f"tiled at downsample {float(store_tiling['downsample']):g}, the run at "
-                f"{float(run_tiling['downsample']):g} (no mpp to compare)")  # fmt: skip
+        return (
+            f"tiled at downsample {float(store_tiling['downsample']):g}, the run at "
+            f"{float(run_tiling['downsample']):g} (no mpp to compare)"
+        )
     return None
 
 
-def _embed_all(model: Any, store: Path, *, device: Any, amp: bool, channels_last: bool,
-               chunk: int, features: str | None) -> Any:  # fmt: skip
+def _embed_all(
+    model: Any,
+    store: Path,
+    *,
+    device: Any,
+    amp: bool,
+    channels_last: bool,
+    chunk: int,
+    features: str | None,
+) -> Any:
     """(N, D) float32 embeddings of every patch (cached features, or the backbone in chunks)."""
     import torch
 
@@ -83,10 +93,20 @@ def _embed_all(model: Any, store: Path, *, device: Any, amp: bool, channels_last
     return torch.cat(hs)
 
 
-def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: str, device: Any,
-                  amp: bool = True, channels_last: bool = False, chunk: int = 512,
-                  features: str | None = None, run_dir: str = "",
-                  calibration: dict[str, Any] | None = None) -> Prediction:  # fmt: skip
+def predict_store(
+    model: Any,
+    store: Path,
+    *,
+    classes: Sequence[str],
+    run_id: str,
+    device: Any,
+    amp: bool = True,
+    channels_last: bool = False,
+    chunk: int = 512,
+    features: str | None = None,
+    run_dir: str = "",
+    calibration: dict[str, Any] | None = None,
+) -> Prediction:
     """Predict one complete store and write its per-patch scores into it.
 
     Slide probabilities and per-patch scores go through the run's calibration (fitted on its
@@ -101,8 +121,15 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
     n = int(g["coords"].shape[0])
     if n == 0:
         return Prediction(sid, {}, "", 0, run_id, "no patches in the store (no tissue)")
-    h = _embed_all(model, store, device=device, amp=amp, channels_last=channels_last,
-                   chunk=chunk, features=features)  # fmt: skip
+    h = _embed_all(
+        model,
+        store,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        chunk=chunk,
+        features=features,
+    )
     with torch.inference_mode():
         out = model.head_forward(h)
     probs = apply_calibration(out.logits.float().cpu().numpy(), calibration)
@@ -121,23 +148,33 @@ def predict_store(model: Any, store: Path, *, classes: Sequence[str], run_id: st
         "abnormal_probability": float(1.0 - probs[neg]),
         "predicted": pred,
         "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
-                 "instance classifier",
+        "instance classifier",
         "calibration": (calibration or {}).get("method", "none"),
         "patch_calibration": "specificity-referenced: 0.5 = the 99th percentile of patches of "
-                             "negative validation slides" if calibration and "patch" in calibration
-                             else (calibration or {}).get("method", "none"),
-    }  # fmt: skip
+        "negative validation slides"
+        if calibration and "patch" in calibration
+        else (calibration or {}).get("method", "none"),
+    }
     gw = open_store(store, mode="r+")
     _write_scores(gw, f"scores/{run_id}", score, attrs)
     if attn is not None:
-        _write_scores(gw, f"scores/{run_id}-attention", attn,
-                      {"run": run_id, "score": "attention weight (sums to 1 over the slide)"})  # fmt: skip
+        _write_scores(
+            gw,
+            f"scores/{run_id}-attention",
+            attn,
+            {"run": run_id, "score": "attention weight (sums to 1 over the slide)"},
+        )
     return Prediction(sid, prob_map, pred, n, run_id, "")
 
 
 def _write_scores(g: Any, key: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
-    arr = g.create_array(key, shape=values.shape, dtype="float32",
-                         chunks=(max(1, min(len(values), 65536)),), overwrite=True)  # fmt: skip
+    arr = g.create_array(
+        key,
+        shape=values.shape,
+        dtype="float32",
+        chunks=(max(1, min(len(values), 65536)),),
+        overwrite=True,
+    )
     arr[...] = values
     arr.attrs.update(attrs)
     arr.attrs.update({"complete": True})
@@ -147,20 +184,32 @@ def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[
     """``predictions.csv``: slide_id, p_<class>..., probability (abnormal), predicted_label,
     n_patches, run_id, error (written atomically)."""
     neg = negative_class(classes)
-    fields = ["slide_id", *[f"p_{c}" for c in classes], "probability", "predicted_label",
-              "n_patches", "run_id", "error"]  # fmt: skip
+    fields = [
+        "slide_id",
+        *[f"p_{c}" for c in classes],
+        "probability",
+        "predicted_label",
+        "n_patches",
+        "run_id",
+        "error",
+    ]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            row: dict[str, Any] = {"slide_id": r.slide_id, "predicted_label": r.predicted,
-                                   "n_patches": r.n_patches, "run_id": r.run_id,
-                                   "error": r.error}  # fmt: skip
+            row: dict[str, Any] = {
+                "slide_id": r.slide_id,
+                "predicted_label": r.predicted,
+                "n_patches": r.n_patches,
+                "run_id": r.run_id,
+                "error": r.error,
+            }
             for c in classes:
                 row[f"p_{c}"] = f"{r.probabilities[c]:.6f}" if r.probabilities else ""
-            row["probability"] = (f"{1.0 - r.probabilities[classes[neg]]:.6f}"
-                                  if r.probabilities else "")  # fmt: skip
+            row["probability"] = (
+                f"{1.0 - r.probabilities[classes[neg]]:.6f}" if r.probabilities else ""
+            )
             w.writerow(row)
     os.replace(tmp, path)
     return path
@@ -227,13 +276,19 @@ def predict(
     for sp in stores:
         sid = sp.stem
         if not is_complete(sp):
-            rows.append(Prediction(sid, run_id=rid, error=f"{sp}: store is unfinished; rerun "
-                                   "'wsi-pipeline tile'"))  # fmt: skip
+            rows.append(
+                Prediction(
+                    sid, run_id=rid, error=f"{sp}: store is unfinished; rerun 'wsi-pipeline tile'"
+                )
+            )
             continue
         why = tiling_mismatch(dict(open_store(sp).attrs["tiling"]), run["tiling"])
         if why:
-            rows.append(Prediction(sid, run_id=rid, error=f"{sp}: {why}; tile the slide like "
-                                   "the training slides"))  # fmt: skip
+            rows.append(
+                Prediction(
+                    sid, run_id=rid, error=f"{sp}: {why}; tile the slide like the training slides"
+                )
+            )
             continue
         ready.append(sp)
     features = None
@@ -241,19 +296,36 @@ def predict(
         from .features import ensure_features
 
         with_patches = [sp for sp in ready if int(open_store(sp)["coords"].shape[0]) > 0]
-        features, _ = ensure_features(with_patches, backbone=cfg.backbone,
-                                      weights=Path(run["dir"]) / "extractor.pt", device=dev,
-                                      progress=progress)  # fmt: skip
+        features, _ = ensure_features(
+            with_patches,
+            backbone=cfg.backbone,
+            weights=Path(run["dir"]) / "extractor.pt",
+            device=dev,
+            progress=progress,
+        )
         if features != run["config"].get("extractor"):
-            raise TrainingError(f"{run['dir']}/extractor.pt: does not match the features the run "
-                                "was trained on; train again")  # fmt: skip
+            raise TrainingError(
+                f"{run['dir']}/extractor.pt: does not match the features the run "
+                "was trained on; train again"
+            )
     t0 = time.time()
     for sp in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
         try:
-            rows.append(predict_store(model, sp, classes=classes, run_id=rid, device=dev,
-                                      amp=cfg.amp, channels_last=cfg.channels_last, chunk=chunk,
-                                      features=features, run_dir=str(run["dir"]),
-                                      calibration=run.get("calibration")))  # fmt: skip
+            rows.append(
+                predict_store(
+                    model,
+                    sp,
+                    classes=classes,
+                    run_id=rid,
+                    device=dev,
+                    amp=cfg.amp,
+                    channels_last=cfg.channels_last,
+                    chunk=chunk,
+                    features=features,
+                    run_dir=str(run["dir"]),
+                    calibration=run.get("calibration"),
+                )
+            )
         except (WSIPipelineError, OSError) as exc:
             msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
             log.error("%s", msg)
@@ -265,4 +337,3 @@ def predict(
     write_predictions(out / "predictions.csv", rows, classes)
     log.info("predicted %d slide(s) in %.1f s", len(ready), time.time() - t0)
     return rows
-

@@ -37,9 +37,20 @@ log = logging.getLogger(__name__)
 
 #: File name endings treated as slides when a folder is searched.
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".dcm", ".qptiff", ".btf",
-)  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".qptiff",
+    ".btf",
+)
 
 # mpp values that are really a TIFF dpi default (72, 96, 150, 300 dpi), not a scanner resolution.
 _DPI_DEFAULT_MPP = tuple(25400.0 / dpi for dpi in (72, 96, 150, 200, 300, 600))
@@ -252,9 +263,7 @@ class Slide:
         return mpp / self.meta.mpp
 
     # -- pixels --------------------------------------------------------------------------------
-    def read_region(
-        self, xy: tuple[int, int], level: int, size_wh: tuple[int, int]
-    ) -> np.ndarray:
+    def read_region(self, xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
         """Read a region at a pyramid level.
 
         Parameters
@@ -278,8 +287,9 @@ class Slide:
         """
         m = self.meta
         if not (0 <= level < m.level_count):
-            raise SlideError(f"level {level} does not exist (levels 0..{m.level_count - 1})",
-                             path=m.path)
+            raise SlideError(
+                f"level {level} does not exist (levels 0..{m.level_count - 1})", path=m.path
+            )
         w, h = int(size_wh[0]), int(size_wh[1])
         if w <= 0 or h <= 0:
             raise SlideError(f"region size must be positive, not {size_wh}", path=m.path)
@@ -505,12 +515,14 @@ def _open_openslide(p: Path, spath: str, size: int) -> Slide:
 
     h = openslide.OpenSlide(str(p))
     props = dict(h.properties)
-    return Slide(h, _meta(h, props, "openslide", props.get(openslide.PROPERTY_NAME_VENDOR),
-                          spath, size))  # fmt: skip
+    return Slide(
+        h, _meta(h, props, "openslide", props.get(openslide.PROPERTY_NAME_VENDOR), spath, size)
+    )
 
 
-def _meta(h: Any, props: dict[str, Any], backend: str, vendor: str | None, spath: str,
-          size: int) -> SlideMeta:  # fmt: skip
+def _meta(
+    h: Any, props: dict[str, Any], backend: str, vendor: str | None, spath: str, size: int
+) -> SlideMeta:
     """SlideMeta from an open reader; both readers name properties ``<backend>.<name>``."""
     mpp_x = _trustworthy_mpp(props.get(f"{backend}.mpp-x"))
     mpp_y = _trustworthy_mpp(props.get(f"{backend}.mpp-y"))

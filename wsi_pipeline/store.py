@@ -305,8 +305,9 @@ def open_store(path: str | os.PathLike, *, require_complete: bool = True, mode: 
             path=p,
         )
     if require_complete and attrs.get("complete") is not True:
-        raise StoreError("store is unfinished (no complete: true); rerun 'wsi-pipeline tile'",
-                         path=p)
+        raise StoreError(
+            "store is unfinished (no complete: true); rerun 'wsi-pipeline tile'", path=p
+        )
     return _zarr().open_group(str(p), mode=mode)
 
 

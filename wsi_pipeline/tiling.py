@@ -175,8 +175,10 @@ def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
         if ds < 1.0 - 1e-3:
             log.warning(
                 "%s: target %.3g mpp is finer than the scan (%.3g mpp); patches are upsampled",
-                m.path, spec.mpp, m.mpp,
-            )  # fmt: skip
+                m.path,
+                spec.mpp,
+                m.mpp,
+            )
         target_mpp: float | None = float(spec.mpp)
     else:
         level = int(spec.level or 0)
@@ -333,13 +335,25 @@ def prepare_slide(
 
         attrs = dict(zarr.open_group(str(store), mode="r").attrs)
         t = dict(attrs.get("tiling", {}))
-        same = (t.get("spec") == spec.to_dict() and t.get("slide_mpp_override") == slide_mpp
-                and (attrs.get("slide") or {}).get("file_size") == _file_size(path))  # fmt: skip
+        same = (
+            t.get("spec") == spec.to_dict()
+            and t.get("slide_mpp_override") == slide_mpp
+            and (attrs.get("slide") or {}).get("file_size") == _file_size(path)
+        )
         if same:
-            return TileResult(sid, str(Path(path).absolute()), "skipped",
-                              int(t.get("n_patches", 0)), time.time() - t0)  # fmt: skip
-        log.warning("%s: the slide file or the tiling parameters changed since %s was written; "
-                    "tiling again", path, store)  # fmt: skip
+            return TileResult(
+                sid,
+                str(Path(path).absolute()),
+                "skipped",
+                int(t.get("n_patches", 0)),
+                time.time() - t0,
+            )
+        log.warning(
+            "%s: the slide file or the tiling parameters changed since %s was written; "
+            "tiling again",
+            path,
+            store,
+        )
         overwrite = True
     with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
         meta = slide.meta
@@ -348,16 +362,34 @@ def prepare_slide(
         resume_n = None if overwrite else _resumable(store, meta, attrs)
         if resume_n is not None:
             todo = tuple(
-                s for s in range(math.ceil(resume_n / spec.patches_per_shard))
-                if not shard_is_done(store, s, min(spec.patches_per_shard,
-                                                   resume_n - s * spec.patches_per_shard),
-                                     spec.patches_per_shard)
-            )  # fmt: skip
-            log.info("%s: resuming unfinished store (%d of %d shards left)", sid, len(todo),
-                     math.ceil(resume_n / spec.patches_per_shard))  # fmt: skip
-            return SlidePlan(sid, meta.path, str(store), spec, geometry,
-                             meta.level_dimensions[geometry.read_level], resume_n, todo,
-                             slide_mpp, meta.backend, t0)  # fmt: skip
+                s
+                for s in range(math.ceil(resume_n / spec.patches_per_shard))
+                if not shard_is_done(
+                    store,
+                    s,
+                    min(spec.patches_per_shard, resume_n - s * spec.patches_per_shard),
+                    spec.patches_per_shard,
+                )
+            )
+            log.info(
+                "%s: resuming unfinished store (%d of %d shards left)",
+                sid,
+                len(todo),
+                math.ceil(resume_n / spec.patches_per_shard),
+            )
+            return SlidePlan(
+                sid,
+                meta.path,
+                str(store),
+                spec,
+                geometry,
+                meta.level_dimensions[geometry.read_level],
+                resume_n,
+                todo,
+                slide_mpp,
+                meta.backend,
+                t0,
+            )
         mask_ds = _mask_downsample(slide, spec, geometry)
         thumb = slide.read_thumbnail(mask_ds)
         thumb_mpp = None if meta.mpp is None else meta.mpp * mask_ds
@@ -369,22 +401,52 @@ def prepare_slide(
 
     g = create_store(store, slide_id=sid, meta=meta, tiling=attrs)
     _write_array(g, "thumbnail", thumb, chunks=(512, 512, 3), attrs={"downsample": mask_ds})
-    _write_array(g, "tissue_mask", mask, chunks=(1024, 1024),
-                 attrs={"downsample": mask_ds, "method": spec.mask.method,
-                        "params": spec.mask.to_dict(), "tissue_fraction": float(mask.mean())})  # fmt: skip
-    _write_array(g, "coords", coords, chunks=(max(1, min(len(coords), 65536)), 2),
-                 attrs={"units": "level-0 px", "order": "x, y (top-left corner)"})  # fmt: skip
+    _write_array(
+        g,
+        "tissue_mask",
+        mask,
+        chunks=(1024, 1024),
+        attrs={
+            "downsample": mask_ds,
+            "method": spec.mask.method,
+            "params": spec.mask.to_dict(),
+            "tissue_fraction": float(mask.mean()),
+        },
+    )
+    _write_array(
+        g,
+        "coords",
+        coords,
+        chunks=(max(1, min(len(coords), 65536)), 2),
+        attrs={"units": "level-0 px", "order": "x, y (top-left corner)"},
+    )
     _write_array(g, "tissue_fraction", frac, chunks=(max(1, min(len(frac), 65536)),))
     create_patches_array(
-        g, n=len(coords), tile_px=spec.tile_px, codec=spec.codec, quality=spec.jpeg_quality,
+        g,
+        n=len(coords),
+        tile_px=spec.tile_px,
+        codec=spec.codec,
+        quality=spec.jpeg_quality,
         patches_per_shard=spec.patches_per_shard,
-        attrs={"mpp": geometry.target_mpp, "downsample": geometry.downsample,
-               "read_level": geometry.read_level},
-    )  # fmt: skip
-    plan = SlidePlan(sid, meta.path, str(store), spec, geometry,
-                     meta.level_dimensions[geometry.read_level], len(coords),
-                     tuple(range(math.ceil(len(coords) / spec.patches_per_shard))),
-                     slide_mpp, meta.backend, t0)  # fmt: skip
+        attrs={
+            "mpp": geometry.target_mpp,
+            "downsample": geometry.downsample,
+            "read_level": geometry.read_level,
+        },
+    )
+    plan = SlidePlan(
+        sid,
+        meta.path,
+        str(store),
+        spec,
+        geometry,
+        meta.level_dimensions[geometry.read_level],
+        len(coords),
+        tuple(range(math.ceil(len(coords) / spec.patches_per_shard))),
+        slide_mpp,
+        meta.backend,
+        t0,
+    )
     if len(coords) == 0:
         return finalize_slide(plan)
     return plan
@@ -397,8 +459,9 @@ def _file_size(path: str | os.PathLike) -> int | None:
         return None
 
 
-def _write_array(g: Any, name: str, data: np.ndarray, *, chunks: tuple, attrs: dict | None = None
-                 ) -> None:  # fmt: skip
+def _write_array(
+    g: Any, name: str, data: np.ndarray, *, chunks: tuple, attrs: dict | None = None
+) -> None:
     chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
     arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
     if data.size:
@@ -415,15 +478,21 @@ class _Sources:
         self.items: dict[tuple, tuple[TiffLevel | None, Slide | None]] = {}
 
     def get(self, plan: SlidePlan) -> tuple[TiffLevel | None, Slide | None]:
-        key = (plan.path, plan.geometry.read_level, plan.slide_mpp, plan.backend,
-               os.stat(plan.path).st_mtime_ns)  # fmt: skip
+        key = (
+            plan.path,
+            plan.geometry.read_level,
+            plan.slide_mpp,
+            plan.backend,
+            os.stat(plan.path).st_mtime_ns,
+        )
         hit = self.items.get(key)
         if hit is None:
             tiff = open_tiff_level(plan.path, plan.geometry.read_level, plan.level_wh)
             slide = None
             if tiff is None:
-                slide = open_slide(plan.path, mpp=plan.slide_mpp, backend=plan.backend,
-                                   check_pixels=False)  # fmt: skip
+                slide = open_slide(
+                    plan.path, mpp=plan.slide_mpp, backend=plan.backend, check_pixels=False
+                )
             while len(self.items) >= self.size:
                 _, (t, s) = self.items.popitem()
                 if t is not None:
@@ -461,16 +530,25 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
     rp = geo.read_px
     lds = geo.level_downsample
     can_copy = (
-        tiff is not None and spec.codec == "jpeg" and tiff.compression == JPEG
-        and not geo.resampled and (tiff.tile_w, tiff.tile_h) == (T, T) and rp == T
-    )  # fmt: skip
+        tiff is not None
+        and spec.codec == "jpeg"
+        and tiff.compression == JPEG
+        and not geo.resampled
+        and (tiff.tile_w, tiff.tile_h) == (T, T)
+        and rp == T
+    )
     chunks: list[bytes | None] = []
     copied = 0
     for x, y in coords:
         lx, ly = round(x / lds), round(y / lds)
         try:
-            if can_copy and lx % T == 0 and ly % T == 0 and lx + T <= tiff.width \
-                    and ly + T <= tiff.height:  # fmt: skip
+            if (
+                can_copy
+                and lx % T == 0
+                and ly % T == 0
+                and lx + T <= tiff.width
+                and ly + T <= tiff.height
+            ):
                 jpeg = tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T)
                 if len(jpeg) < 64 or b"\xff\xd9" not in jpeg[-16:]:  # copied, so check it here
                     raise ValueError("stored JPEG tile is truncated (no end-of-image marker)")
@@ -514,8 +592,14 @@ def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> Til
         "seconds": round(time.time() - plan.started, 3),
     }
     mark_complete(g, **extra)
-    return TileResult(plan.slide_id, plan.path, status, plan.n_patches, time.time() - plan.started,
-                      "" if plan.n_patches else "no tissue found (store has 0 patches)")  # fmt: skip
+    return TileResult(
+        plan.slide_id,
+        plan.path,
+        status,
+        plan.n_patches,
+        time.time() - plan.started,
+        "" if plan.n_patches else "no tissue found (store has 0 patches)",
+    )
 
 
 def tile_slide(
@@ -536,8 +620,15 @@ def tile_slide(
         For a bad slide or parameters (the batch runner records these instead).
     """
     spec = spec or TilingSpec()
-    plan = prepare_slide(path, out_dir, spec=spec, slide_id=slide_id, slide_mpp=slide_mpp,
-                         overwrite=overwrite, backend=backend)  # fmt: skip
+    plan = prepare_slide(
+        path,
+        out_dir,
+        spec=spec,
+        slide_id=slide_id,
+        slide_mpp=slide_mpp,
+        overwrite=overwrite,
+        backend=backend,
+    )
     if isinstance(plan, TileResult):
         return plan
     stats = [extract_shard(plan, s) for s in plan.todo]
@@ -598,8 +689,9 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise TilingError(f"output folder cannot be written ({exc.strerror or exc})",
-                          path=out) from exc  # fmt: skip
+        raise TilingError(
+            f"output folder cannot be written ({exc.strerror or exc})", path=out
+        ) from exc
     return out
 
 
@@ -611,8 +703,10 @@ def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[Ti
     for p in slides:
         sid = slide_id_from_path(p)
         if sid in seen:
-            msg = (f"{p.absolute()}: duplicate slide id {sid!r} (already used by "
-                   f"{seen[sid].absolute()}); rename one of the files")  # fmt: skip
+            msg = (
+                f"{p.absolute()}: duplicate slide id {sid!r} (already used by "
+                f"{seen[sid].absolute()}); rename one of the files"
+            )
             log.error("%s", msg)
             dupes.append(TileResult(sid, str(p.absolute()), "failed", 0, 0.0, msg))
             continue
@@ -685,8 +779,19 @@ def tile_slides(
     if scheduler is None and workers <= 1:
         _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
     else:
-        _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record,
-                  workers, scheduler)  # fmt: skip
+        _run_dask(
+            jobs,
+            out,
+            spec,
+            overwrite,
+            slide_mpp,
+            backend,
+            progress,
+            debug,
+            record,
+            workers,
+            scheduler,
+        )
     order = {sid: i for i, (sid, _) in enumerate(jobs)}
     return sorted(results, key=lambda r: order.get(r.slide_id, -1))
 
@@ -694,10 +799,17 @@ def tile_slides(
 def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     from tqdm.auto import tqdm
 
-    slides_bar = tqdm(total=n_slides, desc="slides", unit="slide", disable=None if progress else True,
-                      position=0)  # fmt: skip
-    patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None if progress else True, position=1,
-                     leave=False)  # fmt: skip
+    slides_bar = tqdm(
+        total=n_slides, desc="slides", unit="slide", disable=None if progress else True, position=0
+    )
+    patch_bar = tqdm(
+        total=0,
+        desc="patches",
+        unit="patch",
+        disable=None if progress else True,
+        position=1,
+        leave=False,
+    )
     return slides_bar, patch_bar
 
 
@@ -707,8 +819,15 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
         for sid, path in jobs:
             t0 = time.time()
             try:
-                plan = prepare_slide(path, out, spec=spec, slide_id=sid, slide_mpp=slide_mpp,
-                                     overwrite=overwrite, backend=backend)  # fmt: skip
+                plan = prepare_slide(
+                    path,
+                    out,
+                    spec=spec,
+                    slide_id=sid,
+                    slide_mpp=slide_mpp,
+                    overwrite=overwrite,
+                    backend=backend,
+                )
                 if isinstance(plan, SlidePlan):
                     patch_bar.reset(total=plan.n_patches)
                     patch_bar.set_description(sid)
@@ -726,16 +845,22 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
         slides_bar.close()
 
 
-def _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers,
-              scheduler) -> None:  # fmt: skip
+def _run_dask(
+    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers, scheduler
+) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
         client = Client(cluster)
     slides_bar, patch_bar = _bars(progress, len(jobs))
     try:
@@ -748,9 +873,18 @@ def _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, r
         def submit_prepares() -> None:
             while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
                 sid, path = pending.pop(0)
-                f = client.submit(prepare_slide, path, out, spec=spec, slide_id=sid,
-                                  slide_mpp=slide_mpp, overwrite=overwrite, backend=backend,
-                                  key=f"prepare-{sid}-{time.time_ns()}", pure=False)  # fmt: skip
+                f = client.submit(
+                    prepare_slide,
+                    path,
+                    out,
+                    spec=spec,
+                    slide_id=sid,
+                    slide_mpp=slide_mpp,
+                    overwrite=overwrite,
+                    backend=backend,
+                    key=f"prepare-{sid}-{time.time_ns()}",
+                    pure=False,
+                )
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)
 
@@ -778,8 +912,14 @@ def _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, r
                     patch_bar.refresh()
                     state[sid] = {"plan": res, "left": len(res.todo), "stats": []}
                     for s in res.todo:
-                        g = client.submit(extract_shard, res, s, priority=10, pure=False,
-                                          key=f"shard-{sid}-{s}-{time.time_ns()}")  # fmt: skip
+                        g = client.submit(
+                            extract_shard,
+                            res,
+                            s,
+                            priority=10,
+                            pure=False,
+                            key=f"shard-{sid}-{s}-{time.time_ns()}",
+                        )
                         meta[g] = ("shard", sid, path, t0, res)
                         ac.add(g)
                     if not res.todo:
@@ -794,8 +934,9 @@ def _run_dask(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, r
                 st["left"] -= 1
                 patch_bar.update(res["copied"] + res["encoded"])
                 if st["left"] == 0:
-                    g = client.submit(finalize_slide, st["plan"], st["stats"], priority=20,
-                                      pure=False)  # fmt: skip
+                    g = client.submit(
+                        finalize_slide, st["plan"], st["stats"], priority=20, pure=False
+                    )
                     meta[g] = ("final", sid, path, t0, st["plan"])
                     ac.add(g)
             else:

@@ -38,7 +38,9 @@ def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     safe = np.maximum(delta, 1e-6)
     hue = np.where(
-        mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+        mx == r,
+        ((g - b) / safe) % 6.0,
+        np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
     hue = np.where(delta > 0, hue / 6.0, 0.0).astype(np.float32)
     return hue, sat, mx
@@ -179,9 +181,7 @@ def _rasterize_geojson(p: Path, shape: tuple[int, int], downsample: float) -> np
     return mask
 
 
-def rect_fractions(
-    mask: np.ndarray, rects_xywh: np.ndarray, *, downsample: float
-) -> np.ndarray:
+def rect_fractions(mask: np.ndarray, rects_xywh: np.ndarray, *, downsample: float) -> np.ndarray:
     """Fraction of each level-0 rectangle covered by the mask (exact area integral).
 
     The mask is taken as piecewise constant over its pixels; a rectangle's coverage is the

@@ -176,13 +176,17 @@ def resolve_device(device: str) -> Any:
     return torch.device(device)
 
 
-def build_model(config: TrainConfig, num_classes: int, *, in_dim: int | None = None,
-                load_backbone: bool = True) -> Any:  # fmt: skip
+def build_model(
+    config: TrainConfig, num_classes: int, *, in_dim: int | None = None, load_backbone: bool = True
+) -> Any:
     """The MIL model the config describes (features mode: head only, on ``in_dim`` features)."""
     from .models import get_model, model_options
 
-    opts: dict[str, Any] = {"num_classes": num_classes, "hidden_dim": config.hidden_dim,
-                            "dropout": config.dropout}  # fmt: skip
+    opts: dict[str, Any] = {
+        "num_classes": num_classes,
+        "hidden_dim": config.hidden_dim,
+        "dropout": config.dropout,
+    }
     if "attn_dim" in model_options(config.model):
         opts["attn_dim"] = config.attn_dim
     if config.mode == "features":
@@ -248,23 +252,33 @@ def _to_device(x: Any, device: Any, channels_last: bool) -> Any:
     return x
 
 
-def bag_output(model: Any, x: Any, *, device: Any, amp: bool, channels_last: bool,
-               chunk: int = 512) -> Any:  # fmt: skip
+def bag_output(
+    model: Any, x: Any, *, device: Any, amp: bool, channels_last: bool, chunk: int = 512
+) -> Any:
     """Inference on a whole bag of any size: embed in chunks, then the head once."""
     import torch
 
     with torch.inference_mode(), _autocast(device, amp):
         if x.ndim == 4:  # patches
-            hs = [model.embed(_to_device(x[i : i + chunk], device, channels_last))
-                  for i in range(0, len(x), chunk)]  # fmt: skip
+            hs = [
+                model.embed(_to_device(x[i : i + chunk], device, channels_last))
+                for i in range(0, len(x), chunk)
+            ]
             h = torch.cat(hs).float()
         else:
             h = _to_device(x, device, False).float()
         return model.head_forward(h)
 
 
-def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
-             channels_last: bool = False, num_workers: int = 0) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: Any,
+    dataset: BagDataset,
+    *,
+    device: Any,
+    amp: bool = True,
+    channels_last: bool = False,
+    num_workers: int = 0,
+) -> dict[str, Any]:
     """Slide-level loss, accuracy and AUC of ``model`` on every bag of ``dataset``."""
     import torch
     import torch.nn.functional as F
@@ -292,16 +306,23 @@ def evaluate(model: Any, dataset: BagDataset, *, device: Any, amp: bool = True,
     }
 
 
-def _loader(dataset: BagDataset, *, shuffle_order: Sequence[int] | None, num_workers: int,
-            device: Any) -> Any:  # fmt: skip
+def _loader(
+    dataset: BagDataset, *, shuffle_order: Sequence[int] | None, num_workers: int, device: Any
+) -> Any:
     import torch
     from torch.utils.data import DataLoader, Subset
 
     ds: Any = dataset if shuffle_order is None else Subset(dataset, list(shuffle_order))
-    return DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", collate_fn=None,
-                      persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=None,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,8 +387,15 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def _epoch_order(train_idx: Sequence[int], targets: Sequence[int], *, balance: str, seed: int,
-                 epoch: int, world: int) -> list[int]:  # fmt: skip
+def _epoch_order(
+    train_idx: Sequence[int],
+    targets: Sequence[int],
+    *,
+    balance: str,
+    seed: int,
+    epoch: int,
+    world: int,
+) -> list[int]:
     """This epoch's bag order (identical on every rank); class-balanced draws with ``sampler``."""
     rng = np.random.default_rng([seed, epoch, 0xB46])
     idx = np.asarray(train_idx)
@@ -486,9 +514,11 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"{d}: not a complete run (no model.pt); train again")
     cfg = out["config"]
     if int(cfg.get("run_version", 0)) != RUN_VERSION:
-        raise TrainingError(f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
-                            f"{cfg.get('package_version', '?')}) is not readable by "
-                            f"{__version__}; train again")  # fmt: skip
+        raise TrainingError(
+            f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
+            f"{cfg.get('package_version', '?')}) is not readable by "
+            f"{__version__}; train again"
+        )
     cal = d / "calibration.json"
     out["calibration"] = json.loads(cal.read_text()) if cal.is_file() else None
     try:
@@ -508,15 +538,20 @@ def _load_weights(model: Any, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:
-        raise TrainingError(f"{path}: cannot load weights ({' '.join(str(exc).split())[:200]})"
-                            ) from exc  # fmt: skip
+        raise TrainingError(
+            f"{path}: cannot load weights ({' '.join(str(exc).split())[:200]})"
+        ) from exc
 
 
 def load_model(run: dict[str, Any], *, device: Any) -> Any:
     """The trained model of a run (best weights), in eval mode on ``device``."""
     config: TrainConfig = run["train_config"]
-    model = build_model(config, len(run["labels"]["classes"]), in_dim=run["config"].get("in_dim"),
-                        load_backbone=False)  # fmt: skip
+    model = build_model(
+        config,
+        len(run["labels"]["classes"]),
+        in_dim=run["config"].get("in_dim"),
+        load_backbone=False,
+    )
     _load_weights(model, Path(run["dir"]) / "model.pt")
     return model.to(device).eval()
 
@@ -565,17 +600,45 @@ def train(
     labels = read_labels(labels_csv)
     stores, skipped = resolve_stores(store_dir, labels)
     tiling = check_tiling(stores)
-    splits = make_splits(labels, list(stores), seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction, folds=config.folds,
-                         fold=config.fold)  # fmt: skip
+    splits = make_splits(
+        labels,
+        list(stores),
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        folds=config.folds,
+        fold=config.fold,
+    )
     with _distributed(config.device) as dist_info:
-        return _train(config, run, labels, stores, skipped, tiling, splits, dist_info,
-                      resume=resume, stop_after=stop_after, progress=progress and dist_info.main)
+        return _train(
+            config,
+            run,
+            labels,
+            stores,
+            skipped,
+            tiling,
+            splits,
+            dist_info,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress and dist_info.main,
+        )
 
 
-def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Path],
-           skipped: list[str], tiling: dict[str, Any], splits: dict[str, str], dist_info: _Dist,
-           *, resume: bool, stop_after: int | None, progress: bool) -> dict[str, Any]:  # fmt: skip
+def _train(
+    config: TrainConfig,
+    run: Path,
+    labels: Labels,
+    stores: dict[str, Path],
+    skipped: list[str],
+    tiling: dict[str, Any],
+    splits: dict[str, str],
+    dist_info: _Dist,
+    *,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -586,8 +649,11 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
     torch.manual_seed(config.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    num_workers = config.num_workers if config.num_workers is not None else (
-        4 if device.type == "cuda" else 1)  # fmt: skip
+    num_workers = (
+        config.num_workers
+        if config.num_workers is not None
+        else (4 if device.type == "cuda" else 1)
+    )
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint.pt"
 
@@ -602,25 +668,33 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         from .features import ensure_features
 
         extractor, in_dim = ensure_features(
-            [stores[s] for s in order], backbone=config.backbone, weights=config.backbone_weights,
-            device=device, seed=config.seed, run_dir=run if dist_info.main else None,
+            [stores[s] for s in order],
+            backbone=config.backbone,
+            weights=config.backbone_weights,
+            device=device,
+            seed=config.seed,
+            run_dir=run if dist_info.main else None,
             progress=progress,
-        )  # fmt: skip
+        )
     model = build_model(config, num_classes, in_dim=in_dim)
     if extractor is not None:
-        model.set_feature_stats(*_feature_stats([stores[s] for s in ids_train(order, splits)],
-                                                extractor))  # fmt: skip
+        model.set_feature_stats(
+            *_feature_stats([stores[s] for s in ids_train(order, splits)], extractor)
+        )
     model = model.to(device)
     if config.channels_last and device.type == "cuda" and config.mode == "e2e":
         model = model.to(memory_format=torch.channels_last)
 
     def bags(split: str, *, training: bool) -> BagDataset:
         return BagDataset(
-            [stores[s] for s in ids[split]], [targets[pos[s]] for s in ids[split]],
+            [stores[s] for s in ids[split]],
+            [targets[pos[s]] for s in ids[split]],
             max_patches=config.max_patches if training else config.eval_max_patches,
-            features=extractor, augment=training and config.mode == "e2e",
-            jitter=config.color_jitter, seed=config.seed,
-        )  # fmt: skip
+            features=extractor,
+            augment=training and config.mode == "e2e",
+            jitter=config.color_jitter,
+            seed=config.seed,
+        )
 
     pos = {s: i for i, s in enumerate(order)}
     train_set = bags("train", training=True)
@@ -638,8 +712,11 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
     class_w = None
     if config.balance == "loss":
         counts = np.bincount(train_set.targets, minlength=num_classes)
-        class_w = torch.tensor(len(train_idx) / (num_classes * np.maximum(counts, 1)),
-                               dtype=torch.float32, device=device)  # fmt: skip
+        class_w = torch.tensor(
+            len(train_idx) / (num_classes * np.maximum(counts, 1)),
+            dtype=torch.float32,
+            device=device,
+        )
 
     run_config = {
         "run_version": RUN_VERSION,
@@ -656,11 +733,17 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
     if resume:
         if not ckpt_path.is_file():
             raise TrainingError(f"{run}: nothing to resume (no checkpoint.pt)")
-        old = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        old = (
+            json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        )
         if old.get("train") != config.to_dict():
-            diff = sorted(k for k in config.to_dict() if (old.get("train") or {}).get(k) != getattr(config, k))
-            raise TrainingError(f"{run}: cannot resume with a different config "
-                                f"(changed: {', '.join(diff) or 'all'})")  # fmt: skip
+            diff = sorted(
+                k for k in config.to_dict() if (old.get("train") or {}).get(k) != getattr(config, k)
+            )
+            raise TrainingError(
+                f"{run}: cannot resume with a different config "
+                f"(changed: {', '.join(diff) or 'all'})"
+            )
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -672,14 +755,22 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         start_epoch = int(ck["epoch"]) + 1
         log.info("resuming %s at epoch %d", run, start_epoch)
     elif ckpt_path.exists() and dist_info.main:
-        log.warning("%s: starting over (an earlier checkpoint is replaced; use --resume to "
-                    "continue it)", run)  # fmt: skip
+        log.warning(
+            "%s: starting over (an earlier checkpoint is replaced; use --resume to continue it)",
+            run,
+        )
 
     if dist_info.main:
         _atomic_json(run_config, run / "config.json")
         _atomic_json(tiling, run / "tiling.json")
-        _atomic_json({"classes": list(labels.classes), "labels_csv": str(labels.path),
-                      "skipped_no_patches": skipped}, run / "labels.json")  # fmt: skip
+        _atomic_json(
+            {
+                "classes": list(labels.classes),
+                "labels_csv": str(labels.path),
+                "skipped_no_patches": skipped,
+            },
+            run / "labels.json",
+        )
         with open(run / "splits.csv", "w") as fh:
             fh.write("slide_id,label,split\n")
             for s in order:
@@ -689,8 +780,11 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
     if dist_info.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=config.model == "clam_sb")  # fmt: skip
+        ddp_model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.model == "clam_sb",
+        )
 
     instance_loss = config.model == "clam_sb" and config.instance_weight > 0
     if instance_loss and dist_info.world > 1:
@@ -715,14 +809,26 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         t0 = time.time()
         model.train()
         train_set.set_epoch(epoch)
-        order_e = _epoch_order(train_idx, train_set.targets, balance=config.balance,
-                               seed=config.seed, epoch=epoch, world=dist_info.world)  # fmt: skip
+        order_e = _epoch_order(
+            train_idx,
+            train_set.targets,
+            balance=config.balance,
+            seed=config.seed,
+            epoch=epoch,
+            world=dist_info.world,
+        )
         mine = order_e[dist_info.rank :: dist_info.world]
         losses = []
-        bar = tqdm(total=len(mine), desc=f"epoch {epoch + 1}/{config.epochs}", unit="bag",
-                   disable=None if progress else True, leave=False)  # fmt: skip
-        for x, y, _ in _loader(train_set, shuffle_order=mine, num_workers=num_workers,
-                               device=device):  # fmt: skip
+        bar = tqdm(
+            total=len(mine),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="bag",
+            disable=None if progress else True,
+            leave=False,
+        )
+        for x, y, _ in _loader(
+            train_set, shuffle_order=mine, num_workers=num_workers, device=device
+        ):
             x = _to_device(x, device, config.channels_last)
             yt = torch.tensor([y], device=device)
             with _autocast(device, config.amp):
@@ -736,8 +842,9 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
                 if instance_loss:
                     inst = model.head.instance_loss(h.float(), int(y))
                 elif topk_loss:
-                    inst = topk_instance_loss(out.patch_logits.float(), int(y), neg_idx,
-                                              k=config.instance_k)  # fmt: skip
+                    inst = topk_instance_loss(
+                        out.patch_logits.float(), int(y), neg_idx, k=config.instance_k
+                    )
                 if inst is not None:
                     loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
             optimizer.zero_grad(set_to_none=True)
@@ -751,22 +858,38 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
-        rec: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                               "lr": float(scheduler.get_last_lr()[0])}  # fmt: skip
+        rec: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "lr": float(scheduler.get_last_lr()[0]),
+        }
         stop_flag = torch.zeros(1)
         if dist_info.main:
-            ev = evaluate(model, val_set, device=device, amp=config.amp,
-                          channels_last=config.channels_last) if ids["val"] else None  # fmt: skip
+            ev = (
+                evaluate(
+                    model,
+                    val_set,
+                    device=device,
+                    amp=config.amp,
+                    channels_last=config.channels_last,
+                )
+                if ids["val"]
+                else None
+            )
             if ev is not None:
                 rec.update(val_loss=ev["loss"], val_auc=ev["auc"], val_acc=ev["acc"])
             rec["seconds"] = round(time.time() - t0, 2)
             auc = rec.get("val_auc", float("nan"))
-            better = (not math.isnan(auc) and (auc > best["auc"] or (
-                auc == best["auc"] and rec["val_loss"] < best["loss"]))) or (
-                not ids["val"] and rec["train_loss"] < best["loss"])  # fmt: skip
+            better = (
+                not math.isnan(auc)
+                and (auc > best["auc"] or (auc == best["auc"] and rec["val_loss"] < best["loss"]))
+            ) or (not ids["val"] and rec["train_loss"] < best["loss"])
             if better or best["epoch"] < 0:
-                best = {"epoch": epoch, "auc": auc if not math.isnan(auc) else -1.0,
-                        "loss": rec.get("val_loss", rec["train_loss"])}  # fmt: skip
+                best = {
+                    "epoch": epoch,
+                    "auc": auc if not math.isnan(auc) else -1.0,
+                    "loss": rec.get("val_loss", rec["train_loss"]),
+                }
                 _atomic_torch_save(model.state_dict(), run / "model.pt")
                 stale = 0
             else:
@@ -780,15 +903,25 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
                     if k in rec and not (isinstance(rec[k], float) and math.isnan(rec[k])):
                         writer.add_scalar(k.replace("_", "/", 1), rec[k], epoch)
                 writer.flush()
-            _atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": _rng_state(device), "epoch": epoch, "history": json.dumps(history),
-                "best": json.dumps(best),
-            }, ckpt_path)  # fmt: skip
+            _atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(device),
+                    "epoch": epoch,
+                    "history": json.dumps(history),
+                    "best": json.dumps(best),
+                },
+                ckpt_path,
+            )
             _write_metrics(run, history, best, None, splits, config)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(
-                f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)))  # fmt: skip
+            log.info(
+                "epoch %d: %s",
+                epoch + 1,
+                ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
+            )
         if dist_info.world > 1:
             import torch.distributed as dist
 
@@ -806,10 +939,24 @@ def _train(config: TrainConfig, run: Path, labels: Labels, stores: dict[str, Pat
         if finished:
             _load_weights(model, run / "model.pt")
             if ids["test"]:
-                test = evaluate(model, test_set, device=device, amp=config.amp,
-                                channels_last=config.channels_last)  # fmt: skip
-            val = evaluate(model, val_set, device=device, amp=config.amp,
-                           channels_last=config.channels_last) if ids["val"] else None  # fmt: skip
+                test = evaluate(
+                    model,
+                    test_set,
+                    device=device,
+                    amp=config.amp,
+                    channels_last=config.channels_last,
+                )
+            val = (
+                evaluate(
+                    model,
+                    val_set,
+                    device=device,
+                    amp=config.amp,
+                    channels_last=config.channels_last,
+                )
+                if ids["val"]
+                else None
+            )
             cal = _calibrate(run, val, labels.classes)
             if test is not None:
                 test["calibrated"] = _calibrated_metrics(test, cal)
@@ -828,8 +975,9 @@ def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) ->
         cal = identity_calibration(len(classes))
     else:
         cal = fit_calibration(val["logits"], val["targets"], negative=neg)
-        cal = fit_patch_reference(cal, [p for p, t in zip(val["patch_logits"], val["targets"])
-                                        if t == neg])  # fmt: skip
+        cal = fit_patch_reference(
+            cal, [p for p, t in zip(val["patch_logits"], val["targets"]) if t == neg]
+        )
     _atomic_json(cal, run / "calibration.json")
     return cal
 
@@ -848,9 +996,16 @@ def _calibrated_metrics(ev: dict[str, Any], cal: dict[str, Any]) -> dict[str, fl
     }
 
 
-def _write_metrics(run: Path, history: list[dict[str, Any]], best: dict[str, Any],
-                   test: dict[str, Any] | None, splits: dict[str, str], config: TrainConfig,
-                   *, finished: bool = False) -> dict[str, Any]:  # fmt: skip
+def _write_metrics(
+    run: Path,
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+    test: dict[str, Any] | None,
+    splits: dict[str, str],
+    config: TrainConfig,
+    *,
+    finished: bool = False,
+) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for sp in splits.values():
         counts[sp] = counts.get(sp, 0) + 1
@@ -866,14 +1021,20 @@ def _write_metrics(run: Path, history: list[dict[str, Any]], best: dict[str, Any
         "backbone": config.backbone,
     }
     if test is not None:
-        metrics["test"] = {k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated")
-                           if k in test}  # fmt: skip
+        metrics["test"] = {
+            k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated") if k in test
+        }
     _atomic_json(metrics, run / "metrics.json")
     return metrics
 
 
-def _plots(run: Path, history: list[dict[str, Any]], val: dict[str, Any] | None,
-           test: dict[str, Any] | None, classes: Sequence[str]) -> None:  # fmt: skip
+def _plots(
+    run: Path,
+    history: list[dict[str, Any]],
+    val: dict[str, Any] | None,
+    test: dict[str, Any] | None,
+    classes: Sequence[str],
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -898,8 +1059,11 @@ def _plots(run: Path, history: list[dict[str, Any]], val: dict[str, Any] | None,
         fpr, tpr = roc_curve(ev["targets"], ev["probs"][:, 1])
         ax.plot(fpr, tpr, label=f"{name} AUC {ev['auc']:.3f} (n={ev['n']})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title=f"ROC ({classes[-1]} vs rest)")  # fmt: skip
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC ({classes[-1]} vs rest)",
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right")
     else:
@@ -930,9 +1094,12 @@ def train_folds(
         m = train(store_dir, labels_csv, fold_dir, config=cfg, resume=again, progress=progress)
         per_fold.append(m.get("best_val_auc"))
     aucs = np.array([a for a in per_fold if a is not None], float)
-    res = {"folds": folds, "val_auc": per_fold,
-           "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
-           "val_auc_std": float(aucs.std()) if aucs.size else float("nan")}  # fmt: skip
+    res = {
+        "folds": folds,
+        "val_auc": per_fold,
+        "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
+        "val_auc_std": float(aucs.std()) if aucs.size else float("nan"),
+    }
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(res, out / "cv_metrics.json")
     return res

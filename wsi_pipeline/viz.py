@@ -52,14 +52,18 @@ def plot_tiling(store: SlideStore | str | os.PathLike, *, max_boxes: int = 5000)
     if len(coords) > max_boxes:
         coords = coords[np.random.default_rng(0).choice(len(coords), max_boxes, replace=False)]
     p = float(st.tiling["patch_l0"]) / ds
-    boxes = [[(x / ds, y / ds), (x / ds + p, y / ds), (x / ds + p, y / ds + p),
-              (x / ds, y / ds + p)] for x, y in coords]  # fmt: skip
-    ax.add_collection(PolyCollection(boxes, facecolors="none", edgecolors="yellow",
-                                     linewidths=0.4))  # fmt: skip
+    boxes = [
+        [(x / ds, y / ds), (x / ds + p, y / ds), (x / ds + p, y / ds + p), (x / ds, y / ds + p)]
+        for x, y in coords
+    ]
+    ax.add_collection(PolyCollection(boxes, facecolors="none", edgecolors="yellow", linewidths=0.4))
     mpp = st.tiling.get("mpp")
     res = f"{mpp:g} µm/px" if mpp else f"level {st.tiling.get('level')}"
-    ax.set_title(f"{st.slide_id}: {st.n_patches} patches of {st.tiling['tile_px']} px at {res}; "
-                 f"tissue {mask.mean():.0%} of the slide", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{st.slide_id}: {st.n_patches} patches of {st.tiling['tile_px']} px at {res}; "
+        f"tissue {mask.mean():.0%} of the slide",
+        fontsize=9,
+    )
     ax.set_axis_off()
     fig.tight_layout()
     return fig
@@ -164,24 +168,41 @@ def plot_heatmap(
     thumb = st.thumbnail
     ds = float(st.group["thumbnail"].attrs["downsample"])
     heat, _ = stitch_scores(
-        st.coords, vals, patch_l0=float(st.tiling["patch_l0"]),
-        slide_wh=(st.meta.width, st.meta.height), downsample=ds, tissue_mask=st.tissue_mask,
-        mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]), sigma_um=sigma_um,
+        st.coords,
+        vals,
+        patch_l0=float(st.tiling["patch_l0"]),
+        slide_wh=(st.meta.width, st.meta.height),
+        downsample=ds,
+        tissue_mask=st.tissue_mask,
+        mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]),
+        sigma_um=sigma_um,
         mpp=st.meta.mpp,
-    )  # fmt: skip
+    )
     fig, ax = _figure((8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6))
     ax.imshow(thumb)
     vmax = 1.0 if mode == "probability" else 100.0
-    im = ax.imshow(np.ma.masked_invalid(heat[: thumb.shape[0], : thumb.shape[1]]), cmap=cmap,
-                   alpha=alpha, vmin=0.0, vmax=vmax)  # fmt: skip
-    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02,
-                 label="abnormality probability" if mode == "probability" else
-                 "within-slide percentile")  # fmt: skip
+    im = ax.imshow(
+        np.ma.masked_invalid(heat[: thumb.shape[0], : thumb.shape[1]]),
+        cmap=cmap,
+        alpha=alpha,
+        vmin=0.0,
+        vmax=vmax,
+    )
+    fig.colorbar(
+        im,
+        ax=ax,
+        fraction=0.035,
+        pad=0.02,
+        label="abnormality probability" if mode == "probability" else "within-slide percentile",
+    )
     attrs = dict(st.group[f"scores/{run_id}"].attrs)
     pred = attrs.get("predicted")
     p = attrs.get("abnormal_probability")
-    ax.set_title(f"{st.slide_id} — {which} ({mode}); predicted {pred}"
-                 + (f", p(abnormal) = {p:.2f}" if p is not None else ""), fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{st.slide_id} — {which} ({mode}); predicted {pred}"
+        + (f", p(abnormal) = {p:.2f}" if p is not None else ""),
+        fontsize=9,
+    )
     ax.set_axis_off()
     fig.tight_layout()
     return fig
