@@ -179,6 +179,7 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
     """Level-0 canvases over ``fraction`` of the slide's rows, pooled to the heatmap grid."""
     from wsi_pipeline import heatmap as hm
     from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.util import sample_mask
 
     st = SlideStore(store)
     coords = st.coords
@@ -213,7 +214,7 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
     del canvas
     mask = st.tissue_mask
     mds = float(st.group["tissue_mask"].attrs["downsample"])
-    grid[~hm._sample_mask(mask, mds, ds, (0, gh), (0, gw))] = np.nan
+    grid[~sample_mask(mask, mds, ds, (0, gh), (0, gw))] = np.nan
     stitch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     thumb = st.thumbnail

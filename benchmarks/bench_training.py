@@ -149,7 +149,7 @@ def throughput(stores: Path, slides: Path, steps: int = 30, k: int = 64) -> list
 
 
 def held_out(run: Path, pred_csv: Path) -> tuple[float, int]:
-    from wsi_pipeline.training import auc_score
+    from wsi_pipeline.metrics import auc_score
 
     with open(run / "splits.csv") as fh:
         split = {r["slide_id"]: r for r in csv.DictReader(fh)}
@@ -160,10 +160,10 @@ def held_out(run: Path, pred_csv: Path) -> tuple[float, int]:
 
 
 def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
+    from wsi_pipeline.metrics import auc_score
     from wsi_pipeline.store import SlideStore
     from wsi_pipeline.synth import load_ground_truth
     from wsi_pipeline.tissue import rect_fractions
-    from wsi_pipeline.training import auc_score
 
     with open(run / "splits.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] != "train" and r["label"] == "1"]
@@ -185,7 +185,8 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     of ``rows`` (``slide_id``, ``label``), and the tissue fraction above threshold on the negative
     ones. The slides are tiled again into ``dense`` with 50% overlap (same tile size and mpp as
     the run) for denser heatmaps."""
-    from wsi_pipeline.heatmap import heatmap_iou, heatmaps, stitch_scores
+    from wsi_pipeline.heatmap import heatmaps, stitch_scores
+    from wsi_pipeline.metrics import heatmap_iou
     from wsi_pipeline.prediction import predict
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import SlideStore
@@ -260,7 +261,7 @@ def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wsi_pipeline.training import TrainConfig
+    from wsi_pipeline.specs import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("bench-out/training"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from wsi_pipeline.calibration import apply_calibration, fit_calibration, identity_calibration
-from wsi_pipeline.training import auc_score
+from wsi_pipeline.metrics import auc_score
 
 
 def test_platt_on_small_margins_is_bounded_and_monotone() -> None:

@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 from wsi_pipeline import heatmap as hm
-from wsi_pipeline import synth
+from wsi_pipeline import metrics, synth
 from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore
@@ -269,11 +269,13 @@ def test_iou_and_area_on_a_known_case() -> None:
     truth = np.zeros((8, 8), bool)  # twice as fine
     truth[0:4, 0:2] = True  # covers heatmap pixels (0,0) and (1,0) only
     # A = 4 px, B = 2 px, A & B = 2 -> 2 / 4
-    assert hm.heatmap_iou(values, truth, threshold=0.5) == pytest.approx(0.5)
-    assert hm.heatmap_iou(values, truth, threshold=0.5, downsample=2, truth_downsample=1) == 0.5
-    assert hm.heatmap_iou(values, np.zeros((8, 8), bool), threshold=0.95) == 1.0
-    assert hm.area_above(values, 0.5) == 4
-    assert hm.area_above(values, 0.1, pixel_area=2.5) == 12.5
+    assert metrics.heatmap_iou(values, truth, threshold=0.5) == pytest.approx(0.5)
+    assert (
+        metrics.heatmap_iou(values, truth, threshold=0.5, downsample=2, truth_downsample=1) == 0.5
+    )
+    assert metrics.heatmap_iou(values, np.zeros((8, 8), bool), threshold=0.95) == 1.0
+    assert metrics.area_above(values, 0.5) == 4
+    assert metrics.area_above(values, 0.1, pixel_area=2.5) == 12.5
 
 
 # --------------------------------------------------------------------------------------- TIFF

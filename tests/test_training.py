@@ -17,13 +17,14 @@ import zarr
 from wsi_pipeline.cli import main
 from wsi_pipeline.data import BagDataset, make_splits, read_labels, resolve_stores
 from wsi_pipeline.errors import ConfigError, TrainingError
+from wsi_pipeline.metrics import auc_score
 from wsi_pipeline.prediction import predict
-from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.store import SlideStore
 from wsi_pipeline.synth import load_ground_truth, write_cohort
 from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.training import TrainConfig, auc_score, topk_instance_loss, train
+from wsi_pipeline.training import topk_instance_loss, train
 
 TILING = TilingSpec(tile_px=64, mpp=1.0)
 FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
@@ -114,9 +115,7 @@ def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None
     shutil.rmtree(bad / f"{ids[0]}.zarr")
     slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
     tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
-    with pytest.raises(
-        TrainingError, match=r"tiled with 64 px at mpp 1, but .synth_000. with 96 px"
-    ):
+    with pytest.raises(TrainingError, match=r"tile size 64 px, .synth_000. was tiled on 96 px"):
         train(bad, labels_csv, tmp_path / "r", config=cfg)
     assert not (tmp_path / "r").exists()  # nothing started
 

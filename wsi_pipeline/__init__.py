@@ -27,7 +27,7 @@ from .errors import (
     TrainingError,
     WSIPipelineError,
 )
-from .specs import MaskSpec, SlideMeta, TilingSpec
+from .specs import MaskSpec, SlideMeta, TilingSpec, TrainConfig
 
 # name -> module, imported on first attribute access (PEP 562)
 _LAZY = {
@@ -44,7 +44,6 @@ _LAZY = {
     "PatchReader": "store",
     "write_cohort": "synth",
     "write_slide": "synth",
-    "TrainConfig": "training",
     "train": "training",
     "train_folds": "training",
     "predict": "prediction",
@@ -63,6 +62,7 @@ __all__ = [
     "StoreError",
     "TilingError",
     "TilingSpec",
+    "TrainConfig",
     "TrainingError",
     "WSIPipelineError",
     "__version__",

@@ -400,8 +400,9 @@ def train(
 ) -> None:
     """Train a MIL model on the stores in STORES from slide labels only."""
     from .pipeline import load_options
-    from .training import TrainConfig, train_folds
+    from .specs import TrainConfig
     from .training import train as run_train
+    from .training import train_folds
 
     base = load_options(config_file) if config_file else {}
     overrides = {k: v for k, v in opts.items() if v is not None}
@@ -559,9 +560,9 @@ def heatmap(
 ) -> None:
     """Per slide in STORES: PNG overlay, pyramidal TIFF, GeoJSON regions and a JSON summary."""
     from .heatmap import heatmaps
-    from .slide import sanitize_id
+    from .runs import run_id as run_id_rule
 
-    rid = sanitize_id(run_id or run_dir.resolve().name)
+    rid = run_id_rule(run_dir, run_id)
     res = heatmaps(
         stores,
         out,

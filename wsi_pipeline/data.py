@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, StoreError, TrainingError
+from .specs import tiling_mismatch
 from .store import PatchReader, is_complete, open_store, store_path
 
 __all__ = [
@@ -189,46 +190,34 @@ def resolve_stores(
     return stores, skipped
 
 
-def _tiling_key(t: dict[str, Any]) -> tuple[int, float | None, float | None]:
-    mpp = t.get("mpp")
-    return (
-        int(t["tile_px"]),
-        None if mpp is None else round(float(mpp), 3),
-        None if mpp is not None else round(float(t["downsample"]), 3),
-    )
-
-
-def _describe(key: tuple[int, float | None, float | None]) -> str:
-    res = f"mpp {key[1]:g}" if key[1] is not None else f"downsample {key[2]:g} (no mpp)"
-    return f"{key[0]} px at {res}"
-
-
 def check_tiling(stores: dict[str, Path]) -> dict[str, Any]:
     """The tiling shared by all stores (tile size, mpp or downsample).
 
     Raises
     ------
     TrainingError
-        When stores were tiled with different tile sizes or resolutions.
+        When stores were tiled with different tile sizes or resolutions
+        (:func:`wsi_pipeline.specs.tiling_mismatch`).
     """
-    first: tuple[str, tuple, dict[str, Any]] | None = None
+    first: tuple[str, dict[str, Any]] | None = None
     for sid, sp in stores.items():
         t = dict(open_store(sp).attrs["tiling"])
-        key = _tiling_key(t)
         if first is None:
             first = (
                 sid,
-                key,
-                {"tile_px": key[0], "mpp": t.get("mpp"), "downsample": float(t["downsample"])},
+                {
+                    "tile_px": int(t["tile_px"]),
+                    "mpp": t.get("mpp"),
+                    "downsample": float(t["downsample"]),
+                },
             )
-        elif key != first[1]:
-            raise TrainingError(
-                f"{sp}: tiled with {_describe(key)}, but {first[0]!r} with "
-                f"{_describe(first[1])}; re-tile so all slides match"
-            )
+            continue
+        why = tiling_mismatch(t, first[1], reference_name=f"{first[0]!r} was tiled")
+        if why:
+            raise TrainingError(f"{sp}: {why}; re-tile so all slides match")
     if first is None:
         raise TrainingError("no stores with patches to train on")
-    return first[2]
+    return first[1]
 
 
 def make_splits(

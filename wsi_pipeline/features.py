@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .store import PatchReader, open_store
+from .runs import EXTRACTOR
+from .store import PatchReader, features_key, has_complete_array, open_store, write_features
+from .util import atomic_path
 
 __all__ = ["embed_store", "ensure_features", "state_dict_digest"]
 
@@ -114,38 +116,29 @@ def ensure_features(
     state = net.state_dict()
     name = f"{backbone}-{state_dict_digest(state)[:12]}"
     if run_dir is not None:
-        tmp = run_dir / f".extractor.pt.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / "extractor.pt")
+        with atomic_path(run_dir / EXTRACTOR) as tmp:
+            torch.save(state, tmp)
     net = net.to(device).eval()
     todo = []
     for sp in stores:
         g = open_store(sp)
-        arr = g.get(f"features/{name}") if "features" in g else None
-        if arr is None or arr.attrs.get("complete") is not True:
+        if not has_complete_array(g, features_key(name)):
             todo.append(sp)
     for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
         feats = embed_store(sp, net, device=device, batch_size=batch_size)
         g = open_store(sp, mode="r+")
-        arr = g.create_array(
-            f"features/{name}",
-            shape=(len(feats), dim),
-            dtype=FEATURES_DTYPE,
-            chunks=(max(1, min(len(feats), 8192)), dim),
-            overwrite=True,
-        )
-        if len(feats):
-            arr[...] = feats.astype(FEATURES_DTYPE)
-        arr.attrs.update(
+        write_features(
+            g,
+            name,
+            feats.astype(FEATURES_DTYPE),
             {
                 "backbone": backbone,
                 "weights": str(weights) if weights else None,
                 "weights_sha256": state_dict_digest(state),
                 "dim": dim,
                 "normalization": "x/255, ImageNet mean/std",
-            }
+            },
         )
-        arr.attrs.update({"complete": True})
     if todo:
         log.info(
             "features %s: embedded %d store(s), %d already cached",

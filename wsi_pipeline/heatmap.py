@@ -64,15 +64,14 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, StoreError, WSIPipelineError
-from .slide import resize_rgb, sanitize_id
+from .metrics import area_above
 from .store import SlideStore, list_stores
+from .util import resize_rgb, sample_mask, sanitize_id
 
 __all__ = [
     "MODES",
-    "area_above",
     "display_values",
     "export_heatmaps",
-    "heatmap_iou",
     "heatmap_shape",
     "heatmaps",
     "overlay_rgb",
@@ -226,16 +225,6 @@ def _smooth(a: np.ndarray, sigma_px: float) -> np.ndarray:
     return oaconvolve(a, k[:, None], mode="same", axes=0)
 
 
-def _sample_mask(
-    mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int], cols: tuple[int, int]
-) -> np.ndarray:
-    """Nearest-neighbour sample of a mask (at ``mask_ds``) at the centres of heatmap pixels."""
-    mh, mw = mask.shape
-    r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
-    c = np.clip(((np.arange(*cols) + 0.5) * ds / mask_ds).astype(np.int64), 0, mw - 1)
-    return mask[r[:, None], c[None, :]]
-
-
 def stitch_scores(
     coords_xy: np.ndarray,
     scores: np.ndarray,
@@ -352,7 +341,7 @@ def stitch_scores(
             num, den = num[inner], den[inner]
             ok = (raw > _EPS) & (den > _EPS)
             if tissue_mask is not None:
-                ok &= _sample_mask(tissue_mask, mask_ds, ds, (r0, r1), (c0, c1))
+                ok &= sample_mask(tissue_mask, mask_ds, ds, (r0, r1), (c0, c1))
             block = np.full(raw.shape, np.nan, np.float32)
             block[ok] = num[ok] / den[ok]
             values[r0:r1, c0:c1] = block
@@ -365,63 +354,6 @@ def stitch_scores(
 # --------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------
-def area_above(values: np.ndarray, threshold: float, *, pixel_area: float = 1.0) -> float:
-    """Area of the heatmap pixels with a value ``>= threshold`` (NaN never counts).
-
-    Parameters
-    ----------
-    values : (H, W) float ndarray
-    threshold : float
-        In the heatmap's units.
-    pixel_area : float
-        Area of one heatmap pixel in the unit wanted (e.g. ``(downsample * mpp)**2`` µm², or
-        ``downsample**2`` level-0 px²); 1 counts pixels.
-    """
-    with np.errstate(invalid="ignore"):
-        return float(np.count_nonzero(np.asarray(values) >= threshold)) * float(pixel_area)
-
-
-def heatmap_iou(
-    values: np.ndarray,
-    truth_mask: np.ndarray,
-    *,
-    threshold: float,
-    downsample: float | None = None,
-    truth_downsample: float | None = None,
-) -> float:
-    """Intersection over union of the thresholded heatmap with a ground-truth mask.
-
-    Parameters
-    ----------
-    values : (H, W) float ndarray
-        Heatmap; pixels ``>= threshold`` are positive, NaN is negative.
-    truth_mask : (h, w) bool ndarray
-        Ground truth at any resolution; resampled to the heatmap grid by nearest neighbour.
-    threshold : float
-    downsample, truth_downsample : float, optional
-        Level-0 px per heatmap / mask pixel. With both, heatmap pixel centres are mapped through
-        level-0 coordinates; otherwise the two grids are taken to span the same extent.
-
-    Returns
-    -------
-    float
-        ``|A & B| / |A | B|``; 1.0 when both are empty.
-    """
-    v = np.asarray(values)
-    t = np.asarray(truth_mask, dtype=bool)
-    h, w = v.shape
-    if downsample and truth_downsample:
-        truth = _sample_mask(t, float(truth_downsample), float(downsample), (0, h), (0, w))
-    else:
-        r = np.minimum(((np.arange(h) + 0.5) * t.shape[0] / h).astype(np.int64), t.shape[0] - 1)
-        c = np.minimum(((np.arange(w) + 0.5) * t.shape[1] / w).astype(np.int64), t.shape[1] - 1)
-        truth = t[r[:, None], c[None, :]]
-    with np.errstate(invalid="ignore"):
-        pred = v >= threshold
-    union = int(np.count_nonzero(pred | truth))
-    return 1.0 if union == 0 else int(np.count_nonzero(pred & truth)) / union
-
-
 # --------------------------------------------------------------------------------------------
 # colour
 # --------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     ConfigError
         Unknown key, wrong type, missing path or stage inputs -- naming the key.
     """
-    from .training import TrainConfig
+    from .specs import TrainConfig
 
     data = load_options(path)
     where = str(path)
@@ -292,21 +292,6 @@ def _tiling_spec(opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return TilingSpec(mask=MaskSpec(**mask_kw), **spec_kw), batch
 
 
-def _train_done(p: Pipeline, config: Any) -> str:
-    """``done``, ``resume`` or ``fresh`` for the train stage."""
-    run = p.run_dir
-    try:
-        m = json.loads((run / "metrics.json").read_text())
-        c = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return "resume" if (run / "checkpoint.pt").is_file() else "fresh"
-    if c.get("train") != config.to_dict():
-        return "fresh"
-    if m.get("finished") and (run / "model.pt").is_file():
-        return "done"
-    return "resume" if (run / "checkpoint.pt").is_file() else "fresh"
-
-
 def run_pipeline(
     pipeline: Pipeline | str | os.PathLike, *, progress: bool = True, debug: bool = False
 ) -> dict[str, Any]:
@@ -377,12 +362,15 @@ def run_pipeline(
     if "train" in p.stages and p.train is not None:
 
         def do_train() -> tuple[str, dict[str, Any]]:
-            from .training import TrainConfig, train
+            from .specs import TrainConfig
+            from .training import train
 
             opts = dict(p.train)
             opts.pop("folds", None)
             config = TrainConfig.from_dict(opts)
-            state = _train_done(p, config)
+            from .runs import run_state
+
+            state = run_state(p.run_dir, config)
             if state == "done":
                 return "skipped", {"run": str(p.run_dir)}
             train(
@@ -440,9 +428,10 @@ def run_pipeline(
 
 
 def _run_id(p: Pipeline) -> str:
-    from .slide import sanitize_id
 
-    return sanitize_id(p.predict.get("run_id") or p.run_dir.resolve().name)
+    from .runs import run_id
+
+    return run_id(p.run_dir, p.predict.get("run_id"))
 
 
 def _all_scored(p: Pipeline) -> bool:
@@ -462,7 +451,7 @@ def _summary(p: Pipeline) -> dict[str, Any]:
     """Held-out slide-level AUC from predictions.csv and the run's splits, and test metrics."""
     import csv
 
-    from .training import auc_score
+    from .metrics import auc_score
 
     out: dict[str, Any] = {}
     run = p.run_dir

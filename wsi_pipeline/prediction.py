@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from . import runs
 from .data import negative_class
 from .errors import TrainingError, WSIPipelineError
-from .slide import sanitize_id
-from .store import PatchReader, is_complete, list_stores, open_store
+from .specs import tiling_mismatch
+from .store import PatchReader, is_complete, list_stores, open_store, write_scores
+from .util import sanitize_id
 
-__all__ = ["Prediction", "predict", "predict_store", "tiling_mismatch", "write_predictions"]
+__all__ = ["Prediction", "predict", "predict_store", "write_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +47,6 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return not self.error or self.error.startswith("no patches")
-
-
-def tiling_mismatch(store_tiling: dict[str, Any], run_tiling: dict[str, Any]) -> str | None:
-    """Why a store's tiling differs from the run's (tile size, resolution), or None."""
-    if int(store_tiling["tile_px"]) != int(run_tiling["tile_px"]):
-        return f"tile size {store_tiling['tile_px']} px, the run was trained on {run_tiling['tile_px']} px"
-    a, b = store_tiling.get("mpp"), run_tiling.get("mpp")
-    if a is not None and b is not None:
-        if abs(float(a) - float(b)) / float(b) > 0.02:
-            return f"tiled at {float(a):g} mpp, the run was trained at {float(b):g} mpp"
-    elif abs(float(store_tiling["downsample"]) - float(run_tiling["downsample"])) > 0.02 * float(
-        run_tiling["downsample"]
-    ):
-        return (
-            f"tiled at downsample {float(store_tiling['downsample']):g}, the run at "
-            f"{float(run_tiling['downsample']):g} (no mpp to compare)"
-        )
-    return None
 
 
 def _embed_all(
@@ -156,28 +140,16 @@ def predict_store(
         else (calibration or {}).get("method", "none"),
     }
     gw = open_store(store, mode="r+")
-    _write_scores(gw, f"scores/{run_id}", score, attrs)
+    write_scores(gw, run_id, score, attrs)
     if attn is not None:
-        _write_scores(
+        write_scores(
             gw,
-            f"scores/{run_id}-attention",
+            run_id,
             attn,
             {"run": run_id, "score": "attention weight (sums to 1 over the slide)"},
+            attention=True,
         )
     return Prediction(sid, prob_map, pred, n, run_id, "")
-
-
-def _write_scores(g: Any, key: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
-    arr = g.create_array(
-        key,
-        shape=values.shape,
-        dtype="float32",
-        chunks=(max(1, min(len(values), 65536)),),
-        overwrite=True,
-    )
-    arr[...] = values
-    arr.attrs.update(attrs)
-    arr.attrs.update({"complete": True})
 
 
 def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[str]) -> Path:
@@ -257,12 +229,13 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    from .training import load_model, load_run, resolve_device
+    from .runs import load_run
+    from .training import load_model, resolve_device
 
     run = load_run(run_dir)
     cfg = run["train_config"]
     classes = list(run["labels"]["classes"])
-    rid = sanitize_id(run_id or Path(run_dir).resolve().name)
+    rid = runs.run_id(run_dir, run_id)
     dev = resolve_device(device)
     model = load_model(run, device=dev)
     out = Path(out_dir)

@@ -23,13 +23,13 @@ import numpy as np
 
 from .errors import SlideError
 from .specs import SlideMeta
+from .util import resize_rgb, sanitize_id
 
 __all__ = [
     "SLIDE_SUFFIXES",
     "Slide",
     "find_slides",
     "open_slide",
-    "resize_rgb",
     "slide_id_from_path",
 ]
 
@@ -113,12 +113,6 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
     return sanitize_id(name)
 
 
-def sanitize_id(name: str) -> str:
-    """Make ``name`` safe as a single path component (letters, digits, ``._-``)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
-    return safe or "slide"
-
-
 def find_slides(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand files and folders into slide files.
 
@@ -171,27 +165,6 @@ def _level_to_l0(v: int, downsample: float) -> int:
     """Smallest level-0 coordinate that maps to level coordinate ``v`` under
     ``floor(x / downsample)`` (the readers' convention)."""
     return math.ceil(v * downsample - 1e-6)
-
-
-def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) -> np.ndarray:
-    """Resample an ``(H, W, 3)`` uint8 image to ``size_wh`` with one good-quality filter.
-
-    Integer shrink factors use exact box averaging (``PIL.Image.reduce``); other factors use
-    Lanczos (which low-pass filters when shrinking), or area averaging with ``box=True``
-    (no ringing; used for thumbnails). Equal sizes return the input.
-    """
-    from PIL import Image
-
-    w, h = int(size_wh[0]), int(size_wh[1])
-    if arr.shape[1] == w and arr.shape[0] == h:
-        return arr
-    img = Image.fromarray(np.ascontiguousarray(arr))
-    fx, fy = arr.shape[1] / w, arr.shape[0] / h
-    if fx == fy and fx >= 1 and float(fx).is_integer():
-        out = img.reduce(int(fx))
-    else:
-        out = img.resize((w, h), Image.Resampling.BOX if box else Image.Resampling.LANCZOS)
-    return np.asarray(out)
 
 
 class Slide:

@@ -20,27 +20,67 @@ import numpy as np
 from . import __version__
 from .codecs import EMPTY, JpegCodec, decode_chunk, read_shard_index
 from .errors import StoreError
-from .slide import sanitize_id
 from .specs import SlideMeta
+from .util import sanitize_id
 
 __all__ = [
+    "COORDS",
+    "FEATURES",
+    "PATCHES",
+    "SCORES",
     "STORE_VERSION",
+    "THUMBNAIL",
+    "TISSUE_FRACTION",
+    "TISSUE_MASK",
     "PatchReader",
     "SlideStore",
     "create_patches_array",
     "create_store",
+    "features_key",
+    "has_complete_array",
     "is_complete",
     "list_stores",
     "mark_complete",
     "open_store",
+    "scores_key",
     "shard_is_done",
     "shard_path",
     "store_path",
+    "write_array",
+    "write_features",
+    "write_scores",
     "write_shard",
 ]
 
 #: Layout version written to ``attrs["wsi_pipeline"]["store_version"]``; bump on breaking change.
 STORE_VERSION = 1
+
+# The store's keys (docs/store.md). Every module names arrays through these.
+PATCHES = "patches"  #: (N, T, T, 3) uint8, sharded, one patch per inner chunk
+COORDS = "coords"  #: (N, 2) int64 level-0 (x, y) of each patch's top-left corner
+TISSUE_FRACTION = "tissue_fraction"  #: (N,) float32
+THUMBNAIL = "thumbnail"  #: (h, w, 3) uint8, attrs ``downsample``
+TISSUE_MASK = "tissue_mask"  #: (h, w) bool, attrs ``downsample``
+FEATURES = "features"  #: group of ``features/<extractor>`` (N, D) arrays
+SCORES = "scores"  #: group of ``scores/<run_id>`` and ``scores/<run_id>-attention`` (N,) arrays
+_ATTENTION_SUFFIX = "-attention"
+
+
+def features_key(extractor: str) -> str:
+    """``features/<extractor>``: the cached patch features of one frozen backbone."""
+    return f"{FEATURES}/{extractor}"
+
+
+def scores_key(run_id: str, *, attention: bool = False) -> str:
+    """``scores/<run_id>`` (per-patch abnormality) or ``scores/<run_id>-attention``."""
+    return f"{SCORES}/{run_id}{_ATTENTION_SUFFIX if attention else ''}"
+
+
+def score_runs(group: Any) -> list[str]:
+    """Run ids that have per-patch scores in a store group (attention arrays left out)."""
+    if SCORES not in group:
+        return []
+    return sorted(k for k in group[SCORES].array_keys() if not k.endswith(_ATTENTION_SUFFIX))
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
@@ -172,6 +212,51 @@ def create_patches_array(
     )
     arr.attrs.update({"codec": codec, "quality": quality, **attrs})
     return arr
+
+
+def write_array(
+    group: Any, key: str, data: np.ndarray, *, chunks: tuple, attrs: dict[str, Any] | None = None
+) -> Any:
+    """Write ``data`` as array ``key`` of ``group`` (replacing it), then its attributes.
+
+    ``chunks`` is clipped to the data's shape.
+    """
+    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
+    arr = group.create_array(key, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
+    if data.size:
+        arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def has_complete_array(group: Any, key: str) -> bool:
+    """True when ``key`` exists in ``group`` and was marked ``complete`` by its writer."""
+    try:
+        arr = group[key]
+    except KeyError:
+        return False
+    return arr.attrs.get("complete") is True
+
+
+def _write_marked(group: Any, key: str, data: np.ndarray, *, chunks: tuple, attrs: dict) -> None:
+    """Write an array that readers use only once ``complete: true`` is set (set last)."""
+    arr = write_array(group, key, data, chunks=chunks, attrs=attrs)
+    arr.attrs.update({"complete": True})
+
+
+def write_scores(
+    group: Any, run_id: str, values: np.ndarray, attrs: dict[str, Any], *, attention: bool = False
+) -> None:
+    """Write per-patch scores ``(N,)`` float32 to ``scores/<run_id>`` (or its ``-attention``)."""
+    values = np.asarray(values, dtype=np.float32)
+    key = scores_key(run_id, attention=attention)
+    _write_marked(group, key, values, chunks=(65536,), attrs=attrs)
+
+
+def write_features(group: Any, extractor: str, feats: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write patch features ``(N, D)`` to ``features/<extractor>``, marked complete last."""
+    _write_marked(group, features_key(extractor), feats, chunks=(8192, feats.shape[1]), attrs=attrs)
 
 
 def shard_path(store: str | os.PathLike, shard: int) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 from . import __version__
 from .codecs import encode_chunk, shard_bytes
 from .errors import SlideError, StoreError, TilingError, WSIPipelineError
-from .slide import Slide, open_slide, resize_rgb, slide_id_from_path
+from .slide import Slide, open_slide, slide_id_from_path
 from .specs import SlideMeta, TilingSpec
 from .store import (
     create_patches_array,
@@ -42,10 +42,12 @@ from .store import (
     mark_complete,
     shard_is_done,
     store_path,
+    write_array,
     write_shard,
 )
 from .tiffsrc import JPEG, TiffLevel, open_tiff_level
 from .tissue import load_user_mask, rect_fractions, tissue_mask
+from .util import resize_rgb
 
 __all__ = [
     "MANIFEST_FIELDS",
@@ -400,8 +402,8 @@ def prepare_slide(
         coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
 
     g = create_store(store, slide_id=sid, meta=meta, tiling=attrs)
-    _write_array(g, "thumbnail", thumb, chunks=(512, 512, 3), attrs={"downsample": mask_ds})
-    _write_array(
+    write_array(g, "thumbnail", thumb, chunks=(512, 512, 3), attrs={"downsample": mask_ds})
+    write_array(
         g,
         "tissue_mask",
         mask,
@@ -413,14 +415,14 @@ def prepare_slide(
             "tissue_fraction": float(mask.mean()),
         },
     )
-    _write_array(
+    write_array(
         g,
         "coords",
         coords,
         chunks=(max(1, min(len(coords), 65536)), 2),
         attrs={"units": "level-0 px", "order": "x, y (top-left corner)"},
     )
-    _write_array(g, "tissue_fraction", frac, chunks=(max(1, min(len(frac), 65536)),))
+    write_array(g, "tissue_fraction", frac, chunks=(max(1, min(len(frac), 65536)),))
     create_patches_array(
         g,
         n=len(coords),
@@ -457,17 +459,6 @@ def _file_size(path: str | os.PathLike) -> int | None:
         return os.stat(path).st_size
     except OSError:
         return None
-
-
-def _write_array(
-    g: Any, name: str, data: np.ndarray, *, chunks: tuple, attrs: dict | None = None
-) -> None:
-    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
-    arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
-    if data.size:
-        arr[...] = data
-    if attrs:
-        arr.attrs.update(attrs)
 
 
 class _Sources:

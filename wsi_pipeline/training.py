@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .calibration import apply_calibration
 from .data import (
     BagDataset,
     Labels,
@@ -41,125 +42,19 @@ from .data import (
     resolve_stores,
 )
 from .errors import ConfigError, TrainingError
+from .metrics import auc_score, probability_metrics, roc_curve
+from .runs import RUN_VERSION
+from .specs import TrainConfig
 
 __all__ = [
-    "TrainConfig",
-    "auc_score",
     "build_model",
     "evaluate",
-    "load_run",
     "resolve_device",
-    "roc_curve",
     "train",
     "train_folds",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Model and training options (saved to ``config.json``).
-
-    Attributes
-    ----------
-    model : str
-        MIL head (see ``wsi_pipeline.models.list_models()``).
-    backbone : str
-        Patch CNN (``smallcnn``, ``resnet18``, ``resnet50``).
-    mode : {"e2e", "features"}
-        Train the CNN through the MIL pooling, or train the head on features of a frozen backbone
-        cached in the stores (``features/<extractor>``).
-    backbone_weights : str or None
-        State-dict file for the backbone (torchvision names accepted); random init otherwise.
-    epochs, lr, weight_decay, warmup_epochs
-        AdamW with linear warm-up then cosine decay (per step).
-    max_patches : int
-        Patches per bag per training step (a seeded random subset of the slide's patches).
-    color_jitter : float
-        Per-bag brightness/contrast/saturation jitter (±) in end-to-end training, with random
-        flips and 90° rotations of each patch.
-    eval_max_patches : int or None
-        Patches per bag in evaluation (None = all, in chunks).
-    hidden_dim, dropout, attn_dim
-        Head sizes.
-    balance : {"sampler", "loss", "none"}
-        Class balance: weighted bag sampling, weighted loss, or nothing.
-    patience, min_epochs
-        Early stopping on validation AUC.
-    instance_weight : float
-        Weight of the instance loss next to the slide loss (``(1 - w) * slide + w * instance``):
-        CLAM's instance clustering loss for ``clam_sb`` (CLAM's paper uses 0.3), the MIL
-        instance loss of :func:`topk_instance_loss` for the other heads; 0 turns it off. With
-        small lesions and a CNN trained from scratch, 0.6 (with ``instance_k=8``) found them where
-        0.3 with ``k=4`` often did not.
-    instance_k : int
-        Patches per bag in the top-k instance loss.
-    seed : int
-    device : {"auto", "cpu", "cuda"}
-    amp : bool
-        Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
-    channels_last, grad_checkpoint
-        CUDA memory-format and activation-memory options (end-to-end mode).
-    num_workers : int or None
-        DataLoader workers (None: 1 on CPU, 4 on CUDA).
-    val_fraction, test_fraction, folds, fold
-        Split options when labels.csv has no ``split`` column.
-    """
-
-    model: str = "abmil"
-    backbone: str = "smallcnn"
-    mode: str = "e2e"
-    backbone_weights: str | None = None
-    epochs: int = 40
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    max_patches: int = 128
-    color_jitter: float = 0.15
-    eval_max_patches: int | None = None
-    hidden_dim: int = 128
-    dropout: float = 0.25
-    attn_dim: int = 128
-    balance: str = "sampler"
-    patience: int = 10
-    min_epochs: int = 5
-    instance_weight: float = 0.6
-    instance_k: int = 8
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    grad_checkpoint: bool = False
-    num_workers: int | None = None
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    folds: int | None = None
-    fold: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("e2e", "features"):
-            raise ConfigError(f"mode must be 'e2e' or 'features', not {self.mode!r}")
-        if self.balance not in ("sampler", "loss", "none"):
-            raise ConfigError(f"balance must be 'sampler', 'loss' or 'none', not {self.balance!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("epochs", "max_patches", "hidden_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)!r}")
-        if not (self.lr > 0):
-            raise ConfigError(f"lr must be > 0, not {self.lr!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,42 +91,6 @@ def build_model(
         if load_backbone and config.backbone_weights:
             opts["backbone_weights"] = config.backbone_weights
     return get_model(config.model, **opts)
-
-
-def auc_score(y_true: Sequence[int], scores: np.ndarray) -> float:
-    """ROC AUC: binary (``scores`` (N,) for class 1) or macro one-vs-rest (``scores`` (N, C)).
-
-    Ties count half (Mann-Whitney U). NaN when a class has no positive or no negative.
-    """
-    y = np.asarray(y_true)
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim == 2:
-        if s.shape[1] == 2:
-            return auc_score(y, s[:, 1])
-        aucs = [auc_score((y == c).astype(int), s[:, c]) for c in range(s.shape[1])]
-        aucs = [a for a in aucs if not math.isnan(a)]
-        return float(np.mean(aucs)) if aucs else float("nan")
-    pos, neg = s[y == 1], s[y != 1]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([pos, neg]))
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def roc_curve(y_true: Sequence[int], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates over all thresholds (binary)."""
-    y = np.asarray(y_true).astype(int)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    y, s = y[order], s[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = (1 + distinct) - tps
-    tpr = np.r_[0, tps / max(1, y.sum())]
-    fpr = np.r_[0, fps / max(1, len(y) - y.sum())]
-    return fpr, tpr
 
 
 def _autocast(device: Any, amp: bool) -> contextlib.AbstractContextManager:
@@ -488,47 +347,6 @@ def _set_rng_state(state: dict[str, Any], device: Any) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read a run folder's config, tiling, classes and metrics.
-
-    Raises
-    ------
-    TrainingError
-        A missing folder or file, or a run written by an incompatible version.
-    """
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise TrainingError(f"{d}: no such run folder; run 'wsi-pipeline train' first")
-    out: dict[str, Any] = {"dir": d}
-    for name in ("config.json", "tiling.json", "labels.json"):
-        p = d / name
-        if not p.is_file():
-            raise TrainingError(f"{d}: not a complete run (no {name}); train again")
-        try:
-            out[name.split(".")[0]] = json.loads(p.read_text())
-        except ValueError as exc:
-            raise TrainingError(f"{p}: unreadable ({exc})") from exc
-    if not (d / "model.pt").is_file():
-        raise TrainingError(f"{d}: not a complete run (no model.pt); train again")
-    cfg = out["config"]
-    if int(cfg.get("run_version", 0)) != RUN_VERSION:
-        raise TrainingError(
-            f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
-            f"{cfg.get('package_version', '?')}) is not readable by "
-            f"{__version__}; train again"
-        )
-    cal = d / "calibration.json"
-    out["calibration"] = json.loads(cal.read_text()) if cal.is_file() else None
-    try:
-        out["train_config"] = TrainConfig.from_dict(cfg["train"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise TrainingError(f"{d}/config.json: incompatible training config ({exc})") from exc
-    return out
-
-
-RUN_VERSION = 1
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -959,7 +777,9 @@ def _train(
             )
             cal = _calibrate(run, val, labels.classes)
             if test is not None:
-                test["calibrated"] = _calibrated_metrics(test, cal)
+                test["calibrated"] = probability_metrics(
+                    apply_calibration(test["logits"], cal), test["targets"]
+                )
             _plots(run, history, val, test, labels.classes)
         result = _write_metrics(run, history, best, test, splits, config, finished=finished)
     return result
@@ -980,20 +800,6 @@ def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) ->
         )
     _atomic_json(cal, run / "calibration.json")
     return cal
-
-
-def _calibrated_metrics(ev: dict[str, Any], cal: dict[str, Any]) -> dict[str, float]:
-    """Accuracy, log loss and Brier score of calibrated probabilities."""
-    from .calibration import apply_calibration
-
-    p = apply_calibration(ev["logits"], cal)
-    y = np.asarray(ev["targets"], int)
-    onehot = np.eye(p.shape[1])[y]
-    return {
-        "acc": float(np.mean(p.argmax(1) == y)),
-        "log_loss": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)))),
-        "brier": float(np.mean(((p - onehot) ** 2).sum(1))),
-    }
 
 
 def _write_metrics(

@@ -1,0 +1,165 @@
+"""Small helpers every module may import: safe ids, atomic file writes, JSON, RGB resize.
+
+It imports nothing from the package, so every room may use it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_ready",
+    "resize_rgb",
+    "sample_mask",
+    "sanitize_id",
+]
+
+
+def sanitize_id(name: str) -> str:
+    """Make ``name`` safe as a single path component (letters, digits, ``._-``).
+
+    Parameters
+    ----------
+    name : str
+        A slide or run id as given by a user, a file name or a labels file.
+
+    Returns
+    -------
+    str
+        Never empty, never ``.`` or ``..``, never containing a path separator.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
+    return safe or "slide"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    A reader never sees a half-written file: either the old file (or none) or the new one.
+    On an exception the temporary file is removed and ``path`` is left as it was.
+
+    Examples
+    --------
+    >>> with atomic_path(out / "model.pt") as tmp:  # doctest: +SKIP
+    ...     torch.save(state, tmp)
+    """
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays and paths made JSON types, and NaN/inf as ``None``.
+
+    JSON has no NaN: a missing metric is written as ``null`` (strict JSON readers reject ``NaN``).
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (see :func:`json_ready`) to ``path`` atomically."""
+    text = json.dumps(json_ready(obj), indent=indent, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) -> np.ndarray:
+    """Resample an ``(H, W, 3)`` uint8 image to ``size_wh`` with one good-quality filter.
+
+    Integer shrink factors use exact box averaging (``PIL.Image.reduce``); other factors use
+    Lanczos (which low-pass filters when shrinking), or area averaging with ``box=True``
+    (no ringing; used for thumbnails). Equal sizes return the input.
+
+    Parameters
+    ----------
+    arr : (H, W, 3) uint8 ndarray
+    size_wh : (int, int)
+        Output ``(width, height)``.
+    box : bool
+        Area averaging instead of Lanczos for non-integer factors.
+
+    Returns
+    -------
+    (height, width, 3) uint8 ndarray
+    """
+    from PIL import Image
+
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if arr.shape[1] == w and arr.shape[0] == h:
+        return arr
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    fx, fy = arr.shape[1] / w, arr.shape[0] / h
+    if fx == fy and fx >= 1 and float(fx).is_integer():
+        out = img.reduce(int(fx))
+    else:
+        out = img.resize((w, h), Image.Resampling.BOX if box else Image.Resampling.LANCZOS)
+    return np.asarray(out)
+
+
+def sample_mask(
+    mask: np.ndarray, mask_ds: float, ds: float, rows: tuple[int, int], cols: tuple[int, int]
+) -> np.ndarray:
+    """Nearest-neighbour sample of a mask (at ``mask_ds``) at the centres of heatmap pixels.
+
+    Parameters
+    ----------
+    mask : (h, w) ndarray
+        A mask whose pixels are ``mask_ds`` level-0 px wide.
+    mask_ds, ds : float
+        Level-0 px per mask pixel and per output pixel.
+    rows, cols : (int, int)
+        Half-open ranges of output rows and columns to sample.
+
+    Returns
+    -------
+    (rows[1] - rows[0], cols[1] - cols[0]) ndarray of ``mask.dtype``
+    """
+    mh, mw = mask.shape
+    r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
+    c = np.clip(((np.arange(*cols) + 0.5) * ds / mask_ds).astype(np.int64), 0, mw - 1)
+    return mask[r[:, None], c[None, :]]
