@@ -18,11 +18,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsi-pipeline run pipelines/demo.yaml
 
-test: $(STAMP)
+# `make test` = the static checks (`make lint`), then the tests.
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy wsi_pipeline
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

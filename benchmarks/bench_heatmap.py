@@ -58,7 +58,18 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
     from scipy.ndimage import gaussian_filter
 
     from wsi_pipeline.specs import SlideMeta
-    from wsi_pipeline.store import create_patches_array, create_store, is_complete, mark_complete
+    from wsi_pipeline.store import (
+        COORDS,
+        THUMBNAIL,
+        TISSUE_FRACTION,
+        TISSUE_MASK,
+        create_patches_array,
+        create_store,
+        is_complete,
+        mark_complete,
+        write_array,
+        write_scores,
+    )
     from wsi_pipeline.tissue import rect_fractions
 
     path = work / "bench_slide.zarr"
@@ -114,13 +125,10 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         "tissue_threshold": 0.25,
     }
     g = create_store(path, slide_id="bench_slide", meta=meta, tiling=tiling)
-    for name, data in (("thumbnail", thumb), ("tissue_mask", tissue)):
-        arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape)
-        arr[...] = data
-        arr.attrs["downsample"] = float(mds)
-    for name, data in (("coords", coords), ("tissue_fraction", tfrac.astype(np.float32))):
-        arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape)
-        arr[...] = data
+    for key, data in ((THUMBNAIL, thumb), (TISSUE_MASK, tissue)):
+        write_array(g, key, data, chunks=data.shape, attrs={"downsample": float(mds)})
+    for key, data in ((COORDS, coords), (TISSUE_FRACTION, tfrac.astype(np.float32))):
+        write_array(g, key, data, chunks=data.shape)
     create_patches_array(
         g,
         n=len(coords),
@@ -131,9 +139,10 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         attrs={},
     )  # empty: never read
     mark_complete(g, status="ok", n_patches=len(coords))
-    arr = g.create_array(f"scores/{RUN}", shape=scores.shape, dtype="float32", chunks=scores.shape)
-    arr[...] = scores
-    arr.attrs.update(
+    write_scores(
+        g,
+        RUN,
+        scores,
         {
             "run": RUN,
             "classes": ["normal", "tumour"],
@@ -141,8 +150,7 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
             "probabilities": {"normal": 0.2, "tumour": 0.8},
             "abnormal_probability": 0.8,
             "predicted": "tumour",
-            "complete": True,
-        }
+        },
     )
     marker.write_text(json.dumps(key))
     return path
@@ -177,13 +185,20 @@ def _save_values(values_tiff: Path, out: Path) -> Path:
 
 def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, Any]:
     """Level-0 canvases over ``fraction`` of the slide's rows, pooled to the heatmap grid."""
-    from wsi_pipeline import heatmap as hm
-    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.exports import (
+        background_rows,
+        colour_lut,
+        overlay_rgb,
+        threshold_regions,
+        write_pyramid_tiff,
+    )
+    from wsi_pipeline.heatmap import read_scores
+    from wsi_pipeline.store import THUMBNAIL, TISSUE_MASK, SlideStore
     from wsi_pipeline.util import sample_mask
 
     st = SlideStore(store)
     coords = st.coords
-    scores = np.asarray(st.group[f"scores/{RUN}"][...], np.float32)
+    scores, _ = read_scores(st, RUN)
     p = round(float(st.tiling["patch_l0"]))
     width, height = st.meta.width, st.meta.height
     rows = height if fraction >= 1 else round(height * fraction / ds) * int(ds)
@@ -213,24 +228,22 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
             )
     del canvas
     mask = st.tissue_mask
-    mds = float(st.group["tissue_mask"].attrs["downsample"])
+    mds = float(st.group[TISSUE_MASK].attrs["downsample"])
     grid[~sample_mask(mask, mds, ds, (0, gh), (0, gw))] = np.nan
     stitch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     thumb = st.thumbnail
-    bg = hm._background_rows(
-        thumb, float(st.group["thumbnail"].attrs["downsample"]), ds, grid.shape
-    )
-    lut = hm._lut("jet")
-    hm.write_pyramid_tiff(
+    bg = background_rows(thumb, float(st.group[THUMBNAIL].attrs["downsample"]), ds, grid.shape)
+    lut = colour_lut("jet")
+    write_pyramid_tiff(
         out / "naive_overlay.tif",
-        lambda r0, r1: hm.overlay_rgb(grid[r0:r1], bg(r0, r1), value_range=(0, 1), cmap=lut),
+        lambda r0, r1: overlay_rgb(grid[r0:r1], bg(r0, r1), value_range=(0, 1), cmap=lut),
         (*grid.shape, 3),
         mpp=st.meta.mpp * ds,
     )
     tiff_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    regions = hm.threshold_regions(grid, threshold=0.5, downsample=ds, mpp=st.meta.mpp)
+    regions = threshold_regions(grid, threshold=0.5, downsample=ds, mpp=st.meta.mpp)
     geo_s = time.perf_counter() - t0
     np.save(out / "naive_values.npy", grid)
     return {
@@ -250,7 +263,7 @@ def child(args: argparse.Namespace) -> None:
     import shapely  # noqa: F401
     import tifffile  # noqa: F401
 
-    from wsi_pipeline import heatmap  # noqa: F401
+    from wsi_pipeline import exports, heatmap, stitch  # noqa: F401
 
     matplotlib.use("Agg")
     out = Path(args.out)
@@ -327,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = make_store(work, width=args.width, height=args.height, mpp=args.mpp, seed=args.seed)
-    import zarr
+    from wsi_pipeline.store import SlideStore
 
-    n = int(zarr.open_group(str(store), mode="r")["coords"].shape[0])
+    n = SlideStore(store).n_patches
     print(
         f"store {store} ({args.width} x {args.height} px at {args.mpp} mpp, "
         f"{args.width * args.height / 1e9:.2f} gigapixel, {n} patches of 512 level-0 px with "

@@ -56,14 +56,12 @@ def tissue_coords(slide: Path, tile_px: int, mpp: float | None) -> np.ndarray:
     """The patches our tiler keeps (same mask and grid), without writing pixels."""
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.tiling import _mask_downsample, tile_grid, tiling_geometry
-    from wsi_pipeline.tissue import tissue_mask
+    from wsi_pipeline.tiling import mask_slide, tile_grid, tiling_geometry
 
     spec = TilingSpec(tile_px=tile_px, mpp=mpp)
     with open_slide(slide) as s:
         geo = tiling_geometry(s, spec)
-        ds = _mask_downsample(s, spec, geo)
-        mask = tissue_mask(s.read_thumbnail(ds), mpp=s.meta.mpp * ds, spec=spec.mask)
+        _, mask, ds = mask_slide(s, spec, geo)
         coords, _ = tile_grid(s.meta, geo, spec, mask, ds)
     return coords
 
@@ -136,7 +134,7 @@ def run_case(
     slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float | None, label: str
 ) -> list[dict]:
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.store import PATCHES, SlideStore
     from wsi_pipeline.tiling import tile_slides
 
     coords = tissue_coords(slide, tile_px, mpp)
@@ -187,7 +185,7 @@ def run_case(
             res = tile_slides([slide], out, spec=spec, progress=False, **kw)
         assert res[0].status == "ok", res[0].error
         st = SlideStore(out / f"{slide.stem}.zarr")
-        store_bytes = sum(f.stat().st_size for f in (st.path / "patches").rglob("*") if f.is_file())
+        store_bytes = sum(f.stat().st_size for f in (st.path / PATCHES).rglob("*") if f.is_file())
         rows.append(
             {
                 "case": label,
@@ -216,7 +214,7 @@ def run_case(
 def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     import openslide
 
-    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.store import PATCHES, SlideStore
 
     st = SlideStore(work / "stores_native" / f"{slide.stem}.zarr")
     rng = np.random.default_rng(0)
@@ -231,7 +229,7 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     with measured() as m2:
         for x, y in coords:
             np.asarray(s.read_region((int(x), int(y)), 0, (256, 256)).convert("RGB"))
-    arr = st.group["patches"]
+    arr = st.group[PATCHES]
     with measured() as m3:
         for i in idx[:300]:
             arr[int(i)]

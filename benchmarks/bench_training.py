@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import sys
 import time
@@ -150,9 +149,9 @@ def throughput(stores: Path, slides: Path, steps: int = 30, k: int = 64) -> list
 
 def held_out(run: Path, pred_csv: Path) -> tuple[float, int]:
     from wsi_pipeline.metrics import auc_score
+    from wsi_pipeline.runs import read_splits
 
-    with open(run / "splits.csv") as fh:
-        split = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    split = read_splits(run)
     with open(pred_csv) as fh:
         rows = [r for r in csv.DictReader(fh) if split[r["slide_id"]]["split"] != "train"]
     y = [int(split[r["slide_id"]]["label"]) for r in rows]
@@ -161,12 +160,12 @@ def held_out(run: Path, pred_csv: Path) -> tuple[float, int]:
 
 def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
     from wsi_pipeline.metrics import auc_score
-    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.runs import read_splits
+    from wsi_pipeline.store import SlideStore, scores_key
     from wsi_pipeline.synth import load_ground_truth
     from wsi_pipeline.tissue import rect_fractions
 
-    with open(run / "splits.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] != "train" and r["label"] == "1"]
+    rows = [r for r in read_splits(run).values() if r["split"] != "train" and r["label"] == "1"]
     ys, ss = [], []
     for r in rows:
         st = SlideStore(stores / f"{r['slide_id']}.zarr")
@@ -176,7 +175,7 @@ def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
             lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds
         )
         ys.append(frac >= 0.5)
-        ss.append(np.asarray(st.group[f"scores/{run_id}"][...]))
+        ss.append(np.asarray(st.group[scores_key(run_id)][...]))
     return auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
 
 
@@ -185,11 +184,12 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     of ``rows`` (``slide_id``, ``label``), and the tissue fraction above threshold on the negative
     ones. The slides are tiled again into ``dense`` with 50% overlap (same tile size and mpp as
     the run) for denser heatmaps."""
-    from wsi_pipeline.heatmap import heatmaps, stitch_scores
+    from wsi_pipeline.heatmap import heatmaps
     from wsi_pipeline.metrics import heatmap_iou
     from wsi_pipeline.prediction import predict
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.stitch import stitch_scores
+    from wsi_pipeline.store import THUMBNAIL, TISSUE_MASK, SlideStore, scores_key
     from wsi_pipeline.synth import load_ground_truth
     from wsi_pipeline.tiling import tile_slides
 
@@ -205,15 +205,15 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     ious, neg_area = [], []
     for r in rows:
         st = SlideStore(dense / f"{r['slide_id']}.zarr")
-        ds = float(st.group["thumbnail"].attrs["downsample"])
+        ds = float(st.group[THUMBNAIL].attrs["downsample"])
         values, _ = stitch_scores(
             st.coords,
-            np.asarray(st.group[f"scores/{run_id}"][...]),
+            np.asarray(st.group[scores_key(run_id)][...]),
             patch_l0=float(st.tiling["patch_l0"]),
             slide_wh=(st.meta.width, st.meta.height),
             downsample=ds,
             tissue_mask=st.tissue_mask,
-            mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]),
+            mask_downsample=float(st.group[TISSUE_MASK].attrs["downsample"]),
         )
         _, lesion, gt_ds = load_ground_truth(cohort_dir, r["slide_id"])
         if r["label"] == "1":
@@ -234,20 +234,29 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     }
 
 
-def read_rows(path: Path, held_out_only: bool = False) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file (a cohort's labels)."""
     with open(path) as fh:
-        return [r for r in csv.DictReader(fh) if not held_out_only or r["split"] != "train"]
+        return list(csv.DictReader(fh))
+
+
+def held_out_rows(run: Path) -> list[dict]:
+    """The validation and test slides of a run (``slide_id``, ``label``, ``split``)."""
+    from wsi_pipeline.runs import read_splits
+
+    return [r for r in read_splits(run).values() if r["split"] != "train"]
 
 
 def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
     from wsi_pipeline.prediction import predict
+    from wsi_pipeline.runs import PREDICTIONS
     from wsi_pipeline.training import train
 
     shutil.rmtree(run, ignore_errors=True)
     with measured() as m:
         metrics = train(stores, labels, run, config=config, progress=False)
     predict(stores, run, run / "pred", progress=False)
-    auc, n = held_out(run, run / "pred" / "predictions.csv")
+    auc, n = held_out(run, run / "pred" / PREDICTIONS)
     epochs = [h["seconds"] for h in metrics["history"]]
     return {
         "seconds": m["seconds"],
@@ -261,7 +270,9 @@ def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wsi_pipeline.runs import MODEL
     from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.util import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("bench-out/training"))
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e = train_and_score(stores_a, labels_a, run_a, e2e_cfg)
     pauc = patch_auc(stores_a, run_a, labels_a.parent, "run_e2e")
     loc = localisation(
-        read_rows(run_a / "splits.csv", held_out_only=True),
+        held_out_rows(run_a),
         labels_a.parent,
         run_a,
         "run_e2e",
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone="smallcnn",
         epochs=25,
         patience=25,
-        backbone_weights=str(run_a / "model.pt"),
+        backbone_weights=str(run_a / MODEL),
     )
     transfer = train_and_score(stores_b, labels_b, args.work / "B" / "run_features", transfer_cfg)
     e2e_b = train_and_score(stores_b, labels_b, args.work / "B" / "run_e2e", e2e_cfg)
@@ -374,20 +385,18 @@ def main(argv: list[str] | None = None) -> int:
             f"over {res['n_pos']} positive slides; tissue above threshold on {res['n_neg']} "
             f"negative slides: {res['neg_area_mean']:.2%}"
         )
-    (args.work / "results.json").write_text(
-        json.dumps(
-            {
-                "e2e_A": e2e,
-                "e2e_B": e2e_b,
-                "features_transfer": transfer,
-                "features_random": rand,
-                "patch_auc": pauc,
-                "localisation": loc,
-                "localisation_L": loc_l,
-                "e2e_A_seeds": dict(zip(map(str, args.more_seeds), seeds)),
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        args.work / "results.json",
+        {
+            "e2e_A": e2e,
+            "e2e_B": e2e_b,
+            "features_transfer": transfer,
+            "features_random": rand,
+            "patch_auc": pauc,
+            "localisation": loc,
+            "localisation_L": loc_l,
+            "e2e_A_seeds": dict(zip(map(str, args.more_seeds), seeds)),
+        },
     )
     return 0
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: the real test slides in ../shared and small synthetic slides."""
+"""Shared fixtures: the real test slides in ../shared, and small synthetic data built once.
+
+The session fixtures write real files with the package's own writers (``synth``, ``tiling``);
+tests must not modify them (copy first: ``shutil.copytree``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from wsi_pipeline.specs import TilingSpec
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSI_SHARED", ROOT.parent / "shared"))
 TESTDATA = SHARED / "testdata" / "slides"
+
+#: The tiling of :func:`small_cohort` (as tests/test_training.py's ``small`` fixture).
+SMALL_TILING = TilingSpec(tile_px=64, mpp=1.0)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,3 +31,43 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"real test slides not found at {TESTDATA} (set WSI_SHARED)")
     return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic slide: ``s.svs``, 768 x 512 px at 0.5 mpp, seed 1, no lesion."""
+    from wsi_pipeline.synth import write_slide
+
+    path = tmp_path_factory.mktemp("synth_slide") / "s.svs"
+    write_slide(path, width=768, height=512, mpp=0.5, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiled_store(synth_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`synth_slide` tiled at level 0 in 64-px patches: the path of ``stores/s.zarr``."""
+    from wsi_pipeline.store import store_path
+    from wsi_pipeline.tiling import tile_slide
+
+    stores = tmp_path_factory.mktemp("tiled") / "stores"
+    res = tile_slide(synth_slide, stores, spec=TilingSpec(tile_px=64))
+    assert res.ok and res.n_patches > 0, res
+    return store_path(stores, res.slide_id)
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """8 small labelled slides tiled at 1 mpp in 64-px patches: ``(stores folder, labels.csv)``.
+
+    The cohort of tests/test_training.py's ``small`` fixture (1536 x 1024 px at 0.5 mpp,
+    seed 21, :data:`SMALL_TILING`).
+    """
+    from wsi_pipeline.synth import write_cohort
+    from wsi_pipeline.tiling import tile_slides
+
+    root = tmp_path_factory.mktemp("small_cohort")
+    write_cohort(root / "cohort", n_slides=8, width=1536, height=1024, mpp=0.5, seed=21)
+    slides = sorted((root / "cohort" / "slides").iterdir())
+    res = tile_slides(slides, root / "stores", spec=SMALL_TILING, progress=False)
+    assert all(r.ok for r in res), res
+    return root / "stores", root / "cohort" / "labels.csv"

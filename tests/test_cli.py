@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from wsi_pipeline import __version__
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli import cli, main
+from wsi_pipeline.specs import TILE_OPTIONS, TRAIN_OPTIONS, TrainConfig, tiling_from_options
+from wsi_pipeline.store import SlideStore
 
 COMMANDS = ["tile", "train", "predict", "heatmap", "run", "synth"]
 
@@ -40,6 +44,18 @@ def test_import_does_not_import_torch() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_every_public_name_resolves() -> None:
+    """Every name in ``wsi_pipeline.__all__`` (the lazy ones too) imports and is documented."""
+    import wsi_pipeline as wp
+
+    for name in wp.__all__:
+        obj = getattr(wp, name)
+        assert name == "__version__" or obj.__doc__, name
+    assert set(wp.__all__) <= set(dir(wp))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = wp.nope
 
 
 def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,17 +93,13 @@ def test_bad_usage_is_exit_2(tmp_path: Path) -> None:
     assert main(["train", str(tmp_path), "--labels", "x.csv", "--out", "r", "--mode", "x"]) == 2
 
 
-def test_heatmap_without_predictions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.synth import write_slide
-    from wsi_pipeline.tiling import tile_slide
-
-    write_slide(tmp_path / "s.svs", width=768, height=512, mpp=0.5, seed=1)
-    tile_slide(tmp_path / "s.svs", tmp_path / "stores", spec=TilingSpec(tile_px=64))
+def test_heatmap_without_predictions(
+    tiled_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(
         [
             "heatmap",
-            str(tmp_path / "stores"),
+            str(tiled_store.parent),
             "--run",
             str(tmp_path / "myrun"),
             "--out",
@@ -98,3 +110,95 @@ def test_heatmap_without_predictions(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     err = capsys.readouterr().err
     assert "no 'scores/myrun'" in err and "wsi-pipeline predict" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# options: help, defaults, and the one map to the specs
+# ---------------------------------------------------------------------------------------------
+def _options(name: str) -> list[click.Option]:
+    cmd = cli if name == "" else cli.commands[name]
+    return [p for p in cmd.params if isinstance(p, click.Option)]
+
+
+@pytest.mark.parametrize("name", ["", *COMMANDS])
+def test_every_option_has_help_and_shows_its_default(name: str) -> None:
+    cmd = cli if name == "" else cli.commands[name]
+    ctx = click.Context(cmd, info_name=name or "wsi-pipeline")
+    for opt in _options(name):
+        assert opt.help and opt.help.strip(), f"{name} {opt.opts[0]}: no help"
+        if opt.required or opt.is_flag or opt.multiple:
+            continue  # nothing to show: required, off unless given, or none unless given
+        default = opt.get_default(ctx, call=False)
+        if default is not None:
+            shown = opt.get_help_extra(ctx).get("default")
+            assert shown == str(default), f"{name} {opt.opts[0]}: default {default!r} not shown"
+
+
+def test_train_options_show_the_config_defaults() -> None:
+    """Training options default to None (a --config file may set them); their help shows the
+    TrainConfig default."""
+    config = TrainConfig()
+    for opt in _options("train"):
+        assert opt.name is not None
+        alias = TRAIN_OPTIONS.get(opt.name)
+        field = alias.field if alias is not None else opt.name
+        if hasattr(config, field) and opt.name != "folds" and not opt.is_flag:
+            assert opt.help is not None and "[default: " in opt.help, opt.name
+
+
+def test_tile_and_train_options_are_the_spec_map() -> None:
+    tile = {o.name for o in cli.commands["tile"].params} - {"slides", "out", "quiet", "debug"}
+    assert tile == set(TILE_OPTIONS)
+    train = {o.name for o in cli.commands["train"].params}
+    train -= {"stores", "labels_csv", "out", "config_file", "resume", "stop_after"}
+    train -= {"quiet", "debug"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert train <= fields | set(TRAIN_OPTIONS), train - fields - set(TRAIN_OPTIONS)
+
+
+def test_tile_command_writes_the_spec_of_the_pipeline_options(
+    synth_slide: Path, tmp_path: Path
+) -> None:
+    """``tile --opt`` and a pipeline file's ``tile: {opt: ...}`` give the same spec."""
+    argv = ["--tile-size", "96", "--overlap", "32", "--tissue-threshold", "0.1"]
+    argv += ["--keep-pen", "--codec", "zstd", "--patches-per-shard", "16"]
+    assert main(["tile", str(synth_slide), "--out", str(tmp_path / "st"), "-q", *argv]) == 0
+    written = SlideStore(tmp_path / "st" / "s.zarr").tiling["spec"]
+    options = {"tile_size": 96, "overlap": 32, "tissue_threshold": 0.1, "keep_pen": True}
+    options.update(codec="zstd", patches_per_shard=16)
+    spec, batch = tiling_from_options(options)
+    assert written == spec.to_dict() and batch == {}
+    assert written["level"] == 0 and written["mpp"] is None  # no mpp: level 0
+    assert written["mask"]["remove_pen"] is False and written["mask"]["remove_dark"] is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mpp", "1", "--level", "0"], "mpp (1.0) or level (0), not both"),
+        (["--workers", "0"], "workers must be >= 1, not 0"),
+        (["--tile-size", "4"], "tile size must be between 8 and 4096 px, not 4"),
+    ],
+)
+def test_tile_bad_options_are_exit_2(
+    synth_slide: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    assert main(["tile", str(synth_slide), "--out", str(tmp_path / "st"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()
+
+
+def test_train_bad_folds_and_precision_are_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", str(tmp_path), "--labels", "x.csv", "--out", str(tmp_path / "r")]
+    assert main([*base, "--folds", "1"]) == 2
+    assert "folds must be >= 2" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("precision: half\n")
+    assert main([*base, "--config", str(cfg)]) == 2
+    assert "precision must be 'amp' or 'fp32', not 'half'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Heatmaps: exact stitching, block independence, smoothing, exports read back by openslide,
-tiffslide, tifffile and shapely, and the batch's per-slide errors.
+"""The heatmap stage: a store's scores to exports read back by openslide, tiffslide, tifffile
+and shapely; reading scores, the options check, the finished check and the batch's per-slide
+errors. (Stitching is tested in test_stitch.py, the writers in test_exports.py.)
 
 Stores come from a synthetic slide with two planted lesions; the per-patch "model" scores are
 the exact lesion fraction of each patch (from the ground-truth mask) plus noise, so no trained
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zarr
 
+import wsi_pipeline
 from wsi_pipeline import heatmap as hm
-from wsi_pipeline import metrics, synth
+from wsi_pipeline import metrics, stitch, synth
 from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.specs import TilingSpec
-from wsi_pipeline.store import SlideStore
+from wsi_pipeline.store import SCORES, SlideStore, open_store, scores_key, write_scores
 from wsi_pipeline.tiling import tile_slide
 from wsi_pipeline.tissue import rect_fractions
 
@@ -29,13 +30,10 @@ RUN = "test"
 DS = 8.0  # heatmap downsample used for the exports (512 x 384 px: a 2-level pyramid)
 
 
-def _write_scores(store: Path, key: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
-    g = zarr.open_group(str(store), mode="r+")
-    arr = g.create_array(
-        key, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),), overwrite=True
-    )
-    arr[...] = values
-    arr.attrs.update({**attrs, "complete": True})
+def _write_scores(
+    store: Path, run_id: str, values: np.ndarray, attrs: dict[str, Any], *, attention: bool = False
+) -> None:
+    write_scores(open_store(store, mode="r+"), run_id, values, attrs, attention=attention)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     scores = np.clip(frac + rng.normal(0.0, 0.05, len(frac)), 0, 1).astype(np.float32)
     _write_scores(
         store,
-        f"scores/{RUN}",
+        RUN,
         scores,
         {
             "run": RUN,
@@ -75,13 +73,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         },
     )
     attn = np.exp(5 * frac)
-    _write_scores(
-        store, f"scores/{RUN}-attention", (attn / attn.sum()).astype(np.float32), {"run": RUN}
-    )
+    _write_scores(store, RUN, (attn / attn.sum()).astype(np.float32), {"run": RUN}, attention=True)
     # a store without scores, and one without patches
     shutil.copytree(store, stores / "unscored.zarr")
-    shutil.rmtree(stores / "unscored.zarr" / "scores")
-    zarr.open_group(str(stores / "unscored.zarr"), mode="r+").attrs["slide_id"] = "unscored"
+    shutil.rmtree(stores / "unscored.zarr" / SCORES)
+    open_store(stores / "unscored.zarr", mode="r+").attrs["slide_id"] = "unscored"
     blank = synth.write_slide(
         root / "blank.svs", width=1024, height=768, mpp=0.5, seed=1, tissue_fraction=0.0
     )
@@ -105,134 +101,10 @@ def exported(data: dict[str, Any]) -> dict[str, Path]:
     )
 
 
-# ------------------------------------------------------------------------------------ stitching
-def test_overlap_is_averaged_exactly() -> None:
-    """Two patches with scores 0 and 1 overlapping by half: 0.5 in the overlap."""
-    coords = np.array([[0, 0], [2, 0]])
-    values, coverage = hm.stitch_scores(
-        coords, np.array([0.0, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1
-    )
-    assert values.shape == (4, 8) and values.dtype == np.float32
-    np.testing.assert_allclose(values[0, :6], [0, 0, 0.5, 0.5, 1, 1], atol=1e-6)
-    assert np.isnan(values[:, 6:]).all()
-    np.testing.assert_allclose(coverage[0], [1, 1, 2, 2, 1, 1, 0, 0], atol=1e-6)
-
-
-def test_fractional_overlap_is_area_weighted() -> None:
-    """A heatmap pixel overlapped 2/2 by one patch and 1/2 by another: weights 2 and 1."""
-    coords = np.array([[0, 0], [1, 0]])
-    values, coverage = hm.stitch_scores(
-        coords, np.array([0.0, 1.0]), patch_l0=2, slide_wh=(4, 2), downsample=2
-    )
-    np.testing.assert_allclose(values[0], [1 / 3, 1.0], atol=1e-6)
-    np.testing.assert_allclose(coverage[0], [1.5, 0.5], atol=1e-6)
-
-
-@pytest.mark.parametrize("sigma_um", [0.0, 5.0, 40.0])  # none, direct, FFT
-def test_blocks_equal_one_block(sigma_um: float) -> None:
-    rng = np.random.default_rng(1)
-    coords = rng.integers(-100, 3000, size=(400, 2))
-    scores = rng.random(400)
-    mask = rng.random((40, 60)) > 0.3
-    kw = dict(
-        patch_l0=223.5,
-        slide_wh=(3000, 2000),
-        downsample=7.3,
-        tissue_mask=mask,
-        mask_downsample=50.0,
-        sigma_um=sigma_um,
-        mpp=0.5,
-    )
-    ref, ref_cov = hm.stitch_scores(coords, scores, block_px=10**6, **kw)
-    got, got_cov = hm.stitch_scores(coords, scores, block_px=13, **kw)
-    assert ref.shape == (hm.heatmap_shape((3000, 2000), 7.3)) == (274, 411)
-    np.testing.assert_array_equal(np.isnan(ref), np.isnan(got))
-    np.testing.assert_allclose(got, ref, atol=1e-5, equal_nan=True)
-    np.testing.assert_allclose(got_cov, ref_cov, atol=1e-6)
-
-
-def test_smoothing_keeps_a_constant_field_and_masks_outside_tissue() -> None:
-    ys, xs = np.mgrid[0:2000:100, 0:3000:100]
-    coords = np.column_stack([xs.ravel(), ys.ravel()])
-    mask = np.zeros((20, 30), bool)
-    mask[3:15, 5:25] = True  # tissue at mask downsample 100
-    kw = dict(
-        patch_l0=200,
-        slide_wh=(3000, 2000),
-        downsample=10,
-        tissue_mask=mask,
-        mask_downsample=100,
-        mpp=0.5,
-    )
-    values, _ = hm.stitch_scores(coords, np.full(len(coords), 0.7), sigma_um=60.0, **kw)
-    inside = np.kron(mask, np.ones((10, 10), bool))
-    assert np.isfinite(values[inside]).all()
-    np.testing.assert_allclose(values[inside], 0.7, atol=1e-5)
-    assert np.isnan(values[~inside]).all()
-    # a step is blurred, but never darkened at the tissue edge (normalised convolution)
-    step = np.where(coords[:, 0] < 1500, 0.0, 1.0)
-    sm, _ = hm.stitch_scores(coords, step, sigma_um=60.0, **kw)
-    raw, _ = hm.stitch_scores(coords, step, **kw)
-    assert np.nanmin(sm) >= 0 and np.nanmax(sm) <= 1
-    np.testing.assert_allclose(sm[inside][raw[inside] == 1.0].max(), 1.0, atol=1e-3)
-    assert 0 < np.nanmean(np.abs(sm - raw)) < 0.1
-
-
-def test_stitch_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="3 rows but scores has 2"):
-        hm.stitch_scores(np.zeros((3, 2)), np.zeros(2), patch_l0=4, slide_wh=(8, 8), downsample=1)
-    with pytest.raises(ConfigError, match="needs the slide's mpp"):
-        hm.stitch_scores(
-            np.zeros((1, 2)), np.zeros(1), patch_l0=4, slide_wh=(8, 8), downsample=1, sigma_um=5.0
-        )
-    with pytest.raises(ConfigError, match="must be positive"):
-        hm.stitch_scores(np.zeros((1, 2)), np.zeros(1), patch_l0=4, slide_wh=(8, 8), downsample=0)
-
-
-def test_a_100k_by_60k_slide_needs_no_level0_array() -> None:
-    """Stitching a 6-gigapixel slide allocates only the small grid and block buffers."""
-    import tracemalloc
-
-    rng = np.random.default_rng(2)
-    coords = rng.integers(0, 100_000, size=(20_000, 2)) * [1, 0.6]
-    tracemalloc.start()
-    try:
-        values, _ = hm.stitch_scores(
-            coords.astype(np.int64),
-            rng.random(20_000),
-            patch_l0=512,
-            slide_wh=(100_000, 60_000),
-            downsample=32,
-            sigma_um=50,
-            mpp=0.25,
-        )
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert values.shape == (1875, 3125)
-    assert peak < 200 * 2**20, peak / 2**20  # a level-0 float32 map would be 24 GB
-
-
-def test_pyramid_writer_jpeg_and_no_mpp(tmp_path: Path) -> None:
-    openslide = pytest.importorskip("openslide")
-    tiffslide = pytest.importorskip("tiffslide")
-    img = np.zeros((700, 1100, 3), np.uint8)
-    img[..., 0] = np.linspace(0, 255, 1100)[None, :]
-    p = hm.write_pyramid_tiff(
-        tmp_path / "x.tif", lambda r0, r1: img[r0:r1], img.shape, compression="jpeg"
-    )
-    for s in (openslide.OpenSlide(str(p)), tiffslide.TiffSlide(str(p))):
-        with s:
-            assert s.level_dimensions == ((1100, 700), (550, 350), (275, 175), (138, 88))
-            assert s.properties.get(f"{s.__class__.__module__.split('.')[0]}.mpp-x") is None
-            got = np.asarray(s.read_region((0, 0), 0, (1100, 700)))[..., :3]
-            assert np.abs(got.astype(int) - img).mean() < 3
-
-
 def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
     st = SlideStore(data["store"])
     mask = st.tissue_mask
-    values, coverage = hm.stitch_scores(
+    values, coverage = stitch.stitch_scores(
         data["coords"],
         data["scores"],
         patch_l0=data["patch_l0"],
@@ -246,22 +118,68 @@ def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
     assert np.isfinite(values[mask & (coverage > 0)]).all()
 
 
-# ------------------------------------------------------------------------------ values, metrics
-def test_percentile_ranks() -> None:
-    np.testing.assert_allclose(
-        hm.percentile_ranks(np.array([0.1, 0.5, 0.3, 0.3])), [0, 100, 50, 50]
+def test_stitch_store_reads_the_store_geometry(data: dict[str, Any]) -> None:
+    st = SlideStore(data["store"])
+    got, got_cov = hm.stitch_store(st, data["scores"], downsample=16)
+    ref, ref_cov = stitch.stitch_scores(
+        data["coords"],
+        data["scores"],
+        patch_l0=data["patch_l0"],
+        slide_wh=(4096, 3072),
+        downsample=16,
+        tissue_mask=st.tissue_mask,
+        mask_downsample=16,
     )
-    r = hm.percentile_ranks(np.array([np.nan, 2.0, 1.0]))
-    assert np.isnan(r[0]) and list(r[1:]) == [100.0, 0.0]
-    assert list(hm.percentile_ranks(np.array([0.2]))) == [100.0]
-    assert hm.percentile_ranks(np.zeros(0)).shape == (0,)
-    np.testing.assert_array_equal(
-        hm.display_values(np.array([0.2, 0.9]), mode="probability"), np.float32([0.2, 0.9])
-    )
-    with pytest.raises(ConfigError, match="mode must be one of"):
-        hm.display_values(np.zeros(2), mode="rank")
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got_cov, ref_cov)
+    default, _ = hm.stitch_store(st, data["scores"], mask_tissue=False)  # the thumbnail's grid
+    assert default.shape == st.thumbnail.shape[:2]
 
 
+def test_public_names_stay_importable() -> None:
+    assert hm.stitch_scores is stitch.stitch_scores
+    assert wsi_pipeline.stitch_scores is stitch.stitch_scores
+    assert wsi_pipeline.export_heatmaps is hm.export_heatmaps
+    assert wsi_pipeline.heatmaps is hm.heatmaps
+
+
+# ------------------------------------------------------------------------ options and scores
+def test_check_options_fills_in_the_defaults() -> None:
+    assert hm.check_options("score") == ("probability", 0.5)
+    assert hm.check_options("attention") == ("percentile", 90.0)
+    assert hm.check_options("score", "percentile", 75) == ("percentile", 75.0)
+    with pytest.raises(ConfigError, match="which must be 'score' or 'attention', not 'logit'"):
+        hm.check_options("logit")
+    with pytest.raises(ConfigError, match="not probabilities"):
+        hm.check_options("attention", "probability")
+    with pytest.raises(ConfigError, match=r"outside the percentile range 0\.\.100"):
+        hm.check_options("score", "percentile", 101)
+
+
+def test_read_scores(data: dict[str, Any], tmp_path: Path) -> None:
+    scores, pred = hm.read_scores(SlideStore(data["store"]), RUN)
+    np.testing.assert_array_equal(scores, data["scores"])
+    assert pred["predicted"] == "tumour"
+    attn, pred = hm.read_scores(SlideStore(data["store"]), RUN, "attention")
+    assert attn.sum() == pytest.approx(1.0, rel=1e-4) and pred["predicted"] == "tumour"
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(data["store"], copy)
+    g = open_store(copy, mode="r+")
+    write_scores(g, "short", np.zeros(3), {"run": "short"})
+    write_scores(g, "solo", np.zeros(len(data["scores"])), {"run": "solo"})
+    g[scores_key(RUN)].attrs["complete"] = False
+    st = SlideStore(copy)
+    with pytest.raises(StoreError, match=r"'scores/short' has 3 values for \d+ patches"):
+        hm.read_scores(st, "short")
+    with pytest.raises(StoreError, match="run 'solo' has no attention scores"):
+        hm.read_scores(st, "solo", "attention")
+    with pytest.raises(StoreError, match=r"'scores/test' is unfinished; rerun"):
+        hm.read_scores(st, RUN)
+    with pytest.raises(StoreError, match=r"no 'scores/none' .*\(it has: short, solo, test\)"):
+        hm.read_scores(st, "none")
+
+
+# ------------------------------------------------------------------------------------ metrics
 def test_iou_and_area_on_a_known_case() -> None:
     values = np.full((4, 4), np.nan, np.float32)
     values[0:2, 0:2] = 0.9  # 4 px above
@@ -381,27 +299,6 @@ def _rings(geometry: dict[str, Any]) -> list[list[list[float]]]:
     return list(geometry["coordinates"])
 
 
-def test_regions_have_holes() -> None:
-    values = np.zeros((12, 12), np.float32)
-    values[2:10, 2:10] = 1.0
-    values[5:7, 5:7] = 0.0  # a hole
-    values[0, 11] = 1.0  # a one-pixel region
-    fc = hm.threshold_regions(values, threshold=0.5, downsample=4.0, simplify_px=0)
-    from shapely.geometry import shape
-
-    geoms = sorted((shape(f["geometry"]) for f in fc["features"]), key=lambda g: -g.area)
-    assert len(geoms) == 2 and all(g.is_valid for g in geoms)
-    big = geoms[0]
-    assert len(big.interiors) == 1
-    assert big.bounds == (8.0, 8.0, 40.0, 40.0)  # pixel edges 2..10 at 4 level-0 px per pixel
-    assert big.area == pytest.approx(32 * 32 - 8 * 8, rel=0.05)
-    assert fc["features"][0]["properties"]["measurements"].keys() == {
-        "score_mean",
-        "score_max",
-        "area_px",
-    }
-
-
 def test_summary_and_png(data: dict[str, Any], exported: dict[str, Path]) -> None:
     from PIL import Image
 
@@ -489,3 +386,33 @@ def test_batch_reports_each_slide(data: dict[str, Any]) -> None:
     assert [r["status"] for r in changed] == ["ok"]
     with pytest.raises(ConfigError, match="mode must be one of"):
         hm.heatmaps(data["stores"], out, run_id=RUN, mode="zscore")
+
+
+def test_batch_opens_each_store_once(data: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+
+    class Counting(SlideStore):
+        def __init__(self, path: Any) -> None:
+            opened.append(Path(path).name)
+            super().__init__(path)
+
+    monkeypatch.setattr(hm, "SlideStore", Counting)
+    out = data["root"] / "once"
+    for overwrite in (True, False):  # exported, then skipped as finished
+        opened.clear()
+        rows = hm.heatmaps(data["stores"], out, run_id=RUN, downsample=32, overwrite=overwrite)
+        assert sorted(opened) == ["blank.zarr", "lesion.zarr", "unscored.zarr"]
+        assert {r["slide_id"]: r["status"] for r in rows}["lesion"] == (
+            "ok" if overwrite else "skipped"
+        )
+
+
+def test_batch_checks_every_option_before_any_slide(data: dict[str, Any]) -> None:
+    out = data["root"] / "never"
+    with pytest.raises(ConfigError, match="must be 'deflate' or 'jpeg'"):
+        hm.heatmaps(data["stores"], out, run_id=RUN, compression="lzw")
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\]"):
+        hm.heatmaps(data["stores"], out, run_id=RUN, alpha=2.0)
+    with pytest.raises(ConfigError, match="which must be"):
+        hm.heatmaps(data["stores"], out, run_id=RUN, which="logit")
+    assert not out.exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -10,16 +9,16 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("WSI_SHARED", ROOT.parent / "shared")) / "testdata" / "slides"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if "tiling_qc" in path.name and not TESTDATA.is_dir():
-        pytest.skip("real test slides not found")
-    monkeypatch.setenv("WSI_TESTDATA", str(TESTDATA))
+def test_notebook_runs(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    if "tiling_qc" in path.name:  # reads a real slide: skipped without them
+        monkeypatch.setenv("WSI_TESTDATA", str(request.getfixturevalue("testdata")))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wsi_pipeline import runs
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.pipeline import load_pipeline, run_pipeline
+from wsi_pipeline.pipeline import REPORT, load_pipeline, run_pipeline
+from wsi_pipeline.specs import fold_config, tiling_from_options, train_config_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,17 @@ def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
         ({"synth": None, "slides": "nowhere/slides"}, r"'slides': nowhere/slides does not exist"),
         ({"heatmap": {"colour": "red"}}, r"unknown key 'heatmap\.colour'"),
         ({"stages": ["tile", "paint"]}, r"'stages' must be a list"),
+        # values are checked by the specs when the file is loaded, as the command line does
+        ({"tile": {"tile_size": 4}}, r"tile: tile size must be between 8 and 4096 px, not 4"),
+        ({"tile": {"mpp": 1.0, "level": 1}}, r"tile: give one target resolution.*not both"),
+        ({"tile": {"workers": 0}}, r"tile: workers must be >= 1, not 0"),
+        ({"train": {"precision": "half"}}, r"train: precision must be 'amp' or 'fp32'"),
+        ({"train": {"workers": 0, "num_workers": 1}}, r"'num_workers' and 'workers' set the same"),
+        ({"train": {"folds": 1}}, r"train: folds must be >= 2"),
+        (
+            {"train": {"folds": 2}},
+            r"'train\.folds' trains 2 fold runs .* 'stages: \[tile, train\]'",
+        ),
     ],
 )
 def test_validation_names_the_key(tmp_path: Path, patch: dict, message: str) -> None:
@@ -125,3 +138,49 @@ def test_run_end_to_end_then_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert {s["stage"]: s["status"] for s in third["stages"]}["train"] == "resumed"
     shutil.rmtree(out / "heatmaps")
     assert main(["run", str(path), "-q"]) == 0
+
+
+def test_train_options_are_built_once_with_the_cli_names(tmp_path: Path) -> None:
+    data = {**SMALL, "out": str(tmp_path / "o")}
+    data["train"] = {**SMALL["train"], "precision": "fp32", "folds": 3}
+    data["stages"] = ["synth", "tile", "train"]
+    p = load_pipeline(_write(tmp_path, data))
+    config, folds = train_config_from_options(data["train"])
+    assert p.train_config == config and p.folds == folds == 3
+    assert config.amp is False and config.folds is None  # folds: cross-validation, not a split
+    assert p.tiling == tiling_from_options(SMALL["tile"])[0]
+    assert p.tiling.mpp == 1.0 and p.tiling.level is None
+
+
+def test_train_folds_like_train_folds_command(
+    small_cohort: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train: {folds: 2}`` cross-validates as ``train --folds 2`` does, and skips when done."""
+    stores, labels = small_cohort
+    out = tmp_path / "out"
+    shutil.copytree(stores, out / "stores")
+    train = {"epochs": 2, "max_patches": 8, "workers": 0, "folds": 2}
+    data = {"out": str(out), "labels": str(labels), "stages": ["train"], "train": train}
+    path = _write(tmp_path, data)
+    report = run_pipeline(path, progress=False)
+    assert [(s["stage"], s["status"]) for s in report["stages"]] == [("train", "ran")]
+    cv = json.loads((out / "run" / runs.CV_METRICS).read_text())
+    assert cv["folds"] == 2 and len(cv["val_auc"]) == 2
+    config, _ = train_config_from_options(train)
+    for k in range(2):
+        fold = runs.fold_dir(out / "run", k)
+        assert (fold / runs.MODEL).is_file()
+        saved = json.loads((fold / runs.CONFIG).read_text())["train"]
+        assert saved == fold_config(config, folds=2, fold=k).to_dict()
+    assert report["summary"]["folds"] == 2
+    assert report["summary"]["cv_val_auc_mean"] == cv["val_auc_mean"]
+    strict = json.loads((out / REPORT).read_text(), parse_constant=_no_nan)
+    assert strict["summary"]["folds"] == 2
+    # a rerun skips the finished folds; the command line prints the cross-validation AUC
+    assert main(["run", str(path), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "train    skipped" in printed and "2-fold validation AUC" in printed
+
+
+def _no_nan(name: str) -> None:
+    raise AssertionError(f"report.json is not strict JSON: {name}")

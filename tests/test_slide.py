@@ -11,6 +11,7 @@ import pytest
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.slide import (
     find_slides,
+    mpp_at,
     open_slide,
     slide_id_from_path,
 )
@@ -181,6 +182,13 @@ def test_mpp_missing_gives_clear_error(testdata: Path) -> None:
     with open_slide(testdata / "aperio/tcga-cr-7395-01a-01-ts1.svs") as s:
         with pytest.raises(SlideError, match=r"tcga.*has no resolution \(mpp\) metadata"):
             s.read_region_mpp((0, 0), (64, 64), 0.5)
+
+
+def test_mpp_at_a_downsample(testdata: Path) -> None:
+    with open_slide(testdata / "aperio/CMU-1-Small-Region.svs") as s:
+        assert mpp_at(s.meta, 4.0) == pytest.approx(4 * 0.499)
+    with open_slide(testdata / "aperio/tcga-cr-7395-01a-01-ts1.svs") as s:
+        assert mpp_at(s.meta, 4.0) is None
 
 
 def test_user_mpp_override(testdata: Path) -> None:

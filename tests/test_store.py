@@ -1,70 +1,82 @@
-"""The store contract: shard layout, the JPEG codec, fast reads, zarr interoperability."""
+"""The store contract: keys, fast reads, zarr interoperability, and "is this store current?"."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
-from wsi_pipeline.codecs import (
-    EMPTY,
-    decode_chunk,
-    encode_chunk,
-    join_jpeg_tables,
-    read_shard_index,
-    shard_bytes,
-)
 from wsi_pipeline.errors import StoreError
 from wsi_pipeline.specs import TilingSpec
-from wsi_pipeline.store import SlideStore, list_stores, store_path
+from wsi_pipeline.store import (
+    COORDS,
+    DONE,
+    FRESH,
+    PATCHES,
+    RESUME,
+    STALE,
+    THUMBNAIL,
+    TISSUE_FRACTION,
+    TISSUE_MASK,
+    SlideStore,
+    finish_store,
+    list_stores,
+    patch_count,
+    read_coords,
+    shard_path,
+    store_path,
+    store_state,
+    unfinished_shards,
+)
 from wsi_pipeline.synth import write_slide
 from wsi_pipeline.tiling import tile_slide
 
+SPEC = TilingSpec(tile_px=128, patches_per_shard=8)
+
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("store")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("slide")
     write_slide(d / "s.svs", width=1536, height=1024, mpp=0.5, seed=2)
-    tile_slide(d / "s.svs", d / "out", spec=TilingSpec(tile_px=128, patches_per_shard=8))
-    return d / "out" / "s.zarr"
+    return d / "s.svs"
 
 
-def test_shard_round_trip() -> None:
-    chunks = [b"abc", None, b"defgh"]
-    data = shard_bytes(chunks, 4)
-    idx = read_shard_index(data, 4)
-    assert idx[0].tolist() == [0, 3] and idx[2].tolist() == [3, 5]
-    assert idx[1, 0] == EMPTY and idx[3, 0] == EMPTY
-    with pytest.raises(ValueError, match="checksum"):
-        read_shard_index(data[:-1] + bytes([data[-1] ^ 1]), 4)
-    with pytest.raises(ValueError, match="shorter"):
-        read_shard_index(b"xx", 4)
+@pytest.fixture(scope="module")
+def store(slide: Path) -> Path:
+    tile_slide(slide, slide.parent / "out", spec=SPEC)
+    return slide.parent / "out" / "s.zarr"
 
 
-@pytest.mark.parametrize("codec", ["jpeg", "zstd", "raw"])
-def test_chunk_codecs(codec: str) -> None:
-    yy, xx = np.mgrid[:32, :32]
-    patch = np.stack([150 + 2 * xx, 120 + 2 * yy, 200 - xx - yy], axis=-1).astype(np.uint8)
-    back = decode_chunk(encode_chunk(patch, codec, quality=95), codec, (32, 32, 3))
-    if codec == "jpeg":
-        assert np.abs(back.astype(int) - patch).mean() < 4
-    else:
-        assert np.array_equal(back, patch)
+@pytest.fixture()
+def store_copy(store: Path, tmp_path: Path) -> Path:
+    """A copy of the complete store that a test may change."""
+    return Path(shutil.copytree(store, tmp_path / "s.zarr"))
 
 
-def test_join_jpeg_tables_needs_a_jpeg() -> None:
-    with pytest.raises(ValueError, match="not a JPEG"):
-        join_jpeg_tables(b"\x00\x01", None, rgb=False)
+def test_layout_keys(store: Path) -> None:
+    """The keys of docs/store.md, as plain zarr sees them."""
+    assert (PATCHES, COORDS, TISSUE_FRACTION) == ("patches", "coords", "tissue_fraction")
+    assert (THUMBNAIL, TISSUE_MASK) == ("thumbnail", "tissue_mask")
+    g = zarr.open_group(str(store), mode="r")
+    assert set(g.array_keys()) == {PATCHES, COORDS, TISSUE_FRACTION, THUMBNAIL, TISSUE_MASK}
+    n = g[COORDS].shape[0]
+    assert g[PATCHES].shape == (n, 128, 128, 3) and g[TISSUE_FRACTION].shape == (n,)
+    assert g[THUMBNAIL].attrs["downsample"] == g[TISSUE_MASK].attrs["downsample"]
+    assert g[THUMBNAIL].shape[:2] == g[TISSUE_MASK].shape
+    assert g.attrs["tiling"]["n_patches"] == n == patch_count(store)
+    assert np.array_equal(read_coords(store, 2, 5), g[COORDS][2:5])
 
 
 def test_plain_zarr_reads_the_store_without_our_import(store: Path) -> None:
     """The wsi_jpeg codec is found through the installed entry point."""
     code = (
         "import sys, zarr; g = zarr.open_group(sys.argv[1], mode='r'); "
-        "print(g['patches'][3].shape, g['patches'].shape[0])"
+        f"print(g[{PATCHES!r}][3].shape, g[{PATCHES!r}].shape[0])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(store)], capture_output=True, text=True, check=True
@@ -76,7 +88,7 @@ def test_reader_matches_zarr_and_dask(store: Path) -> None:
     st = SlideStore(store)
     idx = np.array([st.n_patches - 1, 0, 9, 9])
     got = st.reader().read(idx)
-    ref = np.stack([st.group["patches"][int(i)] for i in idx])
+    ref = np.stack([st.group[PATCHES][int(i)] for i in idx])
     assert np.array_equal(got, ref)
     d = st.patches_dask()
     assert d.chunks[0][0] == 8 and np.array_equal(d[9].compute(), ref[2])
@@ -93,8 +105,64 @@ def test_reader_is_picklable(store: Path) -> None:
     assert np.array_equal(r2.read([1]), r.read([1]))
 
 
+def test_reader_refuses_a_torn_shard(store_copy: Path) -> None:
+    p = shard_path(store_copy, 0)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(StoreError, match="corrupt shard 0: shard index checksum mismatch"):
+        SlideStore(store_copy).reader().read([0])
+
+
 def test_store_paths_are_safe(tmp_path: Path) -> None:
     assert store_path(tmp_path, "../../etc/passwd").parent == tmp_path
     assert store_path(tmp_path, "a/b").name == "a_b.zarr"
     with pytest.raises(StoreError, match="no such folder"):
         list_stores(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# "is this store current?"
+# ---------------------------------------------------------------------------------------------
+def test_store_state_of_a_complete_store(store: Path, slide: Path, tmp_path: Path) -> None:
+    size = slide.stat().st_size
+    assert store_state(store, SPEC, file_size=size, slide_mpp=None) == DONE
+    assert store_state(store, TilingSpec(tile_px=256), file_size=size, slide_mpp=None) == STALE
+    assert store_state(store, SPEC, file_size=size + 1, slide_mpp=None) == STALE
+    assert store_state(store, SPEC, file_size=None, slide_mpp=None) == STALE
+    assert store_state(store, SPEC, file_size=size, slide_mpp=0.5) == STALE
+    assert store_state(tmp_path / "none.zarr", SPEC, file_size=size, slide_mpp=None) == FRESH
+
+
+def test_store_state_of_an_unfinished_store(store_copy: Path, slide: Path) -> None:
+    size = slide.stat().st_size
+    g = zarr.open_group(str(store_copy), mode="r+")
+    g.attrs["complete"] = False
+    assert store_state(store_copy, SPEC, file_size=size, slide_mpp=None) == RESUME
+    # the same keys decide resuming: another tiling, file or slide mpp is started afresh
+    assert store_state(store_copy, TilingSpec(tile_px=256), file_size=size, slide_mpp=None) == FRESH
+    assert store_state(store_copy, SPEC, file_size=size + 1, slide_mpp=None) == FRESH
+    assert store_state(store_copy, SPEC, file_size=size, slide_mpp=0.5) == FRESH
+    shutil.rmtree(store_copy / COORDS)  # killed before the grid was written
+    assert store_state(store_copy, SPEC, file_size=size, slide_mpp=None) == FRESH
+
+
+def test_store_state_of_another_layout_version(store_copy: Path, slide: Path) -> None:
+    g = zarr.open_group(str(store_copy), mode="r+")
+    g.attrs["wsi_pipeline"] = {"store_version": 99, "package_version": "9.0"}
+    assert store_state(store_copy, SPEC, file_size=slide.stat().st_size, slide_mpp=None) == FRESH
+    (store_copy / "zarr.json").write_text("{not json")
+    assert store_state(store_copy, SPEC, file_size=slide.stat().st_size, slide_mpp=None) == FRESH
+
+
+def test_unfinished_shards_and_finish(store_copy: Path) -> None:
+    n = patch_count(store_copy)
+    n_shards = -(-n // 8)
+    assert n_shards >= 3 and unfinished_shards(store_copy, n, 8) == ()
+    shard_path(store_copy, 1).unlink()
+    torn = shard_path(store_copy, n_shards - 1)
+    torn.write_bytes(torn.read_bytes()[:-10])
+    assert unfinished_shards(store_copy, n, 8) == (1, n_shards - 1)
+    g = zarr.open_group(str(store_copy), mode="r+")
+    g.attrs["complete"] = False
+    with pytest.raises(StoreError, match=r"s\.zarr: shard 1 missing or torn after extraction"):
+        finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
+    assert zarr.open_group(str(store_copy), mode="r").attrs["complete"] is False

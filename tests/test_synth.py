@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.synth import (
+    SLIDE_DEFAULTS,
     SynthSlide,
     load_ground_truth,
     summarize_cohort,
@@ -464,6 +465,26 @@ def test_cohort_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         write_cohort(tmp_path, **{"n_slides": 2, "width": 300, "height": 200, **kwargs})
     assert not (tmp_path / "slides").exists()
+
+
+def test_slide_defaults_are_write_slide_defaults():
+    """SLIDE_DEFAULTS are write_slide's own keyword defaults (what a cohort passes on)."""
+    import inspect
+
+    params = inspect.signature(write_slide).parameters
+    assert SLIDE_DEFAULTS == {k: params[k].default for k in SLIDE_DEFAULTS}
+    assert set(SLIDE_DEFAULTS).isdisjoint(inspect.signature(write_cohort).parameters)
+
+
+def test_no_temporary_files_left(tmp_path):
+    write_cohort(tmp_path, n_slides=1, width=300, height=200)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cohort.json",
+        "labels.csv",
+        "masks",
+        "slides",
+    ]
+    assert [p.name for p in (tmp_path / "slides").iterdir()] == ["synth_000.svs"]
 
 
 def test_cohort_readers_fail_cleanly(tmp_path):

@@ -1,4 +1,4 @@
-"""Tissue masking, the tile grid, extraction into stores, batches, resume and bad input."""
+"""The tile grid, extraction into stores, batches, resume and bad input."""
 
 from __future__ import annotations
 
@@ -19,10 +19,18 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.errors import StoreError, TilingError
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.specs import MaskSpec, TilingSpec
-from wsi_pipeline.store import SlideStore, is_complete, open_store, shard_path
+from wsi_pipeline.store import (
+    COORDS,
+    PATCHES,
+    THUMBNAIL,
+    TISSUE_MASK,
+    SlideStore,
+    is_complete,
+    open_store,
+    shard_path,
+)
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tiling import tile_slide, tile_slides
-from wsi_pipeline.tissue import rect_fractions, tissue_mask
+from wsi_pipeline.tiling import MANIFEST, mask_slide, tile_slide, tile_slides, tiling_geometry
 
 
 @pytest.fixture(scope="session")
@@ -35,107 +43,12 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_slide(d / "neg.svs", width=2048, height=1536, mpp=0.5, seed=4)
     write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
     write_slide(d / "tiny.svs", width=200, height=150, mpp=0.5, seed=6, tissue_fraction=0.9)
-    write_slide(d / "pen.svs", width=2048, height=1536, mpp=0.5, seed=8, pen_mark=True)
     return d
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
-def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
-
-
 # ---------------------------------------------------------------------------------------------
-# tissue masks
+# masks and stores (tissue_mask itself: test_tissue.py)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["pos", "neg", "pen"])
-def test_mask_matches_ground_truth(synth_dir: Path, name: str, tmp_path: Path) -> None:
-    from wsi_pipeline.synth import write_slide as ws
-
-    gt = ws(
-        tmp_path / f"{name}.svs",
-        width=6144,
-        height=4608,
-        mpp=0.5,
-        seed={"pos": 3, "neg": 4, "pen": 8}[name],
-        n_lesions=2 if name == "pos" else 0,
-        pen_mark=name == "pen",
-    )
-    with open_slide(gt.path) as s:
-        ds = 16.0
-        thumb = s.read_thumbnail(ds)
-        mask = tissue_mask(thumb, mpp=0.5 * ds)
-    truth = _resize_mask(gt.tissue_mask, mask.shape)
-    assert _iou(mask, truth) >= 0.9
-
-
-def test_pen_is_excluded_unless_kept(synth_dir: Path) -> None:
-    with open_slide(synth_dir / "pen.svs") as s:
-        thumb = s.read_thumbnail(16.0)
-    with_pen = tissue_mask(thumb, mpp=8.0, spec=MaskSpec(remove_pen=False))
-    without = tissue_mask(thumb, mpp=8.0)
-    assert with_pen.sum() > without.sum() * 1.02
-
-
-def test_blank_slide_has_no_tissue(synth_dir: Path) -> None:
-    with open_slide(synth_dir / "blank.svs") as s:
-        assert not tissue_mask(s.read_thumbnail(8.0), mpp=4.0).any()
-    white = np.full((300, 400, 3), 245, np.uint8)
-    assert not tissue_mask(white).any()
-
-
-@pytest.mark.parametrize(
-    "rel",
-    [
-        "aperio/CMU-1-Small-Region.svs",
-        "aperio/tcga-cr-7395-01a-01-ts1.svs",
-        "generic-tiff/kidney-48-5.tif",
-        "ome-tiff/OS-2-ndpi.ome.tif",
-        "ome-tiff/OS-2-vsi.ome.tif",
-        "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm",
-    ],
-)
-def test_mask_plausible_on_real_slides(testdata: Path, rel: str) -> None:
-    with open_slide(testdata / rel) as s:
-        ds = max(s.meta.width, s.meta.height) / 400
-        mask = tissue_mask(
-            s.read_thumbnail(ds), mpp=None if s.meta.mpp is None else s.meta.mpp * ds
-        )
-    assert 0.001 < mask.mean() < 0.95
-
-
-def test_mask_close_to_histolab_reference(testdata: Path) -> None:
-    """Not ground truth, but a sanity check against another tool's answer."""
-    with open_slide(testdata / "aperio/CMU-1-Small-Region.svs") as s:
-        ref = np.load(testdata / "masks/tissue-mask-cmu-1-small-region.npy")
-        ds = s.meta.width / ref.shape[1]
-        mask = tissue_mask(s.read_thumbnail(ds), mpp=s.meta.mpp * ds)
-    assert _iou(mask, _resize_mask(ref, mask.shape)) > 0.6
-
-
-def test_rect_fractions_exact() -> None:
-    mask = np.zeros((4, 4), bool)
-    mask[1:3, 1:3] = True
-    f = rect_fractions(
-        mask,
-        np.array(
-            [
-                [0, 0, 40, 40],
-                [10, 10, 20, 20],
-                [15, 15, 10, 10],
-                [20, 0, 20, 20],
-                [-40, -40, 20, 20],
-            ]
-        ),
-        downsample=10,
-    )
-    assert np.allclose(f, [0.25, 1.0, 1.0, 0.25, 0.0])
-
-
 def test_user_masks(tmp_path: Path, synth_dir: Path) -> None:
     import json
 
@@ -173,9 +86,23 @@ def test_user_masks(tmp_path: Path, synth_dir: Path) -> None:
     assert len(c) == 12 and c[:, 0].max() < 1024 and c[:, 1].max() < 768
 
 
-# ---------------------------------------------------------------------------------------------
-# stores
-# ---------------------------------------------------------------------------------------------
+def test_geometry_and_mask_of_a_slide(synth_dir: Path) -> None:
+    spec = TilingSpec(tile_px=128, mpp=1.0)
+    with open_slide(synth_dir / "neg.svs") as s:
+        with pytest.raises(
+            TilingError, match=r"level 5 asked for, but the slide has levels 0\.\.1"
+        ):
+            tiling_geometry(s, TilingSpec(level=5))
+        geo = tiling_geometry(s, spec)
+        assert geo.downsample == 2.0 and geo.target_mpp == 1.0 and geo.read_level == 0
+        assert geo.resampled and geo.read_px == 256 and geo.patch_l0 == 256
+        lvl = tiling_geometry(s, TilingSpec(level=1))
+        assert lvl.read_level == 1 and lvl.target_mpp == pytest.approx(0.5 * lvl.downsample)
+        thumb, mask, ds = mask_slide(s, spec, geo)
+    assert thumb.shape[:2] == mask.shape and mask.dtype == bool and mask.any()
+    assert 1.0 <= ds <= geo.patch_l0 / 8
+
+
 def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None:
     r = tile_slide(synth_dir / "pos.svs", tmp_path, spec=TilingSpec(tile_px=256))
     assert r.status == "ok" and r.n_patches > 10
@@ -189,7 +116,7 @@ def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None
     order = np.lexsort((coords[:, 0], coords[:, 1]))
     assert np.array_equal(order, np.arange(len(coords)))  # row-major
     assert (st.tissue_fraction >= 0.25).all()
-    via_zarr = g["patches"][: min(8, r.n_patches)]
+    via_zarr = g[PATCHES][: min(8, r.n_patches)]
     via_reader = st.reader().read(np.arange(min(8, r.n_patches)))
     assert np.array_equal(via_zarr, via_reader)
     with open_slide(synth_dir / "pos.svs") as s:
@@ -199,7 +126,7 @@ def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None
             got = via_reader[i] if i < len(via_reader) else st.reader().read([i])[0]
             if x + 256 <= 2560 and y + 256 <= 1792:  # copied tile: identical pixels
                 assert np.array_equal(got, ref)
-    assert g["thumbnail"].attrs["downsample"] == g["tissue_mask"].attrs["downsample"]
+    assert g[THUMBNAIL].attrs["downsample"] == g[TISSUE_MASK].attrs["downsample"]
 
 
 def test_tile_at_mpp_resamples_once(synth_dir: Path, tmp_path: Path) -> None:
@@ -235,7 +162,7 @@ def test_no_tissue_store_is_complete_and_empty(synth_dir: Path, tmp_path: Path) 
     r = tile_slide(synth_dir / "blank.svs", tmp_path)
     assert r.status == "no_tissue" and r.n_patches == 0
     g = open_store(tmp_path / "blank.zarr")
-    assert g["patches"].shape[0] == 0 and g["coords"].shape == (0, 2)
+    assert g[PATCHES].shape[0] == 0 and g[COORDS].shape == (0, 2)
     assert g.attrs["tiling"]["status"] == "no_tissue"
 
 
@@ -278,7 +205,7 @@ def test_store_version_and_unfinished_are_refused(synth_dir: Path, tmp_path: Pat
 # batches, bad input, resume
 # ---------------------------------------------------------------------------------------------
 def _manifest(out: Path) -> dict[str, dict[str, str]]:
-    with open(out / "manifest.csv", newline="") as fh:
+    with open(out / MANIFEST, newline="") as fh:
         return {r["slide_id"]: r for r in csv.DictReader(fh)}
 
 
@@ -424,7 +351,7 @@ def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    shard_dir = out / "b_big.zarr" / "patches" / "c"
+    shard_dir = out / "b_big.zarr" / PATCHES / "c"
     while time.time() < deadline and proc.poll() is None:
         if shard_dir.is_dir() and sum(1 for _ in shard_dir.iterdir()) >= 3:
             break

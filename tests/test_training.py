@@ -1,4 +1,4 @@
-"""Training from slide labels, prediction, and their bad-input checks, on real stores."""
+"""Training from slide labels (wsi_pipeline.training), on real stores."""
 
 from __future__ import annotations
 
@@ -13,95 +13,53 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _cohort import FAST, make_cohort, small_cohort, write_labels
 
+from wsi_pipeline import runs
 from wsi_pipeline.cli import main
-from wsi_pipeline.data import BagDataset, make_splits, read_labels, resolve_stores
-from wsi_pipeline.errors import ConfigError, TrainingError
+from wsi_pipeline.data import read_labels
+from wsi_pipeline.errors import TrainingError
 from wsi_pipeline.metrics import auc_score
 from wsi_pipeline.prediction import predict
 from wsi_pipeline.specs import TilingSpec, TrainConfig
-from wsi_pipeline.store import SlideStore
-from wsi_pipeline.synth import load_ground_truth, write_cohort
+from wsi_pipeline.store import SlideStore, features_key, scores_key
+from wsi_pipeline.synth import load_ground_truth
 from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.training import topk_instance_loss, train
-
-TILING = TilingSpec(tile_px=64, mpp=1.0)
-FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
-
-
-def _cohort(
-    root: Path, n: int, *, width: int, height: int, seed: int, spec: TilingSpec = TILING, **kw
-) -> tuple[Path, Path]:
-    write_cohort(root / "cohort", n_slides=n, width=width, height=height, mpp=0.5, seed=seed, **kw)
-    res = tile_slides(
-        sorted((root / "cohort" / "slides").iterdir()), root / "stores", spec=spec, progress=False
-    )
-    assert all(r.ok for r in res)
-    return root / "stores", root / "cohort" / "labels.csv"
+from wsi_pipeline.training import (
+    TrainState,
+    bag_loss,
+    calibrate,
+    make_objective,
+    setup_training,
+    start_state,
+    topk_instance_loss,
+    train,
+    train_one_epoch,
+)
 
 
 @pytest.fixture(scope="session")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """8 small slides tiled at 1 mpp, 64-px patches: fast plumbing checks."""
-    return _cohort(tmp_path_factory.mktemp("small"), 8, width=1536, height=1024, seed=21)
-
-
-def _labels(path: Path, rows: list[tuple]) -> Path:
-    with open(path, "w") as fh:
-        fh.write(",".join(("slide_id", "label", "split")[: len(rows[0])]) + "\n")
-        for r in rows:
-            fh.write(",".join(map(str, r)) + "\n")
-    return path
+    return small_cohort(tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def test_labels_and_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
-    labels = read_labels(labels_csv)
-    assert labels.classes == ("0", "1")
-    found, skipped = resolve_stores(stores, labels)
-    assert len(found) == 8 and not skipped
-    s1 = make_splits(labels, list(found), seed=3)
-    assert s1 == make_splits(labels, list(found), seed=3)
-    assert {"train", "val", "test"} == set(s1.values())
-    # case grouping: two slides of one case never straddle splits
-    rows = [(r.slide_id, r.label, "", f"case{i // 2}") for i, r in enumerate(labels.rows)]
-    p = tmp_path / "cases.csv"
-    with open(p, "w") as fh:
-        fh.write("slide_id,label,split,case_id\n")
-        fh.writelines(",".join(r) + "\n" for r in rows)
-    lab = read_labels(p)
-    for seed in range(5):
-        sp = make_splits(lab, [r.slide_id for r in lab.rows], seed=seed)
-        for a, b in zip(rows[::2], rows[1::2]):
-            assert sp[a[0]] == sp[b[0]]
-    folds = [make_splits(labels, list(found), folds=4, fold=k) for k in range(4)]
-    assert sorted(s for f in folds for s, v in f.items() if v == "val") == sorted(found)
-
-
-def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None:
+def test_train_refuses_bad_inputs_before_starting(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
     ids = [r.slide_id for r in read_labels(labels_csv).rows]
-    with pytest.raises(ConfigError, match=r"missing column\(s\) label"):
-        read_labels(_labels(tmp_path / "a.csv", [(ids[0],)]))
-    with pytest.raises(ConfigError, match=r"duplicate slide id 'synth_000' \(first on line 2\)"):
-        read_labels(_labels(tmp_path / "b.csv", [(ids[0], 0), (ids[0], 1)]))
-    with pytest.raises(ConfigError, match=r"unknown split 'holdout'"):
-        read_labels(_labels(tmp_path / "c.csv", [(ids[0], 0, "holdout")]))
-    with pytest.raises(ConfigError, match="labels file not found"):
-        read_labels(tmp_path / "none.csv")
     cfg = TrainConfig(**FAST)
     with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
         train(
             stores,
-            _labels(tmp_path / "d.csv", [(ids[0], 0), ("nope", 1)]),
+            write_labels(tmp_path / "d.csv", [(ids[0], 0), ("nope", 1)]),
             tmp_path / "r",
             config=cfg,
         )
-    one_class = _labels(
+    one_class = write_labels(
         tmp_path / "e.csv", [(i, 0, "train") for i in ids[:4]] + [(ids[4], 1, "val")]
     )
     with pytest.raises(TrainingError, match="training split has a single class"):
@@ -118,37 +76,6 @@ def test_bad_labels_and_stores(small: tuple[Path, Path], tmp_path: Path) -> None
     with pytest.raises(TrainingError, match=r"tile size 64 px, .synth_000. was tiled on 96 px"):
         train(bad, labels_csv, tmp_path / "r", config=cfg)
     assert not (tmp_path / "r").exists()  # nothing started
-
-
-def test_store_without_patches_is_left_out(
-    small: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from wsi_pipeline.synth import write_slide
-
-    stores, labels_csv = small
-    d = tmp_path / "stores"
-    shutil.copytree(stores, d)
-    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
-    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
-    lab = tmp_path / "l.csv"
-    lab.write_text(labels_csv.read_text() + "blank,0\n")
-    found, skipped = resolve_stores(d, read_labels(lab))
-    assert skipped == ["blank"] and "blank" not in found
-    assert "store has no patches" in caplog.text
-
-
-def test_bags_are_seeded_and_augmented(small: tuple[Path, Path]) -> None:
-    stores, _ = small
-    paths = sorted(stores.glob("*.zarr"))[:2]
-    ds = BagDataset(paths, [0, 1], max_patches=8, augment=True, seed=1)
-    a, ya, _ = ds[0]
-    b, _, _ = ds[0]
-    assert a.shape == (8, 3, 64, 64) and a.dtype == torch.uint8 and ya == 0
-    assert torch.equal(a, b)  # same epoch: same bag
-    ds.set_epoch(1)
-    assert not torch.equal(ds[0][0], a)  # next epoch: another subset/augmentation
-    full = BagDataset(paths, [0, 1])
-    assert len(full[0][0]) == SlideStore(paths[0]).n_patches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +132,65 @@ def test_resume_is_bit_for_bit(small: tuple[Path, Path], tmp_path: Path) -> None
     assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
 
 
+def test_training_steps(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """The steps of ``train`` on their own: set-up, a fresh state, one epoch, the resume check."""
+    from wsi_pipeline.data import make_splits, resolve_stores
+    from wsi_pipeline.distributed import Distributed
+
+    stores, labels_csv = small
+    labels = read_labels(labels_csv)
+    found, _ = resolve_stores(stores, labels)
+    splits = make_splits(labels, list(found))
+    cfg = TrainConfig(**FAST)
+    setup = setup_training(cfg, tmp_path / "run", labels, found, splits, Distributed())
+    assert setup.device.type in ("cpu", "cuda") and setup.ddp_model is setup.model
+    assert sum(len(b) for b in setup.bags.values()) == 8
+    assert list(setup.targets) == list(found)  # store order, every slide in a split
+    assert setup.record["run_version"] == runs.RUN_VERSION and setup.record["num_classes"] == 2
+    with pytest.raises(TrainingError, match=r"nothing to resume \(no checkpoint\.pt\)"):
+        start_state(setup, resume=True)
+    state = start_state(setup, resume=False)
+    assert state == TrainState() and state.next_epoch == 0
+    before = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    rec = train_one_epoch(setup, 0, progress=False)
+    assert rec["epoch"] == 0 and np.isfinite(rec["train_loss"]) and rec["lr"] > 0
+    after = setup.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_objective_and_calibration(small: tuple[Path, Path]) -> None:
+    from wsi_pipeline.data import BagDataset
+
+    stores, _ = small
+    bags = BagDataset(sorted(stores.glob("*.zarr"))[:3], [0, 1, 1])
+    cpu = torch.device("cpu")
+    obj = make_objective(TrainConfig(balance="loss"), ("0", "1"), bags, device=cpu)
+    assert obj.instance == "topk" and obj.negative == 0
+    assert torch.allclose(obj.class_weights, torch.tensor([1.5, 0.75]))
+    clam = make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu)
+    assert clam.instance == "clam" and clam.class_weights is None
+    assert (
+        make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu, world=2).instance
+        == "none"
+    )
+    assert (
+        make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu).instance
+        == "none"
+    )
+    # without an instance loss the bag loss is the slide cross-entropy
+    from wsi_pipeline.inference import build_model
+
+    model = build_model(TrainConfig(), 2).eval()
+    x = bags[0][0]
+    none = make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu)
+    with torch.no_grad():
+        loss = bag_loss(model, model, x, 1, none)
+        ref = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([1]))
+    assert torch.isclose(loss, ref)
+    # calibration: the identity without validation slides
+    assert calibrate(None, ("0", "1")) == {"method": "none", "num_classes": 2}
+
+
 def test_features_mode_and_predict(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
     d = tmp_path / "stores"
@@ -215,56 +201,17 @@ def test_features_mode_and_predict(small: tuple[Path, Path], tmp_path: Path) -> 
     assert m["finished"] and (run / "extractor.pt").is_file()
     name = json.loads((run / "config.json").read_text())["extractor"]
     g = zarr.open_group(str(next(d.glob("*.zarr"))), mode="r")
-    assert g[f"features/{name}"].attrs["complete"] is True
-    assert g[f"features/{name}"].shape[1] == 128
+    assert g[features_key(name)].attrs["complete"] is True
+    assert g[features_key(name)].shape[1] == 128
     rows = predict(d, run, tmp_path / "pred", progress=False)
     assert len(rows) == 8 and all(r.ok for r in rows)
-
-
-def test_predict_outputs_and_errors(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
-    d = tmp_path / "stores"
-    shutil.copytree(stores, d)
-    run = tmp_path / "run"
-    train(d, labels_csv, run, config=TrainConfig(**FAST), progress=False)
-    # a store tiled differently, and one without patches
-    from wsi_pipeline.synth import write_slide
-
-    slide = next((labels_csv.parent / "slides").glob("synth_000.*"))
-    tile_slides([slide], tmp_path / "other", spec=TilingSpec(tile_px=64, mpp=2.0), progress=False)
-    shutil.copytree(tmp_path / "other" / "synth_000.zarr", d / "odd.zarr")
-    zarr.open_group(str(d / "odd.zarr"), mode="r+").attrs["slide_id"] = "odd"
-    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
-    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
-    code = main(["predict", str(d), "--run", str(run), "--out", str(tmp_path / "pred"), "-q"])
-    assert code == 1  # the mismatched store is an error
-    with open(tmp_path / "pred" / "predictions.csv") as fh:
-        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {*(f"synth_{i:03d}" for i in range(8)), "odd", "blank"}
-    assert "tiled at 2 mpp, the run was trained at 1 mpp" in rows["odd"]["error"]
-    assert rows["blank"]["probability"] == "" and "no patches" in rows["blank"]["error"]
-    r0 = rows["synth_000"]
-    assert abs(float(r0["p_0"]) + float(r0["p_1"]) - 1) < 1e-5
-    assert r0["predicted_label"] in ("0", "1") and r0["run_id"] == "run"
-    st = SlideStore(d / "synth_000.zarr")
-    scores = np.asarray(st.group["scores/run"][...])
-    att = np.asarray(st.group["scores/run-attention"][...])
-    assert scores.shape == (st.n_patches,) and ((scores >= 0) & (scores <= 1)).all()
-    assert abs(att.sum() - 1) < 1e-4
-    with pytest.raises(TrainingError, match="no such run folder"):
-        predict(d, tmp_path / "nope", tmp_path / "p2")
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["run_version"] = 99
-    (run / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(TrainingError, match="run format 99"):
-        predict(d, run, tmp_path / "p2")
 
 
 def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None:
     stores, labels_csv = small
     ids = [r.slide_id for r in read_labels(labels_csv).rows]
     names = ["tumour_b", "normal", "tumour_a", "normal"] * 2
-    lab = _labels(tmp_path / "multi.csv", list(zip(ids, names)))
+    lab = write_labels(tmp_path / "multi.csv", list(zip(ids, names)))
     run = tmp_path / "run"
     m = train(
         stores,
@@ -399,7 +346,7 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
     """The demo's cohort and training (pipelines/demo.yaml): held-out slide AUC well above
     chance, and lesion patches score higher than normal ones on held-out positive slides (the
     precondition for heatmaps)."""
-    stores, labels_csv = _cohort(
+    stores, labels_csv = make_cohort(
         tmp_path,
         40,
         width=8192,
@@ -431,6 +378,6 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
             lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds
         )
         ys.append(frac >= 0.5)
-        ss.append(np.asarray(st.group["scores/run"][...]))
+        ss.append(np.asarray(st.group[scores_key("run")][...]))
     patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
     assert patch_auc >= 0.8, f"patch-level AUC {patch_auc:.2f}"

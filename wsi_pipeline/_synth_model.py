@@ -3,7 +3,9 @@ and the stain model, rendered tile by tile.
 
 Every random quantity is a hash of ``(seed, field, integer coordinates)`` (splitmix64), so any tile
 renders alone and in any order, and a nucleus near a tile border is drawn identically in both
-tiles. Private to the synth module: its names may change without notice.
+tiles. Used by :mod:`wsi_pipeline.synth` only; its public names are the ones synth calls
+(:class:`Model`, :func:`build_model`, :func:`maybe_content`, :func:`render_tile`,
+:func:`glass_key`, :func:`render_glass`), and may change with it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
+
+__all__ = ["Model", "build_model", "glass_key", "maybe_content", "render_glass", "render_tile"]
 
 # Stain optical densities per unit stain (Macenko reference), glass, pen inks (blue, green).
 _H_OD = np.array([0.5626, 0.7201, 0.4062], np.float32)
@@ -133,7 +137,7 @@ def _soft(v: Any, width: float) -> Any:
 
 
 @dataclass(frozen=True)
-class _Model:
+class Model:
     """Everything needed to render any part of one slide (lengths in level-0 px)."""
 
     seed: int
@@ -161,7 +165,7 @@ class _Model:
         return 1 / self.mpp
 
 
-def _build_model(a: dict[str, Any]) -> tuple[_Model, np.ndarray, np.ndarray]:
+def build_model(a: dict[str, Any]) -> tuple[Model, np.ndarray, np.ndarray]:
     """Fix the slide's random layout; return it with the ground-truth tissue and lesion masks."""
     width, height, mpp, seed, ds = a["width"], a["height"], a["mpp"], a["seed"], a["gt_downsample"]
     rng = np.random.default_rng([seed, 0x51DE])
@@ -169,7 +173,7 @@ def _build_model(a: dict[str, Any]) -> tuple[_Model, np.ndarray, np.ndarray]:
     octaves = ((1.0, short / 2.2), (0.45, short / 7.7), (0.18, short / 26.4), (0.06, 100 / mpp))
     lip = sum(amp * _NOISE_GAIN * 1.5 * math.sqrt(2) / c for amp, c in octaves)
     theta, k = rng.uniform(0, math.pi), 2 * math.pi / (9.0 / mpp)
-    model = _Model(
+    model = Model(
         seed=seed,
         width=width,
         height=height,
@@ -225,7 +229,7 @@ def _blocks(shape: tuple[int, int], step: int) -> Iterator[tuple[slice, slice]]:
             yield slice(y, y + step), slice(x, x + step)
 
 
-def _tissue_grid(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+def _tissue_grid(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     f = sum(
         amp * _noise_grid(m.seed, _F_TISSUE + i, xs, ys, c)
         for i, (amp, c) in enumerate(m.t_octaves)
@@ -234,7 +238,7 @@ def _tissue_grid(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return f - _EDGE_AMP * np.clip(1 - d / m.edge_px, 0, None) ** 2
 
 
-def _tissue_points(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _tissue_points(m: Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     f = np.zeros(x.shape)
     for i, (amp, c) in enumerate(m.t_octaves):
         f = f + amp * _noise_points(m.seed, _F_TISSUE + i, x, y, c)
@@ -242,7 +246,7 @@ def _tissue_points(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return f - _EDGE_AMP * np.clip(1 - d / m.edge_px, 0, None) ** 2
 
 
-def _in_tissue(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _in_tissue(m: Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Ground-truth tissue at points (the same decision as the masks, up to rounding)."""
     tis = _tissue_points(m, x, y) > m.t_thr
     if m.holes:
@@ -250,7 +254,7 @@ def _in_tissue(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return tis
 
 
-def _lesion_grid(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+def _lesion_grid(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Lesion distance on a grid: < 1 inside a lesion, ``inf`` far from all."""
     d = np.full((ys.size, xs.size), np.inf)
     for i, (cx, cy, r) in enumerate(m.lesions):
@@ -264,7 +268,7 @@ def _lesion_grid(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return d
 
 
-def _lesion_points(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _lesion_points(m: Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     d = np.full(x.shape, np.inf)
     for i, (cx, cy, r) in enumerate(m.lesions):
         near = (np.abs(x - cx) < 2.2 * r) & (np.abs(y - cy) < 2.2 * r)
@@ -275,7 +279,7 @@ def _lesion_points(m: _Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return d
 
 
-def _lesion_mask(m: _Model, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+def _lesion_mask(m: Model, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     """Lesion membership on the ground-truth grid, evaluated only around each lesion."""
     mask = np.zeros((gy.size, gx.size), bool)
     for cx, cy, r in m.lesions:
@@ -287,14 +291,14 @@ def _lesion_mask(m: _Model, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
 
 
 def _place_lesions(
-    m: _Model,
+    m: Model,
     tissue: np.ndarray,
     gx: np.ndarray,
     gy: np.ndarray,
     ds: int,
     a: dict[str, Any],
     rng: np.random.Generator,
-) -> tuple[_Model, np.ndarray]:
+) -> tuple[Model, np.ndarray]:
     """Put lesions deep in tissue, then scale them until they cover ``lesion_fraction`` of it."""
     from scipy import ndimage
 
@@ -324,7 +328,7 @@ def _place_lesions(
 
 
 def _place_pen(
-    m: _Model, tissue: np.ndarray, gx: np.ndarray, gy: np.ndarray, rng: np.random.Generator
+    m: Model, tissue: np.ndarray, gx: np.ndarray, gy: np.ndarray, rng: np.random.Generator
 ) -> tuple:
     """A quadratic-Bezier marker stroke from glass into, and past, tissue."""
     w, h = m.width, m.height
@@ -347,7 +351,7 @@ def _place_pen(
 
 
 def _place_fold(
-    m: _Model, tissue: np.ndarray, gx: np.ndarray, gy: np.ndarray, ds: int, rng: np.random.Generator
+    m: Model, tissue: np.ndarray, gx: np.ndarray, gy: np.ndarray, ds: int, rng: np.random.Generator
 ) -> tuple:
     """A band across the thickest tissue island."""
     from scipy import ndimage
@@ -362,7 +366,7 @@ def _place_fold(
 # ------------------------------------------------------------------------------------ rendering
 
 
-def _maybe_content(m: _Model, x0: int, y0: int, size: int) -> bool:
+def maybe_content(m: Model, x0: int, y0: int, size: int) -> bool:
     """False only if the tile surely shows bare glass (no tissue, no pen)."""
     if m.pen is not None:
         pts, half, _ = m.pen
@@ -376,8 +380,8 @@ def _maybe_content(m: _Model, x0: int, y0: int, size: int) -> bool:
     return bool(_tissue_grid(m, xs, ys).max() > m.t_thr - m.t_soft - m.t_lip * step)
 
 
-def _render_tile(
-    m: _Model, x0: int, y0: int, size: int, rng: np.random.Generator
+def render_tile(
+    m: Model, x0: int, y0: int, size: int, rng: np.random.Generator
 ) -> np.ndarray | None:
     """Level-0 RGB ``(size, size, 3)`` uint8 of the tile at ``(x0, y0)``; None for bare glass."""
     f32 = np.float32
@@ -409,8 +413,30 @@ def _render_tile(
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
+def glass_key(m: Model, index: int, x0: int, y0: int, size: int) -> tuple[int, int]:
+    """Which pre-rendered bare-glass tile stands in for tile ``index`` at ``(x0, y0)``.
+
+    Returns
+    -------
+    (int, int)
+        The tile's grey level (the illumination at its centre, rounded) and one of 4 variants.
+    """
+    base, gx, gy = m.illum
+    grey = round(
+        base + gx * ((x0 + size / 2) / m.width - 0.5) + gy * ((y0 + size / 2) / m.height - 0.5)
+    )
+    return grey, int(_hash(m.seed, _F_BG, index)[0] % 4)
+
+
+def render_glass(m: Model, key: tuple[int, int], size: int) -> np.ndarray:
+    """The bare-glass tile ``key`` (from :func:`glass_key`): ``(size, size, 3)`` uint8."""
+    grey = key[0]
+    noise = np.random.default_rng([m.seed, _F_BG, *key]).normal(0, 1.3, (size, size, 3))
+    return np.clip(grey * np.exp(-_GLASS_OD) + noise + 0.5, 0, 255).astype(np.uint8)
+
+
 def _stain(
-    m: _Model, xs: np.ndarray, ys: np.ndarray, x0: int, y0: int, size: int
+    m: Model, xs: np.ndarray, ys: np.ndarray, x0: int, y0: int, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin optical densities, each ``(size, size)`` float32, of the tissue."""
     f32, um = np.float32, m.um
@@ -449,7 +475,7 @@ def _stain(
     return h.astype(f32), e.astype(f32)
 
 
-def _pen_alpha(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+def _pen_alpha(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
     pts, half, _ = m.pen
     pad = 1.2 * half + 4
     dist = None
@@ -468,7 +494,7 @@ def _pen_alpha(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
     return alpha.astype(np.float32) if alpha.any() else None
 
 
-def _fold_alpha(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+def _fold_alpha(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
     cx, cy, ux, uy, half_len, half_w = m.fold
     reach = half_len + 2 * half_w
     if xs[-1] < cx - reach or xs[0] > cx + reach or ys[-1] < cy - reach or ys[0] > cy + reach:
@@ -481,7 +507,7 @@ def _fold_alpha(m: _Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
     return alpha.astype(np.float32) if alpha.any() else None
 
 
-def _nuclei(m: _Model, x0: int, y0: int, size: int) -> np.ndarray | None:
+def _nuclei(m: Model, x0: int, y0: int, size: int) -> np.ndarray | None:
     """Nuclei and nucleoli whose extent may touch the tile: ``(n, 14)`` rows (columns ``_X`` ...).
 
     Candidates sit on jittered slots of ``_CELL_UM`` cells: 6 x 6 small slots (stroma and

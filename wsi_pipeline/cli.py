@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import ConfigError, WSIPipelineError
+from .specs import TilingSpec, TrainConfig
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -27,7 +28,7 @@ class _Failed(Exception):
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks swap it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -72,6 +73,16 @@ def common_options(f: Any) -> Any:
     )(f)
 
 
+def _train_help(field: str, text: str) -> str:
+    """``text`` with the :class:`TrainConfig` default of ``field`` (training options default to
+    None on the command line, so that a ``--config`` file can set them)."""
+    return f"{text}  [default: {getattr(TrainConfig(), field)}]"
+
+
+def _cv_line(folds: int, mean: float, std: float) -> str:
+    return f"{folds}-fold validation AUC {mean:.3f} ± {std:.3f}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="wsi-pipeline")
 @common_options
@@ -102,48 +113,59 @@ def cli(ctx: click.Context) -> None:
     default=None,
     help="Target resolution in µm per pixel (e.g. 0.5 for 20x). Default: --level 0.",
 )
-@click.option("--level", type=int, default=None, help="Target pyramid level (native pixels).")
+@click.option(
+    "--level",
+    type=int,
+    default=None,
+    help="Target pyramid level (its native pixels).  [default: 0 without --mpp]",
+)
 @click.option(
     "--tile-size",
     type=int,
-    default=256,
+    default=TilingSpec.tile_px,
     show_default=True,
     help="Patch side in pixels at the target resolution.",
 )
 @click.option(
     "--overlap",
     type=int,
-    default=0,
+    default=TilingSpec.overlap_px,
     show_default=True,
     help="Overlap of neighbouring patches in target pixels.",
 )
 @click.option(
     "--tissue-threshold",
     type=float,
-    default=0.25,
+    default=TilingSpec.min_tissue,
     show_default=True,
     help="Smallest tissue fraction for a patch to be kept.",
 )
 @click.option(
     "--edge",
     type=click.Choice(["pad", "drop"]),
-    default="pad",
+    default=TilingSpec.edge,
     show_default=True,
     help="Patches reaching past the slide edge: keep (white outside) or drop.",
 )
 @click.option(
     "--codec",
     type=click.Choice(["jpeg", "zstd", "raw"]),
-    default="jpeg",
+    default=TilingSpec.codec,
     show_default=True,
     help="Patch codec: jpeg (lossy; copies the file's own JPEG tiles when aligned), "
     "zstd (lossless), raw.",
 )
-@click.option("--jpeg-quality", type=int, default=90, show_default=True)
+@click.option(
+    "--jpeg-quality",
+    type=int,
+    default=TilingSpec.jpeg_quality,
+    show_default=True,
+    help="JPEG quality (1-100) of patches that are encoded (not copied).",
+)
 @click.option(
     "--patches-per-shard",
     type=int,
-    default=256,
+    default=TilingSpec.patches_per_shard,
     show_default=True,
     help="Patches per shard file of the store's patches array.",
 )
@@ -153,8 +175,8 @@ def cli(ctx: click.Context) -> None:
     default=None,
     help="Use this tissue mask (PNG, or GeoJSON polygons in level-0 px) for all slides.",
 )
-@click.option("--keep-pen", is_flag=True, help="Do not exclude pen marks from the tissue mask.")
-@click.option("--keep-dark", is_flag=True, help="Do not exclude dark debris/folds.")
+@click.option("--keep-pen", is_flag=True, help="Keep pen marks in the tissue mask.")
+@click.option("--keep-dark", is_flag=True, help="Keep dark debris and folds in the tissue mask.")
 @click.option(
     "--slide-mpp",
     type=float,
@@ -179,62 +201,21 @@ def cli(ctx: click.Context) -> None:
     type=click.Choice(["auto", "openslide", "tiffslide"]),
     default="auto",
     show_default=True,
+    help="Slide reader; auto: openslide where it reads the file, else tiffslide.",
 )
 @click.option("--overwrite", is_flag=True, help="Redo slides whose stores are complete.")
 @click.pass_context
-def tile(
-    ctx: click.Context,
-    slides: tuple[Path, ...],
-    out: Path,
-    mpp: float | None,
-    level: int | None,
-    tile_size: int,
-    overlap: int,
-    tissue_threshold: float,
-    edge: str,
-    codec: str,
-    jpeg_quality: int,
-    patches_per_shard: int,
-    mask_file: Path | None,
-    keep_pen: bool,
-    keep_dark: bool,
-    slide_mpp: float | None,
-    workers: int,
-    scheduler: str | None,
-    backend: str,
-    overwrite: bool,
-) -> None:
+def tile(ctx: click.Context, /, slides: tuple[Path, ...], out: Path, **options: Any) -> None:
     """Mask tissue and tile SLIDES (files and/or folders) into OUT/<slide_id>.zarr.
 
     Complete stores are skipped (unless --overwrite); unfinished ones are resumed. Writes
     OUT/manifest.csv (slide_id, path, status, n_patches, seconds, error).
     """
     from .slide import find_slides
-    from .specs import MaskSpec, TilingSpec
-    from .tiling import tile_slides
+    from .specs import tiling_from_options
+    from .tiling import MANIFEST, tile_slides
 
-    if mpp is not None and level is not None:
-        raise click.UsageError("give --mpp or --level, not both")
-    if workers < 1:
-        raise click.UsageError("--workers must be >= 1")
-    mask = MaskSpec(
-        method="user" if mask_file else "otsu",
-        user_mask=str(mask_file) if mask_file else None,
-        remove_pen=not keep_pen,
-        remove_dark=not keep_dark,
-    )
-    spec = TilingSpec(
-        tile_px=tile_size,
-        mpp=mpp,
-        level=(level or 0) if mpp is None else None,
-        overlap_px=overlap,
-        min_tissue=tissue_threshold,
-        edge=edge,
-        codec=codec,
-        jpeg_quality=jpeg_quality,
-        patches_per_shard=patches_per_shard,
-        mask=mask,
-    )
+    spec, batch = tiling_from_options(options)
     files, _ = find_slides(list(slides))
     if not files:
         raise ConfigError(f"no slide files found in {', '.join(map(str, slides))}")
@@ -242,19 +223,15 @@ def tile(
         list(slides),
         out,
         spec=spec,
-        workers=workers,
-        scheduler=scheduler,
-        overwrite=overwrite,
-        slide_mpp=slide_mpp,
-        backend=backend,
         progress=not ctx.obj.get("quiet"),
         debug=ctx.obj.get("debug", False),
+        **batch,
     )
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    click.echo(f"tiled {len(results)} slide(s): {summary}; manifest: {out / 'manifest.csv'}")
+    click.echo(f"tiled {len(results)} slide(s): {summary}; manifest: {out / MANIFEST}")
     if any(not r.ok for r in results):
         raise _Failed()
 
@@ -263,11 +240,17 @@ def tile(
 @cli.command()
 @common_options
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--n-slides", type=int, default=40, show_default=True)
+@click.option("--n-slides", type=int, default=40, show_default=True, help="Number of slides.")
 @click.option("--width", type=int, default=8192, show_default=True, help="Level-0 width (px).")
 @click.option("--height", type=int, default=6144, show_default=True, help="Level-0 height (px).")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Level-0 µm per pixel.")
-@click.option("--positive-fraction", type=float, default=0.5, show_default=True)
+@click.option(
+    "--positive-fraction",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of slides with lesions (label 1).",
+)
 @click.option(
     "--lesion-fraction",
     type=float,
@@ -275,37 +258,23 @@ def tile(
     show_default=True,
     help="Lesion area as a fraction of tissue area on positive slides.",
 )
-@click.option("--tissue-fraction", type=float, default=0.3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
-def synth(
-    out: Path,
-    n_slides: int,
-    width: int,
-    height: int,
-    mpp: float,
-    positive_fraction: float,
-    lesion_fraction: float,
-    tissue_fraction: float,
-    seed: int,
-    workers: int,
-) -> None:
+@click.option(
+    "--tissue-fraction",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Tissue area as a fraction of the slide.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the cohort.")
+@click.option(
+    "--workers", type=int, default=1, show_default=True, help="Slides written in parallel."
+)
+def synth(out: Path, **options: Any) -> None:
     """Write a synthetic cohort to OUT: pyramidal slides with planted lesions (OUT/slides/),
     labels.csv, ground-truth masks (OUT/masks/) and cohort.json."""
     from .synth import summarize_cohort, write_cohort
 
-    write_cohort(
-        out,
-        n_slides=n_slides,
-        width=width,
-        height=height,
-        mpp=mpp,
-        positive_fraction=positive_fraction,
-        lesion_fraction=lesion_fraction,
-        tissue_fraction=tissue_fraction,
-        seed=seed,
-        workers=workers,
-    )
+    write_cohort(out, **options)
     click.echo(summarize_cohort(out))
 
 
@@ -331,37 +300,63 @@ def synth(
 @click.option(
     "--model",
     default=None,
-    help="MIL head: abmil, gated_abmil, clam_sb, maxmil, topk, meanmil.  [default: abmil]",
+    help=_train_help("model", "MIL head: abmil, gated_abmil, clam_sb, maxmil, topk, meanmil."),
 )
 @click.option(
-    "--backbone", default=None, help="Patch CNN: smallcnn, resnet18, resnet50.  [default: smallcnn]"
+    "--backbone",
+    default=None,
+    help=_train_help("backbone", "Patch CNN: smallcnn, resnet18, resnet50."),
 )
 @click.option(
     "--mode",
     type=click.Choice(["e2e", "features"]),
     default=None,
-    help="e2e: train the CNN through the MIL pooling; features: train the head on "
-    "features of a frozen backbone cached in the stores.  [default: e2e]",
+    help=_train_help(
+        "mode",
+        "e2e: train the CNN through the MIL pooling; features: train the head on "
+        "features of a frozen backbone cached in the stores.",
+    ),
 )
 @click.option(
     "--backbone-weights",
     type=click.Path(path_type=Path),
     default=None,
-    help="State-dict file for the backbone (torchvision names, or a run's model.pt).",
+    help="State-dict file for the backbone (torchvision names, or a run's model.pt).  "
+    "[default: none: random initialisation]",
 )
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--max-patches", type=int, default=None, help="Patches per bag per step.")
-@click.option("--balance", type=click.Choice(["sampler", "loss", "none"]), default=None)
-@click.option("--patience", type=int, default=None, help="Early-stopping patience (epochs).")
-@click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="auto, cpu or cuda.")
+@click.option("--epochs", type=int, default=None, help=_train_help("epochs", "Training epochs."))
+@click.option("--lr", type=float, default=None, help=_train_help("lr", "Peak learning rate."))
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=None,
+    help=_train_help("weight_decay", "AdamW weight decay."),
+)
+@click.option(
+    "--max-patches",
+    type=int,
+    default=None,
+    help=_train_help("max_patches", "Patches per bag per step."),
+)
+@click.option(
+    "--balance",
+    type=click.Choice(["sampler", "loss", "none"]),
+    default=None,
+    help=_train_help("balance", "Class balance: weighted sampling, weighted loss, or none."),
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=None,
+    help=_train_help("patience", "Early-stopping patience (epochs)."),
+)
+@click.option("--seed", type=int, default=None, help=_train_help("seed", "Random seed."))
+@click.option("--device", default=None, help=_train_help("device", "auto, cpu or cuda."))
 @click.option(
     "--precision",
     type=click.Choice(["amp", "fp32"]),
     default=None,
-    help="amp: mixed precision on CUDA (ignored on CPU).",
+    help="amp: mixed precision on CUDA (ignored on CPU).  [default: amp]",
 )
 @click.option(
     "--grad-checkpoint",
@@ -369,9 +364,24 @@ def synth(
     default=None,
     help="Recompute backbone activations to save GPU memory.",
 )
-@click.option("--workers", type=int, default=None, help="DataLoader workers.")
-@click.option("--val-fraction", type=float, default=None)
-@click.option("--test-fraction", type=float, default=None)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="DataLoader workers.  [default: 1 on CPU, 4 on CUDA]",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=None,
+    help=_train_help("val_fraction", "Validation fraction when labels.csv has no split column."),
+)
+@click.option(
+    "--test-fraction",
+    type=float,
+    default=None,
+    help=_train_help("test_fraction", "Test fraction when labels.csv has no split column."),
+)
 @click.option(
     "--folds",
     type=int,
@@ -388,40 +398,30 @@ def synth(
 @click.pass_context
 def train(
     ctx: click.Context,
+    /,
     stores: Path,
     labels_csv: Path,
     out: Path,
     config_file: Path | None,
     resume: bool,
     stop_after: int | None,
-    folds: int | None,
-    precision: str | None,
-    **opts: Any,
+    **options: Any,
 ) -> None:
     """Train a MIL model on the stores in STORES from slide labels only."""
     from .pipeline import load_options
-    from .specs import TrainConfig
+    from .specs import train_config_from_options
     from .training import train as run_train
     from .training import train_folds
 
     base = load_options(config_file) if config_file else {}
-    overrides = {k: v for k, v in opts.items() if v is not None}
-    if precision is not None:
-        overrides["amp"] = precision == "amp"
-    for k in ("backbone_weights",):
-        if k in overrides:
-            overrides[k] = str(overrides[k])
-    if "workers" in overrides:
-        overrides["num_workers"] = overrides.pop("workers")
-    config = TrainConfig.from_dict({**base, **overrides})
+    config, folds = train_config_from_options(base, options)
     progress = not ctx.obj.get("quiet")
     if folds:
         res = train_folds(
             stores, labels_csv, out, config=config, folds=folds, resume=resume, progress=progress
         )
         click.echo(
-            f"{folds}-fold validation AUC {res['val_auc_mean']:.3f} ± "
-            f"{res['val_auc_std']:.3f}; runs in {out}/fold_*"
+            f"{_cv_line(folds, res['val_auc_mean'], res['val_auc_std'])}; runs in {out}/fold_*"
         )
         return
     m = run_train(
@@ -464,11 +464,12 @@ def train(
     help="Name of the per-patch scores in the stores (scores/<run-id>); "
     "default: the run folder's name.",
 )
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
 @click.pass_context
 def predict(
     ctx: click.Context,
+    /,
     stores: Path,
     run_dir: Path,
     out: Path,
@@ -478,6 +479,7 @@ def predict(
 ) -> None:
     """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
     from .prediction import predict as run_predict
+    from .runs import PREDICTIONS
 
     rows = run_predict(
         stores,
@@ -489,9 +491,7 @@ def predict(
         progress=not ctx.obj.get("quiet"),
     )
     bad = [r for r in rows if not r.ok]
-    click.echo(
-        f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); {out / 'predictions.csv'}"
-    )
+    click.echo(f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); {out / PREDICTIONS}")
     if bad:
         raise _Failed()
 
@@ -589,10 +589,10 @@ def heatmap(
 @click.argument("pipeline_file", type=click.Path(path_type=Path))
 @click.option("--check", is_flag=True, help="Only validate the pipeline file.")
 @click.pass_context
-def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
+def run_cmd(ctx: click.Context, /, pipeline_file: Path, check: bool) -> None:
     """Run the stages a pipeline file names (synth, tile, train, predict, heatmap), skipping
     those whose outputs are complete. Writes <out>/report.json."""
-    from .pipeline import load_pipeline, run_pipeline
+    from .pipeline import REPORT, load_pipeline, run_pipeline
 
     p = load_pipeline(pipeline_file)
     if check:
@@ -601,7 +601,16 @@ def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
     report = run_pipeline(p, progress=not ctx.obj.get("quiet"), debug=ctx.obj.get("debug", False))
     for st in report["stages"]:
         click.echo(f"  {st['stage']:<8} {st['status']:<8} {st['seconds']:>8.1f} s")
-    summ = report.get("summary", {})
+    _echo_summary(report.get("summary", {}))
+    pngs = next((st.get("png") for st in report["stages"] if st["stage"] == "heatmap"), None)
+    if pngs:
+        _echo_heatmaps(pngs)
+    click.echo(f"report: {p.out / REPORT}")
+    if report.get("failed"):
+        raise _Failed()
+
+
+def _echo_summary(summ: dict[str, Any]) -> None:
     if summ.get("held_out_auc") is not None:
         click.echo(
             f"slide-level AUC on held-out slides (val+test, n={summ['held_out_n']}): "
@@ -611,19 +620,19 @@ def run_cmd(ctx: click.Context, pipeline_file: Path, check: bool) -> None:
         click.echo(
             f"slide-level AUC on the test split (n={summ['test_n']}): {summ['test_auc']:.3f}"
         )
-    pngs = next((st.get("png") for st in report["stages"] if st["stage"] == "heatmap"), None)
-    if pngs:
-        click.echo(
-            f"heatmaps ({len(pngs)} slides; PNG overlay, pyramidal TIFF, GeoJSON, summary "
-            f"in each folder):"
-        )
-        for png in pngs[:10]:
-            click.echo(f"  {png}")
-        if len(pngs) > 10:
-            click.echo(f"  ... and {len(pngs) - 10} more in {Path(pngs[0]).parent.parent}")
-    click.echo(f"report: {p.out / 'report.json'}")
-    if report.get("failed"):
-        raise _Failed()
+    if summ.get("cv_val_auc_mean") is not None:
+        click.echo(_cv_line(summ["folds"], summ["cv_val_auc_mean"], summ["cv_val_auc_std"]))
+
+
+def _echo_heatmaps(pngs: list[str]) -> None:
+    click.echo(
+        f"heatmaps ({len(pngs)} slides; PNG overlay, pyramidal TIFF, GeoJSON, summary "
+        f"in each folder):"
+    )
+    for png in pngs[:10]:
+        click.echo(f"  {png}")
+    if len(pngs) > 10:
+        click.echo(f"  ... and {len(pngs) - 10} more in {Path(pngs[0]).parent.parent}")
 
 
 # ---------------------------------------------------------------------------------------------

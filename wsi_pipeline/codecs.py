@@ -28,19 +28,25 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.registry import register_codec
 
 __all__ = [
+    "CODEC_NAME",
     "EMPTY",
+    "ZSTD_LEVEL",
     "JpegCodec",
     "adobe_rgb_marker",
     "decode_chunk",
     "encode_chunk",
+    "index_nbytes",
     "join_jpeg_tables",
     "read_shard_index",
     "shard_bytes",
 ]
 
+#: Name of the JPEG codec in zarr metadata (and of its ``zarr.codecs`` entry point).
 CODEC_NAME = "wsi_jpeg"
+#: zstd level of ``codec="zstd"`` patches.
 ZSTD_LEVEL = 3
-EMPTY = 2**64 - 1  # offset/length of a missing inner chunk in a shard index
+#: Offset/length of a missing inner chunk in a shard index.
+EMPTY = 2**64 - 1
 
 # APP14 "Adobe" segment with transform=0: tells decoders the 3 components are RGB, not YCbCr.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -145,8 +151,13 @@ def shard_bytes(chunks: list[bytes | None], chunks_per_shard: int) -> bytes:
     return b"".join(parts)
 
 
+def index_nbytes(chunks_per_shard: int) -> int:
+    """Bytes of a shard's index at its end: ``(offset, nbytes)`` uint64 per chunk, then a crc32c."""
+    return 16 * chunks_per_shard + 4
+
+
 def read_shard_index(data_tail: bytes, chunks_per_shard: int) -> np.ndarray:
-    """Parse (and checksum) a shard index from the shard's last ``16 * n + 4`` bytes.
+    """Parse (and checksum) a shard index from the shard's last :func:`index_nbytes` bytes.
 
     Returns
     -------
@@ -158,10 +169,10 @@ def read_shard_index(data_tail: bytes, chunks_per_shard: int) -> np.ndarray:
     ValueError
         When the tail is short or its checksum does not match (a torn or foreign file).
     """
-    n = 16 * chunks_per_shard
-    if len(data_tail) < n + 4:
+    n = index_nbytes(chunks_per_shard)
+    if len(data_tail) < n:
         raise ValueError("shard shorter than its index")
-    idx, crc = data_tail[-(n + 4) : -4], data_tail[-4:]
+    idx, crc = data_tail[-n:-4], data_tail[-4:]
     if _crc32c(idx) != crc:
         raise ValueError("shard index checksum mismatch")
     return np.frombuffer(idx, dtype="<u8").reshape(chunks_per_shard, 2)

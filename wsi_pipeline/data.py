@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ import numpy as np
 
 from .errors import ConfigError, StoreError, TrainingError
 from .specs import tiling_mismatch
-from .store import PatchReader, is_complete, open_store, store_path
+from .store import COORDS, PatchReader, features_key, is_complete, open_store, store_path
 
 __all__ = [
-    "SPLITS",
+    "SPLIT_NAMES",
     "BagDataset",
     "LabelRow",
     "Labels",
@@ -37,12 +36,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+#: The split names a labels file may use (aliases such as ``validation`` are mapped to these).
+SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 
 
 @dataclass(frozen=True)
 class LabelRow:
+    """One row of a labels file (``split`` and ``case_id`` are optional columns)."""
+
     slide_id: str
     label: str
     split: str | None = None
@@ -105,10 +107,10 @@ def read_labels(path: str | os.PathLike) -> Labels:
         split = r.get("split") or None
         if split is not None:
             split = _SPLIT_ALIASES.get(split.lower(), split.lower())
-            if split not in SPLITS:
+            if split not in SPLIT_NAMES:
                 raise ConfigError(
                     f"{p}:{line}: unknown split {r.get('split')!r} for {sid!r} "
-                    f"(use one of {', '.join(SPLITS)})"
+                    f"(use one of {', '.join(SPLIT_NAMES)})"
                 )
         rows.append(LabelRow(sid, label, split, r.get("case_id") or None))
     if not rows:
@@ -172,7 +174,7 @@ def resolve_stores(
             problems.append(f"{r.slide_id!r}: store {sp.name} is unfinished")
             continue
         g = open_store(sp)
-        if require_patches and int(g["coords"].shape[0]) == 0:
+        if require_patches and int(g[COORDS].shape[0]) == 0:
             log.warning(
                 "%s: store has no patches (status %s); left out",
                 sp,
@@ -254,7 +256,7 @@ def make_splits(
                 f"{labels.path}: 'split' is empty for {', '.join(missing)}; "
                 "fill it for every row or drop the column"
             )
-        splits = {r.slide_id: r.split for r in rows}
+        splits = {r.slide_id: r.split for r in rows if r.split is not None}
     else:
         splits = _grouped_split(
             rows,
@@ -351,10 +353,6 @@ def augment_bag(
     return out
 
 
-def stable_hash(text: str) -> int:
-    return zlib.crc32(text.encode())
-
-
 class BagDataset:
     """Bags of one slide each: patches ``(K, 3, T, T)`` uint8 (end-to-end mode) or features
     ``(K, D)`` float32 (features mode), with the slide's class index.
@@ -402,7 +400,7 @@ class BagDataset:
         self.seed = seed
         self.epoch = 0
         self._readers: dict[int, Any] = {}
-        self.n_patches = [int(open_store(s)["coords"].shape[0]) for s in self.stores]
+        self.n_patches = [int(open_store(s)[COORDS].shape[0]) for s in self.stores]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -428,7 +426,7 @@ class BagDataset:
 
         idx = self.indices(i)
         if self.features is not None:
-            arr = self._feature_array(i)
+            arr = self._feature_array(i, self.features)
             x = torch.from_numpy(
                 np.asarray(arr.get_orthogonal_selection((idx, slice(None))), dtype=np.float32)
             )
@@ -444,17 +442,12 @@ class BagDataset:
         x = torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
         return x, self.targets[i], i
 
-    def _feature_array(self, i: int) -> Any:
+    def _feature_array(self, i: int, name: str) -> Any:
         g = open_store(self.stores[i])
-        key = f"features/{self.features}"
+        key = features_key(name)
         try:
             return g[key]
         except KeyError as exc:
             raise StoreError(
                 f"no {key!r}; run the features step first", path=self.stores[i]
             ) from exc
-
-
-def collate_one(batch: list[tuple[Any, int, int]]) -> tuple[Any, int, int]:
-    """DataLoader collate for batch_size=1 bags of different sizes."""
-    return batch[0]

@@ -17,14 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from .inference import store_embeddings
 from .runs import EXTRACTOR
-from .store import PatchReader, features_key, has_complete_array, open_store, write_features
+from .store import features_key, has_complete_array, open_store, write_features
 from .util import atomic_path
 
-__all__ = ["embed_store", "ensure_features", "state_dict_digest"]
+__all__ = ["FEATURES_DTYPE", "embed_store", "ensure_features", "feature_stats", "state_dict_digest"]
 
 log = logging.getLogger(__name__)
 
+#: dtype of the cached features in the store
 FEATURES_DTYPE = "float16"
 
 
@@ -51,27 +53,60 @@ def _build_backbone(backbone: str, weights: str | os.PathLike | None, seed: int)
 
 
 def embed_store(store: Path, net: Any, *, device: Any, batch_size: int = 256) -> np.ndarray:
-    """Embeddings ``(N, D)`` float32 of all patches of one store (normalised like MILModel)."""
-    import torch
+    """Embeddings of all patches of one store with a frozen backbone (normalised like MILModel).
 
+    Parameters
+    ----------
+    store : Path
+        A complete store.
+    net : torch.nn.Module
+        Backbone mapping normalised patches ``(K, 3, T, T)`` to ``(K, D)``, on ``device``.
+    device : torch.device
+    batch_size : int
+        Patches per pass (bf16 autocast on CUDA where supported).
+
+    Returns
+    -------
+    (N, D) float32 ndarray
+        ``(0, 0)`` for a store without patches.
+    """
     from .models import PatchNormalize
 
     norm = PatchNormalize().to(device)
-    reader = PatchReader(store)
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, reader.n, batch_size):
-            x = torch.from_numpy(reader.read(np.arange(i, min(reader.n, i + batch_size))))
-            x = x.permute(0, 3, 1, 2).to(device, non_blocking=True)
-            ctx = (
-                torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False)
-            )
-            with ctx:
-                h = net(norm(x))
-            outs.append(h.float().cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    h = store_embeddings(
+        store, lambda x: net(norm(x)), device=device, chunk=batch_size, out_device="cpu"
+    )
+    return h.numpy()
+
+
+def feature_stats(stores: Sequence[Path], name: str) -> tuple[Any, Any]:
+    """Per-dimension mean and std of the cached features ``features/<name>`` of some stores.
+
+    Parameters
+    ----------
+    stores : sequence of Path
+        Complete stores holding ``features/<name>`` (the training slides).
+    name : str
+        Extractor name.
+
+    Returns
+    -------
+    mean, std : (D,) float32 Tensor
+        Over all patches of all stores (population std).
+    """
+    import torch
+
+    total: Any = 0.0
+    sq: Any = 0.0
+    n = 0
+    for sp in stores:
+        f = np.asarray(open_store(sp)[features_key(name)][...], np.float64)
+        total = total + f.sum(0)
+        sq = sq + (f * f).sum(0)
+        n += len(f)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 def ensure_features(
@@ -114,16 +149,13 @@ def ensure_features(
 
     net, dim = _build_backbone(backbone, weights, seed)
     state = net.state_dict()
-    name = f"{backbone}-{state_dict_digest(state)[:12]}"
+    digest = state_dict_digest(state)
+    name = f"{backbone}-{digest[:12]}"
     if run_dir is not None:
         with atomic_path(run_dir / EXTRACTOR) as tmp:
             torch.save(state, tmp)
     net = net.to(device).eval()
-    todo = []
-    for sp in stores:
-        g = open_store(sp)
-        if not has_complete_array(g, features_key(name)):
-            todo.append(sp)
+    todo = [sp for sp in stores if not has_complete_array(open_store(sp), features_key(name))]
     for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
         feats = embed_store(sp, net, device=device, batch_size=batch_size)
         g = open_store(sp, mode="r+")
@@ -134,7 +166,7 @@ def ensure_features(
             {
                 "backbone": backbone,
                 "weights": str(weights) if weights else None,
-                "weights_sha256": state_dict_digest(state),
+                "weights_sha256": digest,
                 "dim": dim,
                 "normalization": "x/255, ImageNet mean/std",
             },

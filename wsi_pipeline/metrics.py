@@ -6,19 +6,32 @@ Plain functions over numpy arrays; every stage that reports a metric calls these
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .util import sample_mask
 
 __all__ = ["area_above", "auc_score", "heatmap_iou", "probability_metrics", "roc_curve"]
 
 
-def auc_score(y_true: Sequence[int], scores: np.ndarray) -> float:
-    """ROC AUC: binary (``scores`` (N,) for class 1) or macro one-vs-rest (``scores`` (N, C)).
+def auc_score(y_true: ArrayLike, scores: ArrayLike) -> float:
+    """ROC AUC: binary, or the macro mean of one-vs-rest AUCs.
 
-    Ties count half (Mann-Whitney U). NaN when a class has no positive or no negative.
+    Ties count half (Mann-Whitney U).
+
+    Parameters
+    ----------
+    y_true : (N,) ints
+        True labels: 1 is positive in the binary case, class indices otherwise.
+    scores : (N,) or (N, C) floats
+        Scores of class 1, or per-class scores (two columns: column 1 is scored).
+
+    Returns
+    -------
+    float
+        NaN when there is no positive or no negative (for every class, with C > 2; classes
+        without both are left out of the mean).
     """
     y = np.asarray(y_true)
     s = np.asarray(scores, dtype=np.float64)
@@ -37,8 +50,21 @@ def auc_score(y_true: Sequence[int], scores: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def roc_curve(y_true: Sequence[int], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates over all thresholds (binary)."""
+def roc_curve(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates over all thresholds (binary).
+
+    Parameters
+    ----------
+    y_true : (N,) ints
+        1 for positives.
+    scores : (N,) floats
+
+    Returns
+    -------
+    fpr, tpr : (K + 1,) float ndarrays
+        From ``(0, 0)`` (threshold above every score) to ``(1, 1)``, one point per distinct
+        score; ``K`` distinct scores.
+    """
     y = np.asarray(y_true).astype(int)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
@@ -51,7 +77,7 @@ def roc_curve(y_true: Sequence[int], scores: np.ndarray) -> tuple[np.ndarray, np
     return fpr, tpr
 
 
-def probability_metrics(probs: np.ndarray, targets: Sequence[int]) -> dict[str, float]:
+def probability_metrics(probs: ArrayLike, targets: ArrayLike) -> dict[str, float]:
     """Accuracy, log loss and Brier score of class probabilities.
 
     Parameters

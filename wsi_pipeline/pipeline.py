@@ -2,9 +2,13 @@
 each stage; :func:`run_pipeline` runs ``synth -> tile -> train -> predict -> heatmap`` in order,
 skipping stages whose outputs are complete and resuming the rest, and writes a run report.
 
-The file is validated before any work starts: an unknown key, a wrong type or a missing path gives
-one :class:`~wsi_pipeline.errors.ConfigError` naming the key. Relative paths are taken from the
-folder the command runs in. See ``pipelines/*.yaml`` for documented examples.
+The file is validated before any work starts: an unknown key, a wrong type, a bad value or a
+missing path gives one :class:`~wsi_pipeline.errors.ConfigError` naming the key. The tile and
+train sections use the command line's option names and are turned into specs by the same
+functions the command line calls (:func:`~wsi_pipeline.specs.tiling_from_options`,
+:func:`~wsi_pipeline.specs.train_config_from_options`), once, when the file is loaded. Relative
+paths are taken from the folder the command runs in. See ``pipelines/*.yaml`` for documented
+examples.
 """
 
 from __future__ import annotations
@@ -16,58 +20,54 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
+from . import runs
 from .errors import ConfigError
+from .specs import (
+    PREDICT_OPTIONS,
+    TILE_OPTIONS,
+    TRAIN_OPTIONS,
+    TilingSpec,
+    TrainConfig,
+    fold_config,
+    tiling_from_options,
+    train_config_from_options,
+)
+from .util import atomic_write_json
 
-__all__ = ["STAGES", "Pipeline", "load_options", "load_pipeline", "run_pipeline"]
+__all__ = ["REPORT", "STAGES", "Pipeline", "load_options", "load_pipeline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("synth", "tile", "train", "predict", "heatmap")
-
-# tile options of a pipeline file -> (type, TilingSpec/MaskSpec/batch field)
-_TILE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "mpp": ((int, float), "spec"),
-    "level": (int, "spec"),
-    "tile_size": (int, "spec"),
-    "overlap": (int, "spec"),
-    "tissue_threshold": ((int, float), "spec"),
-    "edge": (str, "spec"),
-    "codec": (str, "spec"),
-    "jpeg_quality": (int, "spec"),
-    "patches_per_shard": (int, "spec"),
-    "mask_file": (str, "mask"),
-    "keep_pen": (bool, "mask"),
-    "keep_dark": (bool, "mask"),
-    "workers": (int, "batch"),
-    "scheduler": (str, "batch"),
-    "slide_mpp": ((int, float), "batch"),
-    "backend": (str, "batch"),
-    "overwrite": (bool, "batch"),
-}
-_PREDICT_KEYS: dict[str, type | tuple[type, ...]] = {"device": str, "run_id": str, "chunk": int}
+REPORT = "report.json"  #: the run report, in the pipeline's output folder
 _TOP_KEYS = {"name", "version", "out", "slides", "labels", "run", "stages", *STAGES}
+
+Types: TypeAlias = type | tuple[type, ...]
 
 
 def load_options(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML or JSON mapping from a file (for ``--config`` options)."""
+    """A YAML or JSON mapping from a file (for ``--config`` options).
+
+    Raises
+    ------
+    ConfigError
+        No such file, not YAML/JSON, or not a mapping.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
     try:
         import yaml
 
-        data = (
-            yaml.safe_load(p.read_text())
-            if p.suffix.lower() in (".yaml", ".yml")
-            else json.loads(p.read_text())
-        )
+        text = p.read_text()
+        data = yaml.safe_load(text) if p.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except Exception as exc:
         raise ConfigError(f"{p}: not valid YAML/JSON ({' '.join(str(exc).split())})") from exc
     if data is None:
@@ -79,7 +79,12 @@ def load_options(path: str | os.PathLike) -> dict[str, Any]:
 
 @dataclass
 class Pipeline:
-    """A validated pipeline file."""
+    """A validated pipeline file.
+
+    The ``synth``/``tile``/``train``/``predict``/``heatmap`` mappings are the sections as written;
+    ``tiling``, ``tile_batch``, ``train_config`` and ``folds`` are what they were turned into
+    (and what runs).
+    """
 
     path: str
     name: str
@@ -93,6 +98,10 @@ class Pipeline:
     train: dict[str, Any] | None = None
     predict: dict[str, Any] = field(default_factory=dict)
     heatmap: dict[str, Any] | None = None
+    tiling: TilingSpec = field(default_factory=TilingSpec)
+    tile_batch: dict[str, Any] = field(default_factory=dict)
+    train_config: TrainConfig | None = None
+    folds: int | None = None
 
     @property
     def stores(self) -> Path:
@@ -106,20 +115,34 @@ class Pipeline:
     def cohort(self) -> Path:
         return self.out / "cohort"
 
+    @property
+    def predictions(self) -> Path:
+        """predict's output folder (``predictions.csv``)."""
+        return self.out / "predictions"
 
-def _type_name(t: type | tuple[type, ...]) -> str:
+    @property
+    def heatmaps(self) -> Path:
+        return self.out / "heatmaps"
+
+    @property
+    def run_id(self) -> str:
+        """The id of the run's scores in the stores (``predict.run_id`` or the run folder's)."""
+        return runs.run_id(self.run_dir, self.predict.get("run_id"))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def _type_name(t: Types) -> str:
     ts = t if isinstance(t, tuple) else (t,)
     return " or ".join(
         "number" if x is float else x.__name__ for x in ts if x is not int or float not in ts
     )
 
 
-def _check_type(where: str, key: str, value: Any, t: type | tuple[type, ...]) -> None:
+def _check_type(where: str, key: str, value: Any, t: Types) -> None:
     ts = t if isinstance(t, tuple) else (t,)
-    if isinstance(value, bool) and bool not in ts:
-        ok = False
-    else:
-        ok = isinstance(value, ts)
+    ok = isinstance(value, ts) and not (isinstance(value, bool) and bool not in ts)
     if not ok:
         raise ConfigError(
             f"{where}: '{key}' must be {_type_name(t)}, not {type(value).__name__} ({value!r})"
@@ -134,45 +157,57 @@ def _section(where: str, data: Any, name: str) -> dict[str, Any]:
     return dict(data)
 
 
-def _signature_types(fn: Callable[..., Any], skip: set[str]) -> dict[str, Any]:
-    """Keyword-only parameters of ``fn`` and their defaults (for validating a section)."""
-    out = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        if name in skip or p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
-            continue
-        out[name] = p.default
-    return out
+class _Rule(NamedTuple):
+    """What a key of a section accepts: values of ``types`` (None: anything), or null."""
+
+    types: Types | None
+    null_ok: bool
 
 
-def _check_section(where: str, section: str, data: dict[str, Any], allowed: dict[str, Any]) -> None:
+def _typed(options: Mapping[str, Any], *, null_ok: bool = False) -> dict[str, _Rule]:
+    """Rules of an option table (:data:`~wsi_pipeline.specs.TILE_OPTIONS` ...)."""
+    return {name: _Rule(opt.types, null_ok) for name, opt in options.items()}
+
+
+def _from_defaults(defaults: Mapping[str, Any]) -> dict[str, _Rule]:
+    """Rules from default values: a value of the default's type, or null."""
+
+    def types(default: Any) -> Types | None:
+        if isinstance(default, bool | str):
+            return type(default)
+        if isinstance(default, float):
+            return (int, float)
+        return int if isinstance(default, int) else None
+
+    return {name: _Rule(types(d), True) for name, d in defaults.items()}
+
+
+def _keywords(fn: Callable[..., Any], skip: set[str]) -> dict[str, Any]:
+    """Keyword parameters of ``fn`` and their defaults."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def _check_section(where: str, section: str, data: dict[str, Any], rules: dict[str, _Rule]) -> None:
+    """Every key of ``data`` known, every value of its type."""
     for key, value in data.items():
-        if key not in allowed:
+        rule = rules.get(key)
+        if rule is None:
             raise ConfigError(
-                f"{where}: unknown key '{section}.{key}' (known: {', '.join(sorted(allowed))})"
+                f"{where}: unknown key '{section}.{key}' (known: {', '.join(sorted(rules))})"
             )
-        t = allowed[key]
-        if isinstance(t, type | tuple):
-            _check_type(where, f"{section}.{key}", value, t)
-        elif t is not None and t is not inspect.Parameter.empty and value is not None:
-            expect: Any = type(t)
-            if expect is float:
-                expect = (int, float)
-            if expect in (int, float, str, bool) or isinstance(expect, tuple):
-                _check_type(where, f"{section}.{key}", value, expect)
+        if rule.types is not None and not (value is None and rule.null_ok):
+            _check_type(where, f"{section}.{key}", value, rule.types)
 
 
-def load_pipeline(path: str | os.PathLike) -> Pipeline:
-    """Read and validate a pipeline file (nothing runs).
+def _drop_stage(p: Pipeline, name: str) -> None:
+    p.stages = tuple(s for s in p.stages if s != name)
 
-    Raises
-    ------
-    ConfigError
-        Unknown key, wrong type, missing path or stage inputs -- naming the key.
-    """
-    from .specs import TrainConfig
 
-    data = load_options(path)
-    where = str(path)
+def _load_top(data: dict[str, Any], where: str, path: str | os.PathLike) -> Pipeline:
     for key in data:
         if key not in _TOP_KEYS:
             raise ConfigError(
@@ -184,22 +219,28 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     stages = data.get("stages", list(STAGES))
     if not isinstance(stages, list) or any(s not in STAGES for s in stages):
         raise ConfigError(f"{where}: 'stages' must be a list of {', '.join(STAGES)}")
-    p = Pipeline(
+    return Pipeline(
         path=where,
         name=str(data.get("name") or Path(path).stem),
         out=Path(data["out"]),
         stages=tuple(s for s in STAGES if s in stages),
     )
 
-    if "synth" in data and "synth" in p.stages:
-        from .synth import _SLIDE_DEFAULTS, write_cohort
 
-        p.synth = _section(where, data["synth"], "synth")
-        allowed = {**_signature_types(write_cohort, {"out_dir"}), **_SLIDE_DEFAULTS}
-        _check_section(where, "synth", p.synth, allowed)
-    elif "synth" in p.stages:
-        p.stages = tuple(s for s in p.stages if s != "synth")
+def _load_synth(p: Pipeline, data: dict[str, Any], where: str) -> None:
+    if "synth" not in p.stages:
+        return
+    if "synth" not in data:
+        _drop_stage(p, "synth")
+        return
+    from .synth import SLIDE_DEFAULTS, write_cohort
 
+    p.synth = _section(where, data["synth"], "synth")
+    defaults = {**_keywords(write_cohort, {"out_dir"}), **SLIDE_DEFAULTS}
+    _check_section(where, "synth", p.synth, _from_defaults(defaults))
+
+
+def _load_paths(p: Pipeline, data: dict[str, Any], where: str) -> None:
     slides = data.get("slides")
     if slides is not None:
         items = slides if isinstance(slides, list) else [slides]
@@ -217,79 +258,229 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         _check_type(where, "run", data["run"], str)
         p.run = Path(data["run"])
 
+
+def _load_tile(p: Pipeline, data: dict[str, Any], where: str) -> None:
     p.tile = _section(where, data.get("tile"), "tile")
-    _check_section(where, "tile", p.tile, {k: t for k, (t, _) in _TILE_KEYS.items()})
-    if "train" in p.stages:
-        if "train" not in data:
-            p.stages = tuple(s for s in p.stages if s != "train")
-        else:
-            p.train = _section(where, data["train"], "train")
-            allowed = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-            allowed["folds"] = None
-            _check_section(where, "train", p.train, allowed)
-            try:
-                TrainConfig.from_dict({k: v for k, v in p.train.items()})
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: train: {exc}") from exc
-    p.predict = _section(where, data.get("predict"), "predict")
-    _check_section(where, "predict", p.predict, dict(_PREDICT_KEYS))
-    if "heatmap" in p.stages:
-        if "heatmap" in data:
-            from .heatmap import heatmaps
+    _check_section(where, "tile", p.tile, _typed(TILE_OPTIONS))
+    try:
+        p.tiling, p.tile_batch = tiling_from_options(p.tile)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: tile: {exc}") from exc
 
-            p.heatmap = _section(where, data["heatmap"], "heatmap")
-            _check_section(
-                where,
-                "heatmap",
-                p.heatmap,
-                _signature_types(heatmaps, {"store_dir", "out_dir", "run_id"}),
-            )
-        else:
-            p.stages = tuple(s for s in p.stages if s != "heatmap")
 
-    # inputs each stage needs, checked now rather than half-way
+def _load_train(p: Pipeline, data: dict[str, Any], where: str) -> None:
+    if "train" not in p.stages:
+        return
+    if "train" not in data:
+        _drop_stage(p, "train")
+        return
+    p.train = _section(where, data["train"], "train")
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    rules = {**_from_defaults(fields), **_typed(TRAIN_OPTIONS, null_ok=True)}
+    _check_section(where, "train", p.train, rules)
+    try:
+        p.train_config, p.folds = train_config_from_options(p.train)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: train: {exc}") from exc
+
+
+def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
+    if "heatmap" not in p.stages:
+        return
+    if "heatmap" not in data:
+        _drop_stage(p, "heatmap")
+        return
+    from .heatmap import heatmaps
+
+    p.heatmap = _section(where, data["heatmap"], "heatmap")
+    defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id"})
+    _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
+
+
+def _train_labels(p: Pipeline) -> Path:
+    if p.labels is None:
+        raise ConfigError(f"{p.path}: 'labels' is required for the train stage")
+    return p.labels
+
+
+def _check_inputs(p: Pipeline, where: str) -> None:
+    """The inputs each stage needs, checked now rather than half-way."""
     if "tile" in p.stages and not p.slides:
         raise ConfigError(f"{where}: 'slides' is required for the tile stage")
     if "tile" in p.stages and p.synth is None:
         for s in p.slides:
             if not s.exists():
                 raise ConfigError(f"{where}: 'slides': {s} does not exist")
+    uses_model = {"predict", "heatmap"} & set(p.stages)
     if "train" in p.stages:
-        if p.labels is None:
-            raise ConfigError(f"{where}: 'labels' is required for the train stage")
-        if p.synth is None and not p.labels.is_file():
-            raise ConfigError(f"{where}: 'labels': {p.labels} does not exist")
-    if "train" not in p.stages and ({"predict", "heatmap"} & set(p.stages)):
+        labels = _train_labels(p)
+        if p.synth is None and not labels.is_file():
+            raise ConfigError(f"{where}: 'labels': {labels} does not exist")
+        if p.folds and uses_model:
+            raise ConfigError(
+                f"{where}: 'train.folds' trains {p.folds} fold runs (cross-validation), no one "
+                f"model for the {' and '.join(sorted(uses_model))} stage(s): list the stages "
+                "without them, e.g. 'stages: [tile, train]', and predict with a fold's run in "
+                "another pipeline"
+            )
+    elif uses_model:
         if p.run is None:
             raise ConfigError(
                 f"{where}: 'run' (a trained run folder) is required when there is no train stage"
             )
-        if not (p.run / "model.pt").is_file():
-            raise ConfigError(f"{where}: 'run': {p.run} is not a trained run (no model.pt)")
+        if not (p.run / runs.MODEL).is_file():
+            raise ConfigError(f"{where}: 'run': {p.run} is not a trained run (no {runs.MODEL})")
+
+
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
+    """Read and validate a pipeline file, and build its specs (nothing runs).
+
+    Raises
+    ------
+    ConfigError
+        Unknown key, wrong type, bad value, missing path or stage inputs -- naming the key.
+    """
+    data = load_options(path)
+    where = str(path)
+    p = _load_top(data, where, path)
+    _load_synth(p, data, where)
+    _load_paths(p, data, where)
+    _load_tile(p, data, where)
+    _load_train(p, data, where)
+    p.predict = _section(where, data.get("predict"), "predict")
+    _check_section(where, "predict", p.predict, _typed(PREDICT_OPTIONS))
+    _load_heatmap(p, data, where)
+    _check_inputs(p, where)
     return p
 
 
-def _tiling_spec(opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from .specs import MaskSpec, TilingSpec
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+class _Outcome(NamedTuple):
+    status: str  # ran / resumed / skipped
+    outputs: dict[str, Any]
+    failed: bool = False
 
-    spec_kw: dict[str, Any] = {}
-    mask_kw: dict[str, Any] = {}
-    batch: dict[str, Any] = {}
-    rename = {"tile_size": "tile_px", "overlap": "overlap_px", "tissue_threshold": "min_tissue"}
-    for k, v in opts.items():
-        kind = _TILE_KEYS[k][1]
-        if kind == "spec":
-            spec_kw[rename.get(k, k)] = v
-        elif kind == "mask":
-            if k == "mask_file":
-                mask_kw.update(method="user", user_mask=v)
-            else:
-                mask_kw["remove_pen" if k == "keep_pen" else "remove_dark"] = not v
-        else:
-            batch[k] = v
-    if "mpp" not in spec_kw and "level" not in spec_kw:
-        spec_kw["level"] = 0
-    return TilingSpec(mask=MaskSpec(**mask_kw), **spec_kw), batch
+
+def _synth_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .synth import write_cohort
+
+    marker = p.cohort / "cohort.json"
+    before = marker.read_text() if marker.exists() else None
+    write_cohort(p.cohort, **(p.synth or {}))  # skips slides that are already written
+    status = "skipped" if before == marker.read_text() else "ran"
+    return _Outcome(status, {"cohort": str(p.cohort)})
+
+
+def _tile_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .tiling import MANIFEST, tile_slides
+
+    res = tile_slides(
+        p.slides, p.stores, spec=p.tiling, progress=progress, debug=debug, **p.tile_batch
+    )
+    counts: dict[str, int] = {}
+    for r in res:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    status = "skipped" if counts.get("skipped", 0) == len(res) else "ran"
+    outputs = {
+        "stores": str(p.stores),
+        "slides": counts,
+        "manifest": str(p.stores / MANIFEST),
+    }
+    return _Outcome(status, outputs, failed=any(not r.ok for r in res))
+
+
+def _cv_state(run_dir: Path, config: TrainConfig, folds: int) -> str:
+    """:func:`~wsi_pipeline.runs.run_state` of k-fold training: done, resume or fresh."""
+    dirs = [runs.fold_dir(run_dir, k) for k in range(folds)]
+    states = [
+        runs.run_state(d, fold_config(config, folds=folds, fold=k)) for k, d in enumerate(dirs)
+    ]
+    if all(s == "done" for s in states) and (run_dir / runs.CV_METRICS).is_file():
+        return "done"
+    # a fold whose checkpoint is of another config cannot be resumed: start every fold over
+    stale = any(s == "fresh" and (d / runs.CHECKPOINT).is_file() for d, s in zip(dirs, states))
+    return "fresh" if stale or all(s == "fresh" for s in states) else "resume"
+
+
+def _train_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .training import train, train_folds
+
+    config = p.train_config or TrainConfig()
+    if p.folds:
+        state = _cv_state(p.run_dir, config, p.folds)
+    else:
+        state = runs.run_state(p.run_dir, config)
+    outputs = {"run": str(p.run_dir)}
+    if state == "done":
+        return _Outcome("skipped", outputs)
+    resume = state == "resume"
+    labels = _train_labels(p)
+    if p.folds:
+        train_folds(
+            p.stores,
+            labels,
+            p.run_dir,
+            config=config,
+            folds=p.folds,
+            resume=resume,
+            progress=progress,
+        )
+    else:
+        train(p.stores, labels, p.run_dir, config=config, resume=resume, progress=progress)
+    return _Outcome("resumed" if resume else "ran", outputs)
+
+
+def _all_scored(p: Pipeline) -> bool:
+    """Every complete store with patches has the run's scores."""
+    from .store import COORDS, is_complete, list_stores, open_store, scores_key
+
+    key = scores_key(p.run_id)
+    for sp in list_stores(p.stores):
+        if not is_complete(sp):
+            continue
+        g = open_store(sp)
+        if int(g[COORDS].shape[0]) and key not in g:
+            return False
+    return True
+
+
+def _predict_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .prediction import predict
+
+    csv_path = p.predictions / runs.PREDICTIONS
+    outputs = {"predictions": str(csv_path)}
+    model = p.run_dir / runs.MODEL
+    fresh = csv_path.is_file() and csv_path.stat().st_mtime >= model.stat().st_mtime
+    if fresh and _all_scored(p):
+        return _Outcome("skipped", outputs)
+    rows = predict(p.stores, p.run_dir, p.predictions, progress=progress, **p.predict)
+    return _Outcome("ran", outputs, failed=any(not r.ok for r in rows))
+
+
+def _heatmap_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .heatmap import heatmaps
+
+    res = heatmaps(p.stores, p.heatmaps, run_id=p.run_id, **(p.heatmap or {}))
+    pngs = sorted(r["files"]["png"] for r in res if "png" in r.get("files", {}))
+    status = "skipped" if all(r["status"] == "skipped" for r in res) else "ran"
+    outputs = {"heatmaps": str(p.heatmaps), "png": pngs}
+    return _Outcome(status, outputs, failed=any(not r["ok"] for r in res))
+
+
+_STAGE_FNS: dict[str, Callable[..., _Outcome]] = {
+    "synth": _synth_stage,
+    "tile": _tile_stage,
+    "train": _train_stage,
+    "predict": _predict_stage,
+    "heatmap": _heatmap_stage,
+}
+
+
+def _has_section(p: Pipeline, stage: str) -> bool:
+    """A stage that needs its section (synth, train, heatmap) runs only with one."""
+    return {"synth": p.synth, "train": p.train, "heatmap": p.heatmap}.get(stage, {}) is not None
 
 
 def run_pipeline(
@@ -300,8 +491,9 @@ def run_pipeline(
     Returns
     -------
     dict
-        The report: per stage status (ran / skipped / failed), seconds and outputs, and a
-        summary (held-out AUC, heatmap paths) when those stages ran.
+        The report: per stage status (ran / resumed / skipped), seconds and outputs, whether
+        any slide ``failed``, and a summary (held-out AUC, test AUC, cross-validation AUC) of
+        what ran.
     """
     p = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     p.out.mkdir(parents=True, exist_ok=True)
@@ -313,177 +505,63 @@ def run_pipeline(
         "failed": False,
     }
     started = time.time()
-
-    def stage(name: str, fn: Callable[[], tuple[str, dict[str, Any]]]) -> None:
+    for name in (s for s in p.stages if _has_section(p, s)):
         t0 = time.time()
         log.info("stage %s ...", name)
-        status, outputs = fn()
-        rec = {"stage": name, "status": status, "seconds": round(time.time() - t0, 2), **outputs}
-        report["stages"].append(rec)
-        log.info("stage %s: %s (%.1f s)", name, status, rec["seconds"])
-        _write_report(p, report)
-
-    if "synth" in p.stages and p.synth is not None:
-
-        def do_synth() -> tuple[str, dict[str, Any]]:
-            from .synth import write_cohort
-
-            marker = p.cohort / "cohort.json"
-            before = marker.read_text() if marker.exists() else None
-            write_cohort(p.cohort, **p.synth)  # skips slides that are already written
-            return ("skipped" if before == marker.read_text() else "ran"), {"cohort": str(p.cohort)}
-
-        stage("synth", do_synth)
-
-    if "tile" in p.stages:
-
-        def do_tile() -> tuple[str, dict[str, Any]]:
-            from .tiling import tile_slides
-
-            spec, batch = _tiling_spec(p.tile)
-            res = tile_slides(
-                p.slides, p.stores, spec=spec, progress=progress, debug=debug, **batch
-            )
-            failed = [r for r in res if not r.ok]
-            if failed:
-                report["failed"] = True
-            counts: dict[str, int] = {}
-            for r in res:
-                counts[r.status] = counts.get(r.status, 0) + 1
-            status = "skipped" if counts.get("skipped", 0) == len(res) else "ran"
-            return status, {
-                "stores": str(p.stores),
-                "slides": counts,
-                "manifest": str(p.stores / "manifest.csv"),
-            }
-
-        stage("tile", do_tile)
-
-    if "train" in p.stages and p.train is not None:
-
-        def do_train() -> tuple[str, dict[str, Any]]:
-            from .specs import TrainConfig
-            from .training import train
-
-            opts = dict(p.train)
-            opts.pop("folds", None)
-            config = TrainConfig.from_dict(opts)
-            from .runs import run_state
-
-            state = run_state(p.run_dir, config)
-            if state == "done":
-                return "skipped", {"run": str(p.run_dir)}
-            train(
-                p.stores,
-                p.labels,
-                p.run_dir,
-                config=config,
-                resume=state == "resume",
-                progress=progress,
-            )
-            return ("resumed" if state == "resume" else "ran"), {"run": str(p.run_dir)}
-
-        stage("train", do_train)
-
-    if "predict" in p.stages:
-
-        def do_predict() -> tuple[str, dict[str, Any]]:
-            from .prediction import predict
-
-            pred_dir = p.out / "predictions"
-            csv_path = pred_dir / "predictions.csv"
-            model = p.run_dir / "model.pt"
-            if (
-                csv_path.is_file()
-                and csv_path.stat().st_mtime >= model.stat().st_mtime
-                and _all_scored(p)
-            ):
-                return "skipped", {"predictions": str(csv_path)}
-            rows = predict(p.stores, p.run_dir, pred_dir, progress=progress, **p.predict)
-            if any(not r.ok for r in rows):
-                report["failed"] = True
-            return "ran", {"predictions": str(csv_path)}
-
-        stage("predict", do_predict)
-
-    if "heatmap" in p.stages and p.heatmap is not None:
-
-        def do_heatmap() -> tuple[str, dict[str, Any]]:
-            from .heatmap import heatmaps
-
-            heat_dir = p.out / "heatmaps"
-            res = heatmaps(p.stores, heat_dir, run_id=_run_id(p), **p.heatmap)
-            if any(not r["ok"] for r in res):
-                report["failed"] = True
-            pngs = sorted(r["files"]["png"] for r in res if "png" in r.get("files", {}))
-            status = "skipped" if all(r["status"] == "skipped" for r in res) else "ran"
-            return status, {"heatmaps": str(heat_dir), "png": pngs}
-
-        stage("heatmap", do_heatmap)
-
+        outcome = _STAGE_FNS[name](p, progress=progress, debug=debug)
+        rec = {"stage": name, "status": outcome.status, "seconds": round(time.time() - t0, 2)}
+        report["stages"].append({**rec, **outcome.outputs})
+        report["failed"] = report["failed"] or outcome.failed
+        log.info("stage %s: %s (%.1f s)", name, outcome.status, rec["seconds"])
+        atomic_write_json(p.out / REPORT, report)
     report["summary"] = _summary(p)
     report["seconds"] = round(time.time() - started, 2)
-    _write_report(p, report)
+    atomic_write_json(p.out / REPORT, report)
     return report
 
 
-def _run_id(p: Pipeline) -> str:
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+def _held_out(p: Pipeline) -> dict[str, Any]:
+    """Slide-level AUC of predictions.csv on the run's val and test slides."""
+    import csv
 
-    from .runs import run_id
+    from .data import negative_class
+    from .metrics import auc_score
 
-    return run_id(p.run_dir, p.predict.get("run_id"))
-
-
-def _all_scored(p: Pipeline) -> bool:
-    from .store import is_complete, list_stores, open_store
-
-    rid = _run_id(p)
-    for sp in list_stores(p.stores):
-        if not is_complete(sp):
-            continue
-        g = open_store(sp)
-        if int(g["coords"].shape[0]) and f"scores/{rid}" not in g:
-            return False
-    return True
+    pred = p.predictions / runs.PREDICTIONS
+    splits = runs.read_splits(p.run_dir)
+    if not pred.is_file() or not splits:
+        return {}
+    with open(pred, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("probability")]
+    held = [r for r in rows if splits.get(r["slide_id"], {}).get("split") in ("val", "test")]
+    if not held:
+        return {}
+    classes = runs.read_classes(p.run_dir)
+    neg = classes[negative_class(classes)]
+    y = [int(splits[r["slide_id"]]["label"] != neg) for r in held]
+    auc = auc_score(y, np.asarray([float(r["probability"]) for r in held]))
+    return {"held_out_auc": None if math.isnan(auc) else auc, "held_out_n": len(held)}
 
 
 def _summary(p: Pipeline) -> dict[str, Any]:
-    """Held-out slide-level AUC from predictions.csv and the run's splits, and test metrics."""
-    import csv
-
-    from .metrics import auc_score
-
+    """Test metrics of the run, cross-validation AUC, and held-out AUC of the predictions."""
     out: dict[str, Any] = {}
-    run = p.run_dir
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
+    metrics = runs.read_metrics(p.run_dir)
+    if metrics is not None:
         if "test" in metrics:
             out["test_auc"] = metrics["test"]["auc"]
             out["test_n"] = metrics["test"]["n"]
         out["best_val_auc"] = metrics.get("best_val_auc")
-    except (OSError, ValueError):
-        pass
-    pred = p.out / "predictions" / "predictions.csv"
-    if pred.is_file() and (run / "splits.csv").is_file():
-        with open(run / "splits.csv") as fh:
-            splits = {r["slide_id"]: r for r in csv.DictReader(fh)}
-        with open(pred) as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("probability")]
-        held = [r for r in rows if splits.get(r["slide_id"], {}).get("split") in ("val", "test")]
-        labels = json.loads((run / "labels.json").read_text())["classes"]
-        from .data import negative_class
-
-        neg = labels[negative_class(labels)]
-        y = [int(splits[r["slide_id"]]["label"] != neg) for r in held]
-        s = [float(r["probability"]) for r in held]
-        if held:
-            auc = auc_score(y, np.asarray(s))
-            out["held_out_auc"] = None if math.isnan(auc) else auc
-            out["held_out_n"] = len(held)
+    cv = p.run_dir / runs.CV_METRICS
+    if p.folds and cv.is_file():
+        res = json.loads(cv.read_text())
+        out.update(
+            folds=res["folds"],
+            cv_val_auc_mean=res["val_auc_mean"],
+            cv_val_auc_std=res["val_auc_std"],
+        )
+    out.update(_held_out(p))
     return out
-
-
-def _write_report(p: Pipeline, report: dict[str, Any]) -> None:
-    tmp = p.out / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, p.out / "report.json")

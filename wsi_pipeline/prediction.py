@@ -17,16 +17,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import runs
 from .data import negative_class
-from .errors import TrainingError, WSIPipelineError
+from .errors import StoreError, TrainingError, WSIPipelineError
 from .specs import tiling_mismatch
-from .store import PatchReader, is_complete, list_stores, open_store, write_scores
-from .util import sanitize_id
+from .store import COORDS, features_key, list_stores, open_store, write_scores
+from .util import atomic_path, sanitize_id
 
 __all__ = ["Prediction", "predict", "predict_store", "write_predictions"]
 
@@ -49,9 +49,18 @@ class Prediction:
         return not self.error or self.error.startswith("no patches")
 
 
+class _OpenStore(NamedTuple):
+    """A store opened once (read-write, for its scores) and what ``predict`` needs from it."""
+
+    path: Path
+    group: Any
+    n_patches: int
+
+
 def _embed_all(
     model: Any,
     store: Path,
+    group: Any,
     *,
     device: Any,
     amp: bool,
@@ -62,19 +71,42 @@ def _embed_all(
     """(N, D) float32 embeddings of every patch (cached features, or the backbone in chunks)."""
     import torch
 
-    from .training import _autocast, _to_device
+    from .inference import store_embeddings
 
     if features is not None:
-        arr = open_store(store)[f"features/{features}"]
+        arr = group[features_key(features)]
         return torch.from_numpy(np.asarray(arr[...], np.float32)).to(device)
-    reader = PatchReader(store)
-    hs = []
-    with torch.inference_mode(), _autocast(device, amp):
-        for i in range(0, reader.n, chunk):
-            x = torch.from_numpy(reader.read(np.arange(i, min(reader.n, i + chunk))))
-            x = _to_device(x.permute(0, 3, 1, 2), device, channels_last)
-            hs.append(model.embed(x).float())
-    return torch.cat(hs)
+    return store_embeddings(
+        store, model.embed, device=device, amp=amp, channels_last=channels_last, chunk=chunk
+    )
+
+
+def _score_attrs(
+    run_id: str,
+    run_dir: str,
+    classes: Sequence[str],
+    neg: int,
+    probs: np.ndarray,
+    calibration: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Attributes of ``scores/<run_id>``: the slide's prediction and how the scores were made."""
+    method = (calibration or {}).get("method", "none")
+    return {
+        "run": run_id,
+        "run_dir": run_dir,
+        "classes": list(classes),
+        "negative_class": classes[neg],
+        "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+        "abnormal_probability": float(1.0 - probs[neg]),
+        "predicted": classes[int(probs.argmax())],
+        "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
+        "instance classifier",
+        "calibration": method,
+        "patch_calibration": "specificity-referenced: 0.5 = the 99th percentile of patches of "
+        "negative validation slides"
+        if calibration and "patch" in calibration
+        else method,
+    }
 
 
 def predict_store(
@@ -90,24 +122,54 @@ def predict_store(
     features: str | None = None,
     run_dir: str = "",
     calibration: dict[str, Any] | None = None,
+    group: Any = None,
 ) -> Prediction:
     """Predict one complete store and write its per-patch scores into it.
 
     Slide probabilities and per-patch scores go through the run's calibration (fitted on its
     validation slides; plain softmax when there is none).
+
+    Parameters
+    ----------
+    model : MILModel
+        In eval mode on ``device``.
+    store : Path
+        A complete store.
+    classes : sequence of str
+        The run's class names.
+    run_id : str
+        Scores go to ``scores/<run_id>`` (and ``scores/<run_id>-attention``).
+    device : torch.device
+    amp, channels_last : bool
+        See :func:`wsi_pipeline.inference.autocast` and :func:`~wsi_pipeline.inference.to_device`.
+    chunk : int
+        Patches per backbone pass.
+    features : str, optional
+        Extractor name: read ``features/<features>`` instead of embedding the patches.
+    run_dir : str
+        Recorded in the scores' attributes.
+    calibration : dict, optional
+        The run's ``calibration.json``.
+    group : zarr.Group, optional
+        ``store`` already opened with ``mode="r+"`` (opened here when None).
+
+    Returns
+    -------
+    Prediction
     """
     import torch
 
     from .calibration import apply_calibration, apply_patch_calibration
 
-    g = open_store(store)
+    g = open_store(store, mode="r+") if group is None else group
     sid = g.attrs.get("slide_id") or store.stem
-    n = int(g["coords"].shape[0])
+    n = int(g[COORDS].shape[0])
     if n == 0:
         return Prediction(sid, {}, "", 0, run_id, "no patches in the store (no tissue)")
     h = _embed_all(
         model,
         store,
+        g,
         device=device,
         amp=amp,
         channels_last=channels_last,
@@ -119,37 +181,17 @@ def predict_store(
     probs = apply_calibration(out.logits.float().cpu().numpy(), calibration)
     neg = negative_class(classes)
     patch = apply_patch_calibration(out.patch_logits.float().cpu().numpy(), calibration)
-    score = (1.0 - patch[:, neg]).astype(np.float32)
-    attn = None if out.attention is None else out.attention.float().cpu().numpy().astype(np.float32)
-    pred = classes[int(probs.argmax())]
-    prob_map = {c: float(p) for c, p in zip(classes, probs)}
-    attrs = {
-        "run": run_id,
-        "run_dir": run_dir,
-        "classes": list(classes),
-        "negative_class": classes[neg],
-        "probabilities": prob_map,
-        "abnormal_probability": float(1.0 - probs[neg]),
-        "predicted": pred,
-        "score": "per-patch probability of abnormality, 1 - p(negative class), from the head's "
-        "instance classifier",
-        "calibration": (calibration or {}).get("method", "none"),
-        "patch_calibration": "specificity-referenced: 0.5 = the 99th percentile of patches of "
-        "negative validation slides"
-        if calibration and "patch" in calibration
-        else (calibration or {}).get("method", "none"),
-    }
-    gw = open_store(store, mode="r+")
-    write_scores(gw, run_id, score, attrs)
-    if attn is not None:
+    attrs = _score_attrs(run_id, run_dir, classes, neg, probs, calibration)
+    write_scores(g, run_id, (1.0 - patch[:, neg]).astype(np.float32), attrs)
+    if out.attention is not None:
         write_scores(
-            gw,
+            g,
             run_id,
-            attn,
+            out.attention.float().cpu().numpy().astype(np.float32),
             {"run": run_id, "score": "attention weight (sums to 1 over the slide)"},
             attention=True,
         )
-    return Prediction(sid, prob_map, pred, n, run_id, "")
+    return Prediction(sid, attrs["probabilities"], attrs["predicted"], n, run_id, "")
 
 
 def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[str]) -> Path:
@@ -165,8 +207,7 @@ def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[
         "run_id",
         "error",
     ]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -183,8 +224,51 @@ def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[
                 f"{1.0 - r.probabilities[classes[neg]]:.6f}" if r.probabilities else ""
             )
             w.writerow(row)
-    os.replace(tmp, path)
     return path
+
+
+def _open_ready(
+    stores: Sequence[Path], tiling: dict[str, Any], rid: str
+) -> tuple[list[_OpenStore], list[Prediction]]:
+    """Open each store once: the complete ones tiled like the run, and error rows for the rest."""
+    ready: list[_OpenStore] = []
+    rows: list[Prediction] = []
+    for sp in stores:
+        try:
+            g = open_store(sp, mode="r+")
+        except StoreError:
+            msg = f"{sp}: store is unfinished; rerun 'wsi-pipeline tile'"
+            rows.append(Prediction(sp.stem, run_id=rid, error=msg))
+            continue
+        why = tiling_mismatch(dict(g.attrs["tiling"]), tiling)
+        if why:
+            msg = f"{sp}: {why}; tile the slide like the training slides"
+            rows.append(Prediction(sp.stem, run_id=rid, error=msg))
+            continue
+        ready.append(_OpenStore(sp, g, int(g[COORDS].shape[0])))
+    return ready, rows
+
+
+def _run_features(
+    ready: Sequence[_OpenStore], run: dict[str, Any], device: Any, *, progress: bool
+) -> str:
+    """Cache the run's frozen-backbone features in the stores; the extractor name."""
+    from .features import ensure_features
+
+    run_dir = Path(run["dir"])
+    features, _ = ensure_features(
+        [s.path for s in ready if s.n_patches > 0],
+        backbone=run["train_config"].backbone,
+        weights=run_dir / runs.EXTRACTOR,
+        device=device,
+        progress=progress,
+    )
+    if features != run["config"].get("extractor"):
+        raise TrainingError(
+            f"{run_dir / runs.EXTRACTOR}: does not match the features the run "
+            "was trained on; train again"
+        )
+    return features
 
 
 def predict(
@@ -229,10 +313,9 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    from .runs import load_run
-    from .training import load_model, resolve_device
+    from .inference import load_model, resolve_device
 
-    run = load_run(run_dir)
+    run = runs.load_run(run_dir)
     cfg = run["train_config"]
     classes = list(run["labels"]["classes"])
     rid = runs.run_id(run_dir, run_id)
@@ -244,50 +327,17 @@ def predict(
     if slide_ids is not None:
         wanted = {sanitize_id(s) for s in slide_ids}
         stores = [s for s in stores if s.stem in wanted]
-    rows: list[Prediction] = []
-    ready: list[Path] = []
-    for sp in stores:
-        sid = sp.stem
-        if not is_complete(sp):
-            rows.append(
-                Prediction(
-                    sid, run_id=rid, error=f"{sp}: store is unfinished; rerun 'wsi-pipeline tile'"
-                )
-            )
-            continue
-        why = tiling_mismatch(dict(open_store(sp).attrs["tiling"]), run["tiling"])
-        if why:
-            rows.append(
-                Prediction(
-                    sid, run_id=rid, error=f"{sp}: {why}; tile the slide like the training slides"
-                )
-            )
-            continue
-        ready.append(sp)
+    ready, rows = _open_ready(stores, run["tiling"], rid)
     features = None
     if cfg.mode == "features" and ready:
-        from .features import ensure_features
-
-        with_patches = [sp for sp in ready if int(open_store(sp)["coords"].shape[0]) > 0]
-        features, _ = ensure_features(
-            with_patches,
-            backbone=cfg.backbone,
-            weights=Path(run["dir"]) / "extractor.pt",
-            device=dev,
-            progress=progress,
-        )
-        if features != run["config"].get("extractor"):
-            raise TrainingError(
-                f"{run['dir']}/extractor.pt: does not match the features the run "
-                "was trained on; train again"
-            )
+        features = _run_features(ready, run, dev, progress=progress)
     t0 = time.time()
-    for sp in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
+    for st in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
         try:
             rows.append(
                 predict_store(
                     model,
-                    sp,
+                    st.path,
                     classes=classes,
                     run_id=rid,
                     device=dev,
@@ -297,16 +347,17 @@ def predict(
                     features=features,
                     run_dir=str(run["dir"]),
                     calibration=run.get("calibration"),
+                    group=st.group,
                 )
             )
         except (WSIPipelineError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
+            msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{st.path}: {exc}"
             log.error("%s", msg)
-            rows.append(Prediction(sp.stem, run_id=rid, error=msg))
+            rows.append(Prediction(st.path.stem, run_id=rid, error=msg))
     for r in rows:
         if r.error and not r.ok:
             log.error("%s", r.error)
     rows.sort(key=lambda r: r.slide_id)
-    write_predictions(out / "predictions.csv", rows, classes)
+    write_predictions(out / runs.PREDICTIONS, rows, classes)
     log.info("predicted %d slide(s) in %.1f s", len(ready), time.time() - t0)
     return rows

@@ -1,37 +1,58 @@
-"""The run folder: its file names, format version, id rule, reading, and the "finished?" check.
+"""The run folder: its file names, format version, id rule, its writers and readers, and the
+"finished?" / "resumable?" checks.
 
 A run folder is what ``train`` writes and ``predict``/``heatmap`` read (layout in
-docs/store.md). Every other module names run files through the constants here.
+docs/store.md). Every other module names run files through the constants here, and the JSON and
+CSV files of a run are written only by the functions here (atomically). The torch files
+(``model.pt``, ``checkpoint.pt``, ``extractor.pt``) are written by the torch stages, under these
+names, through :func:`wsi_pipeline.util.atomic_path`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import __version__
 from .errors import ConfigError, TrainingError
 from .specs import TrainConfig
-from .util import sanitize_id
+from .util import atomic_write_json, atomic_write_text, sanitize_id
 
 __all__ = [
     "CALIBRATION",
     "CHECKPOINT",
     "CONFIG",
+    "CURVES",
     "CV_METRICS",
     "EXTRACTOR",
     "LABELS",
     "METRICS",
     "MODEL",
     "PREDICTIONS",
+    "ROC",
     "RUN_VERSION",
     "SPLITS",
+    "TENSORBOARD",
     "TILING",
+    "check_resumable",
+    "fold_dir",
     "load_run",
+    "read_classes",
+    "read_metrics",
+    "read_splits",
     "run_id",
     "run_state",
+    "write_calibration",
+    "write_cv_metrics",
+    "write_metrics",
+    "write_run_start",
+    "write_splits",
 ]
 
 #: Run layout version written to ``config.json``; bump on a breaking change.
@@ -48,6 +69,9 @@ CALIBRATION = "calibration.json"  #: probability calibration fitted on the valid
 EXTRACTOR = "extractor.pt"  #: frozen backbone weights in features mode
 CV_METRICS = "cv_metrics.json"  #: k-fold summary in the parent of ``fold_<k>``
 PREDICTIONS = "predictions.csv"  #: predict's per-slide table (in predict's output folder)
+TENSORBOARD = "tensorboard"  #: folder of TensorBoard event files
+CURVES = "curves.png"  #: loss and validation-AUC curves
+ROC = "roc.png"  #: ROC curves of the validation and test slides
 
 
 def run_id(run_dir: str | os.PathLike, explicit: str | None = None) -> str:
@@ -111,3 +135,209 @@ def run_state(run_dir: str | os.PathLike, config: TrainConfig) -> str:
     if m.get("finished") and (run / MODEL).is_file():
         return "done"
     return "resume" if (run / CHECKPOINT).is_file() else "fresh"
+
+
+def check_resumable(run_dir: str | os.PathLike, config: TrainConfig) -> None:
+    """Refuse to resume ``run_dir`` without a checkpoint or with another training config.
+
+    Parameters
+    ----------
+    run_dir : path
+    config : TrainConfig
+        The config the resumed run would continue with.
+
+    Raises
+    ------
+    TrainingError
+        No ``checkpoint.pt``, or ``config.json`` records a different config (names the changed
+        options).
+    """
+    run = Path(run_dir)
+    if not (run / CHECKPOINT).is_file():
+        raise TrainingError(f"{run}: nothing to resume (no {CHECKPOINT})")
+    old = json.loads((run / CONFIG).read_text()) if (run / CONFIG).is_file() else {}
+    if old.get("train") != config.to_dict():
+        saved = old.get("train") or {}
+        diff = sorted(k for k in config.to_dict() if saved.get(k) != getattr(config, k))
+        raise TrainingError(
+            f"{run}: cannot resume with a different config (changed: {', '.join(diff) or 'all'})"
+        )
+
+
+def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
+    """``run_dir/fold_<fold>``: the run folder of one cross-validation fold."""
+    return Path(run_dir) / f"fold_{int(fold)}"
+
+
+# --------------------------------------------------------------------------------------------
+# writers (JSON and CSV, atomic)
+# --------------------------------------------------------------------------------------------
+def write_splits(run_dir: str | os.PathLike, rows: Sequence[tuple[str, str, str]]) -> Path:
+    """Write ``splits.csv`` (``slide_id,label,split``), one row per slide, in the order given.
+
+    Parameters
+    ----------
+    run_dir : path
+    rows : sequence of (slide_id, label, split)
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    lines = ["slide_id,label,split\n", *(f"{s},{lab},{sp}\n" for s, lab, sp in rows)]
+    return atomic_write_text(Path(run_dir) / SPLITS, "".join(lines))
+
+
+def write_run_start(
+    run_dir: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    tiling: Mapping[str, Any],
+    labels: Mapping[str, Any],
+    splits: Sequence[tuple[str, str, str]],
+) -> None:
+    """Write what a run records when training starts: config, tiling, labels and splits.
+
+    Parameters
+    ----------
+    run_dir : path
+        An existing run folder.
+    config : mapping
+        ``config.json``: ``run_version``, ``package_version``, ``train`` (the training config),
+        ``num_classes``, ``in_dim``, ``extractor``, ``torch_version``.
+    tiling : mapping
+        ``tiling.json``: the tiling shared by the training stores.
+    labels : mapping
+        ``labels.json``: ``classes``, ``labels_csv``, ``skipped_no_patches``.
+    splits : sequence of (slide_id, label, split)
+        ``splits.csv``.
+    """
+    run = Path(run_dir)
+    atomic_write_json(run / CONFIG, dict(config))
+    atomic_write_json(run / TILING, dict(tiling))
+    atomic_write_json(run / LABELS, dict(labels))
+    write_splits(run, splits)
+
+
+def write_metrics(
+    run_dir: str | os.PathLike,
+    history: list[dict[str, Any]],
+    best: Mapping[str, Any],
+    test: Mapping[str, Any] | None,
+    splits: Mapping[str, str],
+    config: TrainConfig,
+    *,
+    finished: bool = False,
+) -> dict[str, Any]:
+    """Write ``metrics.json``: the training history, best epoch, split sizes and test metrics.
+
+    Parameters
+    ----------
+    run_dir : path
+    history : list of dict
+        One record per epoch (``epoch`` 0-based, ``train_loss``, ``val_auc``, ...).
+    best : mapping
+        ``epoch`` (0-based, -1 before the first) and ``auc`` (-1 when there is none).
+    test : mapping or None
+        Test-split evaluation (``auc``, ``acc``, ``loss``, ``n``, ``calibrated``).
+    splits : mapping of slide_id -> split
+    config : TrainConfig
+    finished : bool
+        Training is over (``run_state`` reads it as "done").
+
+    Returns
+    -------
+    dict
+        The metrics as written (NaN kept here; ``null`` in the file).
+    """
+    counts: dict[str, int] = {}
+    for sp in splits.values():
+        counts[sp] = counts.get(sp, 0) + 1
+    metrics = {
+        "finished": finished,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"] + 1 if best["epoch"] >= 0 else None,
+        "best_val_auc": best["auc"] if best["auc"] >= 0 else None,
+        "history": history,
+        "splits": counts,
+        "mode": config.mode,
+        "model": config.model,
+        "backbone": config.backbone,
+    }
+    if test is not None:
+        metrics["test"] = {
+            k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated") if k in test
+        }
+    atomic_write_json(Path(run_dir) / METRICS, metrics)
+    return metrics
+
+
+def write_calibration(run_dir: str | os.PathLike, calibration: Mapping[str, Any]) -> Path:
+    """Write ``calibration.json`` (see :mod:`wsi_pipeline.calibration`); returns its path."""
+    return atomic_write_json(Path(run_dir) / CALIBRATION, dict(calibration))
+
+
+def write_cv_metrics(
+    run_dir: str | os.PathLike, val_aucs: Sequence[float | None]
+) -> dict[str, Any]:
+    """Write ``cv_metrics.json``: per-fold best validation AUC, their mean and std.
+
+    Parameters
+    ----------
+    run_dir : path
+        The parent of the ``fold_<k>`` folders (created).
+    val_aucs : sequence of float or None
+        Best validation AUC of each fold (None where a fold had none).
+
+    Returns
+    -------
+    dict
+        ``folds``, ``val_auc``, ``val_auc_mean``, ``val_auc_std`` (NaN without any AUC).
+    """
+    aucs = np.array([a for a in val_aucs if a is not None], float)
+    res = {
+        "folds": len(val_aucs),
+        "val_auc": list(val_aucs),
+        "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
+        "val_auc_std": float(aucs.std()) if aucs.size else float("nan"),
+    }
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CV_METRICS, res)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# readers of single files (for summaries)
+# --------------------------------------------------------------------------------------------
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``metrics.json`` of a run, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_splits(run_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """``splits.csv`` of a run as ``{slide_id: {"slide_id", "label", "split"}}``; ``{}`` without one."""
+    p = Path(run_dir) / SPLITS
+    if not p.is_file():
+        return {}
+    with open(p, newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def read_classes(run_dir: str | os.PathLike) -> list[str]:
+    """Class names of a run (``labels.json``), in index order.
+
+    Raises
+    ------
+    TrainingError
+        No readable ``labels.json``.
+    """
+    p = Path(run_dir) / LABELS
+    try:
+        return list(json.loads(p.read_text())["classes"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(f"{p}: unreadable ({exc}); train again") from exc

@@ -29,6 +29,7 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "Slide",
     "find_slides",
+    "mpp_at",
     "open_slide",
     "slide_id_from_path",
 ]
@@ -159,6 +160,23 @@ def find_slides(paths: list[str | os.PathLike]) -> tuple[list[Path], list[tuple[
 def _is_companion(f: Path) -> bool:
     """Files that belong to a slide (MRXS data folders, checksums, ...) and need no message."""
     return f.parent.suffix == "" and (f.parent.with_suffix(".mrxs")).exists()
+
+
+def mpp_at(meta: SlideMeta, downsample: float) -> float | None:
+    """µm per pixel of an image at ``downsample`` level-0 pixels per pixel.
+
+    Parameters
+    ----------
+    meta : SlideMeta
+    downsample : float
+        Level-0 pixels per pixel (a pyramid level, a thumbnail, a patch grid).
+
+    Returns
+    -------
+    float or None
+        ``None`` when the slide's mpp is unknown.
+    """
+    return None if meta.mpp is None else meta.mpp * downsample
 
 
 def _level_to_l0(v: int, downsample: float) -> int:

@@ -1,7 +1,10 @@
-"""The few frozen dataclasses that cross stages, and the rules that compare them.
+"""The few frozen dataclasses that cross stages, and the rules that build and compare them.
 
 Slide metadata, mask and tiling specs, the training config; the one "same tiling" check
-(:func:`tiling_mismatch`).
+(:func:`tiling_mismatch`); the one map from the option names users write (``--tile-size`` on
+the command line, ``tile_size:`` in a pipeline file) to spec fields (:data:`TILE_OPTIONS`,
+:data:`TRAIN_OPTIONS`) and the functions that turn those options into specs
+(:func:`tiling_from_options`, :func:`train_config_from_options`).
 
 Everything else that crosses stages is an array, a tensor, or the store.
 """
@@ -9,12 +12,28 @@ Everything else that crosses stages is an array, a tensor, or the store.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["MaskSpec", "SlideMeta", "TilingSpec", "TrainConfig", "tiling_mismatch"]
+__all__ = [
+    "PREDICT_OPTIONS",
+    "TILE_OPTIONS",
+    "TILING_TOLERANCE",
+    "TRAIN_OPTIONS",
+    "MaskSpec",
+    "Option",
+    "SlideMeta",
+    "TilingSpec",
+    "TrainConfig",
+    "fold_config",
+    "tiling_from_options",
+    "tiling_mismatch",
+    "train_config_from_options",
+]
 
 #: Relative difference of resolution (mpp or downsample) under which two tilings are the same.
 TILING_TOLERANCE = 0.02
@@ -152,7 +171,8 @@ class MaskSpec:
 class TilingSpec:
     """Where patches are cut and how they are stored.
 
-    Exactly one of ``mpp`` and ``level`` is set.
+    Exactly one of ``mpp`` and ``level`` is set: with neither, ``level`` is 0 (the one place
+    that rule lives); giving both is an error.
 
     Attributes
     ----------
@@ -161,7 +181,8 @@ class TilingSpec:
     mpp : float or None
         Target resolution in µm per pixel.
     level : int or None
-        Target pyramid level (patches at that level's native resolution).
+        Target pyramid level (patches at that level's native resolution); 0 when ``mpp`` is
+        not given.
     overlap_px : int
         Overlap between neighbouring patches, in target pixels; stride is ``tile_px - overlap_px``.
     min_tissue : float
@@ -182,7 +203,7 @@ class TilingSpec:
 
     tile_px: int = 256
     mpp: float | None = None
-    level: int | None = 0
+    level: int | None = None
     overlap_px: int = 0
     min_tissue: float = 0.25
     edge: str = "pad"
@@ -193,9 +214,12 @@ class TilingSpec:
 
     def __post_init__(self) -> None:
         if self.mpp is not None and self.level is not None:
-            object.__setattr__(self, "level", None)  # an explicit mpp wins over the default level
+            raise ConfigError(
+                f"give one target resolution, mpp ({self.mpp!r}) or level ({self.level!r}), "
+                "not both"
+            )
         if self.mpp is None and self.level is None:
-            raise ConfigError("give a target resolution: mpp or level")
+            object.__setattr__(self, "level", 0)  # no resolution given: the slide's own pixels
         if self.mpp is not None and not (0.01 <= float(self.mpp) <= 1000):
             raise ConfigError(f"mpp must be a resolution in µm per pixel, not {self.mpp!r}")
         if self.level is not None and int(self.level) < 0:
@@ -265,16 +289,15 @@ def tiling_mismatch(
     if int(tiling["tile_px"]) != int(reference["tile_px"]):
         return f"tile size {tiling['tile_px']} px, {reference_name} on {reference['tile_px']} px"
     a, b = tiling.get("mpp"), reference.get("mpp")
-    both_mpp = a is not None and b is not None
-    x, y = (a, b) if both_mpp else (tiling["downsample"], reference["downsample"])
-    if abs(float(x) - float(y)) > TILING_TOLERANCE * float(y):
-        if both_mpp:
-            return f"tiled at {float(a):g} mpp, {reference_name} at {float(b):g} mpp"
-        return (
-            f"tiled at downsample {float(x):g}, {reference_name} at downsample {float(y):g} "
-            "(no mpp to compare)"
-        )
-    return None
+    if a is not None and b is not None:
+        x, y, unit = float(a), float(b), "mpp"
+    else:
+        x, y, unit = float(tiling["downsample"]), float(reference["downsample"]), "downsample"
+    if abs(x - y) <= TILING_TOLERANCE * y:
+        return None
+    if unit == "mpp":
+        return f"tiled at {x:g} mpp, {reference_name} at {y:g} mpp"
+    return f"tiled at downsample {x:g}, {reference_name} at downsample {y:g} (no mpp to compare)"
 
 
 @dataclass(frozen=True)
@@ -380,3 +403,188 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def fold_config(config: TrainConfig, *, folds: int, fold: int) -> TrainConfig:
+    """The config that trains fold ``fold`` of ``folds``-fold cross-validation.
+
+    Every slide is in the validation split of exactly one fold, so there is no test split.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The options shared by all folds.
+    folds, fold : int
+        Number of folds (>= 2) and this fold's index (``0 <= fold < folds``).
+    """
+    if int(folds) < 2 or not 0 <= int(fold) < int(folds):
+        raise ConfigError(f"folds must be >= 2 and 0 <= fold < folds, not {folds!r}, {fold!r}")
+    return dataclasses.replace(config, folds=int(folds), fold=int(fold), test_fraction=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# User options -> specs. The command line (``--tile-size``) and pipeline files (``tile_size:``)
+# name options the same way; this is the one map from those names to the fields they set.
+# ---------------------------------------------------------------------------------------------
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as users write it, and what it sets.
+
+    Attributes
+    ----------
+    types : tuple of type
+        Value types a pipeline file may give (``bool`` is never an ``int`` here).
+    target : {"tiling", "mask", "batch", "train", "folds", "predict"}
+        What the option sets: a :class:`TilingSpec` or :class:`MaskSpec` field, a keyword of
+        ``tile_slides`` (``batch``), a :class:`TrainConfig` field, the number of
+        cross-validation folds, or a keyword of ``predict``.
+    field : str
+        The field or keyword name there.
+    negate : bool
+        The field is the negation of the option (``keep_pen`` sets ``remove_pen``).
+    """
+
+    types: tuple[type, ...]
+    target: str
+    field: str
+    negate: bool = False
+
+
+#: Options of the ``tile`` command and of a pipeline file's ``tile`` section.
+TILE_OPTIONS: dict[str, Option] = {
+    "mpp": Option(_NUMBER, "tiling", "mpp"),
+    "level": Option((int,), "tiling", "level"),
+    "tile_size": Option((int,), "tiling", "tile_px"),
+    "overlap": Option((int,), "tiling", "overlap_px"),
+    "tissue_threshold": Option(_NUMBER, "tiling", "min_tissue"),
+    "edge": Option((str,), "tiling", "edge"),
+    "codec": Option((str,), "tiling", "codec"),
+    "jpeg_quality": Option((int,), "tiling", "jpeg_quality"),
+    "patches_per_shard": Option((int,), "tiling", "patches_per_shard"),
+    "mask_file": Option((str, os.PathLike), "mask", "user_mask"),  # also sets method="user"
+    "keep_pen": Option((bool,), "mask", "remove_pen", negate=True),
+    "keep_dark": Option((bool,), "mask", "remove_dark", negate=True),
+    "workers": Option((int,), "batch", "workers"),
+    "scheduler": Option((str,), "batch", "scheduler"),
+    "slide_mpp": Option(_NUMBER, "batch", "slide_mpp"),
+    "backend": Option((str,), "batch", "backend"),
+    "overwrite": Option((bool,), "batch", "overwrite"),
+}
+
+#: Training options whose user name is not the :class:`TrainConfig` field name (every field is
+#: also accepted under its own name). ``folds`` asks for k-fold cross-validation
+#: (``train_folds``), as ``train --folds`` does.
+TRAIN_OPTIONS: dict[str, Option] = {
+    "workers": Option((int,), "train", "num_workers"),
+    "precision": Option((str,), "train", "amp"),
+    "folds": Option((int,), "folds", "folds"),
+}
+
+#: Options of a pipeline file's ``predict`` section (keywords of ``predict``).
+PREDICT_OPTIONS: dict[str, Option] = {
+    "device": Option((str,), "predict", "device"),
+    "run_id": Option((str,), "predict", "run_id"),
+    "chunk": Option((int,), "predict", "chunk"),
+}
+
+_PRECISION = {"amp": True, "fp32": False}
+
+
+def _given(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with a value (``None`` means "not given"), paths as strings."""
+    return {
+        k: os.fspath(v) if isinstance(v, os.PathLike) else v
+        for k, v in options.items()
+        if v is not None
+    }
+
+
+def tiling_from_options(options: Mapping[str, Any]) -> tuple[TilingSpec, dict[str, Any]]:
+    """A :class:`TilingSpec` and the ``tile_slides`` keywords from user tile options.
+
+    Parameters
+    ----------
+    options : mapping
+        Names of :data:`TILE_OPTIONS` (``tile_size``, ``keep_pen``, ``workers`` ...); ``None``
+        values count as not given. Neither ``mpp`` nor ``level``: level 0.
+
+    Returns
+    -------
+    spec : TilingSpec
+    batch : dict
+        Keywords of ``tile_slides``: ``workers``, ``scheduler``, ``slide_mpp``, ``backend``,
+        ``overwrite`` (those given).
+
+    Raises
+    ------
+    ConfigError
+        An unknown option or a bad value (the spec's own checks).
+    """
+    given = _given(options)
+    unknown = sorted(set(given) - set(TILE_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown tile option(s): {', '.join(unknown)}")
+    fields: dict[str, dict[str, Any]] = {"tiling": {}, "mask": {}, "batch": {}}
+    for name, value in given.items():
+        opt = TILE_OPTIONS[name]
+        fields[opt.target][opt.field] = (not value) if opt.negate else value
+    if "user_mask" in fields["mask"]:
+        fields["mask"]["method"] = "user"
+    workers = fields["batch"].get("workers", 1)
+    if int(workers) < 1:
+        raise ConfigError(f"workers must be >= 1, not {workers!r}")
+    spec = TilingSpec(mask=MaskSpec(**fields["mask"]), **fields["tiling"])
+    return spec, fields["batch"]
+
+
+def _train_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """User training options renamed to :class:`TrainConfig` fields (``folds`` kept as is)."""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for name, value in _given(options).items():
+        opt = TRAIN_OPTIONS.get(name)
+        key = opt.field if opt is not None else name
+        if key in given_as:
+            raise ConfigError(f"'{given_as[key]}' and '{name}' set the same option: give one")
+        if name == "precision":
+            if value not in _PRECISION:
+                raise ConfigError(f"precision must be 'amp' or 'fp32', not {value!r}")
+            value = _PRECISION[value]
+        out[key], given_as[key] = value, name
+    return out
+
+
+def train_config_from_options(
+    *options: Mapping[str, Any],
+) -> tuple[TrainConfig, int | None]:
+    """A :class:`TrainConfig` and the number of cross-validation folds from user options.
+
+    Parameters
+    ----------
+    *options : mapping
+        Layers of options, later ones overriding earlier ones (a ``--config`` file, then the
+        command line). Names are :class:`TrainConfig` fields or :data:`TRAIN_OPTIONS`
+        (``workers``, ``precision`` = ``"amp"``/``"fp32"``, ``folds``); ``None`` values count
+        as not given.
+
+    Returns
+    -------
+    config : TrainConfig
+    folds : int or None
+        ``folds`` when k-fold cross-validation is asked for (train with ``train_folds``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown option or a bad value.
+    """
+    merged: dict[str, Any] = {}
+    for layer in options:
+        merged.update(_train_fields(layer))
+    folds = merged.pop("folds", None)
+    if folds is not None and int(folds) < 2:
+        raise ConfigError(f"folds must be >= 2 for cross-validation, not {folds!r}")
+    return TrainConfig.from_dict(merged), None if folds is None else int(folds)

@@ -8,9 +8,9 @@ files.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,27 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .codecs import EMPTY, JpegCodec, decode_chunk, read_shard_index
+from .codecs import (
+    EMPTY,
+    ZSTD_LEVEL,
+    JpegCodec,
+    decode_chunk,
+    index_nbytes,
+    read_shard_index,
+)
 from .errors import StoreError
-from .specs import SlideMeta
-from .util import sanitize_id
+from .specs import MaskSpec, SlideMeta, TilingSpec
+from .util import atomic_write_bytes, sanitize_id
 
 __all__ = [
     "COORDS",
+    "DONE",
     "FEATURES",
+    "FRESH",
     "PATCHES",
+    "RESUME",
     "SCORES",
+    "STALE",
     "STORE_VERSION",
     "THUMBNAIL",
     "TISSUE_FRACTION",
@@ -37,17 +48,26 @@ __all__ = [
     "create_patches_array",
     "create_store",
     "features_key",
+    "finish_store",
     "has_complete_array",
     "is_complete",
     "list_stores",
     "mark_complete",
     "open_store",
+    "patch_count",
+    "read_coords",
+    "score_runs",
     "scores_key",
     "shard_is_done",
     "shard_path",
     "store_path",
+    "store_state",
+    "tiling_attrs",
+    "unfinished_shards",
     "write_array",
     "write_features",
+    "write_grid",
+    "write_mask",
     "write_scores",
     "write_shard",
 ]
@@ -127,6 +147,59 @@ def _version_ok(attrs: dict[str, Any]) -> bool:
     return isinstance(v, int) and 1 <= v <= STORE_VERSION
 
 
+# --------------------------------------------------------------------------------------------
+# the tiler's store: created, filled, marked complete
+# --------------------------------------------------------------------------------------------
+def tiling_attrs(
+    spec: TilingSpec,
+    *,
+    mpp: float | None,
+    downsample: float,
+    read_level: int,
+    patch_l0: float,
+    stride_l0: float,
+    slide_mpp: float | None,
+) -> dict[str, Any]:
+    """The ``tiling`` attributes of a new store (docs/store.md).
+
+    Parameters
+    ----------
+    spec : TilingSpec
+        The tiling asked for (stored whole under ``spec``: with the slide file's size and
+        ``slide_mpp`` it is what :func:`store_state` compares).
+    mpp : float or None
+        Target µm per pixel (``None`` when the slide has no mpp and a level was tiled).
+    downsample : float
+        Level-0 pixels per patch pixel.
+    read_level : int
+        Pyramid level the patches are read from.
+    patch_l0, stride_l0 : float
+        Patch side and grid step in level-0 pixels.
+    slide_mpp : float or None
+        The user's level-0 mpp for the slide (``--slide-mpp``), if any.
+
+    Returns
+    -------
+    dict
+        JSON-ready; :func:`finish_store` adds ``status``, ``n_patches`` and timings.
+    """
+    return {
+        "spec": spec.to_dict(),
+        "tile_px": spec.tile_px,
+        "mpp": mpp,
+        "level": spec.level,
+        "downsample": downsample,
+        "read_level": read_level,
+        "patch_l0": patch_l0,
+        "stride_l0": stride_l0,
+        "overlap_px": spec.overlap_px,
+        "tissue_threshold": spec.min_tissue,
+        "mask": spec.mask.to_dict(),
+        "slide_mpp_override": slide_mpp,
+        "package_version": __version__,
+    }
+
+
 def create_store(
     path: str | os.PathLike,
     *,
@@ -145,7 +218,7 @@ def create_store(
     meta : SlideMeta
         Written to ``attrs["slide"]``.
     tiling : dict
-        Written to ``attrs["tiling"]``.
+        Written to ``attrs["tiling"]`` (see :func:`tiling_attrs`).
 
     Returns
     -------
@@ -168,12 +241,61 @@ def create_store(
     return g
 
 
-def mark_complete(group: Any, **attrs: Any) -> None:
-    """Record final attributes (e.g. ``status``, ``n_patches``) and then ``complete: true``."""
-    tiling = dict(group.attrs.get("tiling", {}))
-    tiling.update(attrs)
-    group.attrs.update({"tiling": tiling})
-    group.attrs.update({"complete": True})
+def write_mask(
+    group: Any, thumbnail: np.ndarray, mask: np.ndarray, *, downsample: float, spec: MaskSpec
+) -> None:
+    """Write ``thumbnail`` and ``tissue_mask`` (same grid), each with its ``downsample``.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        A store from :func:`create_store`.
+    thumbnail : (h, w, 3) uint8 ndarray
+    mask : (h, w) bool ndarray
+    downsample : float
+        Level-0 pixels per thumbnail (and mask) pixel.
+    spec : MaskSpec
+        How the mask was made (recorded with it).
+    """
+    write_array(group, THUMBNAIL, thumbnail, chunks=(512, 512, 3), attrs={"downsample": downsample})
+    attrs = {
+        "downsample": downsample,
+        "method": spec.method,
+        "params": spec.to_dict(),
+        "tissue_fraction": float(mask.mean()),
+    }
+    write_array(group, TISSUE_MASK, mask, chunks=(1024, 1024), attrs=attrs)
+
+
+def write_grid(
+    group: Any, coords_xy: np.ndarray, tissue_fraction: np.ndarray, spec: TilingSpec
+) -> None:
+    """Write ``coords`` and ``tissue_fraction``, and create the empty ``patches`` array for them.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        A store from :func:`create_store` (its ``tiling`` attributes give the patches' ``mpp``,
+        ``downsample`` and ``read_level``).
+    coords_xy : (N, 2) int64 ndarray
+        Level-0 top-left corner of each patch.
+    tissue_fraction : (N,) float32 ndarray
+    spec : TilingSpec
+        Patch size, codec and shard size of ``patches``.
+    """
+    attrs = {"units": "level-0 px", "order": "x, y (top-left corner)"}
+    write_array(group, COORDS, coords_xy, chunks=(65536, 2), attrs=attrs)
+    write_array(group, TISSUE_FRACTION, tissue_fraction, chunks=(65536,))
+    tiling = group.attrs["tiling"]
+    create_patches_array(
+        group,
+        n=len(coords_xy),
+        tile_px=spec.tile_px,
+        codec=spec.codec,
+        quality=spec.jpeg_quality,
+        patches_per_shard=spec.patches_per_shard,
+        attrs={k: tiling[k] for k in ("mpp", "downsample", "read_level")},
+    )
 
 
 def create_patches_array(
@@ -184,23 +306,27 @@ def create_patches_array(
     codec: str,
     quality: int,
     patches_per_shard: int,
-    attrs: dict[str, Any],
+    attrs: dict[str, Any] | None = None,
 ) -> Any:
-    """Create the ``patches`` array (N, T, T, 3) uint8: shards of ``patches_per_shard`` patches,
-    one patch per inner chunk, encoded with ``codec``."""
-    zarr = _zarr()
-    if codec == "jpeg":
-        serializer: Any = JpegCodec(quality=quality)
-        compressors: Any = None
-    elif codec == "zstd":
-        from .codecs import ZSTD_LEVEL
+    """Create the empty ``patches`` array, ``(n, tile_px, tile_px, 3)`` uint8.
 
-        serializer = "auto"
+    Shards hold ``patches_per_shard`` patches, one patch per inner chunk, encoded with ``codec``
+    (``"jpeg"``, ``"zstd"`` or ``"raw"``); missing patches read as white. The tiler fills the
+    shards with :func:`write_shard`.
+
+    Returns
+    -------
+    zarr.Array
+    """
+    zarr = _zarr()
+    serializer: Any = "auto"
+    compressors: Any = None
+    if codec == "jpeg":
+        serializer = JpegCodec(quality=quality)
+    elif codec == "zstd":
         compressors = zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
-    else:
-        serializer, compressors = "auto", None
     arr = group.create_array(
-        "patches",
+        PATCHES,
         shape=(n, tile_px, tile_px, 3),
         dtype="uint8",
         shards=(patches_per_shard, tile_px, tile_px, 3),
@@ -210,8 +336,136 @@ def create_patches_array(
         fill_value=255,
         overwrite=True,
     )
-    arr.attrs.update({"codec": codec, "quality": quality, **attrs})
+    arr.attrs.update({"codec": codec, "quality": quality, **(attrs or {})})
     return arr
+
+
+def read_coords(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a store's ``coords`` (complete or still being written).
+
+    Returns
+    -------
+    (K, 2) int64 ndarray
+        Level-0 ``(x, y)`` top-left corners.
+    """
+    return np.asarray(_zarr().open_array(str(Path(path) / COORDS), mode="r")[start:stop])
+
+
+def patch_count(path: str | os.PathLike) -> int:
+    """Number of patches (rows of ``coords``) of a store, complete or not."""
+    return int(_zarr().open_group(str(path), mode="r")[COORDS].shape[0])
+
+
+def mark_complete(group: Any, **attrs: Any) -> None:
+    """Record final ``tiling`` attributes (e.g. ``status``, ``n_patches``), then ``complete: true``."""
+    tiling = dict(group.attrs.get("tiling", {}))
+    tiling.update(attrs)
+    group.attrs.update({"tiling": tiling})
+    group.attrs.update({"complete": True})
+
+
+def finish_store(
+    path: str | os.PathLike,
+    *,
+    status: str,
+    n_patches: int,
+    patches_per_shard: int,
+    **attrs: Any,
+) -> None:
+    """Check that every shard of ``patches`` is on disk and whole, then :func:`mark_complete`.
+
+    Parameters
+    ----------
+    path : path
+        A store being written.
+    status : str
+        The tiling's outcome (``"ok"``, ``"no_tissue"``), recorded in ``tiling``.
+    n_patches : int
+        Rows of ``coords`` (recorded in ``tiling``).
+    patches_per_shard : int
+    **attrs
+        More ``tiling`` attributes (``copied_source_tiles``, ``seconds``).
+
+    Raises
+    ------
+    StoreError
+        A shard is missing or torn.
+    """
+    missing = unfinished_shards(path, n_patches, patches_per_shard)
+    if missing:
+        raise StoreError(f"shard {missing[0]} missing or torn after extraction", path=path)
+    group = _zarr().open_group(str(path), mode="r+")
+    mark_complete(group, status=status, n_patches=n_patches, **attrs)
+
+
+# --------------------------------------------------------------------------------------------
+# "is this store current?": the one rule for skipping, resuming and redoing a slide
+# --------------------------------------------------------------------------------------------
+DONE = "done"  #: complete, from the same slide file with the same tiling: skip the slide
+RESUME = "resume"  #: unfinished, from the same file with the same tiling: write missing shards
+STALE = "stale"  #: complete, but from another file or tiling: tile again
+FRESH = "fresh"  #: no usable store (none, unreadable, another layout, unfinished other): tile
+
+
+def store_state(
+    path: str | os.PathLike,
+    spec: TilingSpec,
+    *,
+    file_size: int | None,
+    slide_mpp: float | None,
+) -> str:
+    """What tiling a slide into the store at ``path`` has to do: one of
+    :data:`DONE`, :data:`RESUME`, :data:`STALE`, :data:`FRESH`.
+
+    A store is "the same" when it was made from a slide file of ``file_size`` bytes, with the
+    same :class:`~wsi_pipeline.specs.TilingSpec` and the same ``slide_mpp`` override; everything
+    else in its ``tiling`` attributes follows from these. The same keys decide both skipping a
+    complete store and resuming an unfinished one.
+
+    Parameters
+    ----------
+    path : path
+        ``<out>/<slide_id>.zarr`` (need not exist).
+    spec : TilingSpec
+    file_size : int or None
+        Size in bytes of the slide file now (``None`` if it cannot be read).
+    slide_mpp : float or None
+        The user's level-0 mpp for the slide, if any.
+
+    Returns
+    -------
+    str
+    """
+    p = Path(path)
+    try:
+        attrs = _read_attrs(p)
+    except StoreError:
+        return FRESH
+    if not _version_ok(attrs):
+        return FRESH
+    tiling = attrs.get("tiling") or {}
+    same = (
+        tiling.get("spec") == spec.to_dict()
+        and tiling.get("slide_mpp_override") == slide_mpp
+        and (attrs.get("slide") or {}).get("file_size") == file_size
+    )
+    if attrs.get("complete") is True:
+        return DONE if same else STALE
+    return RESUME if same and _has_grid(p) else FRESH
+
+
+def _has_grid(path: Path) -> bool:
+    """True when an unfinished store got as far as its grid and (empty) patches array."""
+    try:
+        g = _zarr().open_group(str(path), mode="r")
+        return all(key in g for key in (COORDS, TISSUE_FRACTION, PATCHES))
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# other stages' arrays
+# --------------------------------------------------------------------------------------------
 
 
 def write_array(
@@ -259,33 +513,52 @@ def write_features(group: Any, extractor: str, feats: np.ndarray, attrs: dict[st
     _write_marked(group, features_key(extractor), feats, chunks=(8192, feats.shape[1]), attrs=attrs)
 
 
+# --------------------------------------------------------------------------------------------
+# shard files of ``patches``
+# --------------------------------------------------------------------------------------------
 def shard_path(store: str | os.PathLike, shard: int) -> Path:
     """File of shard ``shard`` of ``patches`` (zarr v3 default chunk keys)."""
-    return Path(store) / "patches" / "c" / str(shard) / "0" / "0" / "0"
+    return Path(store) / PATCHES / "c" / str(shard) / "0" / "0" / "0"
 
 
 def write_shard(store: str | os.PathLike, shard: int, data: bytes) -> None:
     """Write one shard file atomically (temporary file, then rename)."""
     p = shard_path(store, shard)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, p)
+    atomic_write_bytes(p, data)
+
+
+def _shard_index(path: Path, per_shard: int) -> tuple[np.ndarray, int]:
+    """A shard file's ``(per_shard, 2)`` index and its size in bytes.
+
+    Raises ``OSError`` (no such file, unreadable) or ``ValueError`` (torn: short or bad checksum).
+    """
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - index_nbytes(per_shard)))
+        return read_shard_index(fh.read(), per_shard), size
 
 
 def shard_is_done(store: str | os.PathLike, shard: int, n_chunks: int, per_shard: int) -> bool:
     """True when shard ``shard`` exists, its index checks out and holds ``n_chunks`` chunks."""
-    p = shard_path(store, shard)
     try:
-        size = p.stat().st_size
-        with open(p, "rb") as fh:
-            fh.seek(max(0, size - (16 * per_shard + 4)))
-            index = read_shard_index(fh.read(), per_shard)
+        index, size = _shard_index(shard_path(store, shard), per_shard)
     except (OSError, ValueError):
         return False
     present = index[:, 0] != EMPTY
     return bool(present[:n_chunks].all()) and int(index[present].sum(axis=1).max(initial=0)) <= size
+
+
+def unfinished_shards(
+    store: str | os.PathLike, n_patches: int, patches_per_shard: int
+) -> tuple[int, ...]:
+    """Shards of ``patches`` that are missing or torn (see :func:`shard_is_done`), in order."""
+    per = patches_per_shard
+    return tuple(
+        s
+        for s in range(math.ceil(n_patches / per))
+        if not shard_is_done(store, s, min(per, n_patches - s * per), per)
+    )
 
 
 class PatchReader:
@@ -301,10 +574,11 @@ class PatchReader:
 
     def __init__(self, store: str | os.PathLike) -> None:
         g = open_store(store)
-        arr = g["patches"]
+        arr = g[PATCHES]
         self.store = Path(store)
         self.n = int(arr.shape[0])
-        self.shape_hwc = tuple(int(v) for v in arr.shape[1:])
+        t, w, c = (int(v) for v in arr.shape[1:])
+        self.shape_hwc = (t, w, c)
         self.per_shard = int(arr.shards[0]) if arr.shards else self.n
         self.codec = str(arr.attrs.get("codec", "jpeg"))
         self._indices: dict[int, np.ndarray] = {}
@@ -321,14 +595,10 @@ class PatchReader:
         idx = self._indices.get(shard)
         if idx is None:
             p = shard_path(self.store, shard)
-            with open(p, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - (16 * self.per_shard + 4)))
-                try:
-                    idx = read_shard_index(fh.read(), self.per_shard)
-                except ValueError as exc:
-                    raise StoreError(f"corrupt shard {shard}: {exc}", path=p) from exc
+            try:
+                idx, _ = _shard_index(p, self.per_shard)
+            except ValueError as exc:
+                raise StoreError(f"corrupt shard {shard}: {exc}", path=p) from exc
             self._indices[shard] = idx
         return idx
 
@@ -349,7 +619,7 @@ class PatchReader:
                 if off == EMPTY:
                     out[k] = 255
                     continue
-                if shard != cur:
+                if fh is None or shard != cur:
                     if fh is not None:
                         fh.close()
                     fh = open(shard_path(self.store, shard), "rb")
@@ -421,25 +691,27 @@ class SlideStore:
 
     @property
     def n_patches(self) -> int:
-        return int(self.group["coords"].shape[0])
+        return int(self.group[COORDS].shape[0])
 
     @property
     def coords(self) -> np.ndarray:
         """(N, 2) int64 level-0 ``(x, y)`` of each patch's top-left corner."""
-        return np.asarray(self.group["coords"][...])
+        return np.asarray(self.group[COORDS][...])
 
     @property
     def tissue_fraction(self) -> np.ndarray:
         """(N,) float32 tissue fraction of each patch."""
-        return np.asarray(self.group["tissue_fraction"][...])
+        return np.asarray(self.group[TISSUE_FRACTION][...])
 
     @property
     def thumbnail(self) -> np.ndarray:
-        return np.asarray(self.group["thumbnail"][...])
+        """(h, w, 3) uint8 thumbnail the tissue mask was made from."""
+        return np.asarray(self.group[THUMBNAIL][...])
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        return np.asarray(self.group["tissue_mask"][...])
+        """(h, w) bool tissue mask, on the thumbnail's grid."""
+        return np.asarray(self.group[TISSUE_MASK][...])
 
     def reader(self) -> PatchReader:
         """A fast random-access reader of the patches."""
@@ -449,5 +721,5 @@ class SlideStore:
         """The patches as a lazy ``dask.array`` (one dask chunk per shard)."""
         import dask.array as da
 
-        arr = self.group["patches"]
+        arr = self.group[PATCHES]
         return da.from_zarr(arr, chunks=arr.shards or arr.chunks)

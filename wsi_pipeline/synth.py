@@ -57,25 +57,28 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from ._synth_model import (
-    _F_BG,
-    _GLASS_OD,
-    _build_model,
-    _hash,
-    _maybe_content,
-    _Model,
-    _render_tile,
-)
+from ._synth_model import Model, build_model, glass_key, maybe_content, render_glass, render_tile
 from .errors import ConfigError
+from .util import atomic_path, atomic_write_json
 
-__all__ = ["SynthSlide", "load_ground_truth", "summarize_cohort", "write_cohort", "write_slide"]
+__all__ = [
+    "SLIDE_DEFAULTS",
+    "SynthSlide",
+    "load_ground_truth",
+    "summarize_cohort",
+    "write_cohort",
+    "write_slide",
+]
 
 _APERIO = "Aperio Image Library v12.0.15"
 _MIN_LEVEL_PX = 512  # a pyramid level is written while its long side is at least this
 _THUMB_PX = 1024
 _KEEP_BYTES = 64 << 20  # the first level up to this size is kept whole in RAM
 _COHORT_VERSION = 1
-_SLIDE_DEFAULTS = {
+#: The per-slide options :func:`write_cohort` passes on to every :func:`write_slide` (its
+#: ``**slide_options``), with their defaults. Other :func:`write_slide` arguments are set per
+#: cohort (``width``, ``mpp``, ...) or per slide (``seed``, ``n_lesions``).
+SLIDE_DEFAULTS: dict[str, Any] = {
     "holes": True,
     "pen_mark": False,
     "fold": False,
@@ -162,8 +165,8 @@ def write_slide(
     Parameters
     ----------
     path : str or PathLike
-        ``.svs``, ``.tif`` or ``.tiff``; written as ``<path>.partial``, then renamed. Missing
-        parent folders are created.
+        ``.svs``, ``.tif`` or ``.tiff``; written to a hidden temporary file beside it, then
+        renamed. Missing parent folders are created.
     width, height : int
         Level-0 size in pixels (at least 16).
     mpp : float
@@ -206,15 +209,10 @@ def write_slide(
         An argument out of range; the message names it and the accepted range.
     """
     a = _check_slide_args(dict(locals()))  # every parameter, validated
-    model, tissue, lesion = _build_model(a)
+    model, tissue, lesion = build_model(a)
     Path(a["path"]).parent.mkdir(parents=True, exist_ok=True)
-    partial = a["path"] + ".partial"
-    try:
-        _write_svs(partial, model, a)
-        os.replace(partial, a["path"])
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with atomic_path(a["path"]) as tmp:
+        _write_svs(os.fspath(tmp), model, a)
     return _result(a["path"], a["width"], a["height"], a["mpp"], a["gt_downsample"], tissue, lesion)
 
 
@@ -277,13 +275,13 @@ def write_cohort(
         raise ConfigError(
             f"n_lesions must be a (min, max) pair, 1 <= min <= max, got {n_lesions!r}"
         )
-    unknown = sorted(set(slide_options) - set(_SLIDE_DEFAULTS))
+    unknown = sorted(set(slide_options) - set(SLIDE_DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown slide option(s) {unknown}; accepted: {list(_SLIDE_DEFAULTS)}")
+        raise ConfigError(f"unknown slide option(s) {unknown}; accepted: {list(SLIDE_DEFAULTS)}")
     n_pos = round(n_slides * positive_fraction)
     if n_pos and tissue_fraction == 0:
         raise ConfigError("positive slides need tissue, but tissue_fraction is 0")
-    opts = {**_SLIDE_DEFAULTS, **slide_options}
+    opts = {**SLIDE_DEFAULTS, **slide_options}
     common = dict(
         opts, width=width, height=height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction
     )
@@ -477,8 +475,7 @@ def _write_cohort_json(
     meta = {"version": _COHORT_VERSION, "generator": "wsi_pipeline.synth", "parameters": params}
     meta.update(gt_downsample=gt_ds, slides=[entries[k] for k in sorted(entries)])
     meta["complete"] = complete
-    (out / "cohort.json.partial").write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(out / "cohort.json.partial", out / "cohort.json")
+    atomic_write_json(out / "cohort.json", meta, indent=1)
 
 
 def _read_mask(out: Path, slide_id: str, kind: str) -> np.ndarray:
@@ -629,7 +626,7 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -
             yield pending.popleft().result()
 
 
-def _write_svs(path: str, m: _Model, a: dict[str, Any]) -> None:
+def _write_svs(path: str, m: Model, a: dict[str, Any]) -> None:
     w, h, t, q = m.width, m.height, a["tile_px"], a["jpeg_quality"]
     dims = [(w, h)]
     while max(w // 4 ** len(dims), h // 4 ** len(dims)) >= _MIN_LEVEL_PX:
@@ -657,17 +654,14 @@ def _write_svs(path: str, m: _Model, a: dict[str, Any]) -> None:
     def job(index: int) -> tuple[bytes, np.ndarray]:
         x0, y0 = index % ntx * t, index // ntx * t
         tile = None
-        if _maybe_content(m, x0, y0, t):
-            tile = _render_tile(m, x0, y0, t, np.random.default_rng([m.seed, 0x711E, index]))
+        if maybe_content(m, x0, y0, t):
+            tile = render_tile(m, x0, y0, t, np.random.default_rng([m.seed, 0x711E, index]))
         if tile is not None:
             return _encode(tile, q), tile if keep == 0 else _box4(tile)
-        base, gx, gy = m.illum  # bare glass: one of 4 pre-encoded tiles per grey level
-        grey = round(base + gx * ((x0 + t / 2) / w - 0.5) + gy * ((y0 + t / 2) / h - 0.5))
-        key = (grey, int(_hash(m.seed, _F_BG, index)[0] % 4))
+        key = glass_key(m, index, x0, y0, t)  # bare glass: one of 4 pre-encoded tiles per grey
         with lock:
             if key not in glass:
-                noise = np.random.default_rng([m.seed, _F_BG, *key]).normal(0, 1.3, (t, t, 3))
-                tile = np.clip(grey * np.exp(-_GLASS_OD) + noise + 0.5, 0, 255).astype(np.uint8)
+                tile = render_glass(m, key, t)
                 glass[key] = (_encode(tile, q), tile if keep == 0 else _box4(tile))
             return glass[key]
 

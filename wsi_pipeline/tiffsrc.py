@@ -15,17 +15,18 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .codecs import join_jpeg_tables
 
-__all__ = ["TiffLevel", "open_tiff_level"]
+__all__ = ["JPEG", "TiffLevel", "open_tiff_level"]
 
 log = logging.getLogger(__name__)
 
+#: TIFF compression code of JPEG tiles (the ones a tiler may copy as bytes).
 JPEG = 7
 # codecs tifffile decodes to the same pixels as the slide readers
 _DECODABLE = {1, 5, 7, 8, 32946, 33005, 34712, 50000, 50001}
@@ -58,12 +59,12 @@ class TiffLevel:
     tile_h: int
     compression: int
     rgb_jpeg: bool
-    _offsets: np.ndarray
-    _counts: np.ndarray
-    _tables: bytes | None
-    _decode: Any
-    _fd: int = -1
-    _cache: OrderedDict[int, np.ndarray] | None = None
+    _offsets: np.ndarray = field(repr=False)
+    _counts: np.ndarray = field(repr=False)
+    _tables: bytes | None = field(repr=False)
+    _decode: Any = field(repr=False)
+    _fd: int = field(default=-1, repr=False)
+    _cache: OrderedDict[int, np.ndarray] | None = field(default=None, repr=False)
     cache_tiles: int = 256
 
     @property

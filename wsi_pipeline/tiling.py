@@ -18,6 +18,7 @@ and within large slides. It writes ``manifest.csv`` after each finished slide.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -30,32 +31,41 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .codecs import encode_chunk, shard_bytes
-from .errors import SlideError, StoreError, TilingError, WSIPipelineError
-from .slide import Slide, open_slide, slide_id_from_path
+from .errors import SlideError, TilingError, WSIPipelineError
+from .slide import Slide, find_slides, mpp_at, open_slide, slide_id_from_path
 from .specs import SlideMeta, TilingSpec
 from .store import (
-    create_patches_array,
+    DONE,
+    FRESH,
+    RESUME,
+    STALE,
     create_store,
-    is_complete,
-    mark_complete,
-    shard_is_done,
+    finish_store,
+    patch_count,
+    read_coords,
     store_path,
-    write_array,
+    store_state,
+    tiling_attrs,
+    unfinished_shards,
+    write_grid,
+    write_mask,
     write_shard,
 )
 from .tiffsrc import JPEG, TiffLevel, open_tiff_level
 from .tissue import load_user_mask, rect_fractions, tissue_mask
-from .util import resize_rgb
+from .util import atomic_path, resize_rgb
 
 __all__ = [
+    "MANIFEST",
     "MANIFEST_FIELDS",
     "Geometry",
     "SlidePlan",
     "TileResult",
+    "check_writable",
     "extract_shard",
     "finalize_slide",
+    "mask_slide",
     "prepare_slide",
     "tile_grid",
     "tile_slide",
@@ -66,6 +76,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: File name of the batch's per-slide status table, in the output folder beside the stores.
+MANIFEST = "manifest.csv"
+#: Its columns.
 MANIFEST_FIELDS = ("slide_id", "path", "status", "n_patches", "seconds", "error")
 _MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least this many pixels
 
@@ -160,6 +173,16 @@ class SlidePlan:
 def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
     """Resolve the spec's target resolution against one slide.
 
+    Parameters
+    ----------
+    slide : Slide
+    spec : TilingSpec
+        Its ``mpp``, else its ``level`` (the spec guarantees one of them).
+
+    Returns
+    -------
+    Geometry
+
     Raises
     ------
     TilingError
@@ -173,7 +196,7 @@ def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
                 "metadata; give the slide's own mpp with --slide-mpp, or tile at a --level",
                 path=m.path,
             )
-        ds = spec.mpp / m.mpp
+        ds = slide.downsample_for_mpp(spec.mpp)
         if ds < 1.0 - 1e-3:
             log.warning(
                 "%s: target %.3g mpp is finer than the scan (%.3g mpp); patches are upsampled",
@@ -183,14 +206,15 @@ def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
             )
         target_mpp: float | None = float(spec.mpp)
     else:
-        level = int(spec.level or 0)
+        assert spec.level is not None  # TilingSpec: without an mpp there is a level
+        level = int(spec.level)
         if level >= m.level_count:
             raise TilingError(
                 f"level {level} asked for, but the slide has levels 0..{m.level_count - 1}",
                 path=m.path,
             )
         ds = m.level_downsamples[level]
-        target_mpp = None if m.mpp is None else m.mpp * ds
+        target_mpp = mpp_at(m, ds)
     read_level = slide.best_level(ds)
     return Geometry(
         downsample=float(ds),
@@ -254,8 +278,9 @@ def tile_grid(
 
 
 def _mask_downsample(slide: Slide, spec: TilingSpec, geometry: Geometry) -> float:
-    """Thumbnail downsample: the mask spec's µm/px (or max size), fine enough to resolve each
-    patch into a few mask pixels, never larger than ``thumb_max_px``."""
+    """Level-0 px per thumbnail pixel: the mask spec's ``thumb_mpp`` (without a slide mpp, a
+    longest side of at most ``min(thumb_max_px, 2048)``), fine enough to resolve each patch side
+    into 8 mask pixels, but never a thumbnail longer than ``thumb_max_px``; at least 1."""
     m = slide.meta
     max_px = spec.mask.thumb_max_px if m.mpp is not None else min(spec.mask.thumb_max_px, 2048)
     ds = slide.thumbnail_downsample(max_px=max_px, mpp=spec.mask.thumb_mpp)
@@ -263,47 +288,39 @@ def _mask_downsample(slide: Slide, spec: TilingSpec, geometry: Geometry) -> floa
     return max(ds, max(m.width, m.height) / spec.mask.thumb_max_px, 1.0)
 
 
+def mask_slide(
+    slide: Slide, spec: TilingSpec, geometry: Geometry
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The thumbnail and tissue mask a slide is tiled with.
+
+    Parameters
+    ----------
+    slide : Slide
+    spec : TilingSpec
+        Its ``mask`` says how (computed, or the user's mask file).
+    geometry : Geometry
+        The tiling's geometry on this slide: the thumbnail resolves each patch side into at
+        least 8 mask pixels.
+
+    Returns
+    -------
+    thumbnail : (h, w, 3) uint8 ndarray
+    mask : (h, w) bool ndarray
+    downsample : float
+        Level-0 pixels per thumbnail (and mask) pixel.
+    """
+    mask_ds = _mask_downsample(slide, spec, geometry)
+    thumb = slide.read_thumbnail(mask_ds)
+    if spec.mask.method == "user" and spec.mask.user_mask is not None:
+        mask = load_user_mask(spec.mask.user_mask, shape=thumb.shape[:2], downsample=mask_ds)
+    else:
+        mask = tissue_mask(thumb, mpp=mpp_at(slide.meta, mask_ds), spec=spec.mask)
+    return thumb, mask, mask_ds
+
+
 # --------------------------------------------------------------------------------------------
 # the three steps of one slide
 # --------------------------------------------------------------------------------------------
-def _tiling_attrs(spec: TilingSpec, geometry: Geometry, slide_mpp: float | None) -> dict:
-    return {
-        "spec": spec.to_dict(),
-        "tile_px": spec.tile_px,
-        "mpp": geometry.target_mpp,
-        "level": spec.level,
-        "downsample": geometry.downsample,
-        "read_level": geometry.read_level,
-        "patch_l0": geometry.patch_l0,
-        "stride_l0": geometry.stride_l0,
-        "overlap_px": spec.overlap_px,
-        "tissue_threshold": spec.min_tissue,
-        "mask": spec.mask.to_dict(),
-        "slide_mpp_override": slide_mpp,
-        "package_version": __version__,
-    }
-
-
-def _resumable(store: Path, meta: SlideMeta, attrs: dict[str, Any]) -> int | None:
-    """Number of patches of an unfinished store that can be resumed, else None."""
-    import zarr
-
-    try:
-        g = zarr.open_group(str(store), mode="r")
-        old = dict(g.attrs)
-        n = int(g["coords"].shape[0])
-        g["patches"]
-        g["tissue_fraction"]
-    except Exception:
-        return None
-    same_file = (old.get("slide") or {}).get("file_size") == meta.file_size
-    old_t = dict(old.get("tiling") or {})
-    same_tiling = {k: old_t.get(k) for k in attrs if k != "package_version"} == {
-        k: v for k, v in attrs.items() if k != "package_version"
-    }
-    return n if same_file and same_tiling else None
-
-
 def prepare_slide(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -315,6 +332,8 @@ def prepare_slide(
     backend: str = "auto",
 ) -> SlidePlan | TileResult:
     """Open, mask and grid one slide and create (or resume) its store.
+
+    What is done with an existing store is decided by :func:`wsi_pipeline.store.store_state`.
 
     Returns
     -------
@@ -332,125 +351,73 @@ def prepare_slide(
     t0 = time.time()
     sid = slide_id or slide_id_from_path(path)
     store = store_path(out_dir, sid)
-    if not overwrite and is_complete(store):
-        import zarr
-
-        attrs = dict(zarr.open_group(str(store), mode="r").attrs)
-        t = dict(attrs.get("tiling", {}))
-        same = (
-            t.get("spec") == spec.to_dict()
-            and t.get("slide_mpp_override") == slide_mpp
-            and (attrs.get("slide") or {}).get("file_size") == _file_size(path)
-        )
-        if same:
-            return TileResult(
-                sid,
-                str(Path(path).absolute()),
-                "skipped",
-                int(t.get("n_patches", 0)),
-                time.time() - t0,
-            )
+    state = FRESH
+    if not overwrite:
+        state = store_state(store, spec, file_size=_file_size(path), slide_mpp=slide_mpp)
+    if state == DONE:
+        n = patch_count(store)
+        return TileResult(sid, str(Path(path).absolute()), "skipped", n, time.time() - t0)
+    if state == STALE:
         log.warning(
             "%s: the slide file or the tiling parameters changed since %s was written; "
             "tiling again",
             path,
             store,
         )
-        overwrite = True
     with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
         meta = slide.meta
         geometry = tiling_geometry(slide, spec)
-        attrs = _tiling_attrs(spec, geometry, slide_mpp)
-        resume_n = None if overwrite else _resumable(store, meta, attrs)
-        if resume_n is not None:
-            todo = tuple(
-                s
-                for s in range(math.ceil(resume_n / spec.patches_per_shard))
-                if not shard_is_done(
-                    store,
-                    s,
-                    min(spec.patches_per_shard, resume_n - s * spec.patches_per_shard),
-                    spec.patches_per_shard,
-                )
-            )
-            log.info(
-                "%s: resuming unfinished store (%d of %d shards left)",
-                sid,
-                len(todo),
-                math.ceil(resume_n / spec.patches_per_shard),
-            )
-            return SlidePlan(
-                sid,
-                meta.path,
-                str(store),
-                spec,
-                geometry,
-                meta.level_dimensions[geometry.read_level],
-                resume_n,
-                todo,
-                slide_mpp,
-                meta.backend,
-                t0,
-            )
-        mask_ds = _mask_downsample(slide, spec, geometry)
-        thumb = slide.read_thumbnail(mask_ds)
-        thumb_mpp = None if meta.mpp is None else meta.mpp * mask_ds
-        if spec.mask.method == "user":
-            mask = load_user_mask(spec.mask.user_mask, shape=thumb.shape[:2], downsample=mask_ds)
-        else:
-            mask = tissue_mask(thumb, mpp=thumb_mpp, spec=spec.mask)
+        plan = SlidePlan(
+            slide_id=sid,
+            path=meta.path,
+            store=str(store),
+            spec=spec,
+            geometry=geometry,
+            level_wh=meta.level_dimensions[geometry.read_level],
+            n_patches=0,
+            todo=(),
+            slide_mpp=slide_mpp,
+            backend=meta.backend,
+            started=t0,
+        )
+        if state == RESUME:
+            return _resume_plan(plan)
+        thumb, mask, mask_ds = mask_slide(slide, spec, geometry)
         coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
-
-    g = create_store(store, slide_id=sid, meta=meta, tiling=attrs)
-    write_array(g, "thumbnail", thumb, chunks=(512, 512, 3), attrs={"downsample": mask_ds})
-    write_array(
-        g,
-        "tissue_mask",
-        mask,
-        chunks=(1024, 1024),
-        attrs={
-            "downsample": mask_ds,
-            "method": spec.mask.method,
-            "params": spec.mask.to_dict(),
-            "tissue_fraction": float(mask.mean()),
-        },
-    )
-    write_array(
-        g,
-        "coords",
-        coords,
-        chunks=(max(1, min(len(coords), 65536)), 2),
-        attrs={"units": "level-0 px", "order": "x, y (top-left corner)"},
-    )
-    write_array(g, "tissue_fraction", frac, chunks=(max(1, min(len(frac), 65536)),))
-    create_patches_array(
-        g,
-        n=len(coords),
-        tile_px=spec.tile_px,
-        codec=spec.codec,
-        quality=spec.jpeg_quality,
-        patches_per_shard=spec.patches_per_shard,
-        attrs={
-            "mpp": geometry.target_mpp,
-            "downsample": geometry.downsample,
-            "read_level": geometry.read_level,
-        },
-    )
-    plan = SlidePlan(
-        sid,
-        meta.path,
-        str(store),
-        spec,
-        geometry,
-        meta.level_dimensions[geometry.read_level],
-        len(coords),
-        tuple(range(math.ceil(len(coords) / spec.patches_per_shard))),
-        slide_mpp,
-        meta.backend,
-        t0,
-    )
+    g = create_store(store, slide_id=sid, meta=meta, tiling=_tiling_attrs(plan))
+    write_mask(g, thumb, mask, downsample=mask_ds, spec=spec.mask)
+    write_grid(g, coords, frac, spec)
+    plan = dataclasses.replace(plan, n_patches=len(coords))
+    plan = dataclasses.replace(plan, todo=tuple(range(plan.n_shards)))
     if len(coords) == 0:
         return finalize_slide(plan)
+    return plan
+
+
+def _tiling_attrs(plan: SlidePlan) -> dict[str, Any]:
+    geo = plan.geometry
+    return tiling_attrs(
+        plan.spec,
+        mpp=geo.target_mpp,
+        downsample=geo.downsample,
+        read_level=geo.read_level,
+        patch_l0=geo.patch_l0,
+        stride_l0=geo.stride_l0,
+        slide_mpp=plan.slide_mpp,
+    )
+
+
+def _resume_plan(plan: SlidePlan) -> SlidePlan:
+    """The plan of an unfinished store: its patch count, and the shards still to write."""
+    n = patch_count(plan.store)
+    todo = unfinished_shards(plan.store, n, plan.spec.patches_per_shard)
+    plan = dataclasses.replace(plan, n_patches=n, todo=todo)
+    log.info(
+        "%s: resuming unfinished store (%d of %d shards left)",
+        plan.slide_id,
+        len(todo),
+        plan.n_shards,
+    )
     return plan
 
 
@@ -510,79 +477,90 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
     SlideError
         When the slide's pixels cannot be decoded (naming the region).
     """
-    import zarr
-
-    spec, geo = plan.spec, plan.geometry
-    per = spec.patches_per_shard
-    i0, i1 = shard * per, min(plan.n_patches, (shard + 1) * per)
-    coords = np.asarray(zarr.open_array(str(Path(plan.store) / "coords"), mode="r")[i0:i1])
+    per = plan.spec.patches_per_shard
+    coords = read_coords(plan.store, shard * per, min(plan.n_patches, (shard + 1) * per))
     tiff, slide = _SOURCES.get(plan)
-    T = spec.tile_px
-    rp = geo.read_px
-    lds = geo.level_downsample
-    can_copy = (
-        tiff is not None
-        and spec.codec == "jpeg"
-        and tiff.compression == JPEG
-        and not geo.resampled
-        and (tiff.tile_w, tiff.tile_h) == (T, T)
-        and rp == T
-    )
+    copy_from = tiff if tiff is not None and _copyable(tiff, plan) else None
     chunks: list[bytes | None] = []
     copied = 0
     for x, y in coords:
-        lx, ly = round(x / lds), round(y / lds)
         try:
-            if (
-                can_copy
-                and lx % T == 0
-                and ly % T == 0
-                and lx + T <= tiff.width
-                and ly + T <= tiff.height
-            ):
-                jpeg = tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T)
-                if len(jpeg) < 64 or b"\xff\xd9" not in jpeg[-16:]:  # copied, so check it here
-                    raise ValueError("stored JPEG tile is truncated (no end-of-image marker)")
-                chunks.append(jpeg)
-                copied += 1
-                continue
-            if tiff is not None:
-                region = tiff.read(lx, ly, rp, rp)
-            else:
-                region = slide.read_region((int(x), int(y)), geo.read_level, (rp, rp))
+            tile = None if copy_from is None else _source_tile(copy_from, plan, x, y)
+            region = None if tile is not None else _read_patch(tiff, slide, plan, x, y)
         except SlideError:
             raise
         except Exception as exc:
             raise SlideError(
-                f"tiles cannot be decoded at level {geo.read_level} near x={x} y={y}: "
+                f"tiles cannot be decoded at level {plan.geometry.read_level} near x={x} y={y}: "
                 f"{' '.join(str(exc).split()) or type(exc).__name__}",
                 path=plan.path,
             ) from exc
-        patch = resize_rgb(region, (T, T)) if rp != T else region
-        chunks.append(encode_chunk(patch, spec.codec, quality=spec.jpeg_quality))
+        if region is None:
+            chunks.append(tile)
+            copied += 1
+        else:
+            chunks.append(_encode_patch(region, plan.spec))
     data = shard_bytes(chunks, per)
     write_shard(plan.store, shard, data)
     return {"copied": copied, "encoded": len(chunks) - copied, "bytes": len(data)}
 
 
+def _copyable(tiff: TiffLevel, plan: SlidePlan) -> bool:
+    """Patches are the file's own JPEG tiles (same size, no resampling), copied as bytes."""
+    spec, geo = plan.spec, plan.geometry
+    T = spec.tile_px
+    return (
+        spec.codec == "jpeg"
+        and tiff.compression == JPEG
+        and not geo.resampled
+        and (tiff.tile_w, tiff.tile_h) == (T, T)
+        and geo.read_px == T
+    )
+
+
+def _source_tile(tiff: TiffLevel, plan: SlidePlan, x: int, y: int) -> bytes | None:
+    """The file's JPEG tile at level-0 ``(x, y)`` when the patch is exactly one whole tile."""
+    T, lds = plan.spec.tile_px, plan.geometry.level_downsample
+    lx, ly = round(x / lds), round(y / lds)
+    if lx % T or ly % T or lx + T > tiff.width or ly + T > tiff.height:
+        return None
+    jpeg = tiff.jpeg_tile((ly // T) * tiff.tiles_across + lx // T)
+    if len(jpeg) < 64 or b"\xff\xd9" not in jpeg[-16:]:  # copied, so check it here
+        raise ValueError("stored JPEG tile is truncated (no end-of-image marker)")
+    return jpeg
+
+
+def _read_patch(
+    tiff: TiffLevel | None, slide: Slide | None, plan: SlidePlan, x: int, y: int
+) -> np.ndarray:
+    """The source pixels of the patch at level-0 ``(x, y)``, read once at the read level."""
+    geo = plan.geometry
+    rp = geo.read_px
+    if tiff is not None:
+        lds = geo.level_downsample
+        return tiff.read(round(x / lds), round(y / lds), rp, rp)
+    assert slide is not None  # _SOURCES opens the slide when the TIFF cannot be read directly
+    return slide.read_region((int(x), int(y)), geo.read_level, (rp, rp))
+
+
+def _encode_patch(region: np.ndarray, spec: TilingSpec) -> bytes:
+    """Resample the source pixels once to the patch size, then encode them."""
+    T = spec.tile_px
+    patch = resize_rgb(region, (T, T)) if region.shape[:2] != (T, T) else region
+    return encode_chunk(patch, spec.codec, quality=spec.jpeg_quality)
+
+
 def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> TileResult:
     """Check every shard is on disk, then mark the store complete (written last)."""
-    import zarr
-
-    per = plan.spec.patches_per_shard
-    for s in range(plan.n_shards):
-        n = min(per, plan.n_patches - s * per)
-        if not shard_is_done(plan.store, s, n, per):
-            raise StoreError(f"shard {s} missing or torn after extraction", path=plan.store)
-    g = zarr.open_group(plan.store, mode="r+")
     status = "ok" if plan.n_patches else "no_tissue"
-    extra = {
-        "status": status,
-        "n_patches": plan.n_patches,
-        "copied_source_tiles": int(sum(s.get("copied", 0) for s in stats)),
-        "seconds": round(time.time() - plan.started, 3),
-    }
-    mark_complete(g, **extra)
+    finish_store(
+        plan.store,
+        n_patches=plan.n_patches,
+        patches_per_shard=plan.spec.patches_per_shard,
+        status=status,
+        copied_source_tiles=int(sum(s.get("copied", 0) for s in stats)),
+        seconds=round(time.time() - plan.started, 3),
+    )
     return TileResult(
         plan.slide_id,
         plan.path,
@@ -631,26 +609,23 @@ def tile_slide(
 # --------------------------------------------------------------------------------------------
 def write_manifest(out_dir: str | os.PathLike, rows: Iterable[TileResult]) -> Path:
     """Write ``out_dir/manifest.csv`` atomically, keeping rows of slides not in ``rows``."""
-    out = Path(out_dir)
-    path = out / "manifest.csv"
+    path = Path(out_dir) / MANIFEST
     merged: dict[str, dict[str, Any]] = {}
     if path.is_file():
         try:
             with open(path, newline="") as fh:
-                for r in csv.DictReader(fh):
-                    if r.get("slide_id"):
-                        merged[r["slide_id"]] = {k: r.get(k, "") for k in MANIFEST_FIELDS}
+                for old in csv.DictReader(fh):
+                    if old.get("slide_id"):
+                        merged[old["slide_id"]] = {k: old.get(k, "") for k in MANIFEST_FIELDS}
         except (OSError, csv.Error):
             pass
     for r in rows:
         merged[r.slide_id] = r.row()
-    tmp = path.with_name(f".manifest.csv.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         for sid in sorted(merged):
             w.writerow(merged[sid])
-    os.replace(tmp, path)
     return path
 
 
@@ -750,8 +725,6 @@ def tile_slides(
     TilingError
         When ``out_dir`` cannot be written (nothing can be done then).
     """
-    from .slide import find_slides
-
     spec = spec or TilingSpec()
     out = check_writable(out_dir)
     files, skipped = find_slides(list(slides))

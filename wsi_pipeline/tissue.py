@@ -22,10 +22,10 @@ __all__ = ["load_user_mask", "rect_fractions", "rgb_to_hsv", "tissue_mask"]
 # hue range (0..1) of blue/green marker ink; H&E and DAB hues lie outside it
 _PEN_HUE = (0.22, 0.69)
 _PEN_MIN_SAT = 0.45
-_DARK_MAX_VALUE = 0.25
+_DARK_MAX_VALUE = 0.25  # value (0..1) below which a pixel is debris, ink or a thick fold
 _BLUR_UM = 8.0  # Gaussian blur of the saturation image, in µm
 _SAT_CAP = 0.15  # Otsu's saturation threshold is never above this
-_OD_MARGIN = 0.07  # optical density above the brightest 2% (the glass) that counts as tissue  # value (0..1) below which a pixel is debris, ink or a thick fold
+_OD_MARGIN = 0.07  # optical density above the brightest 2% (the glass) that counts as tissue
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

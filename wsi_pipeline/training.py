@@ -3,15 +3,22 @@
 ``train(store_dir, labels_csv, run_dir, config=TrainConfig(...))`` checks all inputs, splits the
 slides, trains with AdamW and a warm-up + cosine schedule, evaluates on the validation split each
 epoch (AUC), stops early, checkpoints each epoch atomically (``--resume`` continues bit-for-bit on
-the CPU), and leaves in the run folder everything ``predict`` needs:
+the CPU), and leaves in the run folder everything ``predict`` needs (names and writers in
+:mod:`wsi_pipeline.runs`):
 
 ``model.pt`` (best weights, plain state dict), ``config.json`` (model + training config),
 ``tiling.json``, ``labels.json``, ``splits.csv``, ``metrics.json``, ``calibration.json`` (the
 probability calibration fitted on the validation slides), ``checkpoint.pt``,
 ``tensorboard/``, ``curves.png``, ``roc.png`` (and ``extractor.pt`` in features mode).
 
-Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs): bags are split
-over ranks and rank 0 evaluates and writes.
+The steps, in the shape of torchvision's reference scripts: :func:`setup_training` (device,
+bags, model, optimizer), :func:`start_state` (fresh or restored from the checkpoint),
+:func:`fit` (:func:`train_one_epoch`, then :func:`end_epoch`: :func:`evaluate`, best weights,
+early stopping, :func:`save_checkpoint`), and :func:`finish` (best weights, test evaluation,
+calibration, plots, metrics).
+
+Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs; see
+:mod:`wsi_pipeline.distributed`): bags are split over ranks and rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -23,16 +30,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, runs
 from .calibration import apply_calibration
 from .data import (
+    SPLIT_NAMES,
     BagDataset,
     Labels,
     check_tiling,
@@ -41,94 +49,44 @@ from .data import (
     read_labels,
     resolve_stores,
 )
-from .errors import ConfigError, TrainingError
-from .metrics import auc_score, probability_metrics, roc_curve
-from .runs import RUN_VERSION
+from .distributed import Distributed, broadcast_flag, distributed, wrap_ddp
+from .inference import autocast, bag_output, build_model, load_weights, resolve_device, to_device
+from .metrics import auc_score, probability_metrics
 from .specs import TrainConfig
+from .util import atomic_path
 
 __all__ = [
-    "build_model",
+    "Objective",
+    "Optimization",
+    "TrainState",
+    "TrainingSetup",
+    "bag_loss",
+    "calibrate",
+    "end_epoch",
     "evaluate",
-    "resolve_device",
+    "finish",
+    "fit",
+    "make_objective",
+    "make_optimization",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "setup_training",
+    "start_state",
+    "topk_instance_loss",
     "train",
     "train_folds",
+    "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)
 
+#: Gradient-norm clip of every optimizer step.
+CLIP_NORM = 5.0
+
 
 # --------------------------------------------------------------------------------------------
-# small pieces shared with predict
+# evaluation
 # --------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> Any:
-    """``auto`` -> CUDA when available, else CPU."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for, but no CUDA device is available")
-    return torch.device(device)
-
-
-def build_model(
-    config: TrainConfig, num_classes: int, *, in_dim: int | None = None, load_backbone: bool = True
-) -> Any:
-    """The MIL model the config describes (features mode: head only, on ``in_dim`` features)."""
-    from .models import get_model, model_options
-
-    opts: dict[str, Any] = {
-        "num_classes": num_classes,
-        "hidden_dim": config.hidden_dim,
-        "dropout": config.dropout,
-    }
-    if "attn_dim" in model_options(config.model):
-        opts["attn_dim"] = config.attn_dim
-    if config.mode == "features":
-        opts.update(backbone=None, in_dim=in_dim)
-    else:
-        opts.update(backbone=config.backbone, grad_checkpoint=config.grad_checkpoint)
-        if load_backbone and config.backbone_weights:
-            opts["backbone_weights"] = config.backbone_weights
-    return get_model(config.model, **opts)
-
-
-def _autocast(device: Any, amp: bool) -> contextlib.AbstractContextManager:
-    import torch
-
-    if device.type == "cuda" and amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def _to_device(x: Any, device: Any, channels_last: bool) -> Any:
-    import torch
-
-    x = x.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda" and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def bag_output(
-    model: Any, x: Any, *, device: Any, amp: bool, channels_last: bool, chunk: int = 512
-) -> Any:
-    """Inference on a whole bag of any size: embed in chunks, then the head once."""
-    import torch
-
-    with torch.inference_mode(), _autocast(device, amp):
-        if x.ndim == 4:  # patches
-            hs = [
-                model.embed(_to_device(x[i : i + chunk], device, channels_last))
-                for i in range(0, len(x), chunk)
-            ]
-            h = torch.cat(hs).float()
-        else:
-            h = _to_device(x, device, False).float()
-        return model.head_forward(h)
-
-
 def evaluate(
     model: Any,
     dataset: BagDataset,
@@ -138,7 +96,14 @@ def evaluate(
     channels_last: bool = False,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Slide-level loss, accuracy and AUC of ``model`` on every bag of ``dataset``."""
+    """Slide-level loss, accuracy and AUC of ``model`` on every bag of ``dataset``.
+
+    Returns
+    -------
+    dict
+        ``loss``, ``acc``, ``auc`` (NaN without bags), ``n``, ``logits`` (n, C), ``probs``
+        (n, C) softmax, ``targets`` (n,) and ``patch_logits`` (one (N_i, C) array per bag).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -171,7 +136,9 @@ def _loader(
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    ds: Any = dataset if shuffle_order is None else Subset(dataset, list(shuffle_order))
+    ds: Any = dataset  # a Dataset by duck typing
+    if shuffle_order is not None:
+        ds = Subset(ds, list(shuffle_order))
     return DataLoader(
         ds,
         batch_size=None,
@@ -185,111 +152,8 @@ def _loader(
 
 
 # --------------------------------------------------------------------------------------------
-# distributed
+# losses
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def _distributed(device_pref: str) -> Iterator[_Dist]:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield _Dist()
-        return
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_pref != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    try:
-        yield _Dist(rank, world, local)
-    finally:
-        dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------
-# training
-# --------------------------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def _epoch_order(
-    train_idx: Sequence[int],
-    targets: Sequence[int],
-    *,
-    balance: str,
-    seed: int,
-    epoch: int,
-    world: int,
-) -> list[int]:
-    """This epoch's bag order (identical on every rank); class-balanced draws with ``sampler``."""
-    rng = np.random.default_rng([seed, epoch, 0xB46])
-    idx = np.asarray(train_idx)
-    if balance == "sampler":
-        y = np.asarray([targets[i] for i in idx])
-        counts = np.bincount(y)
-        w = 1.0 / counts[y]
-        order = rng.choice(idx, size=len(idx), replace=True, p=w / w.sum())
-    else:
-        order = rng.permutation(idx)
-    n = (len(order) // world) * world or len(order)
-    return [int(i) for i in order[:n]]
-
-
-def ids_train(order: Sequence[str], splits: dict[str, str]) -> list[str]:
-    return [s for s in order if splits[s] == "train"]
-
-
-def _feature_stats(stores: Sequence[Path], name: str) -> tuple[Any, Any]:
-    """Per-dimension mean and std of the cached features of the training slides."""
-    import torch
-
-    from .store import open_store
-
-    total, sq, n = None, None, 0
-    for sp in stores:
-        f = np.asarray(open_store(sp)[f"features/{name}"][...], np.float64)
-        total = f.sum(0) if total is None else total + f.sum(0)
-        sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
-        n += len(f)
-    mean = total / max(n, 1)
-    std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-
-
 def topk_instance_loss(patch_logits: Any, label: int, negative: int, *, k: int = 8) -> Any:
     """Instance loss from the MIL assumption, on the ``k`` most abnormal-looking patches.
 
@@ -325,11 +189,379 @@ def topk_instance_loss(patch_logits: Any, label: int, negative: int, *, k: int =
     return F.cross_entropy(patch_logits[idx], target)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The training loss: slide cross-entropy, mixed with an instance loss.
+
+    Attributes
+    ----------
+    class_weights : (C,) Tensor or None
+        Cross-entropy class weights (``balance="loss"``).
+    instance : {"clam", "topk", "none"}
+        CLAM's instance clustering loss (``clam_sb``), :func:`topk_instance_loss`, or none.
+    weight : float
+        ``(1 - weight) * slide + weight * instance``.
+    k : int
+        Patches per bag of the top-k instance loss.
+    negative : int
+        The negative class.
+    """
+
+    class_weights: Any = None
+    instance: str = "none"
+    weight: float = 0.0
+    k: int = 8
+    negative: int = 0
+
+
+def make_objective(
+    config: TrainConfig,
+    classes: Sequence[str],
+    train_set: BagDataset,
+    *,
+    device: Any,
+    world: int = 1,
+) -> Objective:
+    """The :class:`Objective` of a config (CLAM's instance loss is left out under torchrun)."""
+    import torch
+
+    class_w = None
+    if config.balance == "loss":
+        counts = np.bincount(train_set.targets, minlength=len(classes))
+        class_w = torch.tensor(
+            len(train_set) / (len(classes) * np.maximum(counts, 1)),
+            dtype=torch.float32,
+            device=device,
+        )
+    instance = "none"
+    if config.instance_weight > 0:
+        instance = "clam" if config.model == "clam_sb" else "topk"
+    if instance == "clam" and world > 1:
+        log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
+        instance = "none"
+    return Objective(
+        class_w, instance, config.instance_weight, config.instance_k, negative_class(classes)
+    )
+
+
+def bag_loss(model: Any, ddp_model: Any, x: Any, y: int, objective: Objective) -> Any:
+    """The training loss of one bag (call under :func:`wsi_pipeline.inference.autocast`).
+
+    Parameters
+    ----------
+    model : MILModel
+    ddp_model : torch.nn.Module
+        ``model`` or its DistributedDataParallel wrapper (the forward pass goes through it).
+    x : (N, 3, T, T) or (N, D) Tensor
+        The bag, on the model's device.
+    y : int
+        The slide's class.
+    objective : Objective
+
+    Returns
+    -------
+    Tensor
+        Scalar loss.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    yt = torch.tensor([y], device=x.device)
+    if objective.instance == "clam":  # bag loss + instance clustering loss on the same h
+        h = model.embed(x)
+        out = model.head_forward(h)
+    else:
+        out = ddp_model(x)
+    loss = F.cross_entropy(out.logits[None].float(), yt, weight=objective.class_weights)
+    if objective.instance == "clam":
+        inst = model.head.instance_loss(h.float(), int(y))
+    elif objective.instance == "topk":
+        inst = topk_instance_loss(
+            out.patch_logits.float(), int(y), objective.negative, k=objective.k
+        )
+    else:
+        return loss
+    return (1 - objective.weight) * loss + objective.weight * inst
+
+
+# --------------------------------------------------------------------------------------------
+# set-up
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Optimization:
+    """AdamW, its warm-up + cosine schedule (per step) and the AMP gradient scaler."""
+
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+
+    def step(self, loss: Any) -> None:
+        """Backward ``loss``, clip the gradient norm to :data:`CLIP_NORM`, step and schedule."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimization(
+    model: Any, config: TrainConfig, *, steps_per_epoch: int, device: Any
+) -> Optimization:
+    """The :class:`Optimization` of ``model``'s trainable parameters for ``config``."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = steps_per_epoch * config.epochs
+    warm = steps_per_epoch * config.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warm))
+    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    return Optimization(params, optimizer, scheduler, scaler)
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one training run works with, made by :func:`setup_training`.
+
+    Attributes
+    ----------
+    config : TrainConfig
+    run : Path
+        The run folder.
+    device : torch.device
+    dist : Distributed
+    model : MILModel
+        On ``device``.
+    ddp_model : torch.nn.Module
+        ``model``, wrapped in DistributedDataParallel under torchrun.
+    bags : dict of str -> BagDataset
+        ``train``, ``val`` and ``test`` (possibly empty).
+    optim : Optimization
+    objective : Objective
+    num_workers : int
+        DataLoader workers of the training bags.
+    targets : dict of str -> int
+        Class index of each slide in a split, in store order.
+    record : dict
+        ``config.json`` (run and package versions, training config, classes, ``in_dim``,
+        ``extractor``).
+    """
+
+    config: TrainConfig
+    run: Path
+    device: Any
+    dist: Distributed
+    model: Any
+    ddp_model: Any
+    bags: dict[str, BagDataset]
+    optim: Optimization
+    objective: Objective
+    num_workers: int
+    targets: dict[str, int]
+    record: dict[str, Any]
+
+
+def _device(config: TrainConfig, dist_info: Distributed) -> Any:
+    """The device of this rank, with the seed and CPU determinism set."""
+    import torch
+
+    device = resolve_device(config.device)
+    if dist_info.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def _model(
+    config: TrainConfig,
+    num_classes: int,
+    device: Any,
+    *,
+    in_dim: int | None,
+    extractor: str | None,
+    train_stores: Sequence[Path],
+) -> Any:
+    """The randomly initialised model on ``device`` (features mode: feature statistics set)."""
+    import torch
+
+    model = build_model(config, num_classes, in_dim=in_dim)
+    if extractor is not None:
+        from .features import feature_stats
+
+        model.set_feature_stats(*feature_stats(train_stores, extractor))
+    model = model.to(device)
+    if config.channels_last and device.type == "cuda" and config.mode == "e2e":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _bags(
+    config: TrainConfig,
+    stores: dict[str, Path],
+    splits: dict[str, str],
+    targets: dict[str, int],
+    extractor: str | None,
+) -> dict[str, BagDataset]:
+    """The ``train``, ``val`` and ``test`` bags (training ones subsampled and augmented)."""
+    bags = {}
+    for split in SPLIT_NAMES:
+        ids = [s for s in stores if splits[s] == split]
+        training = split == "train"
+        bags[split] = BagDataset(
+            [stores[s] for s in ids],
+            [targets[s] for s in ids],
+            max_patches=config.max_patches if training else config.eval_max_patches,
+            features=extractor,
+            augment=training and config.mode == "e2e",
+            jitter=config.color_jitter,
+            seed=config.seed,
+        )
+    return bags
+
+
+def setup_training(
+    config: TrainConfig,
+    run: Path,
+    labels: Labels,
+    stores: dict[str, Path],
+    splits: dict[str, str],
+    dist_info: Distributed,
+    *,
+    progress: bool = True,
+) -> TrainingSetup:
+    """Device, cached features (features mode), model, bags, optimizer and loss of a run.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    run : Path
+        The run folder (created; rank 0 saves ``extractor.pt`` there in features mode).
+    labels : Labels
+    stores : dict of slide_id -> Path
+        The slides to train, validate and test on.
+    splits : dict of slide_id -> split
+    dist_info : Distributed
+    progress : bool
+
+    Returns
+    -------
+    TrainingSetup
+    """
+    device = _device(config, dist_info)
+    run.mkdir(parents=True, exist_ok=True)
+    stores = {s: p for s, p in stores.items() if splits[s] in SPLIT_NAMES}
+    label_of = {r.slide_id: r.label for r in labels.rows}
+    targets = {s: labels.index(label_of[s]) for s in stores}
+    extractor, in_dim = None, None
+    if config.mode == "features":
+        from .features import ensure_features
+
+        extractor, in_dim = ensure_features(
+            list(stores.values()),
+            backbone=config.backbone,
+            weights=config.backbone_weights,
+            device=device,
+            seed=config.seed,
+            run_dir=run if dist_info.main else None,
+            progress=progress,
+        )
+    train_stores = [p for s, p in stores.items() if splits[s] == "train"]
+    model = _model(
+        config,
+        len(labels.classes),
+        device,
+        in_dim=in_dim,
+        extractor=extractor,
+        train_stores=train_stores,
+    )
+    bags = _bags(config, stores, splits, targets, extractor)
+    steps_per_epoch = max(1, len(bags["train"]) // dist_info.world)
+    unused = config.model == "clam_sb"
+    return TrainingSetup(
+        config=config,
+        run=run,
+        device=device,
+        dist=dist_info,
+        model=model,
+        ddp_model=wrap_ddp(model, device, dist_info, find_unused_parameters=unused),
+        bags=bags,
+        optim=make_optimization(model, config, steps_per_epoch=steps_per_epoch, device=device),
+        objective=make_objective(
+            config, labels.classes, bags["train"], device=device, world=dist_info.world
+        ),
+        num_workers=config.num_workers
+        if config.num_workers is not None
+        else (4 if device.type == "cuda" else 1),
+        targets=targets,
+        record=_run_record(config, len(labels.classes), model.in_dim, extractor),
+    )
+
+
+def _run_record(
+    config: TrainConfig, num_classes: int, in_dim: int, extractor: str | None
+) -> dict[str, Any]:
+    """What ``config.json`` records: versions, the training config, the model's shape."""
+    import torch
+
+    return {
+        "run_version": runs.RUN_VERSION,
+        "package_version": __version__,
+        "train": config.to_dict(),
+        "num_classes": num_classes,
+        "in_dim": in_dim,
+        "extractor": extractor,
+        "torch_version": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# state and checkpoints
+# --------------------------------------------------------------------------------------------
+def _no_best() -> dict[str, Any]:
+    return {"epoch": -1, "auc": -1.0, "loss": float("inf")}
+
+
+@dataclass
+class TrainState:
+    """Where training stands.
+
+    Attributes
+    ----------
+    history : list of dict
+        One record per epoch run (``epoch`` 0-based, ``train_loss``, ``lr``, ``val_*``, ...).
+    best : dict
+        ``epoch`` (-1 before the first), ``auc`` (-1 without one) and ``loss`` of the best epoch.
+    next_epoch : int
+        The epoch to run next.
+    stale : int
+        Epochs since the best one (early stopping).
+    stopped_early : bool
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=_no_best)
+    next_epoch: int = 0
+    stale: int = 0
+    stopped_early: bool = False
+
+    def finished(self, epochs: int) -> bool:
+        """Training is over: stopped early, or ``epochs`` epochs run."""
+        return self.stopped_early or not self.history or self.history[-1]["epoch"] + 1 >= epochs
 
 
 def _rng_state(device: Any) -> dict[str, Any]:
@@ -349,31 +581,332 @@ def _set_rng_state(state: dict[str, Any], device: Any) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _load_weights(model: Any, path: Path) -> None:
+def save_checkpoint(path: Path, setup: TrainingSetup, state: TrainState, *, epoch: int) -> None:
+    """Save the full training state after ``epoch`` to ``path`` atomically (weights-only types).
+
+    Model, optimizer, scheduler, scaler, RNG states, the epoch, and the history and best epoch
+    (as JSON strings).
+    """
     import torch
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise TrainingError(
-            f"{path}: cannot load weights ({' '.join(str(exc).split())[:200]})"
-        ) from exc
+    opt = setup.optim
+    ckpt = {
+        "model": setup.model.state_dict(),
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "rng": _rng_state(setup.device),
+        "epoch": epoch,
+        "history": json.dumps(state.history),
+        "best": json.dumps(state.best),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
-def load_model(run: dict[str, Any], *, device: Any) -> Any:
-    """The trained model of a run (best weights), in eval mode on ``device``."""
-    config: TrainConfig = run["train_config"]
-    model = build_model(
-        config,
-        len(run["labels"]["classes"]),
-        in_dim=run["config"].get("in_dim"),
-        load_backbone=False,
+def restore_checkpoint(path: Path, setup: TrainingSetup) -> TrainState:
+    """Load a :func:`save_checkpoint` file into ``setup`` (and the RNGs); the state it saved."""
+    import torch
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    setup.model.load_state_dict(ck["model"])
+    setup.optim.optimizer.load_state_dict(ck["optimizer"])
+    setup.optim.scheduler.load_state_dict(ck["scheduler"])
+    setup.optim.scaler.load_state_dict(ck["scaler"])
+    _set_rng_state(ck["rng"], setup.device)
+    history = json.loads(ck["history"])
+    best = json.loads(ck["best"])
+    return TrainState(
+        history=history,
+        best=best,
+        next_epoch=int(ck["epoch"]) + 1,
+        stale=sum(1 for h in history if h["epoch"] > best["epoch"]),
+        stopped_early=bool(history and history[-1].get("stopped_early")),
     )
-    _load_weights(model, Path(run["dir"]) / "model.pt")
-    return model.to(device).eval()
 
 
+def start_state(setup: TrainingSetup, *, resume: bool) -> TrainState:
+    """A fresh state, or the checkpoint's (``resume``; see :func:`wsi_pipeline.runs.check_resumable`)."""
+    ckpt = setup.run / runs.CHECKPOINT
+    if resume:
+        runs.check_resumable(setup.run, setup.config)
+        state = restore_checkpoint(ckpt, setup)
+        log.info("resuming %s at epoch %d", setup.run, state.next_epoch)
+        return state
+    if ckpt.exists() and setup.dist.main:
+        log.warning(
+            "%s: starting over (an earlier checkpoint is replaced; use --resume to continue it)",
+            setup.run,
+        )
+    return TrainState()
+
+
+# --------------------------------------------------------------------------------------------
+# epochs
+# --------------------------------------------------------------------------------------------
+def _epoch_order(
+    train_idx: Sequence[int],
+    targets: Sequence[int],
+    *,
+    balance: str,
+    seed: int,
+    epoch: int,
+    world: int,
+) -> list[int]:
+    """This epoch's bag order (identical on every rank); class-balanced draws with ``sampler``."""
+    rng = np.random.default_rng([seed, epoch, 0xB46])
+    idx = np.asarray(train_idx)
+    if balance == "sampler":
+        y = np.asarray([targets[i] for i in idx])
+        counts = np.bincount(y)
+        w = 1.0 / counts[y]
+        order = rng.choice(idx, size=len(idx), replace=True, p=w / w.sum())
+    else:
+        order = rng.permutation(idx)
+    n = (len(order) // world) * world or len(order)
+    return [int(i) for i in order[:n]]
+
+
+def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) -> dict[str, Any]:
+    """One pass over this rank's share of the training bags.
+
+    Returns
+    -------
+    dict
+        The epoch's record so far: ``epoch``, ``train_loss`` (mean over this rank's bags) and
+        ``lr`` (after the epoch's last step).
+    """
+    from tqdm.auto import tqdm
+
+    config, dist_info, device = setup.config, setup.dist, setup.device
+    train_set = setup.bags["train"]
+    setup.model.train()
+    train_set.set_epoch(epoch)
+    order = _epoch_order(
+        range(len(train_set)),
+        train_set.targets,
+        balance=config.balance,
+        seed=config.seed,
+        epoch=epoch,
+        world=dist_info.world,
+    )
+    mine = order[dist_info.rank :: dist_info.world]
+    losses = []
+    bar = tqdm(
+        total=len(mine),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="bag",
+        disable=None if progress else True,
+        leave=False,
+    )
+    for x, y, _ in _loader(
+        train_set, shuffle_order=mine, num_workers=setup.num_workers, device=device
+    ):
+        x = to_device(x, device, config.channels_last)
+        with autocast(device, config.amp):
+            loss = bag_loss(setup.model, setup.ddp_model, x, y, setup.objective)
+        setup.optim.step(loss)
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "lr": float(setup.optim.scheduler.get_last_lr()[0]),
+    }
+
+
+def _better(rec: dict[str, Any], best: dict[str, Any], *, has_val: bool) -> bool:
+    """The epoch beats the best one: higher validation AUC (then lower validation loss), or
+    lower training loss without validation slides; the first epoch always."""
+    auc = rec.get("val_auc", float("nan"))
+    better = (
+        not math.isnan(auc)
+        and (auc > best["auc"] or (auc == best["auc"] and rec["val_loss"] < best["loss"]))
+    ) or (not has_val and rec["train_loss"] < best["loss"])
+    return better or best["epoch"] < 0
+
+
+def _log_scalars(writer: Any, rec: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for k in ("train_loss", "val_loss", "val_auc", "val_acc", "lr"):
+        if k in rec and not (isinstance(rec[k], float) and math.isnan(rec[k])):
+            writer.add_scalar(k.replace("_", "/", 1), rec[k], rec["epoch"])
+    writer.flush()
+
+
+def end_epoch(
+    setup: TrainingSetup,
+    state: TrainState,
+    rec: dict[str, Any],
+    *,
+    started: float,
+    splits: dict[str, str],
+    writer: Any = None,
+) -> bool:
+    """Rank 0 after an epoch: validate, keep the best weights, checkpoint, write metrics.
+
+    Updates ``state`` (history, best, stale) and the run folder (``model.pt`` when the epoch is
+    the best so far, ``checkpoint.pt``, ``metrics.json``, TensorBoard).
+
+    Returns
+    -------
+    bool
+        Stop early (no better epoch in ``patience`` epochs, after ``min_epochs``).
+    """
+    import torch
+
+    config, run = setup.config, setup.run
+    epoch = rec["epoch"]
+    has_val = len(setup.bags["val"]) > 0
+    if has_val:
+        ev = evaluate(
+            setup.model,
+            setup.bags["val"],
+            device=setup.device,
+            amp=config.amp,
+            channels_last=config.channels_last,
+        )
+        rec.update(val_loss=ev["loss"], val_auc=ev["auc"], val_acc=ev["acc"])
+    rec["seconds"] = round(time.time() - started, 2)
+    if _better(rec, state.best, has_val=has_val):
+        auc = rec.get("val_auc", float("nan"))
+        state.best = {
+            "epoch": epoch,
+            "auc": auc if not math.isnan(auc) else -1.0,
+            "loss": rec.get("val_loss", rec["train_loss"]),
+        }
+        with atomic_path(run / runs.MODEL) as tmp:
+            torch.save(setup.model.state_dict(), tmp)
+        state.stale = 0
+    else:
+        state.stale += 1
+    stop = state.stale >= config.patience and epoch + 1 >= config.min_epochs
+    if stop:
+        rec["stopped_early"] = True
+    state.history.append(rec)
+    _log_scalars(writer, rec)
+    save_checkpoint(run / runs.CHECKPOINT, setup, state, epoch=epoch)
+    runs.write_metrics(run, state.history, state.best, None, splits, config)
+    log.info(
+        "epoch %d: %s",
+        epoch + 1,
+        ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
+    )
+    return stop
+
+
+def _summary_writer(run: Path, start_epoch: int) -> Any:
+    """A TensorBoard writer of ``run/tensorboard``, or None without tensorboard."""
+    with contextlib.suppress(Exception):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(run / runs.TENSORBOARD), purge_step=start_epoch)
+    return None
+
+
+def fit(
+    setup: TrainingSetup,
+    state: TrainState,
+    *,
+    splits: dict[str, str],
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """The epoch loop, from ``state.next_epoch`` until ``config.epochs``, early stopping or
+    ``stop_after`` epochs in this call; returns the updated ``state``."""
+    writer = _summary_writer(setup.run, state.next_epoch) if setup.dist.main else None
+    epochs_run = 0
+    for epoch in range(state.next_epoch, setup.config.epochs):
+        if state.stopped_early or (stop_after is not None and epochs_run >= stop_after):
+            break
+        started = time.time()
+        rec = train_one_epoch(setup, epoch, progress=progress)
+        stop = setup.dist.main and end_epoch(
+            setup, state, rec, started=started, splits=splits, writer=writer
+        )
+        state.next_epoch = epoch + 1
+        epochs_run += 1
+        if broadcast_flag(stop, setup.dist):
+            state.stopped_early = True
+    if writer is not None:
+        writer.close()
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# the end
+# --------------------------------------------------------------------------------------------
+def calibrate(val: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
+    """The probability calibration fitted on a validation evaluation (see
+    :mod:`wsi_pipeline.calibration`); the identity without validation slides.
+
+    Parameters
+    ----------
+    val : dict or None
+        From :func:`evaluate` on the validation bags.
+    classes : sequence of str
+
+    Returns
+    -------
+    dict
+        JSON-ready, for ``calibration.json``.
+    """
+    from .calibration import fit_calibration, fit_patch_reference, identity_calibration
+
+    neg = negative_class(classes)
+    if val is None or not val["n"]:
+        return identity_calibration(len(classes))
+    cal = fit_calibration(val["logits"], val["targets"], negative=neg)
+    negatives = [p for p, t in zip(val["patch_logits"], val["targets"]) if t == neg]
+    return fit_patch_reference(cal, negatives)
+
+
+def finish(
+    setup: TrainingSetup,
+    state: TrainState,
+    *,
+    classes: Sequence[str],
+    splits: dict[str, str],
+) -> dict[str, Any]:
+    """Rank 0 at the end of a call to ``train``: write ``metrics.json``.
+
+    When training is over, first reload the best weights, evaluate them on the test and
+    validation slides, fit and write ``calibration.json`` (and add the calibrated test metrics),
+    and draw ``curves.png`` and ``roc.png``.
+
+    Returns
+    -------
+    dict
+        The metrics written.
+    """
+    from .plots import plot_training
+
+    config, run = setup.config, setup.run
+    finished = state.finished(config.epochs)
+    test = None
+    if finished:
+        load_weights(setup.model, run / runs.MODEL)
+        kw = {"device": setup.device, "amp": config.amp, "channels_last": config.channels_last}
+        test = evaluate(setup.model, setup.bags["test"], **kw) if len(setup.bags["test"]) else None
+        val = evaluate(setup.model, setup.bags["val"], **kw) if len(setup.bags["val"]) else None
+        cal = calibrate(val, classes)
+        runs.write_calibration(run, cal)
+        if test is not None:
+            test["calibrated"] = probability_metrics(
+                apply_calibration(test["logits"], cal), test["targets"]
+            )
+        plot_training(run, state.history, val, test, classes)
+    return runs.write_metrics(
+        run, state.history, state.best, test, splits, config, finished=finished
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
 def train(
     store_dir: str | os.PathLike,
     labels_csv: str | os.PathLike,
@@ -412,7 +945,6 @@ def train(
     ConfigError, TrainingError, StoreError
         Bad labels, stores, splits or options -- all checked before training starts.
     """
-
     config = config or TrainConfig()
     run = Path(run_dir)
     labels = read_labels(labels_csv)
@@ -427,456 +959,37 @@ def train(
         folds=config.folds,
         fold=config.fold,
     )
-    with _distributed(config.device) as dist_info:
-        return _train(
-            config,
-            run,
-            labels,
-            stores,
-            skipped,
-            tiling,
-            splits,
-            dist_info,
-            resume=resume,
-            stop_after=stop_after,
-            progress=progress and dist_info.main,
-        )
-
-
-def _train(
-    config: TrainConfig,
-    run: Path,
-    labels: Labels,
-    stores: dict[str, Path],
-    skipped: list[str],
-    tiling: dict[str, Any],
-    splits: dict[str, str],
-    dist_info: _Dist,
-    *,
-    resume: bool,
-    stop_after: int | None,
-    progress: bool,
-) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    device = resolve_device(config.device)
-    if dist_info.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    torch.manual_seed(config.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    num_workers = (
-        config.num_workers
-        if config.num_workers is not None
-        else (4 if device.type == "cuda" else 1)
-    )
-    run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / "checkpoint.pt"
-
-    order = [sid for sid in stores if splits[sid] in ("train", "val", "test")]
-    ids = {sp: [s for s in order if splits[s] == sp] for sp in ("train", "val", "test")}
-    targets = [labels.index(next(r.label for r in labels.rows if r.slide_id == s)) for s in order]
-    num_classes = len(labels.classes)
-
-    in_dim = None
-    extractor = None
-    if config.mode == "features":
-        from .features import ensure_features
-
-        extractor, in_dim = ensure_features(
-            [stores[s] for s in order],
-            backbone=config.backbone,
-            weights=config.backbone_weights,
-            device=device,
-            seed=config.seed,
-            run_dir=run if dist_info.main else None,
-            progress=progress,
-        )
-    model = build_model(config, num_classes, in_dim=in_dim)
-    if extractor is not None:
-        model.set_feature_stats(
-            *_feature_stats([stores[s] for s in ids_train(order, splits)], extractor)
-        )
-    model = model.to(device)
-    if config.channels_last and device.type == "cuda" and config.mode == "e2e":
-        model = model.to(memory_format=torch.channels_last)
-
-    def bags(split: str, *, training: bool) -> BagDataset:
-        return BagDataset(
-            [stores[s] for s in ids[split]],
-            [targets[pos[s]] for s in ids[split]],
-            max_patches=config.max_patches if training else config.eval_max_patches,
-            features=extractor,
-            augment=training and config.mode == "e2e",
-            jitter=config.color_jitter,
-            seed=config.seed,
-        )
-
-    pos = {s: i for i, s in enumerate(order)}
-    train_set = bags("train", training=True)
-    val_set, test_set = bags("val", training=False), bags("test", training=False)
-    train_idx = list(range(len(train_set)))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(train_idx) // dist_info.world)
-    total = steps_per_epoch * config.epochs
-    warm = steps_per_epoch * config.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warm))
-    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    class_w = None
-    if config.balance == "loss":
-        counts = np.bincount(train_set.targets, minlength=num_classes)
-        class_w = torch.tensor(
-            len(train_idx) / (num_classes * np.maximum(counts, 1)),
-            dtype=torch.float32,
-            device=device,
-        )
-
-    run_config = {
-        "run_version": RUN_VERSION,
-        "package_version": __version__,
-        "train": config.to_dict(),
-        "num_classes": num_classes,
-        "in_dim": in_dim if in_dim is not None else model.in_dim,
-        "extractor": extractor,
-        "torch_version": torch.__version__,
-    }
-    history: list[dict[str, Any]] = []
-    best = {"epoch": -1, "auc": -1.0, "loss": float("inf")}
-    start_epoch = 0
-    if resume:
-        if not ckpt_path.is_file():
-            raise TrainingError(f"{run}: nothing to resume (no checkpoint.pt)")
-        old = (
-            json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-        )
-        if old.get("train") != config.to_dict():
-            diff = sorted(
-                k for k in config.to_dict() if (old.get("train") or {}).get(k) != getattr(config, k)
-            )
-            raise TrainingError(
-                f"{run}: cannot resume with a different config "
-                f"(changed: {', '.join(diff) or 'all'})"
-            )
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"], device)
-        history = json.loads(ck["history"])
-        best = json.loads(ck["best"])
-        start_epoch = int(ck["epoch"]) + 1
-        log.info("resuming %s at epoch %d", run, start_epoch)
-    elif ckpt_path.exists() and dist_info.main:
-        log.warning(
-            "%s: starting over (an earlier checkpoint is replaced; use --resume to continue it)",
-            run,
-        )
-
-    if dist_info.main:
-        _atomic_json(run_config, run / "config.json")
-        _atomic_json(tiling, run / "tiling.json")
-        _atomic_json(
-            {
-                "classes": list(labels.classes),
-                "labels_csv": str(labels.path),
-                "skipped_no_patches": skipped,
-            },
-            run / "labels.json",
-        )
-        with open(run / "splits.csv", "w") as fh:
-            fh.write("slide_id,label,split\n")
-            for s in order:
-                fh.write(f"{s},{labels.classes[targets[pos[s]]]},{splits[s]}\n")
-
-    ddp_model = model
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp_model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.model == "clam_sb",
-        )
-
-    instance_loss = config.model == "clam_sb" and config.instance_weight > 0
-    if instance_loss and dist_info.world > 1:
-        log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
-        instance_loss = False
-    topk_loss = config.model != "clam_sb" and config.instance_weight > 0
-    neg_idx = negative_class(labels.classes)
-    writer = None
-    if dist_info.main:
-        with contextlib.suppress(Exception):
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=start_epoch)
-
-    stale = sum(1 for h in history if h["epoch"] > best["epoch"]) if history else 0
-    epochs_run = 0
-    stopped_early = bool(history and history[-1].get("stopped_early"))
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if stopped_early or (stop_after is not None and epochs_run >= stop_after):
-            break
-        t0 = time.time()
-        model.train()
-        train_set.set_epoch(epoch)
-        order_e = _epoch_order(
-            train_idx,
-            train_set.targets,
-            balance=config.balance,
-            seed=config.seed,
-            epoch=epoch,
-            world=dist_info.world,
-        )
-        mine = order_e[dist_info.rank :: dist_info.world]
-        losses = []
-        bar = tqdm(
-            total=len(mine),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="bag",
-            disable=None if progress else True,
-            leave=False,
-        )
-        for x, y, _ in _loader(
-            train_set, shuffle_order=mine, num_workers=num_workers, device=device
-        ):
-            x = _to_device(x, device, config.channels_last)
-            yt = torch.tensor([y], device=device)
-            with _autocast(device, config.amp):
-                if instance_loss:  # CLAM: bag loss + instance clustering loss on the same h
-                    h = model.embed(x)
-                    out = model.head_forward(h)
-                else:
-                    out = ddp_model(x)
-                loss = F.cross_entropy(out.logits[None].float(), yt, weight=class_w)
-                inst = None
-                if instance_loss:
-                    inst = model.head.instance_loss(h.float(), int(y))
-                elif topk_loss:
-                    inst = topk_instance_loss(
-                        out.patch_logits.float(), int(y), neg_idx, k=config.instance_k
-                    )
-                if inst is not None:
-                    loss = (1 - config.instance_weight) * loss + config.instance_weight * inst
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        bar.close()
-        rec: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "lr": float(scheduler.get_last_lr()[0]),
-        }
-        stop_flag = torch.zeros(1)
+    with distributed(config.device) as dist_info:
+        progress = progress and dist_info.main
+        setup = setup_training(config, run, labels, stores, splits, dist_info, progress=progress)
+        state = start_state(setup, resume=resume)
         if dist_info.main:
-            ev = (
-                evaluate(
-                    model,
-                    val_set,
-                    device=device,
-                    amp=config.amp,
-                    channels_last=config.channels_last,
-                )
-                if ids["val"]
-                else None
-            )
-            if ev is not None:
-                rec.update(val_loss=ev["loss"], val_auc=ev["auc"], val_acc=ev["acc"])
-            rec["seconds"] = round(time.time() - t0, 2)
-            auc = rec.get("val_auc", float("nan"))
-            better = (
-                not math.isnan(auc)
-                and (auc > best["auc"] or (auc == best["auc"] and rec["val_loss"] < best["loss"]))
-            ) or (not ids["val"] and rec["train_loss"] < best["loss"])
-            if better or best["epoch"] < 0:
-                best = {
-                    "epoch": epoch,
-                    "auc": auc if not math.isnan(auc) else -1.0,
-                    "loss": rec.get("val_loss", rec["train_loss"]),
-                }
-                _atomic_torch_save(model.state_dict(), run / "model.pt")
-                stale = 0
-            else:
-                stale += 1
-            if stale >= config.patience and epoch + 1 >= config.min_epochs:
-                rec["stopped_early"] = True
-                stop_flag[0] = 1
-            history.append(rec)
-            if writer is not None:
-                for k in ("train_loss", "val_loss", "val_auc", "val_acc", "lr"):
-                    if k in rec and not (isinstance(rec[k], float) and math.isnan(rec[k])):
-                        writer.add_scalar(k.replace("_", "/", 1), rec[k], epoch)
-                writer.flush()
-            _atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(device),
-                    "epoch": epoch,
-                    "history": json.dumps(history),
-                    "best": json.dumps(best),
-                },
-                ckpt_path,
-            )
-            _write_metrics(run, history, best, None, splits, config)
-            log.info(
-                "epoch %d: %s",
-                epoch + 1,
-                ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
-            )
-        if dist_info.world > 1:
-            import torch.distributed as dist
-
-            dist.broadcast(stop_flag, src=0)
-        epochs_run += 1
-        if stop_flag[0] > 0:
-            stopped_early = True
-    if writer is not None:
-        writer.close()
-
-    finished = stopped_early or not history or history[-1]["epoch"] + 1 >= config.epochs
-    result: dict[str, Any] = {}
-    if dist_info.main:
-        test = None
-        if finished:
-            _load_weights(model, run / "model.pt")
-            if ids["test"]:
-                test = evaluate(
-                    model,
-                    test_set,
-                    device=device,
-                    amp=config.amp,
-                    channels_last=config.channels_last,
-                )
-            val = (
-                evaluate(
-                    model,
-                    val_set,
-                    device=device,
-                    amp=config.amp,
-                    channels_last=config.channels_last,
-                )
-                if ids["val"]
-                else None
-            )
-            cal = _calibrate(run, val, labels.classes)
-            if test is not None:
-                test["calibrated"] = probability_metrics(
-                    apply_calibration(test["logits"], cal), test["targets"]
-                )
-            _plots(run, history, val, test, labels.classes)
-        result = _write_metrics(run, history, best, test, splits, config, finished=finished)
-    return result
+            _write_run_start(setup, labels, splits, tiling, skipped)
+        state = fit(setup, state, splits=splits, stop_after=stop_after, progress=progress)
+        if not dist_info.main:
+            return {}
+        return finish(setup, state, classes=labels.classes, splits=splits)
 
 
-def _calibrate(run: Path, val: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
-    """Fit the probability calibration on the validation slides; ``calibration.json``
-    (see :mod:`wsi_pipeline.calibration`)."""
-    from .calibration import fit_calibration, fit_patch_reference, identity_calibration
-
-    neg = negative_class(classes)
-    if val is None or not val["n"]:
-        cal = identity_calibration(len(classes))
-    else:
-        cal = fit_calibration(val["logits"], val["targets"], negative=neg)
-        cal = fit_patch_reference(
-            cal, [p for p, t in zip(val["patch_logits"], val["targets"]) if t == neg]
-        )
-    _atomic_json(cal, run / "calibration.json")
-    return cal
-
-
-def _write_metrics(
-    run: Path,
-    history: list[dict[str, Any]],
-    best: dict[str, Any],
-    test: dict[str, Any] | None,
+def _write_run_start(
+    setup: TrainingSetup,
+    labels: Labels,
     splits: dict[str, str],
-    config: TrainConfig,
-    *,
-    finished: bool = False,
-) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for sp in splits.values():
-        counts[sp] = counts.get(sp, 0) + 1
-    metrics = {
-        "finished": finished,
-        "epochs_run": len(history),
-        "best_epoch": best["epoch"] + 1 if best["epoch"] >= 0 else None,
-        "best_val_auc": best["auc"] if best["auc"] >= 0 else None,
-        "history": history,
-        "splits": counts,
-        "mode": config.mode,
-        "model": config.model,
-        "backbone": config.backbone,
-    }
-    if test is not None:
-        metrics["test"] = {
-            k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated") if k in test
-        }
-    _atomic_json(metrics, run / "metrics.json")
-    return metrics
-
-
-def _plots(
-    run: Path,
-    history: list[dict[str, Any]],
-    val: dict[str, Any] | None,
-    test: dict[str, Any] | None,
-    classes: Sequence[str],
+    tiling: dict[str, Any],
+    skipped: list[str],
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] + 1 for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
-    if any("val_loss" in h for h in history):
-        ax[0].plot(ep, [h.get("val_loss", np.nan) for h in history], label="val")
-        ax[1].plot(ep, [h.get("val_auc", np.nan) for h in history], label="val AUC")
-    ax[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    ax[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(0, 1.02))
-    ax[0].legend()
-    fig.tight_layout()
-    fig.savefig(run / "curves.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for name, ev in (("val", val), ("test", test)):
-        if ev is None or not ev["n"] or ev["probs"].shape[1] != 2:
-            continue
-        fpr, tpr = roc_curve(ev["targets"], ev["probs"][:, 1])
-        ax.plot(fpr, tpr, label=f"{name} AUC {ev['auc']:.3f} (n={ev['n']})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
-        title=f"ROC ({classes[-1]} vs rest)",
+    """``config.json``, ``tiling.json``, ``labels.json`` and ``splits.csv`` of the run."""
+    runs.write_run_start(
+        setup.run,
+        config=setup.record,
+        tiling=tiling,
+        labels={
+            "classes": list(labels.classes),
+            "labels_csv": str(labels.path),
+            "skipped_no_patches": skipped,
+        },
+        splits=[(s, labels.classes[t], splits[s]) for s, t in setup.targets.items()],
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
-    else:
-        ax.text(0.5, 0.5, "ROC curves are drawn for binary tasks", ha="center", va="center")
-    fig.tight_layout()
-    fig.savefig(run / "roc.png", dpi=100)
-    plt.close(fig)
 
 
 def train_folds(
@@ -891,21 +1004,11 @@ def train_folds(
 ) -> dict[str, Any]:
     """K-fold cross-validation (grouped by case, stratified): ``run_dir/fold_<k>`` per fold and
     ``run_dir/cv_metrics.json`` with the per-fold and mean validation AUC."""
-    out = Path(run_dir)
     per_fold = []
     for k in range(folds):
         cfg = dataclasses.replace(config, folds=folds, fold=k, test_fraction=0.0)
-        fold_dir = out / f"fold_{k}"
-        again = resume and (fold_dir / "checkpoint.pt").is_file()
+        fold_dir = runs.fold_dir(run_dir, k)
+        again = resume and (fold_dir / runs.CHECKPOINT).is_file()
         m = train(store_dir, labels_csv, fold_dir, config=cfg, resume=again, progress=progress)
         per_fold.append(m.get("best_val_auc"))
-    aucs = np.array([a for a in per_fold if a is not None], float)
-    res = {
-        "folds": folds,
-        "val_auc": per_fold,
-        "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
-        "val_auc_std": float(aucs.std()) if aucs.size else float("nan"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(res, out / "cv_metrics.json")
-    return res
+    return runs.write_cv_metrics(run_dir, per_fold)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import SlideStore
+from .store import THUMBNAIL, SlideStore
 
 __all__ = ["plot_heatmap", "plot_patches", "plot_tiling"]
 
@@ -43,7 +43,7 @@ def plot_tiling(store: SlideStore | str | os.PathLike, *, max_boxes: int = 5000)
 
     st = _store(store)
     thumb = st.thumbnail
-    ds = float(st.group["thumbnail"].attrs["downsample"])
+    ds = float(st.group[THUMBNAIL].attrs["downsample"])
     mask = st.tissue_mask
     fig, ax = _figure((8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6))
     ax.imshow(thumb)
@@ -101,17 +101,7 @@ def plot_patches(
     st = _store(store)
     values = None
     if indices is None:
-        if by == "random":
-            k = min(n, st.n_patches)
-            indices = np.sort(np.random.default_rng(seed).choice(st.n_patches, k, replace=False))
-        elif by in ("score", "attention"):
-            if run_id is None:
-                raise ValueError("run_id is needed to show top-scoring patches")
-            key = f"scores/{run_id}" + ("-attention" if by == "attention" else "")
-            values = np.asarray(st.group[key][...])
-            indices = np.argsort(-values, kind="stable")[:n]
-        else:
-            raise ValueError(f"by must be 'random', 'score' or 'attention', not {by!r}")
+        indices, values = _choose(st, n=n, by=by, run_id=run_id, seed=seed)
     indices = [int(i) for i in indices]
     patches = st.reader().read(indices) if indices else np.zeros((0, 1, 1, 3), np.uint8)
     cols = int(np.ceil(np.sqrt(max(1, len(indices)))))
@@ -128,6 +118,24 @@ def plot_patches(
     fig.suptitle(f"{st.slide_id}: {by} patches", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _choose(
+    st: SlideStore, *, n: int, by: str, run_id: str | None, seed: int
+) -> tuple[list[int], np.ndarray | None]:
+    """Indices of ``n`` patches (a seeded sample, or the top scores) and the scores if used."""
+    from .heatmap import read_scores
+
+    if by == "random":
+        k = min(n, st.n_patches)
+        picked = np.sort(np.random.default_rng(seed).choice(st.n_patches, k, replace=False))
+        return [int(i) for i in picked], None
+    if by in ("score", "attention"):
+        if run_id is None:
+            raise ValueError("run_id is needed to show top-scoring patches")
+        values = read_scores(st, run_id, by)[0]
+        return [int(i) for i in np.argsort(-values, kind="stable")[:n]], values
+    raise ValueError(f"by must be 'random', 'score' or 'attention', not {by!r}")
 
 
 def plot_heatmap(
@@ -158,34 +166,22 @@ def plot_heatmap(
     -------
     matplotlib.figure.Figure
     """
-    from .heatmap import display_values, stitch_scores
+    from .heatmap import check_options, read_scores, stitch_store
+    from .stitch import MODES, display_values
 
     st = _store(store)
-    key = f"scores/{run_id}" + ("-attention" if which == "attention" else "")
-    raw = st.group[key]
-    mode = mode or ("percentile" if which == "attention" else "probability")
-    vals = display_values(np.asarray(raw[...], np.float32), mode=mode)
+    mode, _ = check_options(which, mode)
+    scores, pred = read_scores(st, run_id, which)
+    heat, _ = stitch_store(st, display_values(scores, mode=mode), sigma_um=sigma_um)
     thumb = st.thumbnail
-    ds = float(st.group["thumbnail"].attrs["downsample"])
-    heat, _ = stitch_scores(
-        st.coords,
-        vals,
-        patch_l0=float(st.tiling["patch_l0"]),
-        slide_wh=(st.meta.width, st.meta.height),
-        downsample=ds,
-        tissue_mask=st.tissue_mask,
-        mask_downsample=float(st.group["tissue_mask"].attrs["downsample"]),
-        sigma_um=sigma_um,
-        mpp=st.meta.mpp,
-    )
     fig, ax = _figure((8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6))
     ax.imshow(thumb)
-    vmax = 1.0 if mode == "probability" else 100.0
+    vmin, vmax = MODES[mode]
     im = ax.imshow(
         np.ma.masked_invalid(heat[: thumb.shape[0], : thumb.shape[1]]),
         cmap=cmap,
         alpha=alpha,
-        vmin=0.0,
+        vmin=vmin,
         vmax=vmax,
     )
     fig.colorbar(
@@ -195,11 +191,9 @@ def plot_heatmap(
         pad=0.02,
         label="abnormality probability" if mode == "probability" else "within-slide percentile",
     )
-    attrs = dict(st.group[f"scores/{run_id}"].attrs)
-    pred = attrs.get("predicted")
-    p = attrs.get("abnormal_probability")
+    p = pred.get("abnormal_probability")
     ax.set_title(
-        f"{st.slide_id} — {which} ({mode}); predicted {pred}"
+        f"{st.slide_id} — {which} ({mode}); predicted {pred.get('predicted')}"
         + (f", p(abnormal) = {p:.2f}" if p is not None else ""),
         fontsize=9,
     )

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, TrainingError
-from .registry import _get_backbone_builder, register_backbone
+from .registry import backbone_builder, register_backbone
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -52,6 +52,9 @@ class PatchNormalize(nn.Module):
 
     Shapes: ``(N, 3, T, T)`` → ``(N, 3, T, T)``.
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
@@ -172,7 +175,7 @@ def get_backbone(name: str, *, weights: str | os.PathLike | None = None) -> tupl
     TrainingError
         ``weights`` cannot be read or does not fit the backbone.
     """
-    module, dim = _get_backbone_builder(name)()
+    module, dim = backbone_builder(name)()
     if weights is not None:
         load_backbone_weights(module, weights)
     return module, dim

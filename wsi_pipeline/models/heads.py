@@ -60,7 +60,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def _check_dropout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
         raise ConfigError(f"dropout must be a number in [0, 1), got {value!r}")
     return float(value)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,8 @@ def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum, tracked in layers:
             m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class MILModel(nn.Module):
@@ -105,6 +106,9 @@ class MILModel(nn.Module):
         The input normalisation (end-to-end mode only).
     """
 
+    feature_mean: Tensor  # buffers of features mode (see set_feature_stats)
+    feature_std: Tensor
+
     def __init__(
         self,
         backbone: nn.Module | None,
@@ -125,7 +129,8 @@ class MILModel(nn.Module):
         self.normalize = PatchNormalize() if backbone is not None else None
         self.grad_checkpoint = bool(grad_checkpoint)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.in_dim = int(head.in_dim)
+        in_dim: Any = head.in_dim
+        self.in_dim = int(in_dim)
         if backbone is None:
             # cached features are standardised per dimension (set by the trainer from the
             # training slides; identity until then) -- frozen-backbone features differ in scale
@@ -181,7 +186,9 @@ class MILModel(nn.Module):
         else:
             backbone = self.backbone
 
-            def contexts() -> tuple[contextlib.AbstractContextManager, ...]:
+            def contexts() -> tuple[
+                contextlib.AbstractContextManager, contextlib.AbstractContextManager
+            ]:
                 return contextlib.nullcontext(), _frozen_batchnorm_stats(backbone)
 
             outs = [

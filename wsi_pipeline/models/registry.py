@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .mil import MILModel
 
 __all__ = [
+    "backbone_builder",
     "get_model",
     "list_backbones",
     "list_models",
@@ -136,5 +137,12 @@ def get_model(name: str, /, **options: Any) -> MILModel:
     return builder(**options)
 
 
-def _get_backbone_builder(name: str) -> Callable[..., Any]:
+def backbone_builder(name: str) -> Callable[..., Any]:
+    """The builder registered as backbone ``name`` (see :func:`register_backbone`).
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not registered (names the known backbones).
+    """
     return _lookup(_BACKBONES, "backbone", name)

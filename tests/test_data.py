@@ -1,0 +1,172 @@
+"""Labels, splits, store resolution and bags (wsi_pipeline.data), on real stores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from _cohort import TILING, small_cohort, write_labels
+
+from wsi_pipeline.data import (
+    SPLIT_NAMES,
+    BagDataset,
+    augment_bag,
+    check_tiling,
+    make_splits,
+    negative_class,
+    read_labels,
+    resolve_stores,
+)
+from wsi_pipeline.errors import ConfigError, StoreError, TrainingError
+from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.store import SlideStore
+from wsi_pipeline.tiling import tile_slides
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """8 small slides tiled at 1 mpp, 64-px patches (built once per session)."""
+    return small_cohort(tmp_path_factory)
+
+
+def test_labels_and_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    labels = read_labels(labels_csv)
+    assert labels.classes == ("0", "1")
+    found, skipped = resolve_stores(stores, labels)
+    assert len(found) == 8 and not skipped
+    s1 = make_splits(labels, list(found), seed=3)
+    assert s1 == make_splits(labels, list(found), seed=3)
+    assert {"train", "val", "test"} == set(s1.values()) == set(SPLIT_NAMES)
+    # case grouping: two slides of one case never straddle splits
+    rows = [(r.slide_id, r.label, "", f"case{i // 2}") for i, r in enumerate(labels.rows)]
+    p = tmp_path / "cases.csv"
+    with open(p, "w") as fh:
+        fh.write("slide_id,label,split,case_id\n")
+        fh.writelines(",".join(r) + "\n" for r in rows)
+    lab = read_labels(p)
+    for seed in range(5):
+        sp = make_splits(lab, [r.slide_id for r in lab.rows], seed=seed)
+        for a, b in zip(rows[::2], rows[1::2]):
+            assert sp[a[0]] == sp[b[0]]
+    folds = [make_splits(labels, list(found), folds=4, fold=k) for k in range(4)]
+    assert sorted(s for f in folds for s, v in f.items() if v == "val") == sorted(found)
+
+
+def test_bad_labels(small: tuple[Path, Path], tmp_path: Path) -> None:
+    _, labels_csv = small
+    ids = [r.slide_id for r in read_labels(labels_csv).rows]
+    with pytest.raises(ConfigError, match=r"missing column\(s\) label"):
+        read_labels(write_labels(tmp_path / "a.csv", [(ids[0],)]))
+    with pytest.raises(ConfigError, match=r"duplicate slide id 'synth_000' \(first on line 2\)"):
+        read_labels(write_labels(tmp_path / "b.csv", [(ids[0], 0), (ids[0], 1)]))
+    with pytest.raises(ConfigError, match=r"unknown split 'holdout'"):
+        read_labels(write_labels(tmp_path / "c.csv", [(ids[0], 0, "holdout")]))
+    with pytest.raises(ConfigError, match="labels file not found"):
+        read_labels(tmp_path / "none.csv")
+    # split aliases are mapped to the split names
+    lab = read_labels(write_labels(tmp_path / "d.csv", [(ids[0], 0, "Validation")]))
+    assert lab.rows[0].split == "val"
+
+
+def test_bad_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
+    _, labels_csv = small
+    labels = read_labels(labels_csv)
+    ids = [r.slide_id for r in labels.rows]
+    with pytest.raises(ConfigError, match="folds must be >= 2"):
+        make_splits(labels, ids, folds=1)
+    with pytest.raises(ConfigError, match=r"fold must be in 0\.\.2"):
+        make_splits(labels, ids, folds=3, fold=3)
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        make_splits(labels, ids, val_fraction=0.5, test_fraction=0.5)
+    one_class = read_labels(
+        write_labels(tmp_path / "e.csv", [(i, 0, "train") for i in ids[:4]] + [(ids[4], 1, "val")])
+    )
+    with pytest.raises(TrainingError, match="training split has a single class"):
+        make_splits(one_class, ids[:5])
+    partial = read_labels(write_labels(tmp_path / "f.csv", [(ids[0], 0, "train"), (ids[1], 1, "")]))
+    with pytest.raises(ConfigError, match="'split' is empty for synth_001"):
+        make_splits(partial, ids[:2])
+
+
+def test_missing_and_mismatched_stores(small: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small
+    labels = read_labels(labels_csv)
+    ids = [r.slide_id for r in labels.rows]
+    with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
+        resolve_stores(stores, read_labels(write_labels(tmp_path / "d.csv", [("nope", 1)])))
+    with pytest.raises(TrainingError, match="no such folder of stores"):
+        resolve_stores(tmp_path / "none", labels)
+    bad = tmp_path / "stores"
+    shutil.copytree(stores, bad)
+    zarr.open_group(str(bad / f"{ids[0]}.zarr"), mode="r+").attrs["complete"] = False
+    with pytest.raises(TrainingError, match=r"'synth_000': store synth_000\.zarr is unfinished"):
+        resolve_stores(bad, labels)
+    shutil.rmtree(bad / f"{ids[0]}.zarr")
+    slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
+    tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
+    found, _ = resolve_stores(bad, labels)
+    with pytest.raises(TrainingError, match=r"tile size 64 px, .synth_000. was tiled on 96 px"):
+        check_tiling(found)
+    shared = check_tiling(resolve_stores(stores, labels)[0])
+    assert shared["tile_px"] == 64 and shared["mpp"] == 1.0
+
+
+def test_store_without_patches_is_left_out(
+    small: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wsi_pipeline.synth import write_slide
+
+    stores, labels_csv = small
+    d = tmp_path / "stores"
+    shutil.copytree(stores, d)
+    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
+    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
+    lab = tmp_path / "l.csv"
+    lab.write_text(labels_csv.read_text() + "blank,0\n")
+    found, skipped = resolve_stores(d, read_labels(lab))
+    assert skipped == ["blank"] and "blank" not in found
+    assert "store has no patches" in caplog.text
+
+
+def test_bags_are_seeded_and_augmented(small: tuple[Path, Path]) -> None:
+    stores, _ = small
+    paths = sorted(stores.glob("*.zarr"))[:2]
+    ds = BagDataset(paths, [0, 1], max_patches=8, augment=True, seed=1)
+    a, ya, _ = ds[0]
+    b, _, _ = ds[0]
+    assert a.shape == (8, 3, 64, 64) and a.dtype == torch.uint8 and ya == 0
+    assert torch.equal(a, b)  # same epoch: same bag
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], a)  # next epoch: another subset/augmentation
+    full = BagDataset(paths, [0, 1])
+    assert len(full[0][0]) == SlideStore(paths[0]).n_patches
+
+
+def test_feature_bags_need_the_features(small: tuple[Path, Path]) -> None:
+    stores, _ = small
+    ds = BagDataset(sorted(stores.glob("*.zarr"))[:1], [0], features="nope-000000000000")
+    with pytest.raises(StoreError, match="no 'features/nope-000000000000'; run the features"):
+        ds[0]
+    with pytest.raises(ValueError, match="one target per store"):
+        BagDataset(sorted(stores.glob("*.zarr"))[:2], [0])
+
+
+def test_augment_bag_keeps_shape_and_pixels() -> None:
+    rng = np.random.default_rng(0)
+    bag = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    out = augment_bag(bag, np.random.default_rng(1), jitter=0.0)
+    assert out.shape == bag.shape and out.dtype == np.uint8
+    # without jitter each patch is a rotation/flip of itself: same multiset of pixels
+    for p, q in zip(bag, out):
+        assert sorted(p.reshape(-1, 3).tolist()) == sorted(q.reshape(-1, 3).tolist())
+
+
+def test_negative_class() -> None:
+    assert negative_class(["tumour", "Normal"]) == 1
+    assert negative_class(["1", "0"]) == 1
+    assert negative_class(["a", "b"]) == 0

@@ -1,0 +1,42 @@
+"""One exception family; every message is one line that names the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import wsi_pipeline
+from wsi_pipeline.errors import (
+    ConfigError,
+    SlideError,
+    StoreError,
+    TilingError,
+    TrainingError,
+    WSIPipelineError,
+)
+
+FAMILY = [ConfigError, SlideError, StoreError, TilingError, TrainingError]
+
+
+@pytest.mark.parametrize("cls", FAMILY)
+def test_one_family_exported_from_the_top(cls: type[WSIPipelineError]) -> None:
+    assert issubclass(cls, WSIPipelineError) and issubclass(cls, Exception)
+    assert getattr(wsi_pipeline, cls.__name__) is cls
+
+
+def test_message_is_one_line_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.svs"
+    exc = SlideError("cannot open:\n  not a TIFF\t(bad magic)", path=path)
+    assert str(exc) == f"{path}: cannot open: not a TIFF (bad magic)"
+    assert exc.path == str(path) and "\n" not in str(exc)
+    with pytest.raises(WSIPipelineError, match=r"s\.svs: cannot open"):
+        raise exc
+
+
+def test_path_is_not_repeated_and_is_optional(tmp_path: Path) -> None:
+    path = tmp_path / "a.zarr"
+    exc = StoreError(f"{path}: unfinished", path=path)
+    assert str(exc) == f"{path}: unfinished"
+    plain = ConfigError("tile size must be between 8 and 4096 px")
+    assert plain.path is None and str(plain) == "tile size must be between 8 and 4096 px"

@@ -1,0 +1,154 @@
+"""The run folder (wsi_pipeline.runs): id rule, reading, the done/resume/fresh check, writers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from _cohort import FAST, copy_run, fast_run, small_cohort
+
+from wsi_pipeline import runs
+from wsi_pipeline.errors import TrainingError
+from wsi_pipeline.specs import TrainConfig
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run (``FAST``) on the small cohort; copy it to change it."""
+    return fast_run(tmp_path_factory)
+
+
+def test_run_id_sanitises(tmp_path: Path) -> None:
+    assert runs.run_id(tmp_path / "my run") == "my_run"
+    assert runs.run_id(tmp_path / "r", "exp 1/../x") == "exp_1_.._x"
+    assert runs.run_id(tmp_path / "r", "../..") == "_"
+    assert runs.run_id(tmp_path / "r", "..") == "slide"  # never empty, "." or ".."
+    assert runs.run_id(tmp_path / "a" / ".." / "b") == "b"  # the resolved folder's name
+    for rid in ("a/b", "../x", "x\\y", " "):
+        out = runs.run_id(tmp_path, rid)
+        assert "/" not in out and "\\" not in out and out not in ("", ".", "..")
+
+
+def test_load_run_reads_a_complete_run(run: Path) -> None:
+    r = runs.load_run(run)
+    assert r["dir"] == run and r["train_config"] == TrainConfig(**FAST)
+    assert r["labels"]["classes"] == ["0", "1"] and r["tiling"]["tile_px"] == 64
+    assert r["config"]["run_version"] == runs.RUN_VERSION
+    assert r["calibration"]["method"] in ("platt", "none")
+
+
+def test_load_run_refuses_missing_and_old_runs(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="no such run folder; run 'wsi-pipeline train' first"):
+        runs.load_run(tmp_path / "nope")
+    for name in (runs.MODEL, runs.CONFIG, runs.LABELS):
+        r = copy_run(run, tmp_path / f"without_{name}")
+        (r / name).unlink()
+        with pytest.raises(TrainingError, match=rf"not a complete run \(no {name}\); train again"):
+            runs.load_run(r)
+    old = copy_run(run, tmp_path / "old")
+    cfg = json.loads((old / runs.CONFIG).read_text())
+    cfg["run_version"] = 0
+    (old / runs.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match=r"run format 0 .* is not readable by .*; train again"):
+        runs.load_run(old)
+    del cfg["run_version"]
+    (old / runs.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match="run format None"):
+        runs.load_run(old)
+    bad = copy_run(run, tmp_path / "bad")
+    (bad / runs.TILING).write_text("{not json")
+    with pytest.raises(TrainingError, match=r"tiling\.json: unreadable"):
+        runs.load_run(bad)
+    cfg = json.loads((run / runs.CONFIG).read_text())
+    cfg["train"]["mode"] = "nope"
+    (bad / runs.TILING).write_text((run / runs.TILING).read_text())
+    (bad / runs.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match="incompatible training config"):
+        runs.load_run(bad)
+
+
+def test_run_state_on_real_runs(
+    run: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from wsi_pipeline.training import train
+
+    cfg = TrainConfig(**FAST)
+    assert runs.run_state(run, cfg) == "done"
+    assert runs.run_state(run, TrainConfig(**{**FAST, "lr": 1e-3})) == "fresh"
+    assert runs.run_state(tmp_path / "nope", cfg) == "fresh"
+    # an unfinished run with its checkpoint: resume
+    stores, labels_csv = small_cohort(tmp_path_factory)
+    part = tmp_path / "part"
+    train(stores, labels_csv, part, config=cfg, stop_after=1, progress=False)
+    assert not json.loads((part / runs.METRICS).read_text())["finished"]
+    assert runs.run_state(part, cfg) == "resume"
+    assert runs.run_state(part, TrainConfig(**{**FAST, "seed": 1})) == "fresh"
+    (part / runs.METRICS).unlink()  # killed before the first metrics: the checkpoint decides
+    assert runs.run_state(part, cfg) == "resume"
+    (part / runs.CHECKPOINT).unlink()
+    assert runs.run_state(part, cfg) == "fresh"
+    # a finished run whose model is gone is not done
+    gone = copy_run(run, tmp_path / "gone")
+    (gone / runs.MODEL).unlink()
+    assert runs.run_state(gone, cfg) == "resume"
+
+
+def test_check_resumable(run: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(**FAST)
+    runs.check_resumable(run, cfg)
+    with pytest.raises(
+        TrainingError, match=r"cannot resume with a different config \(changed: lr, seed\)"
+    ):
+        runs.check_resumable(run, TrainConfig(**{**FAST, "lr": 1e-3, "seed": 9}))
+    with pytest.raises(TrainingError, match=r"nothing to resume \(no checkpoint\.pt\)"):
+        runs.check_resumable(tmp_path, cfg)
+    r = copy_run(run, tmp_path / "r")
+    (r / runs.CONFIG).unlink()
+    with pytest.raises(TrainingError, match=r"changed: .*epochs.*lr"):
+        runs.check_resumable(r, cfg)
+
+
+def test_writers_and_readers(tmp_path: Path) -> None:
+    cfg = TrainConfig(**FAST)
+    runs.write_run_start(
+        tmp_path,
+        config={"run_version": runs.RUN_VERSION, "train": cfg.to_dict()},
+        tiling={"tile_px": 64, "mpp": 1.0, "downsample": 2.0},
+        labels={"classes": ["normal", "tumour"], "labels_csv": "l.csv", "skipped_no_patches": []},
+        splits=[("b", "tumour", "train"), ("a", "normal", "val")],
+    )
+    assert (
+        tmp_path / runs.SPLITS
+    ).read_text() == "slide_id,label,split\nb,tumour,train\na,normal,val\n"
+    assert runs.read_splits(tmp_path)["a"] == {"slide_id": "a", "label": "normal", "split": "val"}
+    assert runs.read_classes(tmp_path) == ["normal", "tumour"]
+    assert json.loads((tmp_path / runs.TILING).read_text())["tile_px"] == 64
+    assert runs.read_metrics(tmp_path) is None
+    history = [{"epoch": 0, "train_loss": 0.5, "val_auc": float("nan")}]
+    m = runs.write_metrics(
+        tmp_path,
+        history,
+        {"epoch": -1, "auc": -1.0, "loss": math.inf},
+        {"auc": 0.75, "n": 2, "logits": [[0, 1]]},
+        {"a": "val", "b": "train", "c": "train"},
+        cfg,
+    )
+    assert m["best_epoch"] is None and m["best_val_auc"] is None and not m["finished"]
+    assert m["splits"] == {"val": 1, "train": 2} and m["test"] == {"auc": 0.75, "n": 2}
+    saved = runs.read_metrics(tmp_path)
+    assert saved["history"][0]["val_auc"] is None  # strict JSON: NaN is null
+    assert saved["model"] == cfg.model and saved["mode"] == "e2e"
+    runs.write_calibration(tmp_path, {"method": "none", "num_classes": 2})
+    assert json.loads((tmp_path / runs.CALIBRATION).read_text())["method"] == "none"
+    cv = runs.write_cv_metrics(tmp_path / "cv", [0.5, None, 1.0])
+    assert cv["folds"] == 3 and cv["val_auc_mean"] == 0.75 and cv["val_auc_std"] == 0.25
+    assert json.loads((tmp_path / "cv" / runs.CV_METRICS).read_text())["val_auc"][1] is None
+    empty = runs.write_cv_metrics(tmp_path / "cv0", [None])
+    assert math.isnan(empty["val_auc_mean"])
+    assert json.loads((tmp_path / "cv0" / runs.CV_METRICS).read_text())["val_auc_mean"] is None
+    assert runs.fold_dir(tmp_path, 2) == tmp_path / "fold_2"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+    with pytest.raises(TrainingError, match=r"labels\.json: unreadable"):
+        runs.read_classes(tmp_path / "cv")

@@ -1,0 +1,138 @@
+"""Direct access to one level of a tiled TIFF (tiffsrc), pinned to openslide's pixels.
+
+On a slide written by :func:`wsi_pipeline.synth.write_slide` (YCbCr JPEG tiles, two levels) and on
+a real Aperio file (RGB JPEG tiles of 240 px).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from wsi_pipeline.codecs import adobe_rgb_marker
+from wsi_pipeline.synth import write_slide
+from wsi_pipeline.tiffsrc import JPEG, TiffLevel, open_tiff_level
+
+CMU = "aperio/CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def synth_svs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """2600 x 2100 px (level 1: 650 x 525), sizes not multiples of the 256-px tiles."""
+    path = tmp_path_factory.mktemp("tiffsrc") / "s.svs"
+    write_slide(path, width=2600, height=2100, mpp=0.5, seed=12, n_lesions=1)
+    return str(path)
+
+
+@pytest.fixture()
+def cmu(testdata: Path) -> str:
+    return str(testdata / CMU)
+
+
+def _level(path: str, level: int) -> tuple[TiffLevel, openslide.OpenSlide]:
+    ref = openslide.OpenSlide(path)
+    tiff = open_tiff_level(path, level, ref.level_dimensions[level])
+    assert tiff is not None
+    return tiff, ref
+
+
+def _openslide(ref: openslide.OpenSlide, level: int, xywh: tuple[int, int, int, int]) -> np.ndarray:
+    """openslide's pixels of a region given in level coordinates."""
+    x, y, w, h = xywh
+    ds = ref.level_downsamples[level]
+    return np.asarray(ref.read_region((round(x * ds), round(y * ds)), level, (w, h)))[..., :3]
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_synth_level_matches_openslide(synth_svs: str, level: int) -> None:
+    tiff, ref = _level(synth_svs, level)
+    w, h = ref.level_dimensions[level]
+    assert (tiff.width, tiff.height) == (w, h) and (tiff.tile_w, tiff.tile_h) == (256, 256)
+    assert tiff.compression == JPEG and not tiff.rgb_jpeg  # YCbCr JPEG: no marker needed
+    assert (tiff.tiles_across, tiff.tiles_down) == (math.ceil(w / 256), math.ceil(h / 256))
+    region = (200, 150, 600, 300) if level == 0 else (0, 0, w, h)  # across tile borders
+    got = tiff.read(*region)
+    assert got.shape == (region[3], region[2], 3)  # (h, w, 3) from (x, y, w, h)
+    assert np.array_equal(got, _openslide(ref, level, region))
+    ref.close()
+
+
+def test_cmu_matches_openslide(cmu: str) -> None:
+    tiff, ref = _level(cmu, 0)
+    assert (tiff.width, tiff.height) == (2220, 2967) and (tiff.tile_w, tiff.tile_h) == (240, 240)
+    assert tiff.compression == JPEG and tiff.rgb_jpeg  # Aperio: RGB components
+    for region in [(100, 200, 300, 250), (0, 0, 240, 240), (1900, 2700, 320, 267)]:
+        assert np.array_equal(tiff.read(*region), _openslide(ref, 0, region))
+    ref.close()
+
+
+def test_outside_the_level_is_white(synth_svs: str) -> None:
+    tiff, ref = _level(synth_svs, 1)
+    w, h = tiff.width, tiff.height
+    got = tiff.read(-10, -20, w + 40, h + 30)
+    assert (got[:20] == 255).all() and (got[:, :10] == 255).all()
+    assert (got[20 + h :] == 255).all() and (got[:, 10 + w :] == 255).all()
+    assert np.array_equal(got[20 : 20 + h, 10 : 10 + w], _openslide(ref, 1, (0, 0, w, h)))
+    assert (tiff.read(w + 5, 0, 8, 8) == 255).all()
+    ref.close()
+
+
+@pytest.mark.parametrize("which", ["synth", "cmu"])
+def test_jpeg_tiles_are_standalone(which: str, synth_svs: str, testdata: Path) -> None:
+    """A copied tile decodes on its own to the pixels of the decoded tile."""
+    path = synth_svs if which == "synth" else str(testdata / CMU)
+    tiff, ref = _level(path, 0)
+    ref.close()
+    for index in (0, tiff.tiles_across + 1, tiff.tiles_across * tiff.tiles_down - 1):
+        jpeg = tiff.jpeg_tile(index)
+        assert jpeg[:2] == b"\xff\xd8" and (adobe_rgb_marker() in jpeg) == tiff.rgb_jpeg
+        full = imagecodecs.jpeg8_decode(jpeg)
+        tile = tiff.tile(index)  # cropped at the level's edge
+        assert np.array_equal(full[: tile.shape[0], : tile.shape[1]], tile)
+
+
+def test_not_a_tiled_level_gives_none(synth_svs: str, testdata: Path, tmp_path: Path) -> None:
+    with openslide.OpenSlide(synth_svs) as ref:
+        wh = ref.level_dimensions[0]
+    assert open_tiff_level(synth_svs, 0, (wh[0] - 1, wh[1])) is None  # not the expected size
+    assert open_tiff_level(synth_svs, 2, wh) is None  # no such level
+    notes = tmp_path / "notes.svs"
+    notes.write_text("hello")
+    assert open_tiff_level(str(notes), 0, wh) is None
+    assert open_tiff_level(str(tmp_path / "missing.svs"), 0, wh) is None
+    kidney = testdata / "generic-tiff/kidney-48-5.tif"  # a TIFF without tiles
+    assert open_tiff_level(str(kidney), 0, (1493, 901)) is None
+
+
+def test_truncated_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
+    with tifffile.TiffFile(synth_svs) as tf:
+        offsets = np.asarray(tf.pages[0].dataoffsets)
+        counts = np.asarray(tf.pages[0].databytecounts)
+    last = int(np.argmax(offsets))
+    cut = tmp_path / "cut.svs"
+    shutil.copy(synth_svs, cut)
+    with open(cut, "r+b") as fh:
+        fh.truncate(int(offsets[last] + counts[last] // 2))
+    tiff = open_tiff_level(str(cut), 0, (2600, 2100))
+    assert tiff is not None and len(tiff.raw_tile(0)) == counts[0]
+    with pytest.raises(OSError, match=rf"tile {last}: file ends after \d+ of {counts[last]} bytes"):
+        tiff.raw_tile(last)
+    tiff.close()
+
+
+def test_pickled_level_reads_raw_tiles(synth_svs: str) -> None:
+    tiff, ref = _level(synth_svs, 0)
+    ref.close()
+    tiff.tile(0)  # opens the file and fills the cache: neither travels
+    back = pickle.loads(pickle.dumps(tiff))
+    assert back.jpeg_tile(3) == tiff.jpeg_tile(3) and back.width == tiff.width
+    back.close()
+    tiff.close()

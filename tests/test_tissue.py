@@ -1,0 +1,163 @@
+"""Tissue masks of thumbnails, user masks, and tissue fractions of rectangles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.specs import MaskSpec
+from wsi_pipeline.synth import write_slide
+from wsi_pipeline.tissue import load_user_mask, rect_fractions, rgb_to_hsv, tissue_mask
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic slides of these tests (as in test_tiling.py)."""
+    d = tmp_path_factory.mktemp("synth")
+    write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
+    write_slide(d / "pen.svs", width=2048, height=1536, mpp=0.5, seed=8, pen_mark=True)
+    return d
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+
+
+@pytest.mark.parametrize("name", ["pos", "neg", "pen"])
+def test_mask_matches_ground_truth(name: str, tmp_path: Path) -> None:
+    gt = write_slide(
+        tmp_path / f"{name}.svs",
+        width=6144,
+        height=4608,
+        mpp=0.5,
+        seed={"pos": 3, "neg": 4, "pen": 8}[name],
+        n_lesions=2 if name == "pos" else 0,
+        pen_mark=name == "pen",
+    )
+    with open_slide(gt.path) as s:
+        ds = 16.0
+        thumb = s.read_thumbnail(ds)
+        mask = tissue_mask(thumb, mpp=0.5 * ds)
+    truth = _resize_mask(gt.tissue_mask, mask.shape)
+    assert _iou(mask, truth) >= 0.9
+
+
+def test_pen_is_excluded_unless_kept(synth_dir: Path) -> None:
+    with open_slide(synth_dir / "pen.svs") as s:
+        thumb = s.read_thumbnail(16.0)
+    with_pen = tissue_mask(thumb, mpp=8.0, spec=MaskSpec(remove_pen=False))
+    without = tissue_mask(thumb, mpp=8.0)
+    assert with_pen.sum() > without.sum() * 1.02
+
+
+def test_blank_slide_has_no_tissue(synth_dir: Path) -> None:
+    with open_slide(synth_dir / "blank.svs") as s:
+        assert not tissue_mask(s.read_thumbnail(8.0), mpp=4.0).any()
+    white = np.full((300, 400, 3), 245, np.uint8)
+    assert not tissue_mask(white).any()
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "aperio/CMU-1-Small-Region.svs",
+        "aperio/tcga-cr-7395-01a-01-ts1.svs",
+        "generic-tiff/kidney-48-5.tif",
+        "ome-tiff/OS-2-ndpi.ome.tif",
+        "ome-tiff/OS-2-vsi.ome.tif",
+        "dicom/camelyon-multiframe/multiframe_camelyon_challenge_image.dcm",
+    ],
+)
+def test_mask_plausible_on_real_slides(testdata: Path, rel: str) -> None:
+    with open_slide(testdata / rel) as s:
+        ds = max(s.meta.width, s.meta.height) / 400
+        mask = tissue_mask(
+            s.read_thumbnail(ds), mpp=None if s.meta.mpp is None else s.meta.mpp * ds
+        )
+    assert 0.001 < mask.mean() < 0.95
+
+
+def test_mask_close_to_histolab_reference(testdata: Path) -> None:
+    """Not ground truth, but a sanity check against another tool's answer."""
+    with open_slide(testdata / "aperio/CMU-1-Small-Region.svs") as s:
+        ref = np.load(testdata / "masks/tissue-mask-cmu-1-small-region.npy")
+        ds = s.meta.width / ref.shape[1]
+        mask = tissue_mask(s.read_thumbnail(ds), mpp=s.meta.mpp * ds)
+    assert _iou(mask, _resize_mask(ref, mask.shape)) > 0.6
+
+
+def test_rect_fractions_exact() -> None:
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    f = rect_fractions(
+        mask,
+        np.array(
+            [
+                [0, 0, 40, 40],
+                [10, 10, 20, 20],
+                [15, 15, 10, 10],
+                [20, 0, 20, 20],
+                [-40, -40, 20, 20],
+            ]
+        ),
+        downsample=10,
+    )
+    assert np.allclose(f, [0.25, 1.0, 1.0, 0.25, 0.0])
+
+
+def test_rgb_to_hsv() -> None:
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8)
+    hue, sat, val = rgb_to_hsv(rgb)
+    assert np.allclose(hue[0], [0.0, 1 / 3, 2 / 3, 0.0], atol=1e-6)
+    assert np.allclose(sat[0], [1, 1, 1, 0]) and np.allclose(val[0], [1, 1, 1, 128 / 255])
+
+
+def test_tissue_mask_needs_rgb() -> None:
+    with pytest.raises(ConfigError, match=r"thumbnail must be \(H, W, 3\) RGB, not shape \(8, 8\)"):
+        tissue_mask(np.zeros((8, 8), np.uint8))
+
+
+def test_user_mask_png_is_scaled_nearest(tmp_path: Path) -> None:
+    m = np.zeros((10, 20), np.uint8)
+    m[:, 10:] = 7
+    Image.fromarray(m).save(tmp_path / "m.png")
+    mask = load_user_mask(tmp_path / "m.png", shape=(5, 8), downsample=4.0)
+    assert mask.shape == (5, 8) and mask.dtype == bool
+    assert not mask[:, :4].any() and mask[:, 4:].all()
+
+
+def test_user_mask_geojson_holes(tmp_path: Path) -> None:
+    """Polygons are in level-0 px; later rings of a polygon are holes."""
+    outer = [[0, 0], [400, 0], [400, 400], [0, 400], [0, 0]]
+    hole = [[100, 100], [300, 100], [300, 300], [100, 300], [100, 100]]
+    gj = tmp_path / "m.geojson"
+    gj.write_text(json.dumps({"type": "Polygon", "coordinates": [outer, hole]}))
+    mask = load_user_mask(gj, shape=(60, 60), downsample=10.0)
+    assert mask[5, 5] and not mask[20, 20] and not mask[50, 50]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("missing.png", None, "user mask file not found"),
+        ("bad.png", b"not an image", "user mask is not a readable image"),
+        ("bad.geojson", b"{oops", "user mask is not valid JSON"),
+        ("points.geojson", b'{"type": "Point", "coordinates": [1, 2]}', "no Polygon"),
+    ],
+)
+def test_user_mask_failures(tmp_path: Path, name: str, content: bytes | None, match: str) -> None:
+    p = tmp_path / name
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        load_user_mask(p, shape=(10, 10), downsample=1.0)

@@ -1,0 +1,130 @@
+"""util: safe ids, atomic writes (no half-written file, ever), strict JSON, RGB resize."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.util import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    json_ready,
+    resize_rgb,
+    sample_mask,
+    sanitize_id,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [
+        ("../x", "_x"),
+        ("", "slide"),
+        ("..", "slide"),
+        (".", "slide"),
+        ("a/b\\c d", "a_b_c_d"),
+        ("TCGA-01.svs", "TCGA-01.svs"),
+        (".hidden", "hidden"),
+    ],
+)
+def test_sanitize_id(name: str, safe: str) -> None:
+    assert sanitize_id(name) == safe
+    assert "/" not in safe and safe not in ("", ".", "..")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # nothing visible until the end
+    assert target.read_text() == "new"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_path_keeps_the_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk on fire")
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+    missing = tmp_path / "none.txt"
+    with pytest.raises(ValueError), atomic_path(missing) as tmp:
+        tmp.write_text("x")
+        raise ValueError
+    assert not missing.exists() and _leftovers(tmp_path) == []
+
+
+def test_atomic_writers(tmp_path: Path) -> None:
+    assert atomic_write_bytes(tmp_path / "b", b"\x00\x01").read_bytes() == b"\x00\x01"
+    assert atomic_write_text(tmp_path / "t", "µm").read_text(encoding="utf-8") == "µm"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_json_is_strict(tmp_path: Path) -> None:
+    obj = {
+        "auc": float("nan"),
+        "inf": -math.inf,
+        "n": np.int64(3),
+        "x": np.float32(0.5),
+        "arr": np.array([1.0, np.nan]),
+        "path": tmp_path / "a",
+        "t": (1, 2),
+        1: "key",
+    }
+    path = atomic_write_json(tmp_path / "m.json", obj)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def refuse(name: str) -> None:
+        raise AssertionError(name)
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data == {
+        "auc": None,
+        "inf": None,
+        "n": 3,
+        "x": 0.5,
+        "arr": [1.0, None],
+        "path": str(tmp_path / "a"),
+        "t": [1, 2],
+        "1": "key",
+    }
+    assert json_ready({"a": [np.bool_(True)]}) == {"a": [True]}
+
+
+def test_resize_rgb_size_is_width_height() -> None:
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = 200
+    out = resize_rgb(img, (30, 20))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    assert out[:, :14].max() == 0 and out[:, 16:].min() == 200  # exact 2x box average
+    assert resize_rgb(img, (60, 40)) is img
+    odd = resize_rgb(img, (25, 17), box=True)
+    assert odd.shape == (17, 25, 3)
+
+
+def test_sample_mask_maps_through_level0() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[:5, :5] = True  # mask pixels are 4 level-0 px: the top-left 20 x 20 level-0 px
+    # output pixels are 8 level-0 px; their centres (4, 12, 20, ...) fall on mask pixels 1, 3, 5
+    out = sample_mask(mask, 4.0, 8.0, (0, 5), (0, 5))
+    expect = np.zeros((5, 5), bool)
+    expect[:2, :2] = True
+    assert out.dtype == bool
+    np.testing.assert_array_equal(out, expect)
+    np.testing.assert_array_equal(sample_mask(mask, 4.0, 8.0, (1, 3), (0, 3)), expect[1:3, :3])
+    assert sample_mask(mask, 4.0, 400.0, (0, 3), (0, 3)).shape == (3, 3)  # clipped to the mask
