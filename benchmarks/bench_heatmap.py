@@ -193,7 +193,7 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
         write_pyramid_tiff,
     )
     from wsi_pipeline.heatmap import read_scores
-    from wsi_pipeline.store import THUMBNAIL, TISSUE_MASK, SlideStore
+    from wsi_pipeline.store import SlideStore
     from wsi_pipeline.util import sample_mask
 
     st = SlideStore(store)
@@ -228,12 +228,11 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
             )
     del canvas
     mask = st.tissue_mask
-    mds = float(st.group[TISSUE_MASK].attrs["downsample"])
-    grid[~sample_mask(mask, mds, ds, (0, gh), (0, gw))] = np.nan
+    grid[~sample_mask(mask, st.mask_downsample, ds, (0, gh), (0, gw))] = np.nan
     stitch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     thumb = st.thumbnail
-    bg = background_rows(thumb, float(st.group[THUMBNAIL].attrs["downsample"]), ds, grid.shape)
+    bg = background_rows(thumb, st.thumbnail_downsample, ds, grid.shape)
     lut = colour_lut("jet")
     write_pyramid_tiff(
         out / "naive_overlay.tif",
@@ -349,40 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         f"50 % overlap) ready in {time.perf_counter() - t0:.1f} s"
     )
 
+    def ours(ds: float, sigma_um: float, out: str) -> dict[str, Any]:
+        """Our variant in a fresh process, at downsample ``ds`` with ``sigma_um`` smoothing."""
+        argv = ["--variant", "ours", "--store", str(store), "--ds", str(ds)]
+        return _spawn([*argv, "--sigma-um", str(sigma_um), "--out", str(work / out)])
+
     base = _spawn(["--variant", "baseline", "--out", str(work / "baseline")])
     rows: list[tuple[str, dict[str, Any]]] = []
     for ds in args.downsample:
-        r = _spawn(
-            [
-                "--variant",
-                "ours",
-                "--store",
-                str(store),
-                "--ds",
-                str(ds),
-                "--sigma-um",
-                "0",
-                "--out",
-                str(work / f"ours_ds{ds:g}"),
-            ]
-        )
-        rows.append((f"ours ds={ds:g}", r))
+        rows.append((f"ours ds={ds:g}", ours(ds, 0, f"ours_ds{ds:g}")))
     if args.sigma_um > 0:
         ds = min(args.downsample)
-        r = _spawn(
-            [
-                "--variant",
-                "ours",
-                "--store",
-                str(store),
-                "--ds",
-                str(ds),
-                "--sigma-um",
-                str(args.sigma_um),
-                "--out",
-                str(work / f"ours_ds{ds:g}_sigma"),
-            ]
-        )
+        r = ours(ds, args.sigma_um, f"ours_ds{ds:g}_sigma")
         rows.append((f"ours ds={ds:g} sigma={args.sigma_um:g}um", r))
 
     need_mb = args.width * args.height * 6 / 2**20  # float32 + uint16 canvases

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import measured, table
+from common import measured, table
 
 TILE = {"tile_px": 128, "mpp": 1.0}
 SIZE = (8192, 6144)  # level-0 px at 0.5 mpp: 4 x 3 mm, ~230 patches of tissue per slide
@@ -41,10 +41,11 @@ def cohort(
     work: Path, name: str, seed: int, n: int, size: tuple[int, int] = SIZE, **options
 ) -> tuple[Path, Path, Path]:
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.synth import write_cohort
+    from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort
     from wsi_pipeline.tiling import tile_slides
 
     root = work / name
+    slides = root / "cohort" / SLIDES_DIR
     t0 = time.time()
     write_cohort(
         root / "cohort",
@@ -58,7 +59,7 @@ def cohort(
         **options,
     )
     res = tile_slides(
-        sorted((root / "cohort" / "slides").iterdir()),
+        sorted(slides.iterdir()),
         root / "stores",
         spec=TilingSpec(**TILE),
         workers=2,
@@ -66,7 +67,7 @@ def cohort(
     )
     assert all(r.ok for r in res)
     print(f"cohort {name}: {n} slides ready in {time.time() - t0:.0f} s", flush=True)
-    return root / "stores", root / "cohort" / "labels.csv", root / "cohort" / "slides"
+    return root / "stores", root / "cohort" / LABELS_FILE, slides
 
 
 def throughput(stores: Path, slides: Path, steps: int = 30, k: int = 64) -> list[dict]:
@@ -184,17 +185,16 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     of ``rows`` (``slide_id``, ``label``), and the tissue fraction above threshold on the negative
     ones. The slides are tiled again into ``dense`` with 50% overlap (same tile size and mpp as
     the run) for denser heatmaps."""
-    from wsi_pipeline.heatmap import heatmaps
+    from wsi_pipeline.heatmap import heatmaps, read_scores, stitch_store
     from wsi_pipeline.metrics import heatmap_iou
     from wsi_pipeline.prediction import predict
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.stitch import stitch_scores
-    from wsi_pipeline.store import THUMBNAIL, TISSUE_MASK, SlideStore, scores_key
-    from wsi_pipeline.synth import load_ground_truth
+    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.synth import SLIDES_DIR, load_ground_truth
     from wsi_pipeline.tiling import tile_slides
 
     tile_slides(
-        [cohort_dir / "slides" / f"{r['slide_id']}.svs" for r in rows],
+        [cohort_dir / SLIDES_DIR / f"{r['slide_id']}.svs" for r in rows],
         dense,
         spec=TilingSpec(**TILE, overlap_px=TILE["tile_px"] // 2),
         workers=2,
@@ -205,16 +205,8 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     ious, neg_area = [], []
     for r in rows:
         st = SlideStore(dense / f"{r['slide_id']}.zarr")
-        ds = float(st.group[THUMBNAIL].attrs["downsample"])
-        values, _ = stitch_scores(
-            st.coords,
-            np.asarray(st.group[scores_key(run_id)][...]),
-            patch_l0=float(st.tiling["patch_l0"]),
-            slide_wh=(st.meta.width, st.meta.height),
-            downsample=ds,
-            tissue_mask=st.tissue_mask,
-            mask_downsample=float(st.group[TISSUE_MASK].attrs["downsample"]),
-        )
+        ds = st.thumbnail_downsample
+        values, _ = stitch_store(st, read_scores(st, run_id)[0])
         _, lesion, gt_ds = load_ground_truth(cohort_dir, r["slide_id"])
         if r["label"] == "1":
             ious.append(

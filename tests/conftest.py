@@ -1,7 +1,8 @@
 """Shared fixtures: the real test slides in ../shared, and small synthetic data built once.
 
-The session fixtures write real files with the package's own writers (``synth``, ``tiling``);
-tests must not modify them (copy first: ``shutil.copytree``).
+The session fixtures write real files with the package's own writers (``synth``, ``tiling``,
+``training``); tests must not modify them (copy first: ``shutil.copytree``, ``copy_run``).
+The plain helpers they are built with are in helpers.py.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import FAST, make_cohort
 
 from wsi_pipeline.specs import TilingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSI_SHARED", ROOT.parent / "shared"))
 TESTDATA = SHARED / "testdata" / "slides"
-
-#: The tiling of :func:`small_cohort` (as tests/test_training.py's ``small`` fixture).
-SMALL_TILING = TilingSpec(tile_px=64, mpp=1.0)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,17 +56,19 @@ def tiled_store(synth_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """8 small labelled slides tiled at 1 mpp in 64-px patches: ``(stores folder, labels.csv)``.
+    """8 small labelled slides (1536 x 1024 px at 0.5 mpp, seed 21) tiled in 64-px patches at
+    1 mpp (``helpers.TILING``): ``(stores folder, labels.csv)``, for fast plumbing checks."""
+    return make_cohort(tmp_path_factory.mktemp("small_cohort"), 8, width=1536, height=1024, seed=21)
 
-    The cohort of tests/test_training.py's ``small`` fixture (1536 x 1024 px at 0.5 mpp,
-    seed 21, :data:`SMALL_TILING`).
-    """
-    from wsi_pipeline.synth import write_cohort
-    from wsi_pipeline.tiling import tile_slides
 
-    root = tmp_path_factory.mktemp("small_cohort")
-    write_cohort(root / "cohort", n_slides=8, width=1536, height=1024, mpp=0.5, seed=21)
-    slides = sorted((root / "cohort" / "slides").iterdir())
-    res = tile_slides(slides, root / "stores", spec=SMALL_TILING, progress=False)
-    assert all(r.ok for r in res), res
-    return root / "stores", root / "cohort" / "labels.csv"
+@pytest.fixture(scope="session")
+def fast_run(small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder named ``run`` (``TrainConfig(**helpers.FAST)``) trained on
+    :func:`small_cohort`; copy it (``helpers.copy_run``) to change it."""
+    from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.training import train
+
+    stores, labels_csv = small_cohort
+    run = tmp_path_factory.mktemp("fast_run") / "run"
+    train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
+    return run

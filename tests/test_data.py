@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from _cohort import TILING, small_cohort, write_labels
+from helpers import add_blank_store, tile_cohort_slide, write_labels
 
 from wsi_pipeline.data import (
     SPLIT_NAMES,
@@ -24,17 +24,10 @@ from wsi_pipeline.data import (
 from wsi_pipeline.errors import ConfigError, StoreError, TrainingError
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore
-from wsi_pipeline.tiling import tile_slides
 
 
-@pytest.fixture(scope="session")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """8 small slides tiled at 1 mpp, 64-px patches (built once per session)."""
-    return small_cohort(tmp_path_factory)
-
-
-def test_labels_and_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_labels_and_splits(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     labels = read_labels(labels_csv)
     assert labels.classes == ("0", "1")
     found, skipped = resolve_stores(stores, labels)
@@ -57,8 +50,8 @@ def test_labels_and_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
     assert sorted(s for f in folds for s, v in f.items() if v == "val") == sorted(found)
 
 
-def test_bad_labels(small: tuple[Path, Path], tmp_path: Path) -> None:
-    _, labels_csv = small
+def test_bad_labels(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    _, labels_csv = small_cohort
     ids = [r.slide_id for r in read_labels(labels_csv).rows]
     with pytest.raises(ConfigError, match=r"missing column\(s\) label"):
         read_labels(write_labels(tmp_path / "a.csv", [(ids[0],)]))
@@ -73,8 +66,8 @@ def test_bad_labels(small: tuple[Path, Path], tmp_path: Path) -> None:
     assert lab.rows[0].split == "val"
 
 
-def test_bad_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
-    _, labels_csv = small
+def test_bad_splits(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    _, labels_csv = small_cohort
     labels = read_labels(labels_csv)
     ids = [r.slide_id for r in labels.rows]
     with pytest.raises(ConfigError, match="folds must be >= 2"):
@@ -93,8 +86,8 @@ def test_bad_splits(small: tuple[Path, Path], tmp_path: Path) -> None:
         make_splits(partial, ids[:2])
 
 
-def test_missing_and_mismatched_stores(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_missing_and_mismatched_stores(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     labels = read_labels(labels_csv)
     ids = [r.slide_id for r in labels.rows]
     with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
@@ -107,8 +100,7 @@ def test_missing_and_mismatched_stores(small: tuple[Path, Path], tmp_path: Path)
     with pytest.raises(TrainingError, match=r"'synth_000': store synth_000\.zarr is unfinished"):
         resolve_stores(bad, labels)
     shutil.rmtree(bad / f"{ids[0]}.zarr")
-    slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
-    tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
+    tile_cohort_slide(labels_csv, ids[0], bad, TilingSpec(tile_px=96, mpp=1.0))
     found, _ = resolve_stores(bad, labels)
     with pytest.raises(TrainingError, match=r"tile size 64 px, .synth_000. was tiled on 96 px"):
         check_tiling(found)
@@ -117,15 +109,12 @@ def test_missing_and_mismatched_stores(small: tuple[Path, Path], tmp_path: Path)
 
 
 def test_store_without_patches_is_left_out(
-    small: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    small_cohort: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from wsi_pipeline.synth import write_slide
-
-    stores, labels_csv = small
+    stores, labels_csv = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
-    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
-    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
+    add_blank_store(d, tmp_path)
     lab = tmp_path / "l.csv"
     lab.write_text(labels_csv.read_text() + "blank,0\n")
     found, skipped = resolve_stores(d, read_labels(lab))
@@ -133,8 +122,8 @@ def test_store_without_patches_is_left_out(
     assert "store has no patches" in caplog.text
 
 
-def test_bags_are_seeded_and_augmented(small: tuple[Path, Path]) -> None:
-    stores, _ = small
+def test_bags_are_seeded_and_augmented(small_cohort: tuple[Path, Path]) -> None:
+    stores, _ = small_cohort
     paths = sorted(stores.glob("*.zarr"))[:2]
     ds = BagDataset(paths, [0, 1], max_patches=8, augment=True, seed=1)
     a, ya, _ = ds[0]
@@ -147,8 +136,8 @@ def test_bags_are_seeded_and_augmented(small: tuple[Path, Path]) -> None:
     assert len(full[0][0]) == SlideStore(paths[0]).n_patches
 
 
-def test_feature_bags_need_the_features(small: tuple[Path, Path]) -> None:
-    stores, _ = small
+def test_feature_bags_need_the_features(small_cohort: tuple[Path, Path]) -> None:
+    stores, _ = small_cohort
     ds = BagDataset(sorted(stores.glob("*.zarr"))[:1], [0], features="nope-000000000000")
     with pytest.raises(StoreError, match="no 'features/nope-000000000000'; run the features"):
         ds[0]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from _cohort import small_cohort
 
 from wsi_pipeline import features, runs
 from wsi_pipeline.features import (
@@ -26,9 +25,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def stores(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> list[Path]:
+def stores(small_cohort: tuple[Path, Path], tmp_path: Path) -> list[Path]:
     """Two real tiled stores (copies: the cache writes into them)."""
-    small, _ = small_cohort(tmp_path_factory)
+    small, _ = small_cohort
     out = []
     for p in sorted(small.glob("*.zarr"))[:2]:
         shutil.copytree(p, tmp_path / p.name)

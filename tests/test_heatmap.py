@@ -19,7 +19,7 @@ import pytest
 
 import wsi_pipeline
 from wsi_pipeline import heatmap as hm
-from wsi_pipeline import metrics, stitch, synth
+from wsi_pipeline import stitch, synth
 from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SCORES, SlideStore, open_store, scores_key, write_scores
@@ -101,10 +101,9 @@ def exported(data: dict[str, Any]) -> dict[str, Path]:
     )
 
 
-def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
-    st = SlideStore(data["store"])
-    mask = st.tissue_mask
-    values, coverage = stitch.stitch_scores(
+def _stitched_by_hand(data: dict[str, Any], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixture's scores stitched at downsample 16 with the slide's geometry written out."""
+    return stitch.stitch_scores(
         data["coords"],
         data["scores"],
         patch_l0=data["patch_l0"],
@@ -113,6 +112,12 @@ def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
         tissue_mask=mask,
         mask_downsample=16,
     )
+
+
+def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
+    st = SlideStore(data["store"])
+    mask = st.tissue_mask
+    values, coverage = _stitched_by_hand(data, mask)
     assert values.shape == mask.shape
     assert np.isnan(values[~mask]).all()
     assert np.isfinite(values[mask & (coverage > 0)]).all()
@@ -121,15 +126,7 @@ def test_store_heatmap_is_masked_to_tissue(data: dict[str, Any]) -> None:
 def test_stitch_store_reads_the_store_geometry(data: dict[str, Any]) -> None:
     st = SlideStore(data["store"])
     got, got_cov = hm.stitch_store(st, data["scores"], downsample=16)
-    ref, ref_cov = stitch.stitch_scores(
-        data["coords"],
-        data["scores"],
-        patch_l0=data["patch_l0"],
-        slide_wh=(4096, 3072),
-        downsample=16,
-        tissue_mask=st.tissue_mask,
-        mask_downsample=16,
-    )
+    ref, ref_cov = _stitched_by_hand(data, st.tissue_mask)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(got_cov, ref_cov)
     default, _ = hm.stitch_store(st, data["scores"], mask_tissue=False)  # the thumbnail's grid
@@ -177,23 +174,6 @@ def test_read_scores(data: dict[str, Any], tmp_path: Path) -> None:
         hm.read_scores(st, RUN)
     with pytest.raises(StoreError, match=r"no 'scores/none' .*\(it has: short, solo, test\)"):
         hm.read_scores(st, "none")
-
-
-# ------------------------------------------------------------------------------------ metrics
-def test_iou_and_area_on_a_known_case() -> None:
-    values = np.full((4, 4), np.nan, np.float32)
-    values[0:2, 0:2] = 0.9  # 4 px above
-    values[2, 2] = 0.2
-    truth = np.zeros((8, 8), bool)  # twice as fine
-    truth[0:4, 0:2] = True  # covers heatmap pixels (0,0) and (1,0) only
-    # A = 4 px, B = 2 px, A & B = 2 -> 2 / 4
-    assert metrics.heatmap_iou(values, truth, threshold=0.5) == pytest.approx(0.5)
-    assert (
-        metrics.heatmap_iou(values, truth, threshold=0.5, downsample=2, truth_downsample=1) == 0.5
-    )
-    assert metrics.heatmap_iou(values, np.zeros((8, 8), bool), threshold=0.95) == 1.0
-    assert metrics.area_above(values, 0.5) == 4
-    assert metrics.area_above(values, 0.1, pixel_area=2.5) == 12.5
 
 
 # --------------------------------------------------------------------------------------- TIFF

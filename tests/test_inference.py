@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cohort import FAST, fast_run, small_cohort
+from helpers import FAST
 
 from wsi_pipeline import runs
 from wsi_pipeline.data import BagDataset
@@ -28,16 +28,6 @@ from wsi_pipeline.store import SlideStore
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="session")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return small_cohort(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fast_run(tmp_path_factory)
-
-
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == CPU
     want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,20 +46,20 @@ def test_build_model_follows_the_config() -> None:
     assert out.logits.shape == (2,) and out.patch_logits.shape == (5, 2)
 
 
-def test_load_model_and_weights(run: Path, tmp_path: Path) -> None:
-    model = load_model(runs.load_run(run), device=CPU)
+def test_load_model_and_weights(fast_run: Path, tmp_path: Path) -> None:
+    model = load_model(runs.load_run(fast_run), device=CPU)
     assert not model.training
-    saved = torch.load(run / runs.MODEL, weights_only=True)
+    saved = torch.load(fast_run / runs.MODEL, weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k
     other = build_model(TrainConfig(**FAST), 2)
-    assert load_weights(other, run / runs.MODEL) is other
+    assert load_weights(other, fast_run / runs.MODEL) is other
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     with pytest.raises(TrainingError, match=r"bad\.pt: cannot load weights"):
         load_weights(other, tmp_path / "bad.pt")
     wrong = build_model(TrainConfig(hidden_dim=16), 2)
     with pytest.raises(TrainingError, match=r"cannot load weights .*size mismatch"):
-        load_weights(wrong, run / runs.MODEL)
+        load_weights(wrong, fast_run / runs.MODEL)
 
 
 def test_autocast_and_to_device() -> None:
@@ -82,9 +72,11 @@ def test_autocast_and_to_device() -> None:
         assert g.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bag_output_in_chunks_matches_one_pass(run: Path, small: tuple[Path, Path]) -> None:
-    stores, _ = small
-    model = load_model(runs.load_run(run), device=CPU)
+def test_bag_output_in_chunks_matches_one_pass(
+    fast_run: Path, small_cohort: tuple[Path, Path]
+) -> None:
+    stores, _ = small_cohort
+    model = load_model(runs.load_run(fast_run), device=CPU)
     x = BagDataset(sorted(stores.glob("*.zarr"))[:1], [0])[0][0]
     chunked = bag_output(model, x, device=CPU, amp=False, channels_last=False, chunk=7)
     with torch.inference_mode():
@@ -94,9 +86,9 @@ def test_bag_output_in_chunks_matches_one_pass(run: Path, small: tuple[Path, Pat
     assert chunked.patch_logits.shape == (len(x), 2)
 
 
-def test_store_embeddings(run: Path, small: tuple[Path, Path]) -> None:
-    stores, _ = small
-    model = load_model(runs.load_run(run), device=CPU)
+def test_store_embeddings(fast_run: Path, small_cohort: tuple[Path, Path]) -> None:
+    stores, _ = small_cohort
+    model = load_model(runs.load_run(fast_run), device=CPU)
     path = sorted(stores.glob("*.zarr"))[0]
     h = store_embeddings(path, model.embed, device=CPU, chunk=10, out_device="cpu")
     n = SlideStore(path).n_patches

@@ -122,3 +122,17 @@ def test_heatmap_iou_through_level0() -> None:
     assert heatmap_iou(v, truth, threshold=0.5, downsample=16.0, truth_downsample=8.0) == 1.0
     # without the downsamples the grids are taken to span the same extent: a different answer
     assert heatmap_iou(v, truth, threshold=0.5) != 1.0
+
+
+def test_iou_and_area_on_a_known_case() -> None:
+    values = np.full((4, 4), np.nan, np.float32)
+    values[0:2, 0:2] = 0.9  # 4 px above
+    values[2, 2] = 0.2
+    truth = np.zeros((8, 8), bool)  # twice as fine
+    truth[0:4, 0:2] = True  # covers heatmap pixels (0,0) and (1,0) only
+    # A = 4 px, B = 2 px, A & B = 2 -> 2 / 4
+    assert heatmap_iou(values, truth, threshold=0.5) == pytest.approx(0.5)
+    assert heatmap_iou(values, truth, threshold=0.5, downsample=2, truth_downsample=1) == 0.5
+    assert heatmap_iou(values, np.zeros((8, 8), bool), threshold=0.95) == 1.0
+    assert area_above(values, 0.5) == 4
+    assert area_above(values, 0.1, pixel_area=2.5) == 12.5

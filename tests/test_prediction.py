@@ -10,43 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _cohort import TILING, copy_run, fast_run, small_cohort
+from helpers import add_blank_store, copy_run, tile_cohort_slide
 
 from wsi_pipeline import prediction
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import TrainingError
-from wsi_pipeline.prediction import Prediction, predict, write_predictions
+from wsi_pipeline.prediction import Prediction, predict, read_predictions, write_predictions
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore, scores_key
-from wsi_pipeline.tiling import tile_slides
 
 
-@pytest.fixture(scope="session")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """8 small slides tiled at 1 mpp, 64-px patches."""
-    return small_cohort(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run on ``small`` (read only here)."""
-    return fast_run(tmp_path_factory)
-
-
-def test_predict_outputs_and_errors(small: tuple[Path, Path], run: Path, tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_predict_outputs_and_errors(
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path: Path
+) -> None:
+    stores, labels_csv = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
-    run = copy_run(run, tmp_path / "run")  # trained like train(d, labels_csv, run, FAST)
+    run = copy_run(fast_run, tmp_path / "run")  # trained like train(d, labels_csv, run, FAST)
     # a store tiled differently, and one without patches
-    from wsi_pipeline.synth import write_slide
-
-    slide = next((labels_csv.parent / "slides").glob("synth_000.*"))
-    tile_slides([slide], tmp_path / "other", spec=TilingSpec(tile_px=64, mpp=2.0), progress=False)
+    tile_cohort_slide(labels_csv, "synth_000", tmp_path / "other", TilingSpec(tile_px=64, mpp=2.0))
     shutil.copytree(tmp_path / "other" / "synth_000.zarr", d / "odd.zarr")
     zarr.open_group(str(d / "odd.zarr"), mode="r+").attrs["slide_id"] = "odd"
-    write_slide(tmp_path / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
-    tile_slides([tmp_path / "blank.svs"], d, spec=TILING, progress=False)
+    add_blank_store(d, tmp_path)
     code = main(["predict", str(d), "--run", str(run), "--out", str(tmp_path / "pred"), "-q"])
     assert code == 1  # the mismatched store is an error
     with open(tmp_path / "pred" / "predictions.csv") as fh:
@@ -72,9 +57,9 @@ def test_predict_outputs_and_errors(small: tuple[Path, Path], run: Path, tmp_pat
 
 
 def test_predict_opens_each_store_once(
-    small: tuple[Path, Path], run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stores, _ = small
+    stores, _ = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
     opened: dict[str, int] = {}
@@ -85,28 +70,35 @@ def test_predict_opens_each_store_once(
         return real(path, **kw)
 
     monkeypatch.setattr(prediction, "open_store", counting)
-    rows = predict(d, run, tmp_path / "pred", run_id="once", progress=False)
+    rows = predict(d, fast_run, tmp_path / "pred", run_id="once", progress=False)
     assert len(rows) == 8 and all(r.ok and r.n_patches > 0 for r in rows)
     assert opened == {f"synth_{i:03d}.zarr": 1 for i in range(8)}
     st = SlideStore(d / "synth_003.zarr")
     attrs = dict(st.group[scores_key("once")].attrs)
-    assert attrs["run"] == "once" and attrs["run_dir"] == str(run)
+    assert attrs["run"] == "once" and attrs["run_dir"] == str(fast_run)
     assert attrs["predicted"] == max(attrs["probabilities"], key=attrs["probabilities"].get)
 
 
-def test_predict_only_some_slides(small: tuple[Path, Path], run: Path, tmp_path: Path) -> None:
-    stores, _ = small
+def test_predict_only_some_slides(
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path: Path
+) -> None:
+    stores, _ = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
     rows = predict(
-        d, run, tmp_path / "pred", slide_ids=["synth_001", "nope"], run_id="only", progress=False
+        d,
+        fast_run,
+        tmp_path / "pred",
+        slide_ids=["synth_001", "nope"],
+        run_id="only",
+        progress=False,
     )
     assert [r.slide_id for r in rows] == ["synth_001"] and rows[0].run_id == "only"
     assert scores_key("only") in zarr.open_group(str(d / "synth_001.zarr"), mode="r")
     assert scores_key("only") not in zarr.open_group(str(d / "synth_000.zarr"), mode="r")
     # an unfinished store is an error row, not a crash
     zarr.open_group(str(d / "synth_002.zarr"), mode="r+").attrs["complete"] = False
-    rows = predict(d, run, tmp_path / "pred", slide_ids=["synth_002"], progress=False)
+    rows = predict(d, fast_run, tmp_path / "pred", slide_ids=["synth_002"], progress=False)
     assert not rows[0].ok and "store is unfinished; rerun 'wsi-pipeline tile'" in rows[0].error
 
 
@@ -132,3 +124,5 @@ def test_write_predictions(tmp_path: Path) -> None:
     assert got[0]["probability"] == "0.750000" and got[0]["predicted_label"] == "tumour"
     assert got[1]["p_normal"] == "" and got[1]["probability"] == ""
     assert rows[1].ok and not Prediction("c", error="unfinished").ok
+    assert read_predictions(out) == got
+    assert read_predictions(tmp_path / "none.csv") == []

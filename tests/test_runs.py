@@ -7,17 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from _cohort import FAST, copy_run, fast_run, small_cohort
+from helpers import FAST, copy_run
 
 from wsi_pipeline import runs
 from wsi_pipeline.errors import TrainingError
-from wsi_pipeline.specs import TrainConfig
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run (``FAST``) on the small cohort; copy it to change it."""
-    return fast_run(tmp_path_factory)
+from wsi_pipeline.specs import TrainConfig, fold_config
 
 
 def test_run_id_sanitises(tmp_path: Path) -> None:
@@ -31,23 +25,23 @@ def test_run_id_sanitises(tmp_path: Path) -> None:
         assert "/" not in out and "\\" not in out and out not in ("", ".", "..")
 
 
-def test_load_run_reads_a_complete_run(run: Path) -> None:
-    r = runs.load_run(run)
-    assert r["dir"] == run and r["train_config"] == TrainConfig(**FAST)
+def test_load_run_reads_a_complete_run(fast_run: Path) -> None:
+    r = runs.load_run(fast_run)
+    assert r["dir"] == fast_run and r["train_config"] == TrainConfig(**FAST)
     assert r["labels"]["classes"] == ["0", "1"] and r["tiling"]["tile_px"] == 64
     assert r["config"]["run_version"] == runs.RUN_VERSION
     assert r["calibration"]["method"] in ("platt", "none")
 
 
-def test_load_run_refuses_missing_and_old_runs(run: Path, tmp_path: Path) -> None:
+def test_load_run_refuses_missing_and_old_runs(fast_run: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="no such run folder; run 'wsi-pipeline train' first"):
         runs.load_run(tmp_path / "nope")
     for name in (runs.MODEL, runs.CONFIG, runs.LABELS):
-        r = copy_run(run, tmp_path / f"without_{name}")
+        r = copy_run(fast_run, tmp_path / f"without_{name}")
         (r / name).unlink()
         with pytest.raises(TrainingError, match=rf"not a complete run \(no {name}\); train again"):
             runs.load_run(r)
-    old = copy_run(run, tmp_path / "old")
+    old = copy_run(fast_run, tmp_path / "old")
     cfg = json.loads((old / runs.CONFIG).read_text())
     cfg["run_version"] = 0
     (old / runs.CONFIG).write_text(json.dumps(cfg))
@@ -57,29 +51,29 @@ def test_load_run_refuses_missing_and_old_runs(run: Path, tmp_path: Path) -> Non
     (old / runs.CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(TrainingError, match="run format None"):
         runs.load_run(old)
-    bad = copy_run(run, tmp_path / "bad")
+    bad = copy_run(fast_run, tmp_path / "bad")
     (bad / runs.TILING).write_text("{not json")
     with pytest.raises(TrainingError, match=r"tiling\.json: unreadable"):
         runs.load_run(bad)
-    cfg = json.loads((run / runs.CONFIG).read_text())
+    cfg = json.loads((fast_run / runs.CONFIG).read_text())
     cfg["train"]["mode"] = "nope"
-    (bad / runs.TILING).write_text((run / runs.TILING).read_text())
+    (bad / runs.TILING).write_text((fast_run / runs.TILING).read_text())
     (bad / runs.CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(TrainingError, match="incompatible training config"):
         runs.load_run(bad)
 
 
 def test_run_state_on_real_runs(
-    run: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    fast_run: Path, small_cohort: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from wsi_pipeline.training import train
 
     cfg = TrainConfig(**FAST)
-    assert runs.run_state(run, cfg) == "done"
-    assert runs.run_state(run, TrainConfig(**{**FAST, "lr": 1e-3})) == "fresh"
+    assert runs.run_state(fast_run, cfg) == "done"
+    assert runs.run_state(fast_run, TrainConfig(**{**FAST, "lr": 1e-3})) == "fresh"
     assert runs.run_state(tmp_path / "nope", cfg) == "fresh"
     # an unfinished run with its checkpoint: resume
-    stores, labels_csv = small_cohort(tmp_path_factory)
+    stores, labels_csv = small_cohort
     part = tmp_path / "part"
     train(stores, labels_csv, part, config=cfg, stop_after=1, progress=False)
     assert not json.loads((part / runs.METRICS).read_text())["finished"]
@@ -90,21 +84,21 @@ def test_run_state_on_real_runs(
     (part / runs.CHECKPOINT).unlink()
     assert runs.run_state(part, cfg) == "fresh"
     # a finished run whose model is gone is not done
-    gone = copy_run(run, tmp_path / "gone")
+    gone = copy_run(fast_run, tmp_path / "gone")
     (gone / runs.MODEL).unlink()
     assert runs.run_state(gone, cfg) == "resume"
 
 
-def test_check_resumable(run: Path, tmp_path: Path) -> None:
+def test_check_resumable(fast_run: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(**FAST)
-    runs.check_resumable(run, cfg)
+    runs.check_resumable(fast_run, cfg)
     with pytest.raises(
         TrainingError, match=r"cannot resume with a different config \(changed: lr, seed\)"
     ):
-        runs.check_resumable(run, TrainConfig(**{**FAST, "lr": 1e-3, "seed": 9}))
+        runs.check_resumable(fast_run, TrainConfig(**{**FAST, "lr": 1e-3, "seed": 9}))
     with pytest.raises(TrainingError, match=r"nothing to resume \(no checkpoint\.pt\)"):
         runs.check_resumable(tmp_path, cfg)
-    r = copy_run(run, tmp_path / "r")
+    r = copy_run(fast_run, tmp_path / "r")
     (r / runs.CONFIG).unlink()
     with pytest.raises(TrainingError, match=r"changed: .*epochs.*lr"):
         runs.check_resumable(r, cfg)
@@ -145,6 +139,8 @@ def test_writers_and_readers(tmp_path: Path) -> None:
     cv = runs.write_cv_metrics(tmp_path / "cv", [0.5, None, 1.0])
     assert cv["folds"] == 3 and cv["val_auc_mean"] == 0.75 and cv["val_auc_std"] == 0.25
     assert json.loads((tmp_path / "cv" / runs.CV_METRICS).read_text())["val_auc"][1] is None
+    assert runs.read_cv_metrics(tmp_path / "cv") == {**cv, "val_auc": [0.5, None, 1.0]}
+    assert runs.read_cv_metrics(tmp_path) is None
     empty = runs.write_cv_metrics(tmp_path / "cv0", [None])
     assert math.isnan(empty["val_auc_mean"])
     assert json.loads((tmp_path / "cv0" / runs.CV_METRICS).read_text())["val_auc_mean"] is None
@@ -152,3 +148,32 @@ def test_writers_and_readers(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
     with pytest.raises(TrainingError, match=r"labels\.json: unreadable"):
         runs.read_classes(tmp_path / "cv")
+
+
+def _finished_run(run_dir: Path, config: TrainConfig) -> None:
+    """What run_state reads of a finished run: config.json, metrics.json and model.pt."""
+    run_dir.mkdir(parents=True)
+    record = {"run_version": runs.RUN_VERSION, "train": config.to_dict()}
+    runs.write_run_start(run_dir, config=record, tiling={}, labels={}, splits=[])
+    best = {"epoch": 0, "auc": 0.5, "loss": 1.0}
+    runs.write_metrics(run_dir, [], best, None, {}, config, finished=True)
+    (run_dir / runs.MODEL).write_bytes(b"")
+
+
+def test_cv_state(tmp_path: Path) -> None:
+    cfg = TrainConfig(**FAST)
+    assert runs.cv_state(tmp_path / "cv", cfg, 2) == "fresh"
+    for k in range(2):
+        _finished_run(runs.fold_dir(tmp_path / "cv", k), fold_config(cfg, folds=2, fold=k))
+    assert runs.cv_state(tmp_path / "cv", cfg, 2) == "resume"  # no cv_metrics.json yet
+    runs.write_cv_metrics(tmp_path / "cv", [0.5, 0.5])
+    assert runs.cv_state(tmp_path / "cv", cfg, 2) == "done"
+    assert runs.cv_state(tmp_path / "cv", TrainConfig(**{**FAST, "lr": 1e-3}), 2) == "fresh"
+    # one fold done, the other not started: resume; with a checkpoint of another config there,
+    # every fold starts over
+    part = tmp_path / "part"
+    _finished_run(runs.fold_dir(part, 0), fold_config(cfg, folds=2, fold=0))
+    assert runs.cv_state(part, cfg, 2) == "resume"
+    _finished_run(runs.fold_dir(part, 1), cfg)
+    (runs.fold_dir(part, 1) / runs.CHECKPOINT).write_bytes(b"")
+    assert runs.cv_state(part, cfg, 2) == "fresh"

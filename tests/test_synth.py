@@ -368,20 +368,16 @@ def test_bad_path_suffix(tmp_path):
 # -------------------------------------------------------------------------------- cohorts
 
 
+#: The cohort of the ``cohort`` fixture (a rerun with the same options skips its slides).
+COHORT = dict(
+    n_slides=8, width=768, height=512, mpp=0.5, seed=1, lesion_fraction=0.05, pen_mark=False
+)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    slides = write_cohort(
-        out,
-        n_slides=8,
-        width=768,
-        height=512,
-        mpp=0.5,
-        seed=1,
-        lesion_fraction=0.05,
-        pen_mark=False,
-    )
-    return out, slides
+    return out, write_cohort(out, **COHORT)
 
 
 def test_cohort_files(cohort):
@@ -424,16 +420,7 @@ def test_cohort_rerun_skips_finished_slides(cohort):
     out, slides = cohort
     path = out / "slides" / "synth_003.svs"
     before = os.stat(path).st_mtime_ns
-    again = write_cohort(
-        out,
-        n_slides=8,
-        width=768,
-        height=512,
-        mpp=0.5,
-        seed=1,
-        lesion_fraction=0.05,
-        pen_mark=False,
-    )
+    again = write_cohort(out, **COHORT)
     assert os.stat(path).st_mtime_ns == before
     assert [s.label for s in again] == [s.label for s in slides]
     assert all(np.array_equal(a.tissue_mask, b.tissue_mask) for a, b in zip(again, slides))

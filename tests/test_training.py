@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from _cohort import FAST, make_cohort, small_cohort, write_labels
+from helpers import FAST, make_cohort, tile_cohort_slide, write_labels
 
 from wsi_pipeline import runs
 from wsi_pipeline.cli import main
@@ -24,32 +24,24 @@ from wsi_pipeline.prediction import predict
 from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.store import SlideStore, features_key, scores_key
 from wsi_pipeline.synth import load_ground_truth
-from wsi_pipeline.tiling import tile_slides
 from wsi_pipeline.tissue import rect_fractions
 from wsi_pipeline.training import (
     TrainState,
-    bag_loss,
     calibrate,
-    make_objective,
     setup_training,
     start_state,
-    topk_instance_loss,
     train,
     train_one_epoch,
 )
 
 
-@pytest.fixture(scope="session")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """8 small slides tiled at 1 mpp, 64-px patches: fast plumbing checks."""
-    return small_cohort(tmp_path_factory)
-
-
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def test_train_refuses_bad_inputs_before_starting(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_train_refuses_bad_inputs_before_starting(
+    small_cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    stores, labels_csv = small_cohort
     ids = [r.slide_id for r in read_labels(labels_csv).rows]
     cfg = TrainConfig(**FAST)
     with pytest.raises(TrainingError, match=r"'nope': no store nope\.zarr"):
@@ -71,8 +63,7 @@ def test_train_refuses_bad_inputs_before_starting(small: tuple[Path, Path], tmp_
     with pytest.raises(TrainingError, match=r"'synth_000': store synth_000\.zarr is unfinished"):
         train(bad, labels_csv, tmp_path / "r", config=cfg)
     shutil.rmtree(bad / f"{ids[0]}.zarr")
-    slide = next((labels_csv.parent / "slides").glob(f"{ids[0]}.*"))
-    tile_slides([slide], bad, spec=TilingSpec(tile_px=96, mpp=1.0), progress=False)
+    tile_cohort_slide(labels_csv, ids[0], bad, TilingSpec(tile_px=96, mpp=1.0))
     with pytest.raises(TrainingError, match=r"tile size 64 px, .synth_000. was tiled on 96 px"):
         train(bad, labels_csv, tmp_path / "r", config=cfg)
     assert not (tmp_path / "r").exists()  # nothing started
@@ -81,8 +72,8 @@ def test_train_refuses_bad_inputs_before_starting(small: tuple[Path, Path], tmp_
 # ---------------------------------------------------------------------------------------------
 # training runs
 # ---------------------------------------------------------------------------------------------
-def test_train_writes_a_complete_run(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_train_writes_a_complete_run(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     run = tmp_path / "run"
     m = train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
     for f in (
@@ -106,8 +97,8 @@ def test_train_writes_a_complete_run(small: tuple[Path, Path], tmp_path: Path) -
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def test_resume_is_bit_for_bit(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_resume_is_bit_for_bit(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     cfg = TrainConfig(epochs=3, max_patches=12, num_workers=1, patience=10, seed=5)
     train(stores, labels_csv, tmp_path / "straight", config=cfg, progress=False)
     train(stores, labels_csv, tmp_path / "split", config=cfg, stop_after=1, progress=False)
@@ -132,12 +123,12 @@ def test_resume_is_bit_for_bit(small: tuple[Path, Path], tmp_path: Path) -> None
     assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
 
 
-def test_training_steps(small: tuple[Path, Path], tmp_path: Path) -> None:
+def test_training_steps(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
     """The steps of ``train`` on their own: set-up, a fresh state, one epoch, the resume check."""
     from wsi_pipeline.data import make_splits, resolve_stores
     from wsi_pipeline.distributed import Distributed
 
-    stores, labels_csv = small
+    stores, labels_csv = small_cohort
     labels = read_labels(labels_csv)
     found, _ = resolve_stores(stores, labels)
     splits = make_splits(labels, list(found))
@@ -158,41 +149,13 @@ def test_training_steps(small: tuple[Path, Path], tmp_path: Path) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_objective_and_calibration(small: tuple[Path, Path]) -> None:
-    from wsi_pipeline.data import BagDataset
-
-    stores, _ = small
-    bags = BagDataset(sorted(stores.glob("*.zarr"))[:3], [0, 1, 1])
-    cpu = torch.device("cpu")
-    obj = make_objective(TrainConfig(balance="loss"), ("0", "1"), bags, device=cpu)
-    assert obj.instance == "topk" and obj.negative == 0
-    assert torch.allclose(obj.class_weights, torch.tensor([1.5, 0.75]))
-    clam = make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu)
-    assert clam.instance == "clam" and clam.class_weights is None
-    assert (
-        make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu, world=2).instance
-        == "none"
-    )
-    assert (
-        make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu).instance
-        == "none"
-    )
-    # without an instance loss the bag loss is the slide cross-entropy
-    from wsi_pipeline.inference import build_model
-
-    model = build_model(TrainConfig(), 2).eval()
-    x = bags[0][0]
-    none = make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu)
-    with torch.no_grad():
-        loss = bag_loss(model, model, x, 1, none)
-        ref = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([1]))
-    assert torch.isclose(loss, ref)
-    # calibration: the identity without validation slides
+def test_calibrate_without_validation_slides() -> None:
+    """The calibration of a run without validation slides is the identity."""
     assert calibrate(None, ("0", "1")) == {"method": "none", "num_classes": 2}
 
 
-def test_features_mode_and_predict(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_features_mode_and_predict(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
     run = tmp_path / "frun"
@@ -207,8 +170,8 @@ def test_features_mode_and_predict(small: tuple[Path, Path], tmp_path: Path) -> 
     assert len(rows) == 8 and all(r.ok for r in rows)
 
 
-def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_multiclass_with_names(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     ids = [r.slide_id for r in read_labels(labels_csv).rows]
     names = ["tumour_b", "normal", "tumour_a", "normal"] * 2
     lab = write_labels(tmp_path / "multi.csv", list(zip(ids, names)))
@@ -238,8 +201,8 @@ def test_multiclass_with_names(small: tuple[Path, Path], tmp_path: Path) -> None
     assert r["predicted_label"] in ("normal", "tumour_a", "tumour_b")
 
 
-def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_kfold(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     code = main(
         [
             "train",
@@ -266,8 +229,8 @@ def test_kfold(small: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_ddp_two_processes_gloo(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
         str(torchrun),
@@ -299,8 +262,8 @@ def test_ddp_two_processes_gloo(small: tuple[Path, Path], tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> None:
-    stores, labels_csv = small
+def test_cuda_amp_channels_last(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    stores, labels_csv = small_cohort
     m = train(
         stores,
         labels_csv,
@@ -311,31 +274,6 @@ def test_cuda_amp_channels_last(small: tuple[Path, Path], tmp_path: Path) -> Non
     assert m["finished"]
     rows = predict(stores, tmp_path / "gpu", tmp_path / "pred", device="cuda", progress=False)
     assert all(r.ok for r in rows)
-
-
-def test_instance_loss_follows_the_mil_assumption() -> None:
-    """Only the k most abnormal-looking patches get a gradient: towards the negative class in a
-    negative slide (hard negatives), towards the slide's class in a positive one."""
-    logits = torch.tensor(
-        [[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]], requires_grad=True
-    )
-    topk_instance_loss(logits, 0, 0, k=2).backward()
-    moved = logits.grad.abs().sum(dim=1) > 0
-    assert moved.tolist() == [True, False, False, True, False]  # the two highest margins
-    assert bool((logits.grad[moved, 1] > 0).all())  # their positive logit is pushed down
-    logits.grad = None
-    loss = topk_instance_loss(logits, 1, 0, k=2)
-    loss.backward()
-    assert moved.tolist() == (logits.grad.abs().sum(dim=1) > 0).tolist()
-    assert bool((logits.grad[moved, 1] < 0).all())  # pushed up (gradient descent)
-    target = torch.ones(2, dtype=torch.long)
-    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits[[3, 0]], target))
-    # three classes, slide of class 2: top-k by the class-2-vs-normal margin
-    three = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], requires_grad=True)
-    topk_instance_loss(three, 2, 0, k=1).backward()
-    assert (three.grad.abs().sum(dim=1) > 0).tolist() == [False, True, False]
-    # k larger than the bag: every patch
-    assert torch.isfinite(topk_instance_loss(logits[:1], 1, 0, k=8))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ _LAZY = {
     "train": "training",
     "train_folds": "training",
     "predict": "prediction",
-    "stitch_scores": "heatmap",
+    "stitch_scores": "stitch",
     "export_heatmaps": "heatmap",
     "heatmaps": "heatmap",
     "load_pipeline": "pipeline",

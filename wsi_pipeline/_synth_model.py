@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -101,9 +101,12 @@ def _noise_grid(seed: int, fid: int, xs: np.ndarray, ys: np.ndarray, cell: float
     lattice = (2 * _uniform(_hash(seed, fid, ky[:, None], kx[None, :])) - 1).astype(np.float32)
     cx = ix.astype(np.int64) - kx0 - 1
     cy = iy.astype(np.int64) - ky0 - 1
-    along_x = sum(lattice[:, cx + j] * wx[j].astype(np.float32) for j in range(4))  # (n_ky, nx)
-    return sum(
-        along_x[cy + j] * (_NOISE_GAIN * wy[j][:, None]).astype(np.float32) for j in range(4)
+    # Each sum() below adds 4 arrays, so is an array (its stub also allows the int start, 0).
+    # along_x: (n_ky, nx)
+    along_x = cast(np.ndarray, sum(lattice[:, cx + j] * wx[j].astype(np.float32) for j in range(4)))
+    return cast(
+        np.ndarray,
+        sum(along_x[cy + j] * (_NOISE_GAIN * wy[j][:, None]).astype(np.float32) for j in range(4)),
     )
 
 
@@ -405,6 +408,7 @@ def render_tile(
         e = ta * (e + 0.02 * noise[..., 4])
         od += h[..., None] * _H_OD + e[..., None] * _E_OD
     if pen is not None:
+        assert m.pen is not None  # pen alpha exists only for a model with a pen
         od += pen[..., None] * m.pen[2]
     od += _GLASS_OD
     base, gx, gy = m.illum
@@ -476,6 +480,7 @@ def _stain(
 
 
 def _pen_alpha(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    assert m.pen is not None  # called only for a model with a pen
     pts, half, _ = m.pen
     pad = 1.2 * half + 4
     dist = None
@@ -495,6 +500,7 @@ def _pen_alpha(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
 
 
 def _fold_alpha(m: Model, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    assert m.fold is not None  # called only for a model with a fold
     cx, cy, ux, uy, half_len, half_w = m.fold
     reach = half_len + 2 * half_w
     if xs[-1] < cx - reach or xs[0] > cx + reach or ys[-1] < cy - reach or ys[0] > cy + reach:
@@ -541,7 +547,9 @@ def _nuclei(m: Model, x0: int, y0: int, size: int) -> np.ndarray | None:
             keep = tis & les & (u[:, 2] < 0.65)
             kind = np.full(x.shape, _TUMOUR)
         parts.append((x[keep], y[keep], u[keep], kind[keep]))
-    x, y, u, kind = (np.concatenate(p) for p in zip(*parts)) if parts else ([],) * 4
+    if not parts:
+        return None
+    x, y, u, kind = (np.concatenate(p) for p in zip(*parts))
     if not len(x):
         return None
     p = _KINDS[kind]

@@ -203,7 +203,9 @@ class JpegCodec(ArrayBytesCodec):
         import imagecodecs
 
         arr = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(arr.reshape(chunk_spec.shape))
+        # zarr's NDArrayLike protocol (all() -> bool) does not match numpy 2's ndarray stubs.
+        out = arr.reshape(chunk_spec.shape)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)  # type: ignore[arg-type]
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         return self._decode_sync(chunk_bytes, chunk_spec)

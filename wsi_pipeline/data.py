@@ -68,6 +68,7 @@ class Labels:
     path: str
 
     def index(self, label: str) -> int:
+        """Class index of ``label`` (ValueError for an unknown one)."""
         return self.classes.index(label)
 
 
@@ -403,6 +404,7 @@ class BagDataset:
         self.n_patches = [int(open_store(s)[COORDS].shape[0]) for s in self.stores]
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's patch subsets and augmentations (seeded by ``(seed, epoch, bag)``)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -60,8 +60,6 @@ from .exports import (
 from .metrics import area_above
 from .stitch import MODES, display_values, percentile_ranks, stitch_scores
 from .store import (
-    THUMBNAIL,
-    TISSUE_MASK,
     SlideStore,
     has_complete_array,
     list_stores,
@@ -272,27 +270,23 @@ def stitch_store(
     coverage : (H, W) float32 ndarray
         As :func:`wsi_pipeline.stitch.stitch_scores` returns them.
     """
-    meta, g = store.meta, store.group
+    meta = store.meta
     mask = mask_ds = None
     if mask_tissue:
-        mask = np.asarray(g[TISSUE_MASK][...], dtype=bool)
-        mask_ds = float(g[TISSUE_MASK].attrs.get("downsample", meta.width / mask.shape[1]))
+        mask = np.asarray(store.tissue_mask, dtype=bool)
+        mask_ds = store.mask_downsample
     return stitch_scores(
         store.coords,
         values,
         patch_l0=float(store.tiling["patch_l0"]),
         slide_wh=(meta.width, meta.height),
-        downsample=float(downsample or _thumbnail_ds(store)),
+        downsample=float(downsample or store.thumbnail_downsample),
         tissue_mask=mask,
         mask_downsample=mask_ds,
         sigma_um=sigma_um,
         mpp=meta.mpp,
         block_px=block_px,
     )
-
-
-def _thumbnail_ds(store: SlideStore) -> float:
-    return float(store.group[THUMBNAIL].attrs["downsample"])
 
 
 class _Slide(NamedTuple):
@@ -319,7 +313,7 @@ def _load(
     if store.n_patches == 0:
         raise StoreError("no patches in the store (no tissue); nothing to draw", path=store.path)
     scores, pred = read_scores(store, run_id, which)
-    ds = float(downsample or _thumbnail_ds(store))
+    ds = float(downsample or store.thumbnail_downsample)
     if not ds > 0:
         raise ConfigError(f"downsample must be > 0, not {downsample!r}")
     params = {
@@ -512,7 +506,9 @@ def _write_tiffs(
         f"run {p['run']}; level 0 spans the slide at downsample {p['downsample']:g} "
         f"({'unknown' if hmpp is None else f'{hmpp:g}'} um per pixel)"
     )
-    bg_rows = background_rows(thumb, _thumbnail_ds(slide.store), p["downsample"], values.shape)
+    bg_rows = background_rows(
+        thumb, slide.store.thumbnail_downsample, p["downsample"], values.shape
+    )
     write_pyramid_tiff(
         paths["tiff"],
         lambda r0, r1: overlay_rgb(

@@ -35,7 +35,6 @@ from .specs import (
     TRAIN_OPTIONS,
     TilingSpec,
     TrainConfig,
-    fold_config,
     tiling_from_options,
     train_config_from_options,
 )
@@ -203,8 +202,17 @@ def _check_section(where: str, section: str, data: dict[str, Any], rules: dict[s
             _check_type(where, f"{section}.{key}", value, rule.types)
 
 
-def _drop_stage(p: Pipeline, name: str) -> None:
-    p.stages = tuple(s for s in p.stages if s != name)
+def _stage_section(
+    p: Pipeline, data: dict[str, Any], where: str, name: str
+) -> dict[str, Any] | None:
+    """The section of a stage that needs one (synth, train, heatmap), or None: the stage is not
+    listed, or the file has no such section (the stage is then dropped from ``p.stages``)."""
+    if name not in p.stages:
+        return None
+    if name not in data:
+        p.stages = tuple(s for s in p.stages if s != name)
+        return None
+    return _section(where, data[name], name)
 
 
 def _load_top(data: dict[str, Any], where: str, path: str | os.PathLike) -> Pipeline:
@@ -228,14 +236,11 @@ def _load_top(data: dict[str, Any], where: str, path: str | os.PathLike) -> Pipe
 
 
 def _load_synth(p: Pipeline, data: dict[str, Any], where: str) -> None:
-    if "synth" not in p.stages:
-        return
-    if "synth" not in data:
-        _drop_stage(p, "synth")
+    p.synth = _stage_section(p, data, where, "synth")
+    if p.synth is None:
         return
     from .synth import SLIDE_DEFAULTS, write_cohort
 
-    p.synth = _section(where, data["synth"], "synth")
     defaults = {**_keywords(write_cohort, {"out_dir"}), **SLIDE_DEFAULTS}
     _check_section(where, "synth", p.synth, _from_defaults(defaults))
 
@@ -248,12 +253,16 @@ def _load_paths(p: Pipeline, data: dict[str, Any], where: str) -> None:
             _check_type(where, "slides", s, str)
         p.slides = [Path(s) for s in items]
     elif p.synth is not None:
-        p.slides = [p.cohort / "slides"]
+        from .synth import SLIDES_DIR
+
+        p.slides = [p.cohort / SLIDES_DIR]
     if "labels" in data:
         _check_type(where, "labels", data["labels"], str)
         p.labels = Path(data["labels"])
     elif p.synth is not None:
-        p.labels = p.cohort / "labels.csv"
+        from .synth import LABELS_FILE
+
+        p.labels = p.cohort / LABELS_FILE
     if "run" in data:
         _check_type(where, "run", data["run"], str)
         p.run = Path(data["run"])
@@ -269,12 +278,9 @@ def _load_tile(p: Pipeline, data: dict[str, Any], where: str) -> None:
 
 
 def _load_train(p: Pipeline, data: dict[str, Any], where: str) -> None:
-    if "train" not in p.stages:
+    p.train = _stage_section(p, data, where, "train")
+    if p.train is None:
         return
-    if "train" not in data:
-        _drop_stage(p, "train")
-        return
-    p.train = _section(where, data["train"], "train")
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     rules = {**_from_defaults(fields), **_typed(TRAIN_OPTIONS, null_ok=True)}
     _check_section(where, "train", p.train, rules)
@@ -285,14 +291,11 @@ def _load_train(p: Pipeline, data: dict[str, Any], where: str) -> None:
 
 
 def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
-    if "heatmap" not in p.stages:
-        return
-    if "heatmap" not in data:
-        _drop_stage(p, "heatmap")
+    p.heatmap = _stage_section(p, data, where, "heatmap")
+    if p.heatmap is None:
         return
     from .heatmap import heatmaps
 
-    p.heatmap = _section(where, data["heatmap"], "heatmap")
     defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id"})
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
 
@@ -364,9 +367,9 @@ class _Outcome(NamedTuple):
 
 
 def _synth_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
-    from .synth import write_cohort
+    from .synth import COHORT_FILE, write_cohort
 
-    marker = p.cohort / "cohort.json"
+    marker = p.cohort / COHORT_FILE
     before = marker.read_text() if marker.exists() else None
     write_cohort(p.cohort, **(p.synth or {}))  # skips slides that are already written
     status = "skipped" if before == marker.read_text() else "ran"
@@ -391,25 +394,12 @@ def _tile_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     return _Outcome(status, outputs, failed=any(not r.ok for r in res))
 
 
-def _cv_state(run_dir: Path, config: TrainConfig, folds: int) -> str:
-    """:func:`~wsi_pipeline.runs.run_state` of k-fold training: done, resume or fresh."""
-    dirs = [runs.fold_dir(run_dir, k) for k in range(folds)]
-    states = [
-        runs.run_state(d, fold_config(config, folds=folds, fold=k)) for k, d in enumerate(dirs)
-    ]
-    if all(s == "done" for s in states) and (run_dir / runs.CV_METRICS).is_file():
-        return "done"
-    # a fold whose checkpoint is of another config cannot be resumed: start every fold over
-    stale = any(s == "fresh" and (d / runs.CHECKPOINT).is_file() for d, s in zip(dirs, states))
-    return "fresh" if stale or all(s == "fresh" for s in states) else "resume"
-
-
 def _train_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     from .training import train, train_folds
 
     config = p.train_config or TrainConfig()
     if p.folds:
-        state = _cv_state(p.run_dir, config, p.folds)
+        state = runs.cv_state(p.run_dir, config, p.folds)
     else:
         state = runs.run_state(p.run_dir, config)
     outputs = {"run": str(p.run_dir)}
@@ -525,17 +515,14 @@ def run_pipeline(
 # ---------------------------------------------------------------------------------------------
 def _held_out(p: Pipeline) -> dict[str, Any]:
     """Slide-level AUC of predictions.csv on the run's val and test slides."""
-    import csv
-
     from .data import negative_class
     from .metrics import auc_score
+    from .prediction import read_predictions
 
-    pred = p.predictions / runs.PREDICTIONS
     splits = runs.read_splits(p.run_dir)
-    if not pred.is_file() or not splits:
+    if not splits:
         return {}
-    with open(pred, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("probability")]
+    rows = [r for r in read_predictions(p.predictions / runs.PREDICTIONS) if r.get("probability")]
     held = [r for r in rows if splits.get(r["slide_id"], {}).get("split") in ("val", "test")]
     if not held:
         return {}
@@ -555,9 +542,8 @@ def _summary(p: Pipeline) -> dict[str, Any]:
             out["test_auc"] = metrics["test"]["auc"]
             out["test_n"] = metrics["test"]["n"]
         out["best_val_auc"] = metrics.get("best_val_auc")
-    cv = p.run_dir / runs.CV_METRICS
-    if p.folds and cv.is_file():
-        res = json.loads(cv.read_text())
+    res = runs.read_cv_metrics(p.run_dir) if p.folds else None
+    if res is not None:
         out.update(
             folds=res["folds"],
             cv_val_auc_mean=res["val_auc_mean"],

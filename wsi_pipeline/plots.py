@@ -29,10 +29,13 @@ def _pyplot() -> Any:
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    """Write ``fig`` as a PNG atomically, and close it."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:

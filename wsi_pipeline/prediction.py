@@ -28,7 +28,7 @@ from .specs import tiling_mismatch
 from .store import COORDS, features_key, list_stores, open_store, write_scores
 from .util import atomic_path, sanitize_id
 
-__all__ = ["Prediction", "predict", "predict_store", "write_predictions"]
+__all__ = ["Prediction", "predict", "predict_store", "read_predictions", "write_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Prediction:
 
     @property
     def ok(self) -> bool:
+        """Predicted, or left out for having no patches (not an error of the run)."""
         return not self.error or self.error.startswith("no patches")
 
 
@@ -225,6 +226,27 @@ def write_predictions(path: Path, rows: Sequence[Prediction], classes: Sequence[
             )
             w.writerow(row)
     return path
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a :func:`write_predictions` file as read by ``csv.DictReader`` (all values
+    strings; ``probability`` is empty for a slide that was not predicted).
+
+    Parameters
+    ----------
+    path : path
+        A ``predictions.csv``.
+
+    Returns
+    -------
+    list of dict
+        One per slide, in file order; ``[]`` when there is no such file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    with open(p, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _open_ready(

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, TrainingError
-from .specs import TrainConfig
+from .specs import TrainConfig, fold_config
 from .util import atomic_write_json, atomic_write_text, sanitize_id
 
 __all__ = [
@@ -41,9 +41,11 @@ __all__ = [
     "TENSORBOARD",
     "TILING",
     "check_resumable",
+    "cv_state",
     "fold_dir",
     "load_run",
     "read_classes",
+    "read_cv_metrics",
     "read_metrics",
     "read_splits",
     "run_id",
@@ -135,6 +137,36 @@ def run_state(run_dir: str | os.PathLike, config: TrainConfig) -> str:
     if m.get("finished") and (run / MODEL).is_file():
         return "done"
     return "resume" if (run / CHECKPOINT).is_file() else "fresh"
+
+
+def cv_state(run_dir: str | os.PathLike, config: TrainConfig, folds: int) -> str:
+    """:func:`run_state` of k-fold cross-validation into ``run_dir/fold_<k>``: ``"done"``,
+    ``"resume"`` or ``"fresh"``.
+
+    Parameters
+    ----------
+    run_dir : path
+        The parent of the fold folders (and of ``cv_metrics.json``).
+    config : TrainConfig
+        The options shared by all folds (each fold's own config is
+        :func:`wsi_pipeline.specs.fold_config`).
+    folds : int
+        Number of folds.
+
+    Returns
+    -------
+    str
+        ``done``: every fold done and ``cv_metrics.json`` written; ``fresh``: no fold started,
+        or a fold has a checkpoint of another config (every fold starts over); ``resume``:
+        anything else.
+    """
+    dirs = [fold_dir(run_dir, k) for k in range(folds)]
+    states = [run_state(d, fold_config(config, folds=folds, fold=k)) for k, d in enumerate(dirs)]
+    if all(s == "done" for s in states) and (Path(run_dir) / CV_METRICS).is_file():
+        return "done"
+    # a fold whose checkpoint is of another config cannot be resumed: start every fold over
+    stale = any(s == "fresh" and (d / CHECKPOINT).is_file() for d, s in zip(dirs, states))
+    return "fresh" if stale or all(s == "fresh" for s in states) else "resume"
 
 
 def check_resumable(run_dir: str | os.PathLike, config: TrainConfig) -> None:
@@ -315,6 +347,15 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``metrics.json`` of a run, or ``None`` when it is missing or unreadable."""
     try:
         return json.loads((Path(run_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_cv_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``cv_metrics.json`` of a k-fold run (see :func:`write_cv_metrics`), or ``None`` when it is
+    missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / CV_METRICS).read_text())
     except (OSError, ValueError):
         return None
 

@@ -333,9 +333,9 @@ class TrainConfig:
     instance_weight : float
         Weight of the instance loss next to the slide loss (``(1 - w) * slide + w * instance``):
         CLAM's instance clustering loss for ``clam_sb`` (CLAM's paper uses 0.3), the MIL
-        instance loss of :func:`topk_instance_loss` for the other heads; 0 turns it off. With
-        small lesions and a CNN trained from scratch, 0.6 (with ``instance_k=8``) found them where
-        0.3 with ``k=4`` often did not.
+        instance loss of :func:`~wsi_pipeline.losses.topk_instance_loss` for the other heads; 0
+        turns it off. With small lesions and a CNN trained from scratch, 0.6 (with
+        ``instance_k=8``) found them where 0.3 with ``k=4`` often did not.
     instance_k : int
         Patches per bag in the top-k instance loss.
     seed : int

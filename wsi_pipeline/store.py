@@ -713,6 +713,18 @@ class SlideStore:
         """(h, w) bool tissue mask, on the thumbnail's grid."""
         return np.asarray(self.group[TISSUE_MASK][...])
 
+    @property
+    def thumbnail_downsample(self) -> float:
+        """Level-0 pixels per :attr:`thumbnail` pixel."""
+        return float(self.group[THUMBNAIL].attrs["downsample"])
+
+    @property
+    def mask_downsample(self) -> float:
+        """Level-0 pixels per :attr:`tissue_mask` pixel (for a mask stored without it: the
+        slide's width over the mask's)."""
+        arr = self.group[TISSUE_MASK]
+        return float(arr.attrs.get("downsample", self.meta.width / arr.shape[1]))
+
     def reader(self) -> PatchReader:
         """A fast random-access reader of the patches."""
         return PatchReader(self.path)

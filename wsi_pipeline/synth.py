@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import imagecodecs
 import numpy as np
@@ -62,6 +62,10 @@ from .errors import ConfigError
 from .util import atomic_path, atomic_write_json
 
 __all__ = [
+    "COHORT_FILE",
+    "LABELS_FILE",
+    "MASKS_DIR",
+    "SLIDES_DIR",
     "SLIDE_DEFAULTS",
     "SynthSlide",
     "load_ground_truth",
@@ -69,6 +73,12 @@ __all__ = [
     "write_cohort",
     "write_slide",
 ]
+
+# The layout of a cohort folder written by :func:`write_cohort`.
+COHORT_FILE = "cohort.json"  #: parameters and per-slide entries; ``complete: true`` when done
+LABELS_FILE = "labels.csv"  #: ``slide_id,label``
+SLIDES_DIR = "slides"  #: the slides, ``<slide_id>.svs``
+MASKS_DIR = "masks"  #: ground truth, ``<slide_id>_tissue.png`` and ``<slide_id>_lesion.png``
 
 _APERIO = "Aperio Image Library v12.0.15"
 _MIN_LEVEL_PX = 512  # a pyramid level is written while its long side is at least this
@@ -300,13 +310,13 @@ def write_cohort(
     for i in range(n_slides):
         sid = f"synth_{i:03d}"
         jobs[sid] = dict(slide_options, width=width, height=height, mpp=mpp, seed=int(seeds[i]))
-        jobs[sid].update(path=os.fspath(out / "slides" / f"{sid}.svs"), n_lesions=int(counts[i]))
+        jobs[sid].update(path=os.fspath(out / SLIDES_DIR / f"{sid}.svs"), n_lesions=int(counts[i]))
         jobs[sid].update(tissue_fraction=tissue_fraction, lesion_fraction=lesion_fraction)
     params.update(n_lesions=list(lo_hi), slide_options=dict(sorted(slide_options.items())))
     gt_ds = opts["gt_downsample"]
 
-    (out / "slides").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
+    (out / SLIDES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / MASKS_DIR).mkdir(exist_ok=True)
     done: dict[str, SynthSlide] = {}
     entries: dict[str, dict[str, Any]] = {}
     old = _read_cohort_json(out, missing_ok=True) or {}
@@ -332,7 +342,7 @@ def write_cohort(
             futures = [pool.submit(write_slide, **jobs[sid], threads=1) for sid in todo]
             for future in as_completed(futures):
                 record(future.result())
-    with open(out / "labels.csv", "w", newline="") as fh:
+    with open(out / LABELS_FILE, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["slide_id", "label"])
         writer.writerows([sid, done[sid].label] for sid in jobs)
@@ -459,8 +469,12 @@ def _result(
     )
 
 
+@overload
+def _read_cohort_json(out: Path, *, missing_ok: Literal[False] = ...) -> dict[str, Any]: ...
+@overload
+def _read_cohort_json(out: Path, *, missing_ok: bool) -> dict[str, Any] | None: ...
 def _read_cohort_json(out: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
-    path = out / "cohort.json"
+    path = out / COHORT_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -475,13 +489,18 @@ def _write_cohort_json(
     meta = {"version": _COHORT_VERSION, "generator": "wsi_pipeline.synth", "parameters": params}
     meta.update(gt_downsample=gt_ds, slides=[entries[k] for k in sorted(entries)])
     meta["complete"] = complete
-    atomic_write_json(out / "cohort.json", meta, indent=1)
+    atomic_write_json(out / COHORT_FILE, meta, indent=1)
+
+
+def _mask_path(out: Path, slide_id: str, kind: str) -> Path:
+    """The ground-truth mask file of a slide in a cohort; ``kind`` is "tissue" or "lesion"."""
+    return out / MASKS_DIR / f"{slide_id}_{kind}.png"
 
 
 def _read_mask(out: Path, slide_id: str, kind: str) -> np.ndarray:
     from PIL import Image
 
-    png = out / "masks" / f"{slide_id}_{kind}.png"
+    png = _mask_path(out, slide_id, kind)
     if not png.is_file():
         raise ConfigError(f"{png}: no {kind} mask for slide {slide_id!r} in this cohort")
     with Image.open(png) as im:
@@ -492,12 +511,12 @@ def _save_masks_and_entry(out: Path, slide: SynthSlide, job: dict[str, Any]) -> 
     from PIL import Image
 
     for kind, mask in (("tissue", slide.tissue_mask), ("lesion", slide.lesion_mask)):
-        png = out / "masks" / f"{slide.slide_id}_{kind}.png"
+        png = _mask_path(out, slide.slide_id, kind)
         Image.fromarray(mask.astype(np.uint8) * 255).save(png)
     return {
         "id": slide.slide_id,
         "label": slide.label,
-        "path": f"slides/{slide.slide_id}.svs",
+        "path": f"{SLIDES_DIR}/{slide.slide_id}.svs",
         "file_size": os.path.getsize(slide.path),
         "width": slide.width,
         "height": slide.height,
@@ -511,7 +530,7 @@ def _save_masks_and_entry(out: Path, slide: SynthSlide, job: dict[str, Any]) -> 
 
 def _entry_is_current(out: Path, entry: dict[str, Any], job: dict[str, Any]) -> bool:
     slide = out / str(entry.get("path"))
-    masks = [out / "masks" / f"{entry['id']}_{k}.png" for k in ("tissue", "lesion")]
+    masks = [_mask_path(out, entry["id"], k) for k in ("tissue", "lesion")]
     same = entry.get("seed") == job["seed"] and entry.get("n_lesions") == job["n_lesions"]
     present = slide.is_file() and os.path.getsize(slide) == entry.get("file_size")
     return same and present and all(m.is_file() for m in masks)
@@ -528,8 +547,10 @@ def _slide_from_entry(out: Path, entry: dict[str, Any], gt_ds: int) -> SynthSlid
 
 def _encode(tile: np.ndarray, quality: int) -> bytes:
     """One complete JFIF stream, YCbCr 4:2:0, as tifffile would encode a JPEG RGB tile."""
-    return imagecodecs.jpeg8_encode(
-        tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    return bytes(
+        imagecodecs.jpeg8_encode(
+            tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+        )
     )
 
 
@@ -591,6 +612,7 @@ class _LevelSink:
         n, buf, t = self.fill, self.buf, self.tile_px
         buf[:n, self.width :] = buf[:n, self.width - 1 : self.width]
         buf[n:] = buf[n - 1 : n]
+        assert self.spool is not None  # only a streamed (not kept) level flushes
         for x in range(0, buf.shape[1], t):
             data = _encode(np.ascontiguousarray(buf[:, x : x + t]), self.quality)
             self.sizes.append(self.spool.write(data))
@@ -602,6 +624,7 @@ class _LevelSink:
         if self.array is not None:
             yield from _array_tiles(self.array, self.tile_px, self.quality)
             return
+        assert self.spool is not None  # a level not kept whole is spooled
         self.spool.seek(0)
         for size in self.sizes:
             yield self.spool.read(size)
@@ -677,7 +700,9 @@ def _write_svs(path: str, m: Model, a: dict[str, Any]) -> None:
     props = f"|AppMag = {_app_mag(m.mpp, a['objective_power']):g}|MPP = {m.mpp!r}"
     props += f"|Filename = {Path(a['path']).stem}|ScanScope ID = SYNTH"
     head = f"{_APERIO} \r\n{w}x{h} ({t}x{t})"
-    common = dict(photometric="rgb", compression="jpeg", subsampling=(2, 2), metadata=None)
+    common: dict[str, Any] = dict(
+        photometric="rgb", compression="jpeg", subsampling=(2, 2), metadata=None
+    )
     common.update(resolution=(1e4 / m.mpp,) * 2, resolutionunit="CENTIMETER", software=False)
     per_px = 0.05 + 0.25 * a["tissue_fraction"] if q <= 90 else 0.2 + a["tissue_fraction"]
     bigtiff = w * h * per_px > 3 * 2**30  # bytes per pixel measured: 0.1-0.2 at q85, <0.9 at q100
@@ -689,7 +714,9 @@ def _write_svs(path: str, m: Model, a: dict[str, Any]) -> None:
             )
             if keep > 0:
                 sinks[1].finish()
-            arrays = {keep: sinks[keep].array}
+            kept = sinks[keep].array
+            assert kept is not None  # the sink of level `keep` keeps its rows whole
+            arrays: dict[int, np.ndarray] = {keep: kept}
             for k in range(keep + 1, len(dims)):
                 arrays[k] = _box4(arrays[k - 1])[: dims[k][1], : dims[k][0]]
             thumb = _thumbnail(arrays[keep], w, h)

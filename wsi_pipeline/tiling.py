@@ -600,7 +600,19 @@ def tile_slide(
     )
     if isinstance(plan, TileResult):
         return plan
-    stats = [extract_shard(plan, s) for s in plan.todo]
+    return _extract_all(plan)
+
+
+def _extract_all(
+    plan: SlidePlan, on_shard: Callable[[dict[str, int]], None] | None = None
+) -> TileResult:
+    """Extract every unfinished shard of ``plan`` in this process, then finalise the store;
+    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written."""
+    stats = []
+    for s in plan.todo:
+        stats.append(extract_shard(plan, s))
+        if on_shard is not None:
+            on_shard(stats[-1])
     return finalize_slide(plan, stats)
 
 
@@ -795,11 +807,9 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
                 if isinstance(plan, SlidePlan):
                     patch_bar.reset(total=plan.n_patches)
                     patch_bar.set_description(sid)
-                    stats = []
-                    for s in plan.todo:
-                        stats.append(extract_shard(plan, s))
-                        patch_bar.update(stats[-1]["copied"] + stats[-1]["encoded"])
-                    plan = finalize_slide(plan, stats)
+                    plan = _extract_all(
+                        plan, lambda st: patch_bar.update(st["copied"] + st["encoded"])
+                    )
                 record(plan)
             except Exception as exc:
                 record(_failure(sid, str(Path(path).absolute()), exc, t0, debug))

@@ -15,7 +15,7 @@ The steps, in the shape of torchvision's reference scripts: :func:`setup_trainin
 bags, model, optimizer), :func:`start_state` (fresh or restored from the checkpoint),
 :func:`fit` (:func:`train_one_epoch`, then :func:`end_epoch`: :func:`evaluate`, best weights,
 early stopping, :func:`save_checkpoint`), and :func:`finish` (best weights, test evaluation,
-calibration, plots, metrics).
+calibration, plots, metrics). The loss of a bag is :func:`wsi_pipeline.losses.bag_loss`.
 
 Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs; see
 :mod:`wsi_pipeline.distributed`): bags are split over ranks and rank 0 evaluates and writes.
@@ -24,7 +24,6 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs;
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -51,28 +50,25 @@ from .data import (
 )
 from .distributed import Distributed, broadcast_flag, distributed, wrap_ddp
 from .inference import autocast, bag_output, build_model, load_weights, resolve_device, to_device
+from .losses import Objective, bag_loss, make_objective
 from .metrics import auc_score, probability_metrics
-from .specs import TrainConfig
+from .specs import TrainConfig, fold_config
 from .util import atomic_path
 
 __all__ = [
-    "Objective",
     "Optimization",
     "TrainState",
     "TrainingSetup",
-    "bag_loss",
     "calibrate",
     "end_epoch",
     "evaluate",
     "finish",
     "fit",
-    "make_objective",
     "make_optimization",
     "restore_checkpoint",
     "save_checkpoint",
     "setup_training",
     "start_state",
-    "topk_instance_loss",
     "train",
     "train_folds",
     "train_one_epoch",
@@ -149,139 +145,6 @@ def _loader(
         persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# losses
-# --------------------------------------------------------------------------------------------
-def topk_instance_loss(patch_logits: Any, label: int, negative: int, *, k: int = 8) -> Any:
-    """Instance loss from the MIL assumption, on the ``k`` most abnormal-looking patches.
-
-    In a negative slide every patch is negative: the ``k`` patches the model finds most abnormal
-    are pushed to the negative class (hard negatives). In a positive slide at least one patch is
-    positive: the ``k`` patches that look most like the slide's class are pushed to it, as in
-    max/top-k MIL (Campanella et al. 2019). This gives the patch encoder direct gradients when
-    the abnormality covers a few percent of the tissue and attention pooling dilutes it.
-
-    Parameters
-    ----------
-    patch_logits : (N, C) Tensor
-    label, negative : int
-        The slide's class and the negative (normal) class.
-    k : int
-        Patches per bag (clipped to N).
-
-    Returns
-    -------
-    Tensor
-        Scalar cross-entropy.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if label == negative:  # most abnormal: largest logit of another class over the normal one
-        others = [c for c in range(patch_logits.shape[1]) if c != negative]
-        margin = patch_logits[:, others].max(dim=1).values - patch_logits[:, negative]
-    else:
-        margin = patch_logits[:, label] - patch_logits[:, negative]
-    idx = torch.topk(margin.detach(), min(k, len(margin))).indices
-    target = torch.full((len(idx),), label, dtype=torch.long, device=patch_logits.device)
-    return F.cross_entropy(patch_logits[idx], target)
-
-
-@dataclass(frozen=True)
-class Objective:
-    """The training loss: slide cross-entropy, mixed with an instance loss.
-
-    Attributes
-    ----------
-    class_weights : (C,) Tensor or None
-        Cross-entropy class weights (``balance="loss"``).
-    instance : {"clam", "topk", "none"}
-        CLAM's instance clustering loss (``clam_sb``), :func:`topk_instance_loss`, or none.
-    weight : float
-        ``(1 - weight) * slide + weight * instance``.
-    k : int
-        Patches per bag of the top-k instance loss.
-    negative : int
-        The negative class.
-    """
-
-    class_weights: Any = None
-    instance: str = "none"
-    weight: float = 0.0
-    k: int = 8
-    negative: int = 0
-
-
-def make_objective(
-    config: TrainConfig,
-    classes: Sequence[str],
-    train_set: BagDataset,
-    *,
-    device: Any,
-    world: int = 1,
-) -> Objective:
-    """The :class:`Objective` of a config (CLAM's instance loss is left out under torchrun)."""
-    import torch
-
-    class_w = None
-    if config.balance == "loss":
-        counts = np.bincount(train_set.targets, minlength=len(classes))
-        class_w = torch.tensor(
-            len(train_set) / (len(classes) * np.maximum(counts, 1)),
-            dtype=torch.float32,
-            device=device,
-        )
-    instance = "none"
-    if config.instance_weight > 0:
-        instance = "clam" if config.model == "clam_sb" else "topk"
-    if instance == "clam" and world > 1:
-        log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
-        instance = "none"
-    return Objective(
-        class_w, instance, config.instance_weight, config.instance_k, negative_class(classes)
-    )
-
-
-def bag_loss(model: Any, ddp_model: Any, x: Any, y: int, objective: Objective) -> Any:
-    """The training loss of one bag (call under :func:`wsi_pipeline.inference.autocast`).
-
-    Parameters
-    ----------
-    model : MILModel
-    ddp_model : torch.nn.Module
-        ``model`` or its DistributedDataParallel wrapper (the forward pass goes through it).
-    x : (N, 3, T, T) or (N, D) Tensor
-        The bag, on the model's device.
-    y : int
-        The slide's class.
-    objective : Objective
-
-    Returns
-    -------
-    Tensor
-        Scalar loss.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    yt = torch.tensor([y], device=x.device)
-    if objective.instance == "clam":  # bag loss + instance clustering loss on the same h
-        h = model.embed(x)
-        out = model.head_forward(h)
-    else:
-        out = ddp_model(x)
-    loss = F.cross_entropy(out.logits[None].float(), yt, weight=objective.class_weights)
-    if objective.instance == "clam":
-        inst = model.head.instance_loss(h.float(), int(y))
-    elif objective.instance == "topk":
-        inst = topk_instance_loss(
-            out.patch_logits.float(), int(y), objective.negative, k=objective.k
-        )
-    else:
-        return loss
-    return (1 - objective.weight) * loss + objective.weight * inst
 
 
 # --------------------------------------------------------------------------------------------
@@ -1006,7 +869,7 @@ def train_folds(
     ``run_dir/cv_metrics.json`` with the per-fold and mean validation AUC."""
     per_fold = []
     for k in range(folds):
-        cfg = dataclasses.replace(config, folds=folds, fold=k, test_fraction=0.0)
+        cfg = fold_config(config, folds=folds, fold=k)
         fold_dir = runs.fold_dir(run_dir, k)
         again = resume and (fold_dir / runs.CHECKPOINT).is_file()
         m = train(store_dir, labels_csv, fold_dir, config=cfg, resume=again, progress=progress)

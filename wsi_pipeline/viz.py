@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import THUMBNAIL, SlideStore
+from .store import SlideStore
 
 __all__ = ["plot_heatmap", "plot_patches", "plot_tiling"]
 
@@ -43,7 +43,7 @@ def plot_tiling(store: SlideStore | str | os.PathLike, *, max_boxes: int = 5000)
 
     st = _store(store)
     thumb = st.thumbnail
-    ds = float(st.group[THUMBNAIL].attrs["downsample"])
+    ds = st.thumbnail_downsample
     mask = st.tissue_mask
     fig, ax = _figure((8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6))
     ax.imshow(thumb)

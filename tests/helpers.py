@@ -1,0 +1,61 @@
+"""Plain helpers of the tests: build a tiled synthetic cohort, copy a run, write a labels file.
+
+The session fixtures built with them (``small_cohort``, ``fast_run``, ...) are in conftest.py;
+tests import these functions and constants directly (``from helpers import FAST``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort, write_slide
+from wsi_pipeline.tiling import tile_slides
+
+#: The tiling of the ``small_cohort`` fixture: 64-px patches at 1 mpp.
+TILING = TilingSpec(tile_px=64, mpp=1.0)
+#: The training options of the ``fast_run`` fixture (``TrainConfig(**FAST)``).
+FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
+
+
+def make_cohort(
+    root: Path, n: int, *, width: int, height: int, seed: int, spec: TilingSpec = TILING, **kw
+) -> tuple[Path, Path]:
+    """``n`` synthetic slides in ``root/cohort`` tiled into ``root/stores``: (stores, labels.csv)."""
+    cohort = root / "cohort"
+    write_cohort(cohort, n_slides=n, width=width, height=height, mpp=0.5, seed=seed, **kw)
+    res = tile_slides(
+        sorted((cohort / SLIDES_DIR).iterdir()), root / "stores", spec=spec, progress=False
+    )
+    assert all(r.ok for r in res), res
+    return root / "stores", cohort / LABELS_FILE
+
+
+def tile_cohort_slide(labels_csv: Path, slide_id: str, stores: Path, spec: TilingSpec) -> None:
+    """Tile one slide of the cohort of ``labels_csv`` into ``stores`` with another ``spec``."""
+    slide = next((labels_csv.parent / SLIDES_DIR).glob(f"{slide_id}.*"))
+    tile_slides([slide], stores, spec=spec, progress=False)
+
+
+def add_blank_store(stores: Path, work: Path) -> Path:
+    """A complete store without patches, ``stores/blank.zarr``, tiled like ``small_cohort``
+    from a slide without tissue written to ``work/blank.svs``."""
+    write_slide(work / "blank.svs", width=512, height=512, mpp=0.5, tissue_fraction=0.0)
+    tile_slides([work / "blank.svs"], stores, spec=TILING, progress=False)
+    return stores / "blank.zarr"
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run folder at ``dest`` (without its TensorBoard logs)."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("tensorboard"))
+    return dest
+
+
+def write_labels(path: Path, rows: list[tuple]) -> Path:
+    """A labels file with the columns ``slide_id,label[,split]`` of ``rows``."""
+    with open(path, "w") as fh:
+        fh.write(",".join(("slide_id", "label", "split")[: len(rows[0])]) + "\n")
+        for r in rows:
+            fh.write(",".join(map(str, r)) + "\n")
+    return path

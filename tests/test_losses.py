@@ -1,0 +1,67 @@
+"""The training loss (wsi_pipeline.losses): the objective of a config, the bag loss and the
+top-k instance loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from wsi_pipeline.losses import bag_loss, make_objective, topk_instance_loss
+from wsi_pipeline.specs import TrainConfig
+
+
+def test_objective_and_bag_loss(small_cohort: tuple[Path, Path]) -> None:
+    from wsi_pipeline.data import BagDataset
+
+    stores, _ = small_cohort
+    bags = BagDataset(sorted(stores.glob("*.zarr"))[:3], [0, 1, 1])
+    cpu = torch.device("cpu")
+    obj = make_objective(TrainConfig(balance="loss"), ("0", "1"), bags, device=cpu)
+    assert obj.instance == "topk" and obj.negative == 0
+    assert torch.allclose(obj.class_weights, torch.tensor([1.5, 0.75]))
+    clam = make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu)
+    assert clam.instance == "clam" and clam.class_weights is None
+    assert (
+        make_objective(TrainConfig(model="clam_sb"), ("0", "1"), bags, device=cpu, world=2).instance
+        == "none"
+    )
+    assert (
+        make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu).instance
+        == "none"
+    )
+    # without an instance loss the bag loss is the slide cross-entropy
+    from wsi_pipeline.inference import build_model
+
+    model = build_model(TrainConfig(), 2).eval()
+    x = bags[0][0]
+    none = make_objective(TrainConfig(instance_weight=0.0), ("0", "1"), bags, device=cpu)
+    with torch.no_grad():
+        loss = bag_loss(model, model, x, 1, none)
+        ref = torch.nn.functional.cross_entropy(model(x).logits[None], torch.tensor([1]))
+    assert torch.isclose(loss, ref)
+
+
+def test_instance_loss_follows_the_mil_assumption() -> None:
+    """Only the k most abnormal-looking patches get a gradient: towards the negative class in a
+    negative slide (hard negatives), towards the slide's class in a positive one."""
+    logits = torch.tensor(
+        [[0.0, 2.0], [0.0, -1.0], [0.0, 0.5], [0.0, 3.0], [0.0, -2.0]], requires_grad=True
+    )
+    topk_instance_loss(logits, 0, 0, k=2).backward()
+    moved = logits.grad.abs().sum(dim=1) > 0
+    assert moved.tolist() == [True, False, False, True, False]  # the two highest margins
+    assert bool((logits.grad[moved, 1] > 0).all())  # their positive logit is pushed down
+    logits.grad = None
+    loss = topk_instance_loss(logits, 1, 0, k=2)
+    loss.backward()
+    assert moved.tolist() == (logits.grad.abs().sum(dim=1) > 0).tolist()
+    assert bool((logits.grad[moved, 1] < 0).all())  # pushed up (gradient descent)
+    target = torch.ones(2, dtype=torch.long)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits[[3, 0]], target))
+    # three classes, slide of class 2: top-k by the class-2-vs-normal margin
+    three = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], requires_grad=True)
+    topk_instance_loss(three, 2, 0, k=1).backward()
+    assert (three.grad.abs().sum(dim=1) > 0).tolist() == [False, True, False]
+    # k larger than the bag: every patch
+    assert torch.isfinite(topk_instance_loss(logits[:1], 1, 0, k=8))
