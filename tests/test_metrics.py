@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from wsi_pipeline import metrics
 from wsi_pipeline.metrics import area_above, auc_score, heatmap_iou, probability_metrics, roc_curve
 
 
@@ -136,3 +137,28 @@ def test_iou_and_area_on_a_known_case() -> None:
     assert heatmap_iou(values, np.zeros((8, 8), bool), threshold=0.95) == 1.0
     assert area_above(values, 0.5) == 4
     assert area_above(values, 0.1, pixel_area=2.5) == 12.5
+
+
+def test_brier_and_ece_on_known_cases() -> None:
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = np.array([0, 1, 1, 1])
+    # per sample: 0.02, 0.08, 0.72, 0.18
+    assert metrics.brier_score(p, y) == pytest.approx(0.25)
+    # bins: 0.9 (right), 0.8 (right), 0.6 (wrong), 0.7 (right) -> |1-.9|+|1-.8|+|0-.6|+|1-.7| over 4
+    assert metrics.expected_calibration_error(p, y) == pytest.approx(0.3)
+    perfect = np.eye(2)[y]
+    assert metrics.brier_score(perfect, y) == 0.0
+    assert metrics.expected_calibration_error(perfect, y) == 0.0
+    assert np.isnan(metrics.brier_score(np.zeros((0, 2)), np.zeros(0, int)))
+    conf, acc, count = metrics.calibration_bins(p, y, n_bins=10)
+    assert count.sum() == 4 and count[6] == 1 and acc[6] == 0.0 and np.isnan(conf[0])
+
+
+def test_bootstrap_ci_covers_the_estimate_and_refuses_undefined() -> None:
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    s = y + rng.normal(0, 0.8, 80)
+    lo, hi = metrics.bootstrap_ci(metrics.auc_score, y, s, n_boot=300)
+    assert lo < metrics.auc_score(y, s) < hi and 0.5 < lo and hi <= 1.0
+    assert metrics.bootstrap_ci(metrics.auc_score, np.ones(10, int), np.arange(10.0)) is None
+    assert metrics.bootstrap_ci(metrics.auc_score, [], []) is None

@@ -6,13 +6,24 @@ Plain functions over numpy arrays; every stage that reports a metric calls these
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from .util import sample_mask
 
-__all__ = ["area_above", "auc_score", "heatmap_iou", "probability_metrics", "roc_curve"]
+__all__ = [
+    "area_above",
+    "auc_score",
+    "bootstrap_ci",
+    "brier_score",
+    "calibration_bins",
+    "expected_calibration_error",
+    "heatmap_iou",
+    "probability_metrics",
+    "roc_curve",
+]
 
 
 def auc_score(y_true: ArrayLike, scores: ArrayLike) -> float:
@@ -95,6 +106,122 @@ def probability_metrics(probs: ArrayLike, targets: ArrayLike) -> dict[str, float
         "log_loss": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)))),
         "brier": float(np.mean(((p - onehot) ** 2).sum(1))),
     }
+
+
+def brier_score(probs: ArrayLike, targets: ArrayLike) -> float:
+    """Multi-class Brier score: mean over samples of ``sum_c (p_c - [y = c])**2``.
+
+    Parameters
+    ----------
+    probs : (N, C) floats
+        Class probabilities.
+    targets : (N,) ints
+        True class indices.
+
+    Returns
+    -------
+    float
+        0 is perfect; NaN for no samples. (Two classes: twice the binary Brier score.)
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    if len(y) == 0:
+        return float("nan")
+    onehot = np.eye(p.shape[1])[y]
+    return float(np.mean(((p - onehot) ** 2).sum(axis=1)))
+
+
+def calibration_bins(
+    probs: ArrayLike, targets: ArrayLike, *, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confidence-binned accuracy: the data of a reliability diagram.
+
+    Parameters
+    ----------
+    probs : (N, C) floats
+        Class probabilities; a sample's confidence is its largest probability.
+    targets : (N,) ints
+    n_bins : int
+        Equal-width bins over [0, 1].
+
+    Returns
+    -------
+    confidence, accuracy : (n_bins,) float ndarray
+        Mean confidence and accuracy per bin (NaN in empty bins).
+    count : (n_bins,) int ndarray
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    conf = p.max(axis=1) if len(p) else np.zeros(0)
+    correct = (p.argmax(axis=1) == y).astype(np.float64) if len(p) else np.zeros(0)
+    b = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(b, weights=conf, minlength=n_bins) / count
+        acc = np.bincount(b, weights=correct, minlength=n_bins) / count
+    return mean_conf, acc, count
+
+
+def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, *, n_bins: int = 10) -> float:
+    """Expected calibration error (top-label, equal-width bins; Guo et al. 2017).
+
+    ``sum_b (n_b / N) * |accuracy_b - confidence_b|``; NaN for no samples.
+    """
+    conf, acc, count = calibration_bins(probs, targets, n_bins=n_bins)
+    n = int(count.sum())
+    if n == 0:
+        return float("nan")
+    used = count > 0
+    return float(np.sum(count[used] / n * np.abs(acc[used] - conf[used])))
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    targets: ArrayLike,
+    scores: ArrayLike,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap confidence interval of ``metric(targets, scores)`` over samples.
+
+    Resamples rows with replacement ``n_boot`` times (seeded); resamples on which the metric is
+    undefined (NaN, e.g. one class only) are left out.
+
+    Parameters
+    ----------
+    metric : callable
+        ``metric(targets, scores) -> float``.
+    targets : (N,) ints
+    scores : (N, ...) array
+        Whatever ``metric`` takes, indexed along the first axis.
+    n_boot : int
+    level : float
+        Coverage of the interval (0.95: the 2.5th and 97.5th percentiles).
+    seed : int
+
+    Returns
+    -------
+    (low, high) or None
+        None when fewer than half of the resamples give a defined value.
+    """
+    y = np.asarray(targets)
+    s = np.asarray(scores)
+    if len(y) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        v = metric(y[idx], s[idx])
+        if not math.isnan(v):
+            vals.append(v)
+    if len(vals) < n_boot / 2:
+        return None
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(np.asarray(vals), [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
 
 
 def area_above(values: np.ndarray, threshold: float, *, pixel_area: float = 1.0) -> float:
