@@ -10,16 +10,18 @@ patch pixels are stored (heatmaps never read them), so nothing needs rendering o
 Each variant runs in its own process, which reports its own peak RSS (``VmHWM`` from
 ``/proc/self/status``, including the interpreter and imports):
 
-* ``ours``: :func:`wsi_pipeline.heatmap.export_heatmaps` (stitch + overlay TIFF + values TIFF +
-  PNG + GeoJSON + summary) at a few downsamples;
+* ``ours``: :func:`wsi_pipeline.heatmap.export_heatmaps` (stitch + overlay TIFF at the slide's
+  level-0 size + values TIFF + PNG + region and tile GeoJSON + summary) at a few downsamples;
 * ``naive``: a level-0 float32 score canvas plus a uint16 count canvas (what CLAM's heatmap code
-  builds), averaged and pooled to the same heatmap grid, then written with the same TIFF and
-  GeoJSON writers. When the canvases would not fit comfortably in the available memory, it runs on
+  builds), averaged and pooled to the same heatmap grid, then written with the same overlay TIFF
+  and GeoJSON writers. When the canvases would not fit comfortably in the available memory, it runs on
   a horizontal band of the slide (a stated fraction of its area) and time and RSS above the import
   baseline are extrapolated linearly to the whole slide;
 * ``baseline``: the imports alone.
 
-Run: ``.venv/bin/python benchmarks/bench_heatmap.py [--work DIR] [--downsample 32 16 8]``.
+Run: ``.venv/bin/python benchmarks/bench_heatmap.py [--work DIR] [--downsample 32 16 8]``;
+``--width 100000 --height 60000 --variants ours`` times a 6-gigapixel slide without the naive
+canvases (which would need 34 GB).
 """
 
 from __future__ import annotations
@@ -157,11 +159,11 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
 
 
 # ---------------------------------------------------------------------------------- variants
-def run_ours(store: Path, out: Path, ds: float, sigma_um: float) -> dict[str, Any]:
+def run_ours(store: Path, out: Path, ds: float, sigma_um: float, mode: str) -> dict[str, Any]:
     from wsi_pipeline.heatmap import export_heatmaps
 
     t0 = time.perf_counter()
-    paths = export_heatmaps(store, out, run_id=RUN, downsample=ds, sigma_um=sigma_um)
+    paths = export_heatmaps(store, out, run_id=RUN, downsample=ds, sigma_um=sigma_um, mode=mode)
     total = time.perf_counter() - t0
     s = json.loads(paths["summary"].read_text())
     tiff_mb = paths["tiff"].stat().st_size / 2**20
@@ -170,6 +172,7 @@ def run_ours(store: Path, out: Path, ds: float, sigma_um: float) -> dict[str, An
         "stages": s["seconds"],
         "grid_wh": s["heatmap_size_wh"],
         "tiff_mb": tiff_mb,
+        "tiles_mb": paths["tiles_geojson"].stat().st_size / 2**20,
         "area_mm2": s["area_above_threshold_mm2"],
         "values_npy": str(_save_values(paths["values_tiff"], out)),
     }
@@ -185,13 +188,7 @@ def _save_values(values_tiff: Path, out: Path) -> Path:
 
 def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, Any]:
     """Level-0 canvases over ``fraction`` of the slide's rows, pooled to the heatmap grid."""
-    from wsi_pipeline.exports import (
-        background_rows,
-        colour_lut,
-        overlay_rgb,
-        threshold_regions,
-        write_pyramid_tiff,
-    )
+    from wsi_pipeline.exports import overlay_lut, threshold_regions, write_overlay_tiff
     from wsi_pipeline.heatmap import read_scores
     from wsi_pipeline.store import SlideStore
     from wsi_pipeline.util import sample_mask
@@ -231,14 +228,14 @@ def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, A
     grid[~sample_mask(mask, st.mask_downsample, ds, (0, gh), (0, gw))] = np.nan
     stitch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    thumb = st.thumbnail
-    bg = background_rows(thumb, st.thumbnail_downsample, ds, grid.shape)
-    lut = colour_lut("jet")
-    write_pyramid_tiff(
+    write_overlay_tiff(
         out / "naive_overlay.tif",
-        lambda r0, r1: overlay_rgb(grid[r0:r1], bg(r0, r1), value_range=(0, 1), cmap=lut),
-        (*grid.shape, 3),
-        mpp=st.meta.mpp * ds,
+        grid,
+        lut=overlay_lut(value_range=(0, 1), transparent_below=0.2),
+        value_range=(0, 1),
+        slide_wh=(width, rows),
+        downsample=ds,
+        mpp=st.meta.mpp,
     )
     tiff_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -270,7 +267,7 @@ def child(args: argparse.Namespace) -> None:
     if args.variant == "baseline":
         res: dict[str, Any] = {"seconds": 0.0}
     elif args.variant == "ours":
-        res = run_ours(Path(args.store), out, args.ds, args.sigma_um)
+        res = run_ours(Path(args.store), out, args.ds, args.sigma_um, args.mode)
     else:
         res = run_naive(Path(args.store), out, args.ds, args.fraction)
     res["peak_rss_mb"] = _peak_rss_mb()
@@ -316,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         default=50.0,
         help="also time our export with this smoothing at the finest downsample",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["ours", "naive"],
+        default=["ours", "naive"],
+        help="what to time (the import baseline always runs)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=["probability", "percentile"],
+        default="probability",
+        help="display mode of our export (percentile colours half of the tissue: the most tiles)",
+    )
     ap.add_argument("--naive-downsample", type=float, default=8.0)
     ap.add_argument(
         "--naive-fraction",
@@ -351,17 +361,62 @@ def main(argv: list[str] | None = None) -> int:
     def ours(ds: float, sigma_um: float, out: str) -> dict[str, Any]:
         """Our variant in a fresh process, at downsample ``ds`` with ``sigma_um`` smoothing."""
         argv = ["--variant", "ours", "--store", str(store), "--ds", str(ds)]
-        return _spawn([*argv, "--sigma-um", str(sigma_um), "--out", str(work / out)])
+        argv += ["--mode", args.mode, "--sigma-um", str(sigma_um)]
+        return _spawn([*argv, "--out", str(work / out)])
 
     base = _spawn(["--variant", "baseline", "--out", str(work / "baseline")])
     rows: list[tuple[str, dict[str, Any]]] = []
-    for ds in args.downsample:
-        rows.append((f"ours ds={ds:g}", ours(ds, 0, f"ours_ds{ds:g}")))
-    if args.sigma_um > 0:
-        ds = min(args.downsample)
-        r = ours(ds, args.sigma_um, f"ours_ds{ds:g}_sigma")
-        rows.append((f"ours ds={ds:g} sigma={args.sigma_um:g}um", r))
+    if "ours" in args.variants:
+        for ds in args.downsample:
+            rows.append((f"ours ds={ds:g}", ours(ds, 0, f"ours_ds{ds:g}")))
+        if args.sigma_um > 0:
+            ds = min(args.downsample)
+            r = ours(ds, args.sigma_um, f"ours_ds{ds:g}_sigma")
+            rows.append((f"ours ds={ds:g} sigma={args.sigma_um:g}um", r))
+    naive = _naive(args, store, work, base) if "naive" in args.variants else None
+    if naive is not None:
+        rows.append((f"naive ds={args.naive_downsample:g} (level-0 canvas)", naive))
 
+    print()
+    print(
+        f"import baseline (python + numpy/scipy/matplotlib/shapely/tifffile/zarr): "
+        f"{base['peak_rss_mb']:.0f} MB peak RSS"
+    )
+    hdr = (
+        f"{'variant':<34} {'grid (w x h)':>13} {'stitch s':>9} {'tiff s':>7} {'png s':>6} "
+        f"{'geojson s':>9} {'tiles s':>8} {'total s':>8} {'peak RSS MB':>12}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    nan = float("nan")
+    for name, r in rows:
+        st = r["stages"]
+        print(
+            f"{name:<34} {r['grid_wh'][0]:>6} x {r['grid_wh'][1]:<5} {st['stitch']:>9.2f} "
+            f"{st['tiff']:>7.2f} {st.get('png', nan):>6.2f} {st['geojson']:>9.2f} "
+            f"{st.get('tiles_geojson', nan):>8.2f} {r['seconds']:>8.2f} {r['peak_rss_mb']:>12.0f}"
+        )
+    print()
+    print(
+        f"ours: stitch + overlay TIFF ({args.width} x {args.height} px RGBA, the slide's level 0) "
+        "+ float32 values TIFF + PNG + region GeoJSON + tile GeoJSON + summary "
+        "(export_heatmaps); naive: level-0 canvas stitch + the same overlay TIFF writer "
+        "(no values TIFF, no PNG, no tiles) + region GeoJSON"
+    )
+    for name, r in rows:
+        if "tiff_mb" in r:
+            print(
+                f"{name}: overlay TIFF {r['tiff_mb']:.0f} MB, tiles GeoJSON {r['tiles_mb']:.0f} MB"
+            )
+    if naive is not None:
+        _compare(args, rows, naive, base)
+    return 0
+
+
+def _naive(
+    args: argparse.Namespace, store: Path, work: Path, base: dict[str, Any]
+) -> dict[str, Any]:
+    """The level-0 canvas variant, on a band of the slide when the canvases would not fit."""
     need_mb = args.width * args.height * 6 / 2**20  # float32 + uint16 canvases
     frac = args.naive_fraction
     if frac is None:
@@ -381,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             str(work / f"naive_ds{nds:g}"),
         ]
     )
+    naive["fraction"], naive["need_mb"] = frac, need_mb
     if frac < 1:
         scale = args.height / naive["rows"]
         naive["measured_seconds"] = naive["seconds"]
@@ -391,64 +447,45 @@ def main(argv: list[str] | None = None) -> int:
             base["peak_rss_mb"] + (naive["peak_rss_mb"] - base["peak_rss_mb"]) * scale
         )
         naive["grid_wh"] = [naive["grid_wh"][0], math.ceil(args.height / nds)]  # extrapolated
-    rows.append((f"naive ds={nds:g} (level-0 canvas)", naive))
+    return naive
 
-    # agreement of the two maps on the common rows
-    ours_same = next((r for name, r in rows if name == f"ours ds={nds:g}"), None)
-    diff = None
-    if ours_same is not None:
-        a = np.load(ours_same["values_npy"])
-        b = np.load(naive["values_npy"])
-        a = a[: b.shape[0]]
-        both = np.isfinite(a) & np.isfinite(b)
-        diff = float(np.abs(a[both] - b[both]).mean()) if both.any() else None
 
-    print()
-    print(
-        f"import baseline (python + numpy/scipy/matplotlib/shapely/tifffile/zarr): "
-        f"{base['peak_rss_mb']:.0f} MB peak RSS"
-    )
-    hdr = (
-        f"{'variant':<34} {'grid (w x h)':>13} {'stitch s':>9} {'tiff s':>7} {'png s':>6} "
-        f"{'geojson s':>9} {'total s':>8} {'peak RSS MB':>12}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for name, r in rows:
-        st = r["stages"]
-        print(
-            f"{name:<34} {r['grid_wh'][0]:>6} x {r['grid_wh'][1]:<5} {st['stitch']:>9.2f} "
-            f"{st['tiff']:>7.2f} {st.get('png', float('nan')):>6.2f} {st['geojson']:>9.2f} "
-            f"{r['seconds']:>8.2f} {r['peak_rss_mb']:>12.0f}"
-        )
-    print()
-    print(
-        "ours: stitch + overlay TIFF + float32 values TIFF + PNG + GeoJSON + summary "
-        "(export_heatmaps); naive: level-0 canvas stitch + the same overlay TIFF writer "
-        "(no values TIFF, no PNG) + GeoJSON"
-    )
-    if frac < 1:
+def _compare(
+    args: argparse.Namespace,
+    rows: list[tuple[str, dict[str, Any]]],
+    naive: dict[str, Any],
+    base: dict[str, Any],
+) -> None:
+    """Print how the naive variant compares with ours at the same downsample."""
+    nds = args.naive_downsample
+    if naive["fraction"] < 1:
         print(
             f"naive: ran on {naive['rows']} of {args.height} rows ({naive['rows'] / args.height:.0%} "
             f"of the area: {naive['measured_seconds']:.2f} s, {naive['measured_peak_rss_mb']:.0f} MB "
             "peak RSS); time and RSS above the import baseline extrapolated linearly"
         )
     else:
-        print(f"naive: full slide ({need_mb / 1024:.1f} GiB of level-0 canvases)")
-    if ours_same is not None:
+        print(f"naive: full slide ({naive['need_mb'] / 1024:.1f} GiB of level-0 canvases)")
+    ours_same = next((r for name, r in rows if name == f"ours ds={nds:g}"), None)
+    if ours_same is None:
+        return
+    print(
+        f"at ds={nds:g}: naive / ours  time {naive['seconds'] / ours_same['seconds']:.1f}x, "
+        f"stitch {naive['stages']['stitch'] / ours_same['stages']['stitch']:.1f}x, "
+        f"peak RSS {naive['peak_rss_mb'] / ours_same['peak_rss_mb']:.1f}x "
+        f"(above the import baseline: "
+        f"{(naive['peak_rss_mb'] - base['peak_rss_mb']) / max(1.0, ours_same['peak_rss_mb'] - base['peak_rss_mb']):.0f}x)"
+    )
+    a = np.load(ours_same["values_npy"])  # agreement of the two maps on the common rows
+    b = np.load(naive["values_npy"])
+    a = a[: b.shape[0]]
+    both = np.isfinite(a) & np.isfinite(b)
+    if both.any():
         print(
-            f"at ds={nds:g}: naive / ours  time {naive['seconds'] / ours_same['seconds']:.1f}x, "
-            f"stitch {naive['stages']['stitch'] / ours_same['stages']['stitch']:.1f}x, "
-            f"peak RSS {naive['peak_rss_mb'] / ours_same['peak_rss_mb']:.1f}x "
-            f"(above the import baseline: "
-            f"{(naive['peak_rss_mb'] - base['peak_rss_mb']) / max(1.0, ours_same['peak_rss_mb'] - base['peak_rss_mb']):.0f}x)"
+            f"mean |ours - naive| over common heatmap pixels: "
+            f"{float(np.abs(a[both] - b[both]).mean()):.4f} "
+            "(ours is area-weighted per heatmap pixel, naive averages per level-0 pixel)"
         )
-        if diff is not None:
-            print(
-                f"mean |ours - naive| over common heatmap pixels: {diff:.4f} "
-                "(ours is area-weighted per heatmap pixel, naive averages per level-0 pixel)"
-            )
-    return 0
 
 
 if __name__ == "__main__":

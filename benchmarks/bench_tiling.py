@@ -135,7 +135,7 @@ def run_case(
 ) -> list[dict]:
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import PATCHES, SlideStore
-    from wsi_pipeline.tiling import tile_slides
+    from wsi_pipeline.tile_batch import tile_slides
 
     coords = tissue_coords(slide, tile_px, mpp)
     ds = 1 if mpp is None else round(mpp / 0.25)
@@ -258,7 +258,7 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
 
 def big_rss(work: Path, workers: int) -> list[dict]:
     from wsi_pipeline.specs import TilingSpec
-    from wsi_pipeline.tiling import tile_slides
+    from wsi_pipeline.tile_batch import tile_slides
 
     slide = ensure_slide(work, 100_000, 60_000)
     out = work / "stores_big"

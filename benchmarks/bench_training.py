@@ -42,7 +42,7 @@ def cohort(
 ) -> tuple[Path, Path, Path]:
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort
-    from wsi_pipeline.tiling import tile_slides
+    from wsi_pipeline.tile_batch import tile_slides
 
     root = work / name
     slides = root / "cohort" / SLIDES_DIR
@@ -191,7 +191,7 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import SlideStore
     from wsi_pipeline.synth import SLIDES_DIR, load_ground_truth
-    from wsi_pipeline.tiling import tile_slides
+    from wsi_pipeline.tile_batch import tile_slides
 
     tile_slides(
         [cohort_dir / SLIDES_DIR / f"{r['slide_id']}.svs" for r in rows],

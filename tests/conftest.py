@@ -46,7 +46,7 @@ def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiled_store(synth_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:func:`synth_slide` tiled at level 0 in 64-px patches: the path of ``stores/s.zarr``."""
     from wsi_pipeline.store import store_path
-    from wsi_pipeline.tiling import tile_slide
+    from wsi_pipeline.tile_batch import tile_slide
 
     stores = tmp_path_factory.mktemp("tiled") / "stores"
     res = tile_slide(synth_slide, stores, spec=TilingSpec(tile_px=64))

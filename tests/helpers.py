@@ -11,7 +11,7 @@ from pathlib import Path
 
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort, write_slide
-from wsi_pipeline.tiling import tile_slides
+from wsi_pipeline.tile_batch import tile_slides
 
 #: The tiling of the ``small_cohort`` fixture: 64-px patches at 1 mpp.
 TILING = TilingSpec(tile_px=64, mpp=1.0)

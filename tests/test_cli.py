@@ -15,7 +15,7 @@ from wsi_pipeline.cli import cli, main
 from wsi_pipeline.specs import TILE_OPTIONS, TRAIN_OPTIONS, TrainConfig, tiling_from_options
 from wsi_pipeline.store import SlideStore
 
-COMMANDS = ["tile", "train", "predict", "heatmap", "run", "synth"]
+COMMANDS = ["tile", "features", "train", "predict", "evaluate", "heatmap", "run", "synth"]
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

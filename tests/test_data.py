@@ -159,3 +159,103 @@ def test_negative_class() -> None:
     assert negative_class(["tumour", "Normal"]) == 1
     assert negative_class(["1", "0"]) == 1
     assert negative_class(["a", "b"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# strict labels: no silent extra classes, no silent NaN, no two slides on one store
+# ---------------------------------------------------------------------------------------------
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("1", "1.0"),
+        ("True", "true"),
+        ("1", "True"),
+        ("0", "False"),
+        ("Tumor", "tumor"),
+        ("01", "1"),
+    ],
+)
+def test_one_spelling_per_class(tmp_path: Path, first: str, second: str) -> None:
+    p = _csv(tmp_path / "l.csv", f"slide_id,label\na,{first}\nb,0.5\nc,{second}\n")
+    msg = rf"^{p}:4: label '{second}' is another spelling of '{first}' \(line 2\); use one spelling"
+    with pytest.raises(ConfigError, match=msg):
+        read_labels(p)
+
+
+def test_consistent_spellings_are_read_as_written(tmp_path: Path) -> None:
+    lab = read_labels(_csv(tmp_path / "l.csv", "slide_id,label\na,10\nb,2\nc,True\n"))
+    assert lab.classes == ("True", "2", "10")  # numbers (True is 1) in numeric order
+    lab = read_labels(_csv(tmp_path / "m.csv", "slide_id,label\na,1.0\nb,0.0\nc,1.0\n"))
+    assert lab.classes == ("0.0", "1.0") and [r.label for r in lab.rows] == ["1.0", "0.0", "1.0"]
+    lab = read_labels(_csv(tmp_path / "n.csv", "slide_id,label\na,tumor\nb,normal\n"))
+    assert lab.classes == ("normal", "tumor")
+
+
+@pytest.mark.parametrize(("cell", "shown"), [("", "empty"), ("nan", "'nan'"), ("NaN", "'NaN'")])
+def test_missing_labels_are_refused(tmp_path: Path, cell: str, shown: str) -> None:
+    p = _csv(tmp_path / "l.csv", f"slide_id,label\na,1\nb,{cell}\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:3: label of 'b' is {shown}; give every slide"):
+        read_labels(p)
+
+
+def test_slide_ids_that_share_a_store_are_refused(tmp_path: Path) -> None:
+    p = _csv(tmp_path / "l.csv", "slide_id,label\nsynth 000,1\nsynth_001,0\nsynth_000,0\n")
+    msg = (
+        rf"^{p}:4: slide ids 'synth 000' \(line 2\) and 'synth_000' both map to the store "
+        r"synth_000\.zarr; rename one of them$"
+    )
+    with pytest.raises(ConfigError, match=msg):
+        read_labels(p)
+
+
+def test_a_case_in_two_splits_is_refused(tmp_path: Path) -> None:
+    text = "slide_id,label,split,case_id\na,1,train,c1\nb,0,val,c2\nc,1,test,c1\n"
+    p = _csv(tmp_path / "l.csv", text)
+    msg = rf"^{p}:4: case 'c1' is in split 'test' here and in 'train' on line 2; all slides"
+    with pytest.raises(ConfigError, match=msg):
+        read_labels(p)
+    ok = read_labels(_csv(tmp_path / "m.csv", text.replace("test,c1", "train,c1")))
+    assert [r.case_id for r in ok.rows] == ["c1", "c2", "c1"]
+
+
+def test_bad_labels_stop_train_with_exit_2(
+    small_cohort: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsi_pipeline.cli import main
+
+    stores, _ = small_cohort
+    before = sorted(p.name for p in stores.iterdir())
+    p = _csv(tmp_path / "l.csv", "slide_id,label\nsynth_000,1\nsynth_001,1.0\n")
+    run = tmp_path / "run"
+    assert main(["train", str(stores), "--labels", str(p), "--out", str(run), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {p}:3: label '1.0' is another spelling of '1' (line 2); use one spelling per class"
+    ]
+    assert not run.exists() and sorted(p.name for p in stores.iterdir()) == before
+
+
+def test_stores_without_a_label_are_listed_in_one_line(
+    small_cohort: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stores, labels_csv = small_cohort
+    labels = read_labels(labels_csv)
+    rows = labels_csv.read_text().splitlines()
+    p = _csv(tmp_path / "l.csv", "\n".join(rows[:3]) + "\n")  # 2 of the 8 slides
+    with caplog.at_level("INFO", logger="wsi_pipeline.data"):
+        found, _ = resolve_stores(stores, read_labels(p))
+    assert len(found) == 2
+    lines = [r.getMessage() for r in caplog.records if "without a label" in r.getMessage()]
+    assert len(lines) == 1, lines
+    unused = sorted(r.slide_id for r in labels.rows if r.slide_id not in found)
+    assert f"6 store(s) without a label in {p}, not used: " in lines[0]
+    assert ", ".join(unused[:5]) + ", ... (1 more)" in lines[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="wsi_pipeline.data"):
+        resolve_stores(stores, labels)
+    assert "without a label" not in caplog.text

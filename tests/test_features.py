@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,11 +13,15 @@ import torch
 import zarr
 
 from wsi_pipeline import features, runs
+from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.features import (
     FEATURES_DTYPE,
+    compute_features,
     embed_store,
     ensure_features,
+    export_features,
     feature_stats,
+    find_stores,
     state_dict_digest,
 )
 from wsi_pipeline.models import get_backbone
@@ -94,3 +100,87 @@ def test_state_dict_digest_ignores_order() -> None:
     b = {"b": torch.zeros(1), "w": torch.ones(2)}
     assert state_dict_digest(a) == state_dict_digest(b)
     assert state_dict_digest(a) != state_dict_digest({"w": torch.ones(2), "b": torch.ones(1)})
+
+
+def test_state_dict_digest_of_half_precision_weights() -> None:
+    a = {"w": torch.ones(3, dtype=torch.bfloat16), "s": torch.tensor(2.0, dtype=torch.float16)}
+    b = {"w": torch.ones(3, dtype=torch.bfloat16), "s": torch.tensor(3.0, dtype=torch.float16)}
+    assert state_dict_digest(a) != state_dict_digest(b)
+    # float32 bytes as before: digests of existing caches stay valid
+    f32 = {"w": torch.arange(4, dtype=torch.float32)}
+    h = hashlib.sha256(b"w" + np.arange(4, dtype=np.float32).tobytes()).hexdigest()
+    assert state_dict_digest(f32) == h
+
+
+def test_ensure_features_without_weights_is_a_labelled_random_init(
+    stores: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="wsi_pipeline"):
+        name, _ = ensure_features(
+            stores[:1], backbone="smallcnn", weights=None, device=CPU, progress=False
+        )
+    assert "features from a randomly initialised backbone" in caplog.text
+    arr = zarr.open_group(str(stores[0]), mode="r")[features_key(name)]
+    assert arr.attrs["weights"] == "random-init"
+    # asked for explicitly: the same seeded weights, the same features
+    again, _ = ensure_features(
+        stores[:1], backbone="smallcnn", weights="none", device=CPU, progress=False
+    )
+    assert again == name
+
+
+def test_embed_store_resizes_and_normalises_like_the_encoder(stores: list[Path]) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[1:]))
+        return x.mean(dim=(2, 3))
+
+    n = SlideStore(stores[0]).n_patches
+    h = embed_store(stores[0], net, device=CPU, batch_size=5, mean=(0, 0, 0), std=(1, 1, 1))
+    assert h.shape == (n, 3) and seen[0] == (3, 64, 64)
+    patches = SlideStore(stores[0]).reader().read(np.arange(n)).astype(np.float64) / 255
+    np.testing.assert_allclose(h, patches.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    seen.clear()
+    h2 = embed_store(
+        stores[0],
+        net,
+        device=CPU,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        input_px=32,
+        interpolation="bicubic",
+    )
+    assert seen[0] == (3, 32, 32) and h2.shape == (n, 3)
+    np.testing.assert_allclose(h2, h, atol=0.02)  # an antialiased resize keeps the mean
+
+
+def test_compute_features_goes_store_by_store(stores: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"nowhere: no such store or folder of stores"):
+        find_stores([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match=r"no stores \(\*\.zarr\) in .*empty$"):
+        find_stores([tmp_path / "empty"])
+    assert find_stores([stores[0].parent, stores[0]]) == sorted(stores[0].parent.glob("*.zarr"))
+    rep = compute_features(
+        stores, backbone="smallcnn", weights="none", device="cpu", progress=False
+    )
+    assert [r.status for r in rep.results] == ["computed", "computed"] and rep.dim == 128
+    assert rep.weights == "random-init" and all(r.n_patches > 0 for r in rep.results)
+    rep2 = compute_features(
+        stores, backbone="smallcnn", weights="none", device="cpu", overwrite=True, progress=False
+    )
+    assert rep2.name == rep.name and rep2.counts() == {"computed": 2}
+    rep3 = compute_features(
+        stores, backbone="smallcnn", weights="none", device="cpu", progress=False
+    )
+    assert rep3.counts() == {"skipped": 2}
+    with pytest.raises(ConfigError, match=r"batch size must be >= 1, got 0"):
+        compute_features(stores, backbone="smallcnn", weights="none", batch_size=0)
+
+
+def test_export_needs_complete_features(stores: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(
+        StoreError, match=r"no complete 'features/nope'; run 'wsi-pipeline features'"
+    ):
+        export_features(stores[0], "nope", tmp_path)

@@ -21,9 +21,10 @@ import wsi_pipeline
 from wsi_pipeline import heatmap as hm
 from wsi_pipeline import stitch, synth
 from wsi_pipeline.errors import ConfigError, StoreError
+from wsi_pipeline.exports import colour_lut, lut_index, overlay_lut
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SCORES, SlideStore, open_store, scores_key, write_scores
-from wsi_pipeline.tiling import tile_slide
+from wsi_pipeline.tile_batch import tile_slide
 from wsi_pipeline.tissue import rect_fractions
 
 RUN = "test"
@@ -95,10 +96,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def exported(data: dict[str, Any]) -> dict[str, Path]:
-    """Probability-mode exports at downsample 8, opaque colours (so colours can be read back)."""
-    return hm.export_heatmaps(
-        data["store"], data["root"] / "out", run_id=RUN, downsample=DS, alpha=1.0, cmap="jet"
-    )
+    """Probability-mode exports at downsample 8 with the default colours."""
+    return hm.export_heatmaps(data["store"], data["root"] / "out", run_id=RUN, downsample=DS)
 
 
 def _stitched_by_hand(data: dict[str, Any], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,53 +176,71 @@ def test_read_scores(data: dict[str, Any], tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- TIFF
-def _red_centroids(rgb: np.ndarray) -> list[np.ndarray]:
-    """(x, y) centroids of the connected dark-red areas (jet at values >~ 0.8)."""
+def _opaque_centroids(rgba: np.ndarray, min_alpha: int) -> list[np.ndarray]:
+    """(x, y) centroids of the connected areas drawn with an opacity of at least ``min_alpha``."""
     from scipy import ndimage
 
-    r, g, b = (rgb[..., i].astype(int) for i in range(3))
-    red = (r >= 100) & (g <= 80) & (b <= 80)
-    labels, n = ndimage.label(red)
-    sizes = ndimage.sum(red, labels, range(1, n + 1))
-    cents = ndimage.center_of_mass(red, labels, range(1, n + 1))
+    strong = rgba[..., 3] >= min_alpha
+    labels, n = ndimage.label(strong)
+    sizes = ndimage.sum(strong, labels, range(1, n + 1))
+    cents = ndimage.center_of_mass(strong, labels, range(1, n + 1))
     return [np.array([c[1], c[0]]) for c, s in zip(cents, sizes) if s >= 4]
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
-def test_overlay_tiff_is_a_pyramid_both_readers_open(
+def test_overlay_tiff_lies_on_the_slide(
     data: dict[str, Any], exported: dict[str, Path], backend: str
 ) -> None:
+    """Level 0 has the slide's size and mpp; each lesion is drawn where it lies on the slide."""
+    import tifffile
     from scipy import ndimage
 
     mod = pytest.importorskip(backend)
     cls = mod.OpenSlide if backend == "openslide" else mod.TiffSlide
+    grid = tifffile.imread(exported["values_tiff"], key=0)
+    lut, _ = hm.overlay_colours("probability")
+    with tifffile.TiffFile(exported["tiff"]) as tf:
+        page = tf.pages[0]
+        assert page.shape == (3072, 4096, 4) and page.dtype == np.uint8  # RGBA, the slide's size
+        assert page.tags["XResolution"].value == (20000, 1)  # 1e4 / 0.5 um per px, per cm
+        assert page.tags["ResolutionUnit"].value == 3  # centimetre
     s = cls(str(exported["tiff"]))
     try:
-        assert s.level_count > 1
-        w, h = s.dimensions
-        assert abs(w - 4096 / DS) <= 1 and abs(h - 3072 / DS) <= 1
-        assert float(s.properties[f"{backend}.mpp-x"]) == pytest.approx(0.5 * DS, rel=1e-4)
-        assert float(s.properties[f"{backend}.mpp-y"]) == pytest.approx(0.5 * DS, rel=1e-4)
-        assert s.level_downsamples[1] == pytest.approx(2.0, rel=0.01)
-        rgb = np.asarray(s.read_region((0, 0), 0, (w, h)))[..., :3]
+        assert s.dimensions == (4096, 3072)  # the slide's level 0
+        assert s.level_count > 1 and s.level_downsamples[1] == pytest.approx(2.0, rel=0.01)
+        assert float(s.properties[f"{backend}.mpp-x"]) == pytest.approx(0.5, rel=1e-4)
+        assert float(s.properties[f"{backend}.mpp-y"]) == pytest.approx(0.5, rel=1e-4)
+        # the highest heatmap pixel, read at its place in level-0 coordinates
+        i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
+        x, y = int((j + 0.5) * DS), int((i + 0.5) * DS)
+        px = np.asarray(s.read_region((x, y), 0, (1, 1)))[0, 0]
+        want = lut[lut_index(grid[i : i + 1, j : j + 1], value_range=(0, 1))[0, 0]]
+        np.testing.assert_allclose(px.astype(int), want.astype(int), atol=2)  # premultiplied
+        assert want[3] > 0.5 * 255
+        k = s.get_best_level_for_downsample(DS)
+        assert s.level_downsamples[k] == pytest.approx(DS, rel=0.01)
+        rgba = np.asarray(s.read_region((0, 0), k, s.level_dimensions[k]))
     finally:
         s.close()
-    # each ground-truth lesion shows as a bright (dark red) area at its place
+    assert rgba.shape[-1] == 4
+    assert (rgba[..., 3][np.nan_to_num(grid, nan=0.0) <= 0.2] == 0).all()  # low: transparent
+    # each ground-truth lesion shows as a strongly coloured area (scores >~ 0.85) at its place
     gt = data["slide"]
     labels, n = ndimage.label(gt.lesion_mask)
     assert n >= 2
-    found = _red_centroids(rgb)
+    found = _opaque_centroids(rgba, lut[lut_index(np.float32([0.85]), value_range=(0, 1))[0], 3])
     gt_ds = gt.gt_downsample
     for k in range(1, n + 1):
         cy, cx = ndimage.center_of_mass(labels == k)
         if (labels == k).sum() < 50:
             continue  # a sliver of lesion: smaller than a patch
-        expected = (np.array([cx, cy]) + 0.5) * gt_ds / DS - 0.5  # heatmap pixel coordinates
+        expected = (np.array([cx, cy]) + 0.5) * gt_ds / DS - 0.5  # level-k pixel coordinates
         dist = min(np.hypot(*(c - expected)) for c in found)
         assert dist <= 2.0, (k, expected, found)
 
 
 def test_values_tiff_holds_the_heatmap(exported: dict[str, Path]) -> None:
+    """Float32 values, one pixel per heatmap pixel: tifffile and tiffslide read them."""
     import tifffile
 
     with tifffile.TiffFile(exported["values_tiff"]) as tf:
@@ -233,6 +250,11 @@ def test_values_tiff_holds_the_heatmap(exported: dict[str, Path]) -> None:
         assert a.shape == (384, 512)
         assert np.isnan(a).any() and np.nanmax(a) <= 1.0 and np.nanmin(a) >= 0.0
         assert pages[0].tags["ResolutionUnit"].value == 3  # centimetre
+    tiffslide = pytest.importorskip("tiffslide")
+    with tiffslide.TiffSlide(str(exported["values_tiff"])) as s:
+        assert float(s.properties["tiffslide.mpp-x"]) == pytest.approx(0.5 * DS)
+        got = s.read_region((0, 0), 0, (512, 384), as_array=True)
+    np.testing.assert_array_equal(got[..., 0], a)
 
 
 # ------------------------------------------------------------------------------- GeoJSON, JSON
@@ -273,6 +295,53 @@ def test_geojson_is_valid_in_level0_px_and_finds_the_lesions(
     assert iou > 0.7, iou
 
 
+def test_tiles_geojson_has_a_detection_per_patch(
+    data: dict[str, Any], exported: dict[str, Path]
+) -> None:
+    """QuPath detections: the patch squares in level-0 px with numeric measurements."""
+    st = SlideStore(data["store"])
+    fc = json.loads(exported["tiles_geojson"].read_text())
+    assert exported["tiles_geojson"].name == "lesion_score_tiles.geojson"
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == st.n_patches
+    p = data["patch_l0"]
+    tissue = st.tissue_fraction
+    n_classified = 0
+    for f, (x, y), score, tf in zip(fc["features"], data["coords"], data["scores"], tissue):
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon"
+        assert ring == [[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        m = props["measurements"]
+        assert set(m) == {"score", "probability", "tissue_fraction"}
+        assert all(isinstance(v, (int, float)) for v in m.values())
+        assert m["score"] == pytest.approx(score, abs=1e-6)  # probability mode: the score
+        assert m["probability"] == pytest.approx(score, abs=1e-6)
+        assert m["tissue_fraction"] == pytest.approx(tf, abs=1e-6)
+        if score >= 0.5:
+            assert props["classification"] == {"name": "Abnormal", "color": [255, 0, 0]}
+            n_classified += 1
+        else:
+            assert "classification" not in props
+    assert 0 < n_classified < st.n_patches
+
+
+def test_default_colours_are_perceptual_and_shared(exported: dict[str, Path]) -> None:
+    s = json.loads(exported["summary"].read_text())
+    assert s["params"]["cmap"] == "viridis" and s["params"]["transparent_below"] == 0.2
+    lut, t = hm.overlay_colours("probability")
+    assert t == 0.2
+    np.testing.assert_array_equal(
+        lut, overlay_lut("viridis", value_range=(0, 1), alpha=0.7, transparent_below=0.2)
+    )
+    np.testing.assert_array_equal(lut[-1, :3], colour_lut("viridis")[-1])
+    assert hm.overlay_colours("percentile")[1] == 50.0
+    jet, _ = hm.overlay_colours("probability", cmap="jet")  # a rainbow only on request
+    np.testing.assert_array_equal(jet[-1, :3], colour_lut("jet")[-1])
+    with pytest.raises(ConfigError, match=r"transparent_below must be in \[0, 100\)"):
+        hm.overlay_colours("percentile", transparent_below=100)
+
+
 def _rings(geometry: dict[str, Any]) -> list[list[list[float]]]:
     if geometry["type"] == "Polygon":
         return [geometry["coordinates"]]
@@ -288,6 +357,9 @@ def test_summary_and_png(data: dict[str, Any], exported: dict[str, Path]) -> Non
     assert s["prediction"]["label"] == "tumour"
     assert s["prediction"]["probabilities"] == {"normal": 0.1, "tumour": 0.9}
     assert s["heatmap_size_wh"] == [512, 384] and s["heatmap_mpp"] == 4.0
+    assert s["slide_size_wh"] == [4096, 3072]  # the overlay TIFF's level 0
+    assert set(s["files"]) == {"png", "tiff", "values_tiff", "geojson", "tiles_geojson"}
+    assert "transparent at or below 0.2" in s["legend"]
     lesion_mm2 = data["slide"].lesion_mask.sum() * (16 * 0.5) ** 2 * 1e-6
     assert s["area_above_threshold_mm2"] == pytest.approx(lesion_mm2, rel=0.35)
     assert 0 < s["fraction_above_threshold"] < 0.5
@@ -316,6 +388,11 @@ def test_attention_is_shown_as_percentiles(data: dict[str, Any]) -> None:
     assert s["prediction"]["label"] == "tumour"  # from scores/<run>
     v = tifffile.imread(paths["values_tiff"], key=0)
     assert np.nanmax(v) > 90 and np.nanmin(v) < 50  # most patches tie at 0 lesion
+    tiles = json.loads(paths["tiles_geojson"].read_text())["features"]
+    m = tiles[0]["properties"]["measurements"]
+    assert set(m) == {"score", "attention", "tissue_fraction"} and 0 <= m["score"] <= 100
+    classes = {f["properties"].get("classification", {}).get("name") for f in tiles}
+    assert classes == {None, "High attention"}
     with pytest.raises(ConfigError, match="not probabilities"):
         hm.export_heatmaps(
             data["store"], data["root"] / "attn", run_id=RUN, which="attention", mode="probability"

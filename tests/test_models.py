@@ -24,6 +24,7 @@ from wsi_pipeline.models import (
     load_backbone_weights,
     model_options,
 )
+from wsi_pipeline.models.registry import backbone_torchvision_arch
 
 MODELS = list_models()
 MODES = ["features", "smallcnn"]
@@ -74,6 +75,14 @@ def test_registry_lists():
     assert {"abmil", "gated_abmil", "maxmil", "topk", "meanmil", "clam_sb"} <= set(MODELS)
     assert {"resnet18", "resnet50", "smallcnn"} <= set(list_backbones())
     assert model_options("topk")["k"] == 5
+
+
+def test_backbone_torchvision_arch():
+    assert backbone_torchvision_arch("resnet50") == "resnet50"
+    assert backbone_torchvision_arch("resnet18") == "resnet18"
+    assert backbone_torchvision_arch("smallcnn") is None
+    with pytest.raises(ConfigError, match=r"unknown backbone 'vgg'; known backbones: resnet18"):
+        backbone_torchvision_arch("vgg")
 
 
 def test_unknown_model_lists_known_names():
@@ -392,6 +401,15 @@ def test_model_backbone_weights_option(resnet18_source, tmp_path):
     torch.testing.assert_close(
         model.backbone.conv1.weight, resnet18_source.conv1.weight, rtol=0, atol=0
     )
+
+
+def test_model_backbone_weights_none_is_random_init():
+    torch.manual_seed(4)
+    a = get_model("abmil", num_classes=2, backbone="smallcnn", backbone_weights="none")
+    torch.manual_seed(4)
+    b = get_model("abmil", num_classes=2, backbone="smallcnn")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
 
 
 def test_smallcnn_weights_from_saved_mil_model(tmp_path):

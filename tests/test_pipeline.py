@@ -63,6 +63,11 @@ def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
             {"train": {"folds": 2}},
             r"'train\.folds' trains 2 fold runs .* 'stages: \[tile, train\]'",
         ),
+        ({"evaluate": {"labels": "x.csv", "bogus": 1}}, r"unknown key 'evaluate\.bogus'"),
+        ({"evaluate": {"labels": "x.csv", "n_boot": "many"}}, r"'evaluate\.n_boot' must be int"),
+        ({"evaluate": {"labels": "x.csv", "n_boot": 5}}, r"evaluate: n_boot must be .* >= 100"),
+        ({"evaluate": {"device": "cpu"}}, r"'evaluate\.labels' .* is required"),
+        ({"evaluate": {"labels": "nowhere.csv"}}, r"'evaluate\.labels': nowhere.csv does not"),
     ],
 )
 def test_validation_names_the_key(tmp_path: Path, patch: dict, message: str) -> None:
@@ -184,3 +189,30 @@ def test_train_folds_like_train_folds_command(
 
 def _no_nan(name: str) -> None:
     raise AssertionError(f"report.json is not strict JSON: {name}")
+
+
+def test_evaluate_stage_then_skip(
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path: Path
+) -> None:
+    """``evaluate:`` scores a labelled cohort with the run, as ``wsi-pipeline evaluate`` does."""
+    stores, labels = small_cohort
+    shutil.copytree(stores, tmp_path / "ext")
+    out = tmp_path / "out"
+    section = {"labels": str(labels), "stores": str(tmp_path / "ext"), "n_boot": 200}
+    data = {"out": str(out), "run": str(fast_run), "stages": ["evaluate"], "evaluate": section}
+    path = _write(tmp_path, data)
+    p = load_pipeline(path)
+    assert p.stages == ("evaluate",) and p.evaluate_stores == tmp_path / "ext"
+    report = run_pipeline(p, progress=False)
+    (stage,) = report["stages"]
+    assert stage["stage"] == "evaluate" and stage["status"] == "ran" and stage["n"] == 8
+    ev = json.loads((out / "evaluation" / "evaluation.json").read_text(), parse_constant=_no_nan)
+    assert ev["bootstrap"]["n_boot"] == 200 and ev["run_id"] == "run"
+    assert stage["auc"] == ev["metrics"]["auc"]["value"]
+    assert report["summary"]["evaluation_n"] == 8 and not report["failed"]
+    again = run_pipeline(path, progress=False)
+    assert [s["status"] for s in again["stages"]] == ["skipped"]
+    # other options: evaluated again
+    section["seed"] = 1
+    third = run_pipeline(_write(tmp_path, data), progress=False)
+    assert [s["status"] for s in third["stages"]] == ["ran"]

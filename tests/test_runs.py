@@ -130,6 +130,9 @@ def test_writers_and_readers(tmp_path: Path) -> None:
         cfg,
     )
     assert m["best_epoch"] is None and m["best_val_auc"] is None and not m["finished"]
+    assert m["best_val_auc_reason"] == "no epoch finished"
+    assert m["warnings"] == [] and "stalled" not in m and "calibration" not in m
+    assert m["history"][0]["val_auc"] is None  # what is returned holds no NaN either
     assert m["splits"] == {"val": 1, "train": 2} and m["test"] == {"auc": 0.75, "n": 2}
     saved = runs.read_metrics(tmp_path)
     assert saved["history"][0]["val_auc"] is None  # strict JSON: NaN is null
@@ -142,12 +145,48 @@ def test_writers_and_readers(tmp_path: Path) -> None:
     assert runs.read_cv_metrics(tmp_path / "cv") == {**cv, "val_auc": [0.5, None, 1.0]}
     assert runs.read_cv_metrics(tmp_path) is None
     empty = runs.write_cv_metrics(tmp_path / "cv0", [None])
-    assert math.isnan(empty["val_auc_mean"])
+    assert empty["val_auc_mean"] is None and empty["val_auc_std"] is None  # never NaN
+    assert empty["val_auc_reason"] == "no fold has a validation AUC"
     assert json.loads((tmp_path / "cv0" / runs.CV_METRICS).read_text())["val_auc_mean"] is None
     assert runs.fold_dir(tmp_path, 2) == tmp_path / "fold_2"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
     with pytest.raises(TrainingError, match=r"labels\.json: unreadable"):
         runs.read_classes(tmp_path / "cv")
+
+
+def test_write_metrics_null_with_reason(tmp_path: Path) -> None:
+    """A missing metric is null with its reason; warnings, stalled and calibration are kept."""
+    history = [
+        {"epoch": 0, "train_loss": 0.7, "val_loss": 0.69, "val_auc": math.nan},
+        {"epoch": 1, "train_loss": 0.69, "val_loss": 0.68, "val_auc": math.nan},
+    ]
+    for h in history:
+        h["val_auc_reason"] = "validation set has a single class ('0')"
+    cal = {"method": "none", "skipped": "no validation slides", "val": None}
+    m = runs.write_metrics(
+        tmp_path,
+        history,
+        {"epoch": 1, "auc": -1.0, "loss": 0.68, "by": "val_loss"},
+        {"auc": math.nan, "auc_reason": "test set has a single class ('1')", "n": 1},
+        {"a": "val", "b": "train", "c": "test"},
+        TrainConfig(**FAST),
+        finished=True,
+        warnings=["w1", "w2"],
+        stalled=True,
+        calibration=cal,
+    )
+    text = (tmp_path / runs.METRICS).read_text()
+    saved = json.loads(text, parse_constant=_no_nan)
+    assert saved == m
+    assert m["best_epoch"] == 2 and m["best_epoch_by"] == "val_loss"
+    assert m["best_val_auc"] is None
+    assert m["best_val_auc_reason"] == "validation set has a single class ('0')"
+    assert m["test"] == {"auc": None, "auc_reason": "test set has a single class ('1')", "n": 1}
+    assert m["warnings"] == ["w1", "w2"] and m["stalled"] is True and m["calibration"] == cal
+
+
+def _no_nan(name: str) -> float:
+    raise ValueError(f"{name} in strict JSON")
 
 
 def _finished_run(run_dir: Path, config: TrainConfig) -> None:

@@ -111,7 +111,7 @@ def test_tiling_mismatch() -> None:
 # user options -> specs
 # ---------------------------------------------------------------------------------------------
 def test_option_tables_name_real_fields() -> None:
-    from wsi_pipeline.tiling import tile_slides
+    from wsi_pipeline.tile_batch import tile_slides
 
     targets = {
         "tiling": {f.name for f in dataclasses.fields(TilingSpec)},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,20 @@ from wsi_pipeline.store import (
     TISSUE_MASK,
     SlideStore,
     finish_store,
+    is_complete,
     list_stores,
+    missing_chunks,
     patch_count,
     read_coords,
     shard_path,
     store_path,
+    store_problems,
     store_state,
     unfinished_shards,
+    write_array,
 )
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tiling import tile_slide
+from wsi_pipeline.tile_batch import tile_slide
 
 SPEC = TilingSpec(tile_px=128, patches_per_shard=8)
 
@@ -166,3 +171,82 @@ def test_unfinished_shards_and_finish(store_copy: Path) -> None:
     with pytest.raises(StoreError, match=r"s\.zarr: shard 1 missing or torn after extraction"):
         finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
     assert zarr.open_group(str(store_copy), mode="r").attrs["complete"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# "complete" means every array is whole (finish_store)
+# ---------------------------------------------------------------------------------------------
+def _unfinish(store: Path) -> int:
+    """Mark a copy unfinished again (as before its last step); returns its patch count."""
+    zarr.open_group(str(store), mode="r+").attrs["complete"] = False
+    return patch_count(store)
+
+
+def test_finish_store_marks_a_whole_store_complete(store_copy: Path) -> None:
+    n = _unfinish(store_copy)
+    assert store_problems(store_copy, n, 8) == []
+    finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
+    assert is_complete(store_copy)
+
+
+def test_finish_store_refuses_a_lost_thumbnail_chunk(store_copy: Path) -> None:
+    """The issue's store: a thumbnail whose chunk was lost reads as all zeros."""
+    n = _unfinish(store_copy)
+    before = {p: p.read_bytes() for p in store_copy.rglob("*") if p.is_file()}
+    chunk = next(p for p in sorted((store_copy / THUMBNAIL / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    del before[chunk]
+    assert not zarr.open_group(str(store_copy), mode="r")[THUMBNAIL][...].any()  # all zero
+    with pytest.raises(
+        StoreError,
+        match=r"s\.zarr: 'thumbnail': 1 of 1 chunks missing; not marked complete$",
+    ):
+        finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
+    assert not is_complete(store_copy)
+    # nothing else was touched: a rerun resumes from what is there
+    assert {p: p.read_bytes() for p in store_copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: shutil.rmtree(s / TISSUE_MASK), r"no 'tissue_mask' array"),
+        (lambda s: shutil.rmtree(s / COORDS), r"no 'coords' array"),
+        (
+            lambda s: write_array(
+                zarr.open_group(str(s), mode="r+"),
+                TISSUE_MASK,
+                np.ones((3, 4), bool),
+                chunks=(8, 8),
+            ),
+            r"'tissue_mask' \(3, 4\) is not on the thumbnail's grid",
+        ),
+        (
+            lambda s: write_array(
+                zarr.open_group(str(s), mode="r+"), TISSUE_FRACTION, np.ones(2, "f4"), chunks=(8,)
+            ),
+            r"'tissue_fraction' has shape \(2,\) \(expected \d+ patches\)",
+        ),
+    ],
+)
+def test_finish_store_refuses_missing_or_misshapen_arrays(
+    store_copy: Path, damage: Callable[[Path], object], message: str
+) -> None:
+    n = _unfinish(store_copy)
+    damage(store_copy)
+    with pytest.raises(StoreError, match=message):
+        finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
+    assert not is_complete(store_copy)
+
+
+def test_finish_store_refuses_a_wrong_patch_count(store_copy: Path) -> None:
+    n = _unfinish(store_copy)
+    with pytest.raises(StoreError, match=r"'coords' has shape \(\d+, 2\) \(expected \d+ patches\)"):
+        finish_store(store_copy, status="ok", n_patches=n + 1, patches_per_shard=8)
+
+
+def test_arrays_equal_to_their_fill_value_are_written(tmp_path: Path) -> None:
+    """An all-False mask (a slide without tissue) is on disk, so "missing" means lost."""
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    arr = write_array(g, TISSUE_MASK, np.zeros((40, 30), bool), chunks=(16, 16))
+    assert arr.nchunks == 6 and missing_chunks(arr) == 0

@@ -30,7 +30,8 @@ from wsi_pipeline.store import (
     shard_path,
 )
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tiling import MANIFEST, mask_slide, tile_slide, tile_slides, tiling_geometry
+from wsi_pipeline.tile_batch import MANIFEST, tile_slide, tile_slides
+from wsi_pipeline.tiling import mask_slide, tiling_geometry
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import zarr
 from helpers import FAST, make_cohort, tile_cohort_slide, write_labels
 
 from wsi_pipeline import runs
+from wsi_pipeline.checkpoint import TrainState
 from wsi_pipeline.cli import main
 from wsi_pipeline.data import read_labels
 from wsi_pipeline.errors import TrainingError
@@ -25,14 +28,46 @@ from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.store import SlideStore, features_key, scores_key
 from wsi_pipeline.synth import load_ground_truth
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.training import (
-    TrainState,
-    calibrate,
-    setup_training,
-    start_state,
-    train,
-    train_one_epoch,
-)
+from wsi_pipeline.train_report import auc_reason, calibrate, stall_warning
+from wsi_pipeline.training import setup_training, start_state, train, train_one_epoch
+
+#: Features mode on cached features: a few seconds a run (on a copy of the stores).
+FEATURES = {
+    "mode": "features",
+    "backbone": "smallcnn",
+    "num_workers": 0,
+    "patience": 20,
+    "warmup_epochs": 0,
+}
+
+
+def _no_nan(name: str) -> float:
+    raise ValueError(f"{name} in strict JSON")
+
+
+def _strict(path: Path) -> dict:
+    """A JSON file read by a strict parser: NaN or Infinity fail."""
+    return json.loads(path.read_text(), parse_constant=_no_nan)
+
+
+@pytest.fixture(scope="module")
+def feature_stores(
+    small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of ``small_cohort``'s stores (features-mode runs cache features in them)."""
+    d = tmp_path_factory.mktemp("feature_stores") / "stores"
+    shutil.copytree(small_cohort[0], d)
+    return d
+
+
+@pytest.fixture
+def logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> pytest.LogCaptureFixture:
+    """``caplog`` with the package's warnings (the CLI stops them from propagating)."""
+    monkeypatch.setattr(logging.getLogger("wsi_pipeline"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="wsi_pipeline")
+    return caplog
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +185,139 @@ def test_training_steps(small_cohort: tuple[Path, Path], tmp_path: Path) -> None
 
 
 def test_calibrate_without_validation_slides() -> None:
-    """The calibration of a run without validation slides is the identity."""
-    assert calibrate(None, ("0", "1")) == {"method": "none", "num_classes": 2}
+    """The calibration of a run without validation slides is the identity, saying why."""
+    assert calibrate(None, ("0", "1")) == {
+        "method": "none",
+        "num_classes": 2,
+        "skipped": "no validation slides",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# honest results: no NaN, missing metrics with a reason, skipped calibration, stalled runs
+# ---------------------------------------------------------------------------------------------
+def test_auc_reason_and_stall_rule() -> None:
+    assert auc_reason([], ("0", "1"), "validation") == "no validation slides"
+    assert auc_reason([0, 0], ("0", "1"), "validation") == (
+        "validation set has a single class ('0')"
+    )
+    assert auc_reason([1], ("normal", "tumour"), "test") == "test set has a single class ('tumour')"
+    assert auc_reason([0, 1], ("0", "1"), "test") is None
+    chance = [{"epoch": e, "train_loss": 0.69} for e in range(30)]
+    w = stall_warning(chance, 2)
+    assert w is not None and w.startswith(
+        "train loss did not move from chance (ln 2 = 0.693) after 30 epochs"
+    )
+    assert "the model learnt nothing; see README" in w
+    # the mean of the last 3 epochs decides: > 0.95 * ln(C)
+    falling = [{"epoch": e, "train_loss": x} for e, x in enumerate([0.7, 0.69, 0.6, 0.5, 0.4])]
+    assert stall_warning(falling, 2) is None
+    assert stall_warning([{"epoch": 0, "train_loss": 1.09}], 3) is not None  # ln 3 = 1.099
+    assert stall_warning([{"epoch": 0, "train_loss": 1.0}], 3) is None
+    assert stall_warning([], 2) is None
+
+
+def test_calibration_skipped_below_minimum(fast_run: Path) -> None:
+    """fast_run has one validation slide of each class: no calibration, and it says why."""
+    cal = _strict(fast_run / "calibration.json")
+    assert cal == {
+        "method": "none",
+        "num_classes": 2,
+        "skipped": "1 validation slide of class '0', 1 of class '1' (need >= 5 of each class)",
+    }
+    m = _strict(fast_run / "metrics.json")
+    assert f"calibration skipped: {cal['skipped']}" in m["warnings"]
+    c = m["calibration"]
+    assert c["method"] == "none" and c["skipped"] == cal["skipped"]
+    for split in ("val", "test"):
+        assert c[split]["n"] == 2
+        assert c[split]["brier_after"] == c[split]["brier_before"]  # the identity
+        assert 0 <= c[split]["ece_before"] <= 1
+    # the AUC of 2 validation slides chose the best epoch: said so
+    assert m["best_epoch_by"] == "val_auc"
+    assert any("on only 2 slides (< 10)" in w for w in m["warnings"])
+
+
+def test_no_validation_rows(
+    feature_stores: Path, small_cohort: tuple[Path, Path], tmp_path: Path, logged
+) -> None:
+    """No validation slides: a warning at the start, training runs, null metrics with a reason
+    and never NaN, in the file or in what train returns."""
+    run = tmp_path / "noval"
+    cfg = TrainConfig(**FEATURES, epochs=2, lr=1e-3, val_fraction=0.0)
+    m = train(feature_stores, small_cohort[1], run, config=cfg, progress=False)
+    assert m["finished"] and m["splits"] == {"train": 6, "test": 2}
+    first = next(r for r in logged.records if r.levelno == logging.WARNING)
+    assert first.getMessage().startswith("no validation slides: the best epoch is chosen by")
+    saved = _strict(run / "metrics.json")
+    json.dumps(m, allow_nan=False)  # what train returns holds no NaN either
+    assert saved == m
+    assert m["best_val_auc"] is None and m["best_val_auc_reason"] == "no validation slides"
+    assert m["best_epoch_by"] == "train_loss"
+    for h in m["history"]:
+        assert h["val_auc"] is None and h["val_auc_reason"] == "no validation slides"
+    assert m["calibration"]["val"] is None
+    assert m["calibration"]["val_reason"] == "no validation slides"
+    assert m["calibration"]["test"]["n"] == 2
+    assert _strict(run / "calibration.json")["skipped"] == "no validation slides"
+    assert m["warnings"][0].startswith("no validation slides")
+
+
+def test_single_class_validation_set_from_the_cli(
+    feature_stores: Path,
+    small_cohort: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A validation (and test) set of one class: warned, trained, null AUCs with reasons, the
+    best epoch chosen by the validation loss, and a CLI line without NaN."""
+    labels = read_labels(small_cohort[1])
+    by = {c: [r.slide_id for r in labels.rows if r.label == c] for c in ("0", "1")}
+    rows = [(s, 0, "train") for s in by["0"][:2]] + [(s, 1, "train") for s in by["1"][:2]]
+    rows += [(s, 0, "val") for s in by["0"][2:]] + [(by["1"][2], 1, "test")]
+    lab = write_labels(tmp_path / "one_class_val.csv", rows)
+    out = tmp_path / "run"
+    args = ["train", str(feature_stores), "--labels", str(lab), "--out", str(out), "-q"]
+    args += ["--mode", "features", "--backbone", "smallcnn", "--epochs", "2", "--workers", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "WARNING: validation set has a single class ('0'): there is no validation AUC" in (
+        printed.err
+    )
+    assert "nan" not in printed.out.lower()
+    assert "best validation AUC n/a (validation set has a single class ('0'))" in printed.out
+    assert "test AUC n/a (n=1, test set has a single class ('1'))" in printed.out
+    m = _strict(out / "metrics.json")
+    assert m["best_val_auc"] is None and m["best_epoch_by"] == "val_loss"
+    assert m["best_val_auc_reason"] == "validation set has a single class ('0')"
+    for h in m["history"]:
+        assert h["val_auc"] is None and math.isfinite(h["val_loss"])
+        assert h["val_auc_reason"] == "validation set has a single class ('0')"
+    assert m["test"]["auc"] is None
+    assert m["test"]["auc_reason"] == "test set has a single class ('1')"
+    assert _strict(out / "calibration.json")["skipped"] == (
+        "2 validation slides of class '0', 0 of class '1' (need >= 5 of each class)"
+    )
+
+
+def test_stalled_run_says_so_and_a_learning_run_does_not(
+    feature_stores: Path, small_cohort: tuple[Path, Path], tmp_path: Path, logged
+) -> None:
+    labels_csv = small_cohort[1]
+    cfg = TrainConfig(**FEATURES, epochs=2, lr=1e-7)
+    m = train(feature_stores, labels_csv, tmp_path / "stalled", config=cfg, progress=False)
+    assert m["stalled"] is True
+    w = [x for x in m["warnings"] if x.startswith("train loss did not move from chance")]
+    assert len(w) == 1 and "(ln 2 = 0.693) after 2 epochs" in w[0]
+    assert any(r.getMessage() == w[0] and r.levelno == logging.WARNING for r in logged.records)
+    assert _strict(tmp_path / "stalled" / "metrics.json")["stalled"] is True
+    logged.clear()
+    cfg = TrainConfig(**FEATURES, epochs=10, lr=1e-2, instance_weight=0.0)
+    m = train(feature_stores, labels_csv, tmp_path / "learns", config=cfg, progress=False)
+    assert m["history"][-1]["train_loss"] < 0.3  # it learns (the 4 training slides, at least)
+    assert m["stalled"] is False
+    assert not any("chance" in x for x in m["warnings"])
+    assert "did not move from chance" not in logged.text
 
 
 def test_features_mode_and_predict(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ import pytest
 
 from wsi_pipeline import synth, viz
 from wsi_pipeline.errors import ConfigError, StoreError
-from wsi_pipeline.heatmap import stitch_store
+from wsi_pipeline.exports import colour_lut
+from wsi_pipeline.heatmap import overlay_colours, stitch_store
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.stitch import display_values
 from wsi_pipeline.store import SlideStore, open_store, write_scores
-from wsi_pipeline.tiling import tile_slide
+from wsi_pipeline.tile_batch import tile_slide
 
 matplotlib.use("Agg")
 RUN = "viz"
@@ -109,9 +110,24 @@ def test_plot_heatmap_shows_the_stitched_scores(
     np.testing.assert_array_equal(got.mask, np.isnan(ref))
     np.testing.assert_allclose(got.filled(np.nan), ref, rtol=1e-6, equal_nan=True)
     assert heat.get_clim() == (0.0, vmax)
+    # the colours and opacities of the exported PNG and TIFF: viridis, low values transparent
+    lut, low = overlay_colours(mode or ("probability" if which == "score" else "percentile"))
+    np.testing.assert_allclose(heat.get_cmap()(np.arange(256)), lut / 255.0)
+    drawn = heat.to_rgba(got, bytes=True)
+    assert (drawn[got.filled(np.nan) <= low, 3] == 0).all()
+    assert (drawn[got.mask, 3] == 0).all()
+    assert lut[-1, :3].tolist() == colour_lut("viridis")[-1].tolist()
     assert f"{which} (" in ax.get_title() and "predicted tumour" in ax.get_title()
     assert "p(abnormal) = 0.75" in ax.get_title()
     assert bar.get_ylabel() in ("abnormality probability", "within-slide percentile")
+
+
+def test_plot_heatmap_colours_on_request(store: dict[str, Any]) -> None:
+    fig = viz.plot_heatmap(store["path"], run_id=RUN, cmap="jet", alpha=1.0, transparent_below=0.5)
+    heat = fig.axes[0].images[1]
+    lut, _ = overlay_colours("probability", cmap="jet", alpha=1.0, transparent_below=0.5)
+    np.testing.assert_allclose(heat.get_cmap()(np.arange(256)), lut / 255.0)
+    assert heat.get_cmap()(255)[3] == 1.0 and heat.get_cmap()(127)[3] == 0.0
 
 
 def test_plot_heatmap_errors(store: dict[str, Any], tmp_path: Path) -> None:

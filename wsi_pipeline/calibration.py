@@ -16,6 +16,13 @@ are all normal under the MIL assumption: ``p = sigmoid(a * (m - m_ref))`` with `
 99th percentile of their patch margins. A patch scores above 0.5 when it looks more abnormal than
 99% of the patches of slides known to be normal -- a specificity-referenced probability. Without
 negative validation slides the slide map is used. Calibration is monotone: AUCs do not change.
+
+A fit needs :data:`MIN_CALIBRATION_SLIDES` validation slides of *each* class. Below that,
+:func:`fit_calibration` returns the identity (plain softmax) with ``"skipped": "<reason>"``
+(e.g. ``"3 validation slides of class '1' (need >= 5 of each class)"``), and ``train`` logs a
+warning: a Platt fit on two slides gave slopes of 136 to 1339, i.e. probabilities of 0 or 1 from
+noise. :func:`calibration_scores` reports Brier score and expected calibration error before and
+after a calibration.
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import brier_score, expected_calibration_error
+
 __all__ = [
+    "MIN_CALIBRATION_SLIDES",
     "apply_calibration",
     "apply_patch_calibration",
+    "calibration_scores",
+    "calibration_skip_reason",
     "fit_calibration",
     "fit_patch_reference",
     "identity_calibration",
@@ -35,10 +47,63 @@ __all__ = [
 
 PATCH_QUANTILE = 99.0
 
+#: Validation slides needed of each class before a calibration is fitted. Fewer give wild fits:
+#: Platt scaling on two validation slides gave slopes of 136 to 1339 (every probability 0 or 1),
+#: far worse than the uncalibrated softmax. Below this the calibration is the identity.
+MIN_CALIBRATION_SLIDES = 5
 
-def identity_calibration(num_classes: int) -> dict[str, Any]:
-    """No calibration (plain softmax), e.g. without validation slides."""
-    return {"method": "none", "num_classes": int(num_classes)}
+
+def identity_calibration(num_classes: int, *, skipped: str | None = None) -> dict[str, Any]:
+    """No calibration (plain softmax), e.g. without enough validation slides.
+
+    Parameters
+    ----------
+    num_classes : int
+    skipped : str, optional
+        Why no calibration was fitted; recorded as ``"skipped"``.
+    """
+    out: dict[str, Any] = {"method": "none", "num_classes": int(num_classes)}
+    if skipped is not None:
+        out["skipped"] = skipped
+    return out
+
+
+def calibration_skip_reason(
+    targets: Sequence[int] | np.ndarray,
+    num_classes: int,
+    *,
+    classes: Sequence[str] | None = None,
+    min_per_class: int = MIN_CALIBRATION_SLIDES,
+) -> str | None:
+    """Why a calibration cannot be fitted on validation slides of these classes, or None.
+
+    Parameters
+    ----------
+    targets : sequence of int
+        Class index of each validation slide.
+    num_classes : int
+    classes : sequence of str, optional
+        Class names for the message (default: the indices).
+    min_per_class : int
+        Slides needed of each class.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"3 validation slides of class '1' (need >= 5 of each class)"``; None when every
+        class has ``min_per_class`` slides.
+    """
+    y = np.asarray(targets, dtype=np.int64)
+    if len(y) == 0:
+        return "no validation slides"
+    names = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
+    counts = np.bincount(y, minlength=num_classes)
+    short = [(int(counts[c]), names[c]) for c in range(num_classes) if counts[c] < min_per_class]
+    if not short:
+        return None
+    parts = [f"{n} validation slide{'s' * (n != 1)} of class {name!r}" for n, name in short[:1]]
+    parts += [f"{n} of class {name!r}" for n, name in short[1:]]
+    return f"{', '.join(parts)} (need >= {min_per_class} of each class)"
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -48,9 +113,17 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_calibration(
-    logits: np.ndarray, targets: Sequence[int], *, negative: int = 0
+    logits: np.ndarray,
+    targets: Sequence[int],
+    *,
+    negative: int = 0,
+    classes: Sequence[str] | None = None,
+    min_per_class: int = MIN_CALIBRATION_SLIDES,
 ) -> dict[str, Any]:
     """Fit Platt scaling (binary) or a temperature (multi-class) on validation logits.
+
+    With fewer than ``min_per_class`` slides of some class, nothing is fitted: the identity
+    calibration with ``"skipped"`` (see :func:`calibration_skip_reason`).
 
     Parameters
     ----------
@@ -60,6 +133,10 @@ def fit_calibration(
         Their class indices.
     negative : int
         Index of the negative class (binary: the margin is ``l_other - l_negative``).
+    classes : sequence of str, optional
+        Class names, for the ``"skipped"`` reason.
+    min_per_class : int
+        Validation slides needed of each class (:data:`MIN_CALIBRATION_SLIDES`).
 
     Returns
     -------
@@ -71,8 +148,9 @@ def fit_calibration(
     z = np.asarray(logits, np.float64)
     y = np.asarray(targets, int)
     n, c = z.shape
-    if n == 0 or len(np.unique(y)) < 2:
-        return identity_calibration(c)
+    reason = calibration_skip_reason(y, c, classes=classes, min_per_class=max(1, min_per_class))
+    if reason is not None:
+        return identity_calibration(c, skipped=reason)
     counts = np.bincount(y, minlength=c).astype(float)
     if c == 2:
         pos = 1 - negative
@@ -168,6 +246,40 @@ def apply_patch_calibration(patch_logits: np.ndarray, cal: dict[str, Any] | None
     neg = int(cal["negative"])
     pc = cal["patch"]
     return _two_class(pc["a"] * ((z[..., 1 - neg] - z[..., neg]) - pc["center"]), neg)
+
+
+def calibration_scores(
+    logits: np.ndarray, targets: Sequence[int], cal: dict[str, Any] | None, *, n_bins: int = 10
+) -> dict[str, Any]:
+    """Brier score and expected calibration error of slides before and after ``cal``.
+
+    Parameters
+    ----------
+    logits : (n, C) ndarray
+        Slide logits (n > 0).
+    targets : sequence of int
+        Their class indices.
+    cal : dict or None
+        From :func:`fit_calibration`.
+    n_bins : int
+        Confidence bins of the expected calibration error.
+
+    Returns
+    -------
+    dict
+        ``n``, ``brier_before``, ``brier_after``, ``ece_before``, ``ece_after`` ("before": the
+        plain softmax). On the slides the calibration was fitted on, "after" is optimistic.
+    """
+    before = apply_calibration(logits, None)
+    after = apply_calibration(logits, cal)
+    y = np.asarray(targets, dtype=np.int64)
+    return {
+        "n": len(y),
+        "brier_before": brier_score(before, y),
+        "brier_after": brier_score(after, y),
+        "ece_before": expected_calibration_error(before, y, n_bins=n_bins),
+        "ece_after": expected_calibration_error(after, y, n_bins=n_bins),
+    }
 
 
 def _two_class(score: np.ndarray, negative: int) -> np.ndarray:

@@ -213,7 +213,7 @@ def tile(ctx: click.Context, /, slides: tuple[Path, ...], out: Path, **options: 
     """
     from .slide import find_slides
     from .specs import tiling_from_options
-    from .tiling import MANIFEST, tile_slides
+    from .tile_batch import MANIFEST, tile_slides
 
     spec, batch = tiling_from_options(options)
     files, _ = find_slides(list(slides))
@@ -233,6 +233,93 @@ def tile(ctx: click.Context, /, slides: tuple[Path, ...], out: Path, **options: 
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     click.echo(f"tiled {len(results)} slide(s): {summary}; manifest: {out / MANIFEST}")
     if any(not r.ok for r in results):
+        raise _Failed()
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--backbone",
+    default=None,
+    help="Registered patch CNN: smallcnn, resnet18, resnet50 (needs --weights).",
+)
+@click.option(
+    "--encoder",
+    default=None,
+    help="Pathology foundation-model preset: uni, conch, virchow2, h-optimus-0, phikon-v2 "
+    "(weights from the local Hugging Face cache, or --weights).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="A torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; read from "
+    "torchvision's cache), a local file (.pt/.pth/.bin state dict, .safetensors, TorchScript) "
+    "or model folder, or 'none' for a random initialisation. Nothing is downloaded.",
+)
+@click.option(
+    "--batch-size", type=int, default=256, show_default=True, help="Patches per forward pass."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<i>.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of a random init (--weights none)."
+)
+@click.option(
+    "--export-h5",
+    "export_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write DIR/h5_files/<slide_id>.h5 (features (N, D), coords (N, 2)) and "
+    "DIR/pt_files/<slide_id>.pt, as CLAM and TRIDENT read them.",
+)
+@click.option(
+    "--import-h5",
+    "import_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Instead of computing: import DIR/<slide_id>.h5 (or DIR/h5_files/) into the stores "
+    "as features/<--name>; their coords must be the store's.",
+)
+@click.option("--name", default=None, help="Extractor name of imported features (--import-h5).")
+@click.option("--overwrite", is_flag=True, help="Recompute complete features (rewrite exports).")
+@click.pass_context
+def features(
+    ctx: click.Context,
+    /,
+    stores: tuple[Path, ...],
+    import_dir: Path | None,
+    name: str | None,
+    **options: Any,
+) -> None:
+    """Embed every patch of STORES (stores and/or folders of stores) with a frozen encoder into
+    features/<extractor> in each store.
+
+    Complete features are skipped (unless --overwrite); a store that cannot be read fails on its
+    own line and the others go on (exit status 1).
+    """
+    from .features import compute_features, import_features
+
+    progress = not ctx.obj.get("quiet")
+    if import_dir is not None:
+        if name is None:
+            raise ConfigError("--import-h5 needs --name, the extractor name to store them under")
+        report = import_features(
+            list(stores), import_dir, name=name, overwrite=options["overwrite"], progress=progress
+        )
+    else:
+        if name is not None:
+            raise ConfigError("--name is for --import-h5; computed features are named by weights")
+        report = compute_features(list(stores), progress=progress, **options)
+    for r in report.results:
+        if not r.ok:
+            click.echo(f"error: {r.error}", err=True)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(report.counts().items())) or "no stores"
+    msg = f"features/{report.name} (D={report.dim}, weights {report.weights}): {summary}"
+    if options.get("export_dir") is not None:
+        msg += f"; exported to {options['export_dir']}"
+    click.echo(msg)
+    if any(not r.ok for r in report.results):
         raise _Failed()
 
 
@@ -420,9 +507,11 @@ def train(
         res = train_folds(
             stores, labels_csv, out, config=config, folds=folds, resume=resume, progress=progress
         )
-        click.echo(
-            f"{_cv_line(folds, res['val_auc_mean'], res['val_auc_std'])}; runs in {out}/fold_*"
-        )
+        if res["val_auc_mean"] is None:
+            line = f"{folds}-fold validation AUC n/a ({res.get('val_auc_reason')})"
+        else:
+            line = _cv_line(folds, res["val_auc_mean"], res["val_auc_std"])
+        click.echo(f"{line}; runs in {out}/fold_*")
         return
     m = run_train(
         stores,
@@ -435,9 +524,24 @@ def train(
     )
     if not m:  # a non-zero rank under torchrun: rank 0 reports
         return
-    msg = f"trained {m['epochs_run']} epoch(s); best validation AUC {m['best_val_auc']}"
+    # metrics hold null (with a "<name>_reason"), never NaN, for what could not be measured
+    best = m["best_val_auc"]
+    if best is None:
+        msg = f"trained {m['epochs_run']} epoch(s); best validation AUC n/a"
+        msg += f" ({m.get('best_val_auc_reason', 'none')})"
+    else:
+        msg = f"trained {m['epochs_run']} epoch(s); best validation AUC {best:.3f}"
     if "test" in m:
-        msg += f"; test AUC {m['test']['auc']:.3f} (n={m['test']['n']})"
+        t = m["test"]
+        auc = "n/a" if t.get("auc") is None else f"{t['auc']:.3f}"
+        reason = f", {t['auc_reason']}" if t.get("auc_reason") else ""
+        msg += f"; test AUC {auc} (n={t['n']}{reason})"
+    if m.get("stalled"):
+        msg += "; STALLED: the train loss never left chance, the model learnt nothing"
+    others = len(m.get("warnings", [])) - bool(m.get("stalled"))
+    if others > 0:
+        more = " more" if m.get("stalled") else ""
+        msg += f"; {others}{more} warning(s) in {out}/metrics.json"
     click.echo(f"{msg}; run folder {out}")
 
 
@@ -543,6 +647,21 @@ def predict(
 @click.option(
     "--sigma-um", type=float, default=0.0, show_default=True, help="Gaussian smoothing in µm."
 )
+@click.option(
+    "--cmap",
+    default=None,
+    help="Matplotlib colormap, e.g. jet for a rainbow. [default: viridis, perceptually uniform]",
+)
+@click.option(
+    "--alpha", type=float, default=None, help="Opacity at the top of the scale. [default: 0.7]"
+)
+@click.option(
+    "--transparent-below",
+    type=float,
+    default=None,
+    help="Values at or below this (mode units) leave the slide untinted; the opacity rises "
+    "above it. [default: 0.2 / 50]",
+)
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Redo exports that are up to date.")
 def heatmap(
@@ -555,10 +674,15 @@ def heatmap(
     threshold: float | None,
     downsample: float | None,
     sigma_um: float,
+    cmap: str | None,
+    alpha: float | None,
+    transparent_below: float | None,
     slides: tuple[str, ...],
     overwrite: bool,
 ) -> None:
-    """Per slide in STORES: PNG overlay, pyramidal TIFF, GeoJSON regions and a JSON summary."""
+    """Per slide in STORES: PNG overlay, overlay TIFF aligned with the slide, values TIFF,
+    GeoJSON regions and per-patch tiles for QuPath, and a JSON summary."""
+    from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
     from .heatmap import heatmaps
     from .runs import run_id as run_id_rule
 
@@ -572,6 +696,9 @@ def heatmap(
         threshold=threshold,
         downsample=downsample,
         sigma_um=sigma_um,
+        cmap=DEFAULT_CMAP if cmap is None else cmap,
+        alpha=DEFAULT_ALPHA if alpha is None else alpha,
+        transparent_below=transparent_below,
         slide_ids=list(slides) or None,
         overwrite=overwrite,
     )
@@ -581,6 +708,89 @@ def heatmap(
     bad = [r for r in res if not r["ok"]]
     click.echo(f"heatmaps for {len(res) - len(bad)} of {len(res)} slide(s) in {out}")
     if bad:
+        raise _Failed()
+
+
+@cli.command()
+@common_options
+@click.argument("stores", type=click.Path(path_type=Path))
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A training run folder.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV with slide_id,label of the slides to score (labels must be the run's classes).",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for evaluation.json, evaluation.csv, roc.png, reliability.png.",
+)
+@click.option(
+    "--run-id",
+    default=None,
+    help="Name of the per-patch scores in the stores (scores/<run-id>); "
+    "default: the run folder's name.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--n-boot",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples of the 95% confidence intervals.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.pass_context
+def evaluate(
+    ctx: click.Context,
+    /,
+    stores: Path,
+    run_dir: Path,
+    labels_csv: Path,
+    out: Path,
+    run_id: str | None,
+    device: str,
+    n_boot: int,
+    seed: int,
+) -> None:
+    """Score the run on the labelled slides in STORES (an external test set): AUC, balanced
+    accuracy, sensitivity/specificity, Brier and ECE with bootstrap 95% CIs."""
+    from .evaluation import EVALUATION, check_options
+    from .evaluation import evaluate as run_evaluate
+
+    check_options(n_boot=n_boot, seed=seed)
+    res = run_evaluate(
+        stores,
+        run_dir,
+        labels_csv,
+        out,
+        device=device,
+        run_id=run_id,
+        n_boot=n_boot,
+        seed=seed,
+        progress=not ctx.obj.get("quiet"),
+    )
+    auc = res["metrics"]["auc"]
+    if auc["value"] is None:
+        shown = f"AUC n/a ({auc['reason']})"
+    elif auc["ci95"] is None:
+        shown = f"AUC {auc['value']:.3f} (no CI: {auc['reason']})"
+    else:
+        lo, hi = auc["ci95"]
+        shown = f"AUC {auc['value']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    failed = f"; {len(res['failed'])} failed" if res["failed"] else ""
+    click.echo(f"evaluated {res['n']} slide(s): {shown}, n={res['n']}{failed}; {out / EVALUATION}")
+    if res["failed"]:
         raise _Failed()
 
 

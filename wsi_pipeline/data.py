@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,16 @@ import numpy as np
 
 from .errors import ConfigError, StoreError, TrainingError
 from .specs import tiling_mismatch
-from .store import COORDS, PatchReader, features_key, is_complete, open_store, store_path
+from .store import (
+    COORDS,
+    PatchReader,
+    features_key,
+    is_complete,
+    list_stores,
+    open_store,
+    store_path,
+)
+from .util import sanitize_id
 
 __all__ = [
     "SPLIT_NAMES",
@@ -75,10 +85,18 @@ class Labels:
 def read_labels(path: str | os.PathLike) -> Labels:
     """Read ``labels.csv``: ``slide_id,label`` and optional ``split`` and ``case_id`` columns.
 
+    Strict, so that a labels file can never silently train on the wrong classes: each class has
+    one spelling (``1`` next to ``1.0`` or ``True``, or ``Tumor`` next to ``tumor``, is refused,
+    not read as extra classes), no label may be empty or NaN, no two slide ids may name the same
+    store (:func:`wsi_pipeline.util.sanitize_id`), and a ``split`` column keeps each ``case_id``
+    in one split.
+
     Raises
     ------
     ConfigError
-        Missing file or columns, empty labels, duplicate slide ids, unknown split names.
+        Missing file or columns; an empty or NaN label, two spellings of one class, duplicate
+        slide ids or ids that map to one store name, unknown split names, a case in two splits.
+        The message names the file and the line.
     """
     p = Path(path)
     if not p.is_file():
@@ -98,13 +116,36 @@ def read_labels(path: str | os.PathLike) -> Labels:
         )
     rows: list[LabelRow] = []
     seen: dict[str, int] = {}
+    stores: dict[str, tuple[str, int]] = {}  # store name -> (slide id, line)
+    spellings: dict[Any, tuple[str, int]] = {}  # class key -> (first spelling, line)
+    case_splits: dict[str, tuple[str, int]] = {}  # case id -> (split, line)
     for line, r in enumerate(raw, start=2):
         sid, label = r.get("slide_id", ""), r.get("label", "")
-        if not sid or not label:
-            raise ConfigError(f"{p}:{line}: empty slide_id or label")
+        if not sid:
+            raise ConfigError(f"{p}:{line}: empty slide_id")
+        if not label or label.lower() in _MISSING_LABELS:
+            shown = repr(label) if label else "empty"
+            raise ConfigError(
+                f"{p}:{line}: label of {sid!r} is {shown}; give every slide a class or drop its row"
+            )
         if sid in seen:
             raise ConfigError(f"{p}:{line}: duplicate slide id {sid!r} (first on line {seen[sid]})")
         seen[sid] = line
+        name = sanitize_id(sid)
+        if name in stores:
+            other, first = stores[name]
+            raise ConfigError(
+                f"{p}:{line}: slide ids {other!r} (line {first}) and {sid!r} both map to the "
+                f"store {name}.zarr; rename one of them"
+            )
+        stores[name] = (sid, line)
+        key = _class_key(label)
+        first_spelling, first_line = spellings.setdefault(key, (label, line))
+        if first_spelling != label:
+            raise ConfigError(
+                f"{p}:{line}: label {label!r} is another spelling of {first_spelling!r} "
+                f"(line {first_line}); use one spelling per class"
+            )
         split = r.get("split") or None
         if split is not None:
             split = _SPLIT_ALIASES.get(split.lower(), split.lower())
@@ -113,13 +154,41 @@ def read_labels(path: str | os.PathLike) -> Labels:
                     f"{p}:{line}: unknown split {r.get('split')!r} for {sid!r} "
                     f"(use one of {', '.join(SPLIT_NAMES)})"
                 )
-        rows.append(LabelRow(sid, label, split, r.get("case_id") or None))
+        case = r.get("case_id") or None
+        if case is not None and split is not None:
+            other_split, other_line = case_splits.setdefault(case, (split, line))
+            if other_split != split:
+                raise ConfigError(
+                    f"{p}:{line}: case {case!r} is in split {split!r} here and in "
+                    f"{other_split!r} on line {other_line}; all slides of a case belong to "
+                    "one split"
+                )
+        rows.append(LabelRow(sid, label, split, case))
     if not rows:
         raise ConfigError(f"{p}: no labelled slides")
     names = sorted({r.label for r in rows})
-    if all(_is_int(n) for n in names):
-        names = sorted(names, key=int)
+    keys = [_class_key(n) for n in names]
+    if all(isinstance(k, float) for k in keys):
+        names = [n for _, n in sorted(zip(keys, names))]
     return Labels(tuple(rows), tuple(names), str(p))
+
+
+#: Label cells that mean "no label" (compared case-insensitively): refused, never a class.
+_MISSING_LABELS = frozenset({"nan", "-nan", "+nan", "na", "n/a", "#n/a", "<na>", "null"})
+_BOOLS = {"true": 1.0, "false": 0.0}
+
+
+def _class_key(label: str) -> float | str:
+    """What a label means, for "one spelling per class": its number (``1``, ``1.0``, ``01``,
+    ``True`` are all 1.0), else its case-folded text."""
+    low = label.strip().casefold()
+    if low in _BOOLS:
+        return _BOOLS[low]
+    try:
+        value = float(low)
+    except ValueError:
+        return low
+    return value if math.isfinite(value) else low
 
 
 _NEGATIVE_NAMES = ("0", "normal", "negative", "benign", "healthy", "no", "false", "absent")
@@ -135,14 +204,6 @@ def negative_class(classes: Sequence[str]) -> int:
     return 0
 
 
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_stores(
     store_dir: str | os.PathLike, labels: Labels, *, require_patches: bool = True
 ) -> tuple[dict[str, Path], list[str]]:
@@ -154,6 +215,9 @@ def resolve_stores(
         Complete stores with at least one patch.
     skipped : list of str
         Slides whose stores are complete but hold no patches (warned about, left out).
+
+    Stores in ``store_dir`` that no labels row names are not used; they are listed in one INFO
+    log line (how many, and the first few names).
 
     Raises
     ------
@@ -184,6 +248,7 @@ def resolve_stores(
             skipped.append(r.slide_id)
             continue
         stores[r.slide_id] = sp
+    _log_unlabelled(d, labels)
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise TrainingError(
@@ -191,6 +256,22 @@ def resolve_stores(
             f"{'; '.join(problems[:3])}{more}; run 'wsi-pipeline tile' first"
         )
     return stores, skipped
+
+
+def _log_unlabelled(store_dir: Path, labels: Labels, *, show: int = 5) -> None:
+    """One INFO line for the stores in ``store_dir`` that no labels row names (not used)."""
+    named = {store_path(store_dir, r.slide_id).name for r in labels.rows}
+    extra = [sp.stem for sp in list_stores(store_dir) if sp.name not in named]
+    if extra:
+        more = f", ... ({len(extra) - show} more)" if len(extra) > show else ""
+        log.info(
+            "%s: %d store(s) without a label in %s, not used: %s%s",
+            store_dir,
+            len(extra),
+            labels.path,
+            ", ".join(extra[:show]),
+            more,
+        )
 
 
 def check_tiling(stores: dict[str, Path]) -> dict[str, Any]:

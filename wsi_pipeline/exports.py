@@ -1,18 +1,38 @@
-"""The heatmap file writers: colours, pyramidal TIFF, GeoJSON regions and the PNG overlay.
+"""The heatmap file writers: colours, pyramidal TIFFs, GeoJSON for QuPath and the PNG overlay.
 
-Each writer takes arrays (a stitched heatmap, a thumbnail) and writes one file through
-:func:`wsi_pipeline.util.atomic_path`, so a reader never sees a half-written file. Nothing here
-reads a store; :mod:`wsi_pipeline.heatmap` decides what goes where.
+Each writer takes arrays (a stitched heatmap, a thumbnail, per-patch values) and writes one file
+through :func:`wsi_pipeline.util.atomic_path`, so a reader never sees a half-written file, in
+memory bounded by the heatmap grid, never by the slide. Nothing here reads a store;
+:mod:`wsi_pipeline.heatmap` decides what goes where.
+
+Colour
+------
+One function, :func:`overlay_lut`, gives the colour *and* the opacity of every value: the
+colormap's colour (``viridis`` by default: perceptually uniform, readable by colour-blind
+viewers, its bright yellow top stands out on pink and purple H&E), with an opacity that is zero
+at and below ``transparent_below`` and rises linearly to ``alpha`` at the top of the scale, so
+low scores leave the H&E visible. The PNG (:func:`render_png`, :func:`overlay_rgb`), the overlay
+TIFF (:func:`write_overlay_tiff`) and :func:`wsi_pipeline.viz.plot_heatmap` all draw with it.
 
 Formats
 -------
+Overlay TIFF (:func:`write_overlay_tiff`)
+    RGBA with unassociated alpha (the colours above, to lay over the slide), tiled (256 px),
+    deflate; level 0 has the *slide's* level-0 size and mpp, so viewers that overlay images line it
+    up 1:1; levels halve until one tile is left. Written tile by tile from the heatmap grid
+    (nearest neighbour), identical tiles compressed once. ``compression="jpeg"`` writes opaque RGB
+    (the colours over white) instead: JPEG has no alpha channel.
 Pyramidal TIFF (:func:`write_pyramid_tiff`)
-    Tiled (256 px), deflate or JPEG, levels halving until one tile is left, one main IFD per
-    level; XResolution/YResolution in centimetres give the µm per pixel, so openslide (vendor
-    ``generic-tiff``) and tiffslide both read it with its levels and mpp. Float32 values use
-    deflate with a floating-point predictor; their levels are NaN-aware 2 x 2 means.
-GeoJSON (:func:`threshold_regions`)
-    A FeatureCollection of QuPath annotations in level-0 pixel coordinates.
+    Any level-0 image served strip by strip (here the float32 heatmap values, one pixel per
+    heatmap pixel), tiled (256 px), deflate or JPEG, levels halving until one tile is left, one
+    main IFD per level; float32 uses deflate with a floating-point predictor and NaN-aware
+    2 x 2 means for its levels.
+    In both, XResolution/YResolution in centimetres give the µm per pixel, so openslide
+    (vendor ``generic-tiff``; uint8 only) and tiffslide read the levels and mpp.
+GeoJSON (:func:`threshold_regions`, :func:`write_tiles_geojson`)
+    FeatureCollections in level-0 pixel coordinates following QuPath's import conventions
+    (QuPath >= 0.4): ``properties.objectType`` (``"annotation"`` / ``"detection"``), a
+    ``classification`` ``{name, color}`` and ``measurements`` as a flat ``{name: number}`` object.
 PNG (:func:`render_png`)
     The overlay with a title, a colour bar and a legend (matplotlib, no pyplot).
 """
@@ -22,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +52,27 @@ from .errors import ConfigError
 from .util import atomic_path, resize_rgb
 
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_CMAP",
     "TIFF_COMPRESSIONS",
-    "background_rows",
     "check_compression",
     "colour_lut",
+    "lut_index",
+    "overlay_lut",
     "overlay_rgb",
     "render_png",
     "threshold_regions",
+    "write_overlay_tiff",
     "write_pyramid_tiff",
+    "write_tiles_geojson",
 ]
 
-#: Compressions of :func:`write_pyramid_tiff` (JPEG only for RGB; float data uses deflate).
+#: Compressions of the TIFF writers (JPEG only for RGB; float data uses deflate).
 TIFF_COMPRESSIONS = ("deflate", "jpeg")
+#: The default colormap: perceptually uniform and colour-blind safe ("jet" only on request).
+DEFAULT_CMAP = "viridis"
+#: The default opacity at the top of the colour scale.
+DEFAULT_ALPHA = 0.7
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,11 +84,12 @@ def colour_lut(cmap: str) -> np.ndarray:
     Parameters
     ----------
     cmap : str
-        A matplotlib colormap name, e.g. ``"jet"``.
+        A matplotlib colormap name, e.g. ``"viridis"``.
 
     Returns
     -------
     (256, 3) uint8 ndarray
+        Entry ``i`` is the colour at ``i / 255`` of the scale.
 
     Raises
     ------
@@ -75,93 +105,117 @@ def colour_lut(cmap: str) -> np.ndarray:
     return np.round(cm(np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
 
 
-def overlay_rgb(
-    values: np.ndarray,
-    background: np.ndarray,
+def overlay_lut(
+    cmap: str = DEFAULT_CMAP,
     *,
     value_range: tuple[float, float],
-    cmap: str | np.ndarray = "jet",
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_ALPHA,
+    transparent_below: float | None = None,
 ) -> np.ndarray:
-    """Colour a heatmap over a background image.
+    """Colour and opacity of every value: the one colour function of all heatmap drawings.
+
+    Entry ``i`` stands for the value ``v = lo + i / 255 * (hi - lo)``: its colour is the
+    colormap's, its opacity ``alpha * clip((v - t) / (hi - t), 0, 1)`` with
+    ``t = transparent_below``, so values at or below ``t`` (and the bottom of the scale) are fully
+    transparent and the top of the scale has opacity ``alpha``. Transparent entries are
+    ``(0, 0, 0, 0)``. Values map to entries as matplotlib maps them (:func:`lut_index`).
+
+    Parameters
+    ----------
+    cmap : str
+        A matplotlib colormap name (default ``"viridis"``).
+    value_range : (float, float)
+        The values at the two ends of the scale.
+    alpha : float
+        Opacity at the top of the scale, in [0, 1].
+    transparent_below : float, optional
+        Values at or below it are transparent; default the bottom of the scale.
+
+    Returns
+    -------
+    (256, 4) uint8 ndarray
+        RGBA, alpha not premultiplied.
+
+    Raises
+    ------
+    ConfigError
+        An unknown colormap, ``alpha`` outside [0, 1] or ``transparent_below`` outside
+        ``[lo, hi)``.
+    """
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if not hi > lo:
+        raise ConfigError(f"value_range must be increasing, not {value_range!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
+    t = lo if transparent_below is None else float(transparent_below)
+    if not lo <= t < hi:
+        raise ConfigError(
+            f"transparent_below must be in [{lo:g}, {hi:g}) (the colour scale), not "
+            f"{transparent_below!r}"
+        )
+    v = lo + np.linspace(0.0, 1.0, 256) * (hi - lo)
+    a = np.round(np.clip((v - t) / (hi - t), 0.0, 1.0) * float(alpha) * 255).astype(np.uint8)
+    lut = np.concatenate([colour_lut(cmap), a[:, None]], axis=1)
+    lut[a == 0] = 0
+    return lut
+
+
+def lut_index(values: np.ndarray, *, value_range: tuple[float, float]) -> np.ndarray:
+    """The lookup-table entry of each value, as matplotlib's colormaps pick it.
 
     Parameters
     ----------
     values : (H, W) float ndarray
         NaN where there is no value.
+    value_range : (float, float)
+        The values at the two ends of the scale (clipped outside).
+
+    Returns
+    -------
+    (H, W) uint8 ndarray
+        ``floor((v - lo) / (hi - lo) * 256)`` clipped to 0..255; NaN gives 0 (transparent in
+        every :func:`overlay_lut`).
+    """
+    lo, hi = float(value_range[0]), float(value_range[1])
+    x = (np.asarray(values, dtype=np.float32) - np.float32(lo)) * np.float32(256.0 / (hi - lo))
+    np.fmax(x, 0, out=x)  # fmax/fmin drop NaN: NaN -> 0
+    np.fmin(x, 255, out=x)
+    return x.astype(np.uint8)
+
+
+def _blend(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``rgba`` over an opaque ``background`` (integer rounding; alpha 0 gives it unchanged)."""
+    a = rgba[..., 3:].astype(np.uint16)
+    bg = background.astype(np.uint16)
+    return ((bg * (255 - a) + rgba[..., :3] * a + 127) // 255).astype(np.uint8)
+
+
+def overlay_rgb(
+    values: np.ndarray,
+    background: np.ndarray,
+    *,
+    value_range: tuple[float, float],
+    lut: np.ndarray,
+) -> np.ndarray:
+    """Draw a heatmap over a background image with the colours and opacities of ``lut``.
+
+    Parameters
+    ----------
+    values : (H, W) float ndarray
+        NaN where there is no value (left transparent).
     background : (H, W, 3) uint8 ndarray
         The slide at the heatmap's resolution.
     value_range : (float, float)
-        Values mapped to the two ends of the colormap (clipped outside).
-    cmap : str or (256, 3) uint8 ndarray
-        A matplotlib colormap name, or its lookup table (:func:`colour_lut`).
-    alpha : float
-        Opacity of the colours where there are values; elsewhere the background is shown in light
-        grey.
+        The values at the two ends of the scale.
+    lut : (256, 4) uint8 ndarray
+        :func:`overlay_lut`.
 
     Returns
     -------
     (H, W, 3) uint8 ndarray
+        The background itself wherever the opacity is 0 (low values, NaN).
     """
-    lut = colour_lut(cmap) if isinstance(cmap, str) else np.asarray(cmap, np.uint8)
-    lo, hi = value_range
-    ok = np.isfinite(values)
-    t = np.nan_to_num((values - lo) * (255.0 / max(hi - lo, 1e-12)), nan=0.0)
-    colour = lut[np.clip(t + 0.5, 0, 255).astype(np.uint8)]
-    # integer blending in 1/256 steps: colour over the slide where scored, light grey elsewhere
-    a = np.uint16(round(float(alpha) * 256))
-    bg = background.astype(np.uint16)
-    blend = ((256 - a) * bg + a * colour + 128) >> 8
-    grey = (bg[..., 0] * 77 + bg[..., 1] * 150 + bg[..., 2] * 29 + 128) >> 8
-    light = (grey * 141 + 255 * 115 + 128) >> 8  # 55 % grey + 45 % white
-    return np.where(ok[..., None], blend, light[..., None]).astype(np.uint8)
-
-
-def background_rows(
-    thumb: np.ndarray, thumb_ds: float, ds: float, shape: tuple[int, int]
-) -> Callable[[int, int], np.ndarray]:
-    """The thumbnail resampled onto a heatmap grid, served row block by row block.
-
-    A grid no larger than the thumbnail is box-resampled once (it is smaller than the
-    thumbnail); a finer grid is interpolated bilinearly, one row block at a time, so a large
-    grid's background never exists in memory at once.
-
-    Parameters
-    ----------
-    thumb : (h, w, 3) uint8 ndarray
-        The slide's thumbnail.
-    thumb_ds, ds : float
-        Level-0 px per thumbnail pixel and per heatmap pixel.
-    shape : (int, int)
-        ``(H, W)`` of the heatmap grid.
-
-    Returns
-    -------
-    callable
-        ``rows(r0, r1)`` returns grid rows ``r0..r1`` as a ``(r1 - r0, W, 3)`` uint8 ndarray.
-    """
-    h, w = shape
-    if h * w <= thumb.shape[0] * thumb.shape[1]:
-        full = resize_rgb(thumb, (w, h), box=True)
-        return lambda r0, r1: full[r0:r1]
-    th, tw = thumb.shape[:2]
-
-    def taps(n: int, size: int, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Linear-interpolation taps of grid pixels ``start..n`` in a thumbnail axis."""
-        pos = np.clip((np.arange(start, n) + 0.5) * ds / thumb_ds - 0.5, 0, size - 1)
-        i0 = np.minimum(pos.astype(np.int64), size - 1)
-        return i0, np.minimum(i0 + 1, size - 1), (pos - i0).astype(np.float32)[:, None]
-
-    c0, c1, fc = taps(w, tw)
-    src = thumb.astype(np.float32)
-
-    def rows(r0: int, r1: int) -> np.ndarray:
-        i0, i1, fr = taps(r1, th, r0)
-        a = src[i0] * (1 - fr[:, :, None]) + src[i1] * fr[:, :, None]  # (rows, tw, 3)
-        b = a[:, c0] * (1 - fc) + a[:, c1] * fc
-        return np.clip(b + 0.5, 0, 255).astype(np.uint8)
-
-    return rows
+    return _blend(lut[lut_index(values, value_range=value_range)], background)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,21 +228,36 @@ def check_compression(compression: str) -> str:
     return compression
 
 
-def _reduce2(a: np.ndarray) -> np.ndarray:
-    """2 x 2 mean (NaN-aware for floats; rounded for uint8), odd edges replicated."""
-    if a.shape[0] % 2 or a.shape[1] % 2:
-        a = np.pad(
-            a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)) + ((0, 0),) * (a.ndim - 2), mode="edge"
-        )
-    q = (a[0::2, 0::2], a[0::2, 1::2], a[1::2, 0::2], a[1::2, 1::2])
-    if a.dtype == np.uint8:
-        total = q[0].astype(np.uint16) + q[1] + q[2] + q[3]  # at most 1020: no overflow
-        return ((total + 2) // 4).astype(np.uint8)
-    finite = [np.isfinite(x) for x in q]
-    n = sum(f.astype(np.float32) for f in finite)
-    s = sum(np.where(f, x, 0.0) for x, f in zip(q, finite))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, s / n, np.nan).astype(a.dtype)
+def _check_tile(tile_px: int) -> int:
+    """``tile_px`` as an int if it is a multiple of 16 (TIFF tiles), else ConfigError."""
+    if int(tile_px) < 16 or int(tile_px) % 16:
+        raise ConfigError(f"TIFF tile size must be a multiple of 16, not {tile_px!r}")
+    return int(tile_px)
+
+
+def _reduce2(a: np.ndarray, band: int = 256) -> np.ndarray:
+    """2 x 2 mean (NaN-aware for floats; rounded for uint8), odd edges replicated; ``band``
+    output rows at a time, so the temporaries stay small whatever the size of ``a``."""
+    h, w = a.shape[:2]
+    out = np.empty(((h + 1) // 2, (w + 1) // 2, *a.shape[2:]), a.dtype)
+    for r0 in range(0, len(out), band):
+        b = a[2 * r0 : 2 * (r0 + band)]
+        if len(b) % 2 or w % 2:
+            b = np.pad(b, ((0, len(b) % 2), (0, w % 2)) + ((0, 0),) * (a.ndim - 2), mode="edge")
+        q = (b[0::2, 0::2], b[0::2, 1::2], b[1::2, 0::2], b[1::2, 1::2])
+        if a.dtype == np.uint8:
+            total = q[0].astype(np.uint16) + q[1] + q[2] + q[3]  # at most 1020: no overflow
+            out[r0 : r0 + band] = (total + 2) // 4
+            continue
+        n = np.zeros(q[0].shape, np.float32)
+        s = np.zeros(q[0].shape, np.float32)
+        for x in q:
+            ok = np.isfinite(x)
+            n += ok
+            s += np.where(ok, x, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[r0 : r0 + band] = s / n  # 0 / 0: NaN
+    return out
 
 
 def _level_sizes(h: int, w: int, t: int) -> list[tuple[int, int]]:
@@ -280,11 +349,10 @@ def write_pyramid_tiff(
     import tifffile
 
     check_compression(compression)
-    if int(tile_px) < 16 or int(tile_px) % 16:
-        raise ConfigError(f"TIFF tile size must be a multiple of 16, not {tile_px!r}")
+    t = _check_tile(tile_px)
     dtype = np.dtype(dtype)
     rgb = len(shape) == 3
-    h, w, t = int(shape[0]), int(shape[1]), int(tile_px)
+    h, w = int(shape[0]), int(shape[1])
     sizes = _level_sizes(h, w, t)
     level1 = np.empty((*sizes[1], *shape[2:]), dtype) if len(sizes) > 1 else None
 
@@ -314,6 +382,177 @@ def write_pyramid_tiff(
                 arr = arr if k == 1 else _reduce2(arr)[:lh, :lw]
                 data = level(arr)
             tw.write(data, shape=(lh, lw, *shape[2:]), dtype=dtype, tile=(t, t), **kw, **tags)
+    return Path(path)
+
+
+def _tile_encoder(compression: str) -> Callable[[np.ndarray], bytes]:
+    """Encode one RGBA tile as the overlay TIFF stores it: deflate RGBA, or JPEG RGB over white
+    (as tifffile writes JPEG: YCbCr, 2 x 2 chroma subsampling, quality 90)."""
+    import imagecodecs
+
+    if compression == "deflate":
+        return lambda tile: bytes(imagecodecs.deflate_encode(tile.tobytes(), level=6))
+    white = np.full(3, 255, np.uint8)
+    return lambda tile: bytes(
+        imagecodecs.jpeg_encode(
+            _blend(tile, white),
+            level=90,
+            colorspace="RGB",
+            outcolorspace="YCBCR",
+            subsampling=(2, 2),
+        )
+    )
+
+
+def _overlay_tiles(
+    index: np.ndarray,
+    scale: float,
+    size: tuple[int, int],
+    t: int,
+    tile: Callable[[np.ndarray], bytes],
+    uniform: Callable[[int], bytes],
+) -> Iterator[bytes]:
+    """The encoded tiles of one overlay level, row by row.
+
+    Level pixel ``j`` shows grid pixel ``floor((j + 0.5) * scale)`` (nearest neighbour;
+    ``scale`` = grid pixels per level pixel). A tile whose grid pixels share one entry is
+    ``uniform(entry)``; any other is ``tile(entries)`` of its ``(t, t)`` entries. Tiles at the
+    right and bottom edges repeat the last row/column.
+    """
+
+    def axis(n: int, g: int) -> np.ndarray:
+        return np.minimum(((np.arange(-(-n // t) * t) + 0.5) * scale).astype(np.int64), g - 1)
+
+    rows, cols = axis(size[0], index.shape[0]), axis(size[1], index.shape[1])
+    for y in range(0, len(rows), t):
+        r = rows[y : y + t]
+        band = index[r[0] : r[-1] + 1]
+        rr = r - r[0]
+        for x in range(0, len(cols), t):
+            c = cols[x : x + t]
+            block = band[:, c[0] : c[-1] + 1]
+            lo = block.min()
+            if lo == block.max():
+                yield uniform(int(lo))
+            else:
+                yield tile(np.take(np.take(block, rr, axis=0), c - c[0], axis=1))
+
+
+def write_overlay_tiff(
+    path: str | os.PathLike,
+    values: np.ndarray,
+    *,
+    lut: np.ndarray,
+    value_range: tuple[float, float],
+    slide_wh: tuple[int, int],
+    downsample: float,
+    mpp: float | None = None,
+    tile_px: int = 256,
+    compression: str = "deflate",
+    description: str = "",
+) -> Path:
+    """Write a heatmap as a pyramidal RGBA TIFF with the slide's level-0 size and mpp.
+
+    Level 0 is ``slide_wh`` pixels at ``mpp``, so a viewer that lays images over the slide lines
+    it up 1:1; levels halve (``ceil``) until one tile is left, as successive main IFDs (subfile
+    type "reduced") that openslide (``generic-tiff``) and tiffslide read as a pyramid. Each tile
+    is drawn from the heatmap grid when it is written (nearest neighbour; levels coarser than the
+    grid use its NaN-aware 2 x 2 means), so memory stays that of the grid whatever the slide's
+    size; identical tiles (most of a slide: no tissue, or scores that are transparent) are
+    compressed once.
+
+    Parameters
+    ----------
+    path : path
+        Output file (written to a temporary name, then renamed).
+    values : (H, W) float ndarray
+        The heatmap grid: pixel ``(i, j)`` covers level-0 ``[j * ds, (j + 1) * ds) x
+        [i * ds, (i + 1) * ds)``; NaN where there is no value.
+    lut : (256, 4) uint8 ndarray
+        :func:`overlay_lut`: colour and opacity of each value.
+    value_range : (float, float)
+        The values at the two ends of the scale.
+    slide_wh : (int, int)
+        Level-0 ``(width, height)`` of the slide: the size of level 0.
+    downsample : float
+        Level-0 px per heatmap pixel (``ds``).
+    mpp : float, optional
+        The slide's µm per level-0 pixel, written as XResolution/YResolution in pixels per cm.
+    tile_px : int
+        Tile side (a multiple of 16).
+    compression : {"deflate", "jpeg"}
+        ``"deflate"``: RGBA with unassociated alpha; ``"jpeg"``: RGB, the colours over white
+        (quality 90).
+    description : str
+        ImageDescription of level 0 (ASCII).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ConfigError
+        An unknown compression, a tile side that is not a multiple of 16, a non-positive
+        downsample, or a grid that does not cover the slide at that downsample.
+    """
+    import tifffile
+
+    check_compression(compression)
+    t = _check_tile(tile_px)
+    w, h = int(slide_wh[0]), int(slide_wh[1])
+    grid = np.asarray(values, dtype=np.float32)
+    ds = float(downsample)
+    if not ds > 0 or grid.shape[0] * ds < h - ds or grid.shape[1] * ds < w - ds:
+        raise ConfigError(
+            f"a heatmap grid of {grid.shape[1]} x {grid.shape[0]} px at downsample {downsample!r} "
+            f"does not cover a {w} x {h} px slide"
+        )
+    lut = np.asarray(lut, np.uint8)
+    keep = np.where(lut[:, 3] > 0, np.arange(256), 0).astype(np.uint8)  # transparent -> 0
+
+    def index(v: np.ndarray) -> np.ndarray:
+        """LUT entries of a grid, every transparent one as 0, 1024 rows at a time."""
+        out = np.empty(v.shape, np.uint8)
+        for r0 in range(0, len(v), 1024):
+            out[r0 : r0 + 1024] = keep[lut_index(v[r0 : r0 + 1024], value_range=value_range)]
+        return out
+
+    encode = _tile_encoder(compression)
+    lut32 = np.ascontiguousarray(lut).view(np.uint32).reshape(256)  # one RGBA pixel per entry
+    cache: dict[int, bytes] = {}
+
+    def uniform(k: int) -> bytes:
+        if k not in cache:
+            cache[k] = encode(np.ascontiguousarray(np.broadcast_to(lut[k], (t, t, 4))))
+        return cache[k]
+
+    rgba = compression == "deflate"
+    kw: dict[str, Any] = {"photometric": "rgb", "metadata": None}
+    if rgba:
+        kw.update(compression="zlib", extrasamples=("unassalpha",))
+    else:
+        kw.update(compression="jpeg")
+    samples = 4 if rgba else 3
+    grid_ds, entries = ds, index(grid)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=h * w * samples > 2**31) as tw:
+        for k, (lh, lw) in enumerate(_level_sizes(h, w, t)):
+            level_ds = float(2**k)
+            while grid_ds * 2 <= level_ds and min(grid.shape) > 1:  # the coarsest finer grid
+                grid, grid_ds = _reduce2(grid), grid_ds * 2
+                entries = index(grid)
+            tags = _level_tags(k, (lh, lw), (h, w), mpp)
+            if k == 0:
+                tags["description"] = description
+            data = _overlay_tiles(
+                entries,
+                level_ds / grid_ds,
+                (lh, lw),
+                t,
+                lambda e: encode(lut32[e].view(np.uint8).reshape(t, t, 4)),
+                uniform,
+            )
+            tw.write(data, shape=(lh, lw, samples), dtype=np.uint8, tile=(t, t), **kw, **tags)
     return Path(path)
 
 
@@ -422,7 +661,10 @@ def threshold_regions(
     v = np.asarray(values, dtype=np.float32)
     with np.errstate(invalid="ignore"):
         above = v >= threshold
-    labels, _ = ndimage.label(above)  # 4-connected, like find_contours' default
+    try:  # 4-connected, like find_contours' default; 16-bit labels when they are enough
+        labels, _ = ndimage.label(above, output=np.uint16)
+    except RuntimeError:
+        labels, _ = ndimage.label(above, output=np.int32)
     ds = float(downsample)
     features: list[dict[str, Any]] = []
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
@@ -453,34 +695,139 @@ def threshold_regions(
     return {"type": "FeatureCollection", "features": features}
 
 
+def _numbers(a: np.ndarray, fmt: str) -> list[str]:
+    """JSON numbers of a float array ("" for NaN/inf, which JSON cannot hold)."""
+    return [format(v, fmt) if math.isfinite(v) else "" for v in a.tolist()]
+
+
+def write_tiles_geojson(
+    path: str | os.PathLike,
+    coords_xy: np.ndarray,
+    *,
+    patch_l0: float,
+    measurements: Mapping[str, np.ndarray],
+    classified: np.ndarray | None = None,
+    name: str = "Abnormal",
+    color_rgb: tuple[int, int, int] = (255, 0, 0),
+    chunk: int = 8192,
+) -> Path:
+    """Write one QuPath detection per patch, streamed: a GeoJSON FeatureCollection.
+
+    Each patch is a Feature with a square Polygon ``[x, x + patch_l0] x [y, y + patch_l0]`` in
+    level-0 pixels (closed, counter-clockwise as written, like :func:`threshold_regions`) and
+    properties ``objectType: "detection"``, ``measurements`` as a flat ``{name: number}`` object
+    (QuPath >= 0.4 reads it, 0.6 included; a NaN value is left out: QuPath shows it as missing)
+    and, for the ``classified`` patches, ``classification: {name, color}``. In QuPath: *File →
+    Import objects* (or drag the file onto the slide), then *Measure → Show measurement maps*.
+    Features are written ``chunk`` at a time, one per line, so memory does not grow with the
+    number of patches.
+
+    Parameters
+    ----------
+    path : path
+        Output file (written to a temporary name, then renamed).
+    coords_xy : (N, 2) ndarray
+        Level-0 ``(x, y)`` of each patch's top-left corner.
+    patch_l0 : float
+        Patch side in level-0 px.
+    measurements : mapping of str to (N,) float ndarray
+        Measurement name -> one value per patch.
+    classified : (N,) bool ndarray, optional
+        Patches that get the classification ``name``.
+    name, color_rgb :
+        The QuPath classification of the ``classified`` patches.
+    chunk : int
+        Patches formatted at a time.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        ``coords_xy``, ``measurements`` or ``classified`` of mismatched lengths.
+    """
+    import json
+
+    xy = np.asarray(coords_xy, dtype=np.float64).reshape(-1, 2)
+    n, p = len(xy), float(patch_l0)
+    meas = {str(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in measurements.items()}
+    cls = None if classified is None else np.asarray(classified, dtype=bool).reshape(-1)
+    for key, arr in (*meas.items(), ("classified", cls)):
+        if arr is not None and len(arr) != n:
+            raise ValueError(f"{key} has {len(arr)} values for {n} patches")
+    exact = bool(np.all(xy == np.round(xy)) and p == round(p))
+    cfmt = ".0f" if exact else ".10g"  # level-0 px: integers written as integers
+    keys = {k: json.dumps(k) for k in meas}
+    klass = json.dumps({"name": name, "color": [int(c) for c in color_rgb]})
+    head = '{"type":"Feature","geometry":{"type":"Polygon","coordinates":[['
+    step = max(1, int(chunk))
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"type":"FeatureCollection","features":[\n')
+        for s in range(0, n, step):
+            part = xy[s : s + step]
+            x0, y0 = _numbers(part[:, 0], cfmt), _numbers(part[:, 1], cfmt)
+            x1, y1 = _numbers(part[:, 0] + p, cfmt), _numbers(part[:, 1] + p, cfmt)
+            vals = {k: _numbers(v[s : s + step], ".6g") for k, v in meas.items()}
+            lines = []
+            for i in range(len(x0)):
+                ring = (
+                    f"[{x0[i]},{y0[i]}],[{x1[i]},{y0[i]}],[{x1[i]},{y1[i]}],"
+                    f"[{x0[i]},{y1[i]}],[{x0[i]},{y0[i]}]"
+                )
+                m = ",".join(f"{keys[k]}:{v[i]}" for k, v in vals.items() if v[i])
+                c = f'"classification":{klass},' if cls is not None and cls[s + i] else ""
+                lines.append(
+                    f'{head}{ring}]]}},"properties":{{"objectType":"detection",{c}'
+                    f'"measurements":{{{m}}}}}}}'
+                )
+            fh.write((",\n" if s else "") + ",\n".join(lines))
+        fh.write("\n]}\n")
+    return Path(path)
+
+
 # --------------------------------------------------------------------------------------------
 # PNG
 # --------------------------------------------------------------------------------------------
-def _pool(values: np.ndarray, f: int) -> np.ndarray:
-    """NaN-aware ``f x f`` mean (display only)."""
+def _pool(values: np.ndarray, f: int, band: int = 64) -> np.ndarray:
+    """NaN-aware ``f x f`` mean (display only), ``band`` output rows at a time."""
     if f == 1:
         return values
     h, w = values.shape
-    a = np.pad(values, ((0, -h % f), (0, -w % f)), constant_values=np.nan)
-    a = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f)
-    ok = np.isfinite(a)
-    n = ok.sum(axis=(1, 3))
-    s = np.where(ok, a, 0.0).sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, s / n, np.nan).astype(np.float32)
+    out = np.empty((-(-h // f), -(-w // f)), np.float32)
+    for r0 in range(0, len(out), band):
+        a = values[r0 * f : (r0 + band) * f]
+        a = np.pad(a, ((0, -len(a) % f), (0, -w % f)), constant_values=np.nan)
+        a = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f)
+        ok = np.isfinite(a)
+        n = ok.sum(axis=(1, 3))
+        s = np.where(ok, a, 0.0).sum(axis=(1, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[r0 : r0 + band] = s / n
+    return out
 
 
 def _colour_bar(
-    fig: Any, ax: Any, *, value_range: tuple[float, float], threshold: float, cmap: str, label: str
+    fig: Any,
+    ax: Any,
+    *,
+    value_range: tuple[float, float],
+    threshold: float,
+    lut: np.ndarray,
+    label: str,
 ) -> None:
-    """A colour bar of ``value_range`` with the threshold drawn as a white line."""
+    """A colour bar of ``lut`` (its opacity over white) with the threshold as a black line."""
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import ListedColormap, Normalize
 
     cb = fig.colorbar(
-        ScalarMappable(norm=Normalize(*value_range), cmap=cmap), ax=ax, fraction=0.04, pad=0.02
+        ScalarMappable(norm=Normalize(*value_range), cmap=ListedColormap(lut / 255.0)),
+        ax=ax,
+        fraction=0.04,
+        pad=0.02,
     )
-    cb.ax.axhline(threshold, color="white", linewidth=1.5)
+    cb.ax.axhline(threshold, color="black", linewidth=1.2)
     cb.ax.tick_params(labelsize=8)
     cb.set_label(label, fontsize=8)
 
@@ -492,8 +839,7 @@ def render_png(
     *,
     value_range: tuple[float, float],
     threshold: float,
-    cmap: str,
-    alpha: float,
+    lut: np.ndarray,
     title: str,
     legend: str,
     bar_label: str,
@@ -502,8 +848,9 @@ def render_png(
     """Write the heatmap over the thumbnail as a PNG figure.
 
     The heatmap is averaged down (NaN-aware) until its longest side is at most ``max_px``, drawn
-    over the thumbnail (:func:`overlay_rgb`) with the regions at or above ``threshold`` outlined
-    in white, a title, a colour bar and a wrapped legend below.
+    over the thumbnail (:func:`overlay_rgb`: the thumbnail itself where the opacity is 0) with
+    the regions at or above ``threshold`` outlined in white, a title, a colour bar and a wrapped
+    legend below.
 
     Parameters
     ----------
@@ -517,10 +864,8 @@ def render_png(
         Ends of the colour scale.
     threshold : float
         Outlined, and marked on the colour bar.
-    cmap : str
-        A matplotlib colormap name.
-    alpha : float
-        Overlay opacity.
+    lut : (256, 4) uint8 ndarray
+        Colours and opacities (:func:`overlay_lut`).
     title, legend, bar_label : str
         Texts of the figure.
     max_px : int
@@ -535,7 +880,7 @@ def render_png(
 
     v = _pool(values, max(1, math.ceil(max(values.shape) / max_px)))
     bg = resize_rgb(thumb, (v.shape[1], v.shape[0]), box=True)
-    rgb = overlay_rgb(v, bg, value_range=value_range, cmap=cmap, alpha=alpha)
+    rgb = overlay_rgb(v, bg, value_range=value_range, lut=lut)
     dpi = 100
     h, w = v.shape
     fig = Figure(
@@ -550,7 +895,7 @@ def render_png(
         ax.contour(above.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    _colour_bar(fig, ax, value_range=value_range, threshold=threshold, cmap=cmap, label=bar_label)
+    _colour_bar(fig, ax, value_range=value_range, threshold=threshold, lut=lut, label=bar_label)
     width_in = fig.get_size_inches()[0]
     fig.supxlabel(textwrap.fill(legend, width=max(40, int(width_in * 15))), fontsize=7)
     with atomic_path(path) as tmp:

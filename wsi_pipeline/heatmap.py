@@ -16,17 +16,28 @@ Display modes (:data:`wsi_pipeline.stitch.MODES`)
 
 Exports of one slide (:func:`export_heatmaps`), in ``out_dir``
 -------------------------------------------------------------
+Colours come from one function (:func:`wsi_pipeline.exports.overlay_lut`): the colormap
+(``viridis`` by default) with an opacity that is 0 at and below ``transparent_below`` and rises
+to ``alpha`` at the top of the scale, so low scores leave the H&E visible; the PNG, the overlay
+TIFF and :func:`wsi_pipeline.viz.plot_heatmap` look the same.
+
 ``<id>_<which>_overlay.png``
     The heatmap over the store's thumbnail, with a colour bar and the slide's prediction.
 ``<id>_<which>_overlay.tif``
-    The same overlay as a pyramidal tiled RGB TIFF. Level 0 spans the whole slide at the
-    heatmap's downsample, at ``mpp * downsample`` µm per pixel; openslide and tiffslide read it.
+    The same colours and opacities as a pyramidal tiled RGBA TIFF with the slide's level-0 size
+    and mpp, to lay over the slide 1:1 (:func:`wsi_pipeline.exports.write_overlay_tiff`);
+    openslide and tiffslide read it.
 ``<id>_<which>_values.tif``
-    The heatmap values themselves, float32 (NaN outside tissue), same layout; for
-    tifffile/tiffslide/QuPath (openslide reads RGB only).
+    The heatmap values themselves, float32 (NaN outside tissue), one pixel per heatmap pixel
+    (``mpp * downsample`` µm); for tifffile, tiffslide and QuPath (openslide reads uint8 only).
 ``<id>_<which>_regions.geojson``
     Regions at or above ``threshold`` as QuPath annotations in level-0 pixel coordinates
     (:func:`wsi_pipeline.exports.threshold_regions`).
+``<id>_<which>_tiles.geojson``
+    One QuPath detection per patch (its square in level-0 px) with the measurements ``score``
+    (the heatmap's value), ``probability`` or ``attention`` (the stored value) and
+    ``tissue_fraction``; classified when at or above ``threshold``. *Measure → Show measurement
+    maps* shows the heatmap in QuPath (:func:`wsi_pipeline.exports.write_tiles_geojson`).
 ``<id>_<which>_summary.json``
     Prediction, area and tissue fraction above the threshold, top-10 patches, parameters and the
     other files' names (relative to the summary); written last, so it marks a finished export.
@@ -49,13 +60,15 @@ import numpy as np
 from . import __version__
 from .errors import ConfigError, StoreError, WSIPipelineError
 from .exports import (
-    background_rows,
+    DEFAULT_ALPHA,
+    DEFAULT_CMAP,
     check_compression,
-    colour_lut,
-    overlay_rgb,
+    overlay_lut,
     render_png,
     threshold_regions,
+    write_overlay_tiff,
     write_pyramid_tiff,
+    write_tiles_geojson,
 )
 from .metrics import area_above
 from .stitch import MODES, display_values, percentile_ranks, stitch_scores
@@ -73,6 +86,7 @@ __all__ = [
     "check_options",
     "export_heatmaps",
     "heatmaps",
+    "overlay_colours",
     "read_scores",
     "stitch_scores",  # lives in wsi_pipeline.stitch; re-exported for wsi_pipeline.heatmap users
     "stitch_store",
@@ -84,7 +98,11 @@ log = logging.getLogger(__name__)
 WHICH = ("score", "attention")
 _DEFAULT_MODE = {"score": "probability", "attention": "percentile"}
 _DEFAULT_THRESHOLD = {"probability": 0.5, "percentile": 90.0}
+#: Default ``transparent_below`` of each mode: lower values leave the slide untinted.
+_DEFAULT_TRANSPARENT = {"probability": 0.2, "percentile": 50.0}
 _WHAT = {"score": "abnormality score", "attention": "attention weight"}
+_RAW = {"score": "probability", "attention": "attention"}  # the stored value's measurement name
+_CLASS = {"score": "Abnormal", "attention": "High attention"}  # QuPath class above threshold
 _LEGEND = {
     "probability": "colour: per-patch abnormality probability (0-1, fixed scale, comparable "
     "across slides)",
@@ -96,6 +114,7 @@ _FILES = {  # file kind -> name suffix; the names are <slide_id>_<which>_<suffix
     "tiff": "overlay.tif",
     "values_tiff": "values.tif",
     "geojson": "regions.geojson",
+    "tiles_geojson": "tiles.geojson",
     "summary": "summary.json",
 }
 _PNG_MAX_PX = 2048
@@ -144,13 +163,42 @@ def check_options(
     return mode, thr
 
 
-def _check_drawing(cmap: str, alpha: float, compression: str) -> np.ndarray:
-    """Check the colour options; the colormap's lookup table."""
-    lut = colour_lut(cmap)
-    check_compression(compression)
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], not {alpha!r}")
-    return lut
+def overlay_colours(
+    mode: str,
+    *,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    transparent_below: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """The colours and opacities of a mode's heatmaps (:func:`wsi_pipeline.exports.overlay_lut`).
+
+    Parameters
+    ----------
+    mode : {"probability", "percentile"}
+    cmap : str
+        Matplotlib colormap (default ``"viridis"``; ``"jet"`` on request).
+    alpha : float
+        Opacity at the top of the scale.
+    transparent_below : float, optional
+        In the mode's units; values at or below it are transparent. Default 0.2 (probability) or
+        50 (percentile).
+
+    Returns
+    -------
+    lut : (256, 4) uint8 ndarray
+    transparent_below : float
+
+    Raises
+    ------
+    ConfigError
+        An unknown mode or colormap, ``alpha`` outside [0, 1], ``transparent_below`` outside
+        the mode's range.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"heatmap mode must be one of {sorted(MODES)}, not {mode!r}")
+    t = _DEFAULT_TRANSPARENT[mode] if transparent_below is None else float(transparent_below)
+    lut = overlay_lut(cmap, value_range=MODES[mode], alpha=alpha, transparent_below=t)
+    return lut, t
 
 
 def _options(
@@ -158,6 +206,7 @@ def _options(
     sigma_um: float,
     cmap: str,
     alpha: float,
+    transparent_below: float,
     compression: str,
     values_tiff: bool,
     mask_tissue: bool,
@@ -167,7 +216,8 @@ def _options(
         "sigma_um": float(sigma_um),
         "cmap": cmap,
         "alpha": float(alpha),
-        "compression": compression,
+        "transparent_below": float(transparent_below),
+        "compression": check_compression(compression),
         "values_tiff": bool(values_tiff),
         "mask_tissue": bool(mask_tissue),
     }
@@ -361,15 +411,16 @@ def export_heatmaps(
     threshold: float | None = None,
     downsample: float | None = None,
     sigma_um: float = 0.0,
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    transparent_below: float | None = None,
     compression: str = "deflate",
     values_tiff: bool = True,
     png_max_px: int = _PNG_MAX_PX,
     block_px: int = _BLOCK_PX,
     mask_tissue: bool = True,
 ) -> dict[str, Path]:
-    """Stitch one store's scores and write the PNG, pyramidal TIFFs, GeoJSON and summary.
+    """Stitch one store's scores and write the PNG, pyramidal TIFFs, GeoJSONs and summary.
 
     Parameters
     ----------
@@ -391,10 +442,16 @@ def export_heatmaps(
         Level-0 px per heatmap pixel; default the store thumbnail's.
     sigma_um : float
         Gaussian smoothing in µm (0: none; needs the slide's mpp).
-    cmap, alpha :
-        Matplotlib colormap and overlay opacity.
+    cmap : str
+        Matplotlib colormap: ``"viridis"`` (perceptually uniform, colour-blind safe) unless asked
+        otherwise (e.g. ``"jet"``).
+    alpha : float
+        Opacity at the top of the colour scale.
+    transparent_below : float, optional
+        In the mode's units: values at or below it leave the slide untinted, above it the opacity
+        rises linearly to ``alpha``. Default 0.2 (probability) or 50 (percentile).
     compression : {"deflate", "jpeg"}
-        Of the overlay TIFF.
+        Of the overlay TIFF: RGBA (deflate), or opaque RGB over white (JPEG has no alpha).
     values_tiff : bool
         Also write the float32 values as a pyramidal TIFF.
     png_max_px : int
@@ -407,20 +464,27 @@ def export_heatmaps(
     Returns
     -------
     dict of str to Path
-        ``png``, ``tiff``, ``values_tiff`` (when written), ``geojson``, ``summary``.
+        ``png``, ``tiff``, ``values_tiff`` (when written), ``geojson``, ``tiles_geojson``,
+        ``summary``.
 
     Raises
     ------
     StoreError
         An unfinished store, no ``scores/<run_id>`` (run predict first), no patches.
     ConfigError
-        A bad mode, threshold, downsample, colormap or compression.
+        A bad mode, threshold, downsample, colormap, opacity or compression.
     """
-    lut = _check_drawing(cmap, alpha, compression)
+    lut, transparent = overlay_colours(
+        check_options(which, mode, threshold)[0],
+        cmap=cmap,
+        alpha=alpha,
+        transparent_below=transparent_below,
+    )
     options = _options(
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
+        transparent_below=transparent,
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=mask_tissue,
@@ -452,27 +516,32 @@ def _export(
     seconds: dict[str, float] = {}
     shown = display_values(slide.scores, mode=p["mode"])
     with _timed(seconds, "stitch"):
-        values, _ = stitch_store(
+        values = stitch_store(  # the coverage is not kept: it is as large as the values
             store,
             shown,
             downsample=p["downsample"],
             sigma_um=p["sigma_um"],
             mask_tissue=p["mask_tissue"],
             block_px=block_px,
-        )
+        )[0]
     out.mkdir(parents=True, exist_ok=True)
     names = _file_names(store.slide_id, p["which"], values_tiff=p["values_tiff"])
     paths = {k: out / v for k, v in names.items()}
-    thumb = store.thumbnail
     with _timed(seconds, "tiff"):
-        _write_tiffs(slide, values, thumb, paths, lut=lut)
+        _write_tiffs(slide, values, paths, lut=lut)
     with _timed(seconds, "png"):
-        _write_png(slide, values, thumb, paths["png"], max_px=png_max_px)
+        _write_png(slide, values, store.thumbnail, paths["png"], lut=lut, max_px=png_max_px)
     with _timed(seconds, "geojson"):
         regions = threshold_regions(
-            values, threshold=p["threshold"], downsample=p["downsample"], mpp=store.meta.mpp
+            values,
+            threshold=p["threshold"],
+            downsample=p["downsample"],
+            mpp=store.meta.mpp,
+            name=_CLASS[p["which"]],
         )
         atomic_write_json(paths["geojson"], regions, indent=None)
+    with _timed(seconds, "tiles_geojson"):
+        _write_tiles(slide, shown, paths["tiles_geojson"])
     summary = _summary(slide, values, shown, n_regions=len(regions["features"]), names=names)
     summary["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
     summary["wsi_pipeline_version"] = __version__
@@ -487,37 +556,34 @@ def _heatmap_mpp(slide: _Slide) -> float | None:
 
 
 def _legend(params: dict[str, Any]) -> str:
-    return _LEGEND[params["mode"]].format(what=_WHAT[params["which"]])
+    return _LEGEND[params["mode"]].format(what=_WHAT[params["which"]]) + (
+        f"; transparent at or below {params['transparent_below']:g}, opacity rising to "
+        f"{params['alpha']:g} at the top"
+    )
 
 
 def _write_tiffs(
-    slide: _Slide,
-    values: np.ndarray,
-    thumb: np.ndarray,
-    paths: dict[str, Path],
-    *,
-    lut: np.ndarray,
+    slide: _Slide, values: np.ndarray, paths: dict[str, Path], *, lut: np.ndarray
 ) -> None:
-    """The overlay TIFF and (when asked for) the values TIFF, strip by strip from ``values``."""
-    p, sid = slide.params, slide.store.slide_id
-    hmpp = _heatmap_mpp(slide)
-    desc = (
-        f"wsi-pipeline {__version__} heatmap overlay of {sid}: {p['which']}, {p['mode']} mode, "
-        f"run {p['run']}; level 0 spans the slide at downsample {p['downsample']:g} "
-        f"({'unknown' if hmpp is None else f'{hmpp:g}'} um per pixel)"
-    )
-    bg_rows = background_rows(
-        thumb, slide.store.thumbnail_downsample, p["downsample"], values.shape
-    )
-    write_pyramid_tiff(
+    """The overlay TIFF (the slide's size) and, when asked for, the values TIFF (the grid's)."""
+    p, store = slide.params, slide.store
+    meta, hmpp = store.meta, _heatmap_mpp(slide)
+    what = f"{p['which']}, {p['mode']} mode, run {p['run']}"
+    write_overlay_tiff(
         paths["tiff"],
-        lambda r0, r1: overlay_rgb(
-            values[r0:r1], bg_rows(r0, r1), value_range=MODES[p["mode"]], cmap=lut, alpha=p["alpha"]
-        ),
-        (*values.shape, 3),
-        mpp=hmpp,
+        values,
+        lut=lut,
+        value_range=MODES[p["mode"]],
+        slide_wh=(meta.width, meta.height),
+        downsample=p["downsample"],
+        mpp=meta.mpp,
         compression=p["compression"],
-        description=desc,
+        description=(
+            f"wsi-pipeline {__version__} heatmap overlay of {store.slide_id}: {what}; "
+            f"{'RGBA' if p['compression'] == 'deflate' else 'RGB over white'}, level 0 is the "
+            f"slide's level 0 ({meta.width} x {meta.height} px, "
+            f"{'unknown' if meta.mpp is None else f'{meta.mpp:g}'} um per pixel)"
+        ),
     )
     if "values_tiff" in paths:
         write_pyramid_tiff(
@@ -526,12 +592,22 @@ def _write_tiffs(
             values.shape,
             dtype=np.float32,
             mpp=hmpp,
-            description=desc.replace("overlay", f"values ({p['mode']})"),
+            description=(
+                f"wsi-pipeline {__version__} heatmap values ({p['mode']}) of {store.slide_id}: "
+                f"{what}; one pixel per {p['downsample']:g} level-0 px "
+                f"({'unknown' if hmpp is None else f'{hmpp:g}'} um per pixel)"
+            ),
         )
 
 
 def _write_png(
-    slide: _Slide, values: np.ndarray, thumb: np.ndarray, path: Path, *, max_px: int
+    slide: _Slide,
+    values: np.ndarray,
+    thumb: np.ndarray,
+    path: Path,
+    *,
+    lut: np.ndarray,
+    max_px: int,
 ) -> None:
     """The PNG overlay, titled with the slide's prediction."""
     p, pred = slide.params, slide.prediction
@@ -547,12 +623,30 @@ def _write_png(
         thumb,
         value_range=MODES[p["mode"]],
         threshold=p["threshold"],
-        cmap=p["cmap"],
-        alpha=p["alpha"],
+        lut=lut,
         title=title,
         legend=_legend(p) + "; white outline: at or above the threshold",
         bar_label=f"{_WHAT[p['which']]} ({p['mode']})",
         max_px=max_px,
+    )
+
+
+def _write_tiles(slide: _Slide, shown: np.ndarray, path: Path) -> None:
+    """One QuPath detection per patch, with the heatmap's and the stored value."""
+    p, store = slide.params, slide.store
+    with np.errstate(invalid="ignore"):
+        above = shown >= p["threshold"]
+    write_tiles_geojson(
+        path,
+        store.coords,
+        patch_l0=float(store.tiling["patch_l0"]),
+        measurements={
+            "score": shown,
+            _RAW[p["which"]]: slide.scores,
+            "tissue_fraction": store.tissue_fraction,
+        },
+        classified=above,
+        name=_CLASS[p["which"]],
     )
 
 
@@ -608,6 +702,7 @@ def _summary(
         },
         "n_patches": store.n_patches,
         "downsample": p["downsample"],
+        "slide_size_wh": [store.meta.width, store.meta.height],
         "heatmap_size_wh": [int(values.shape[1]), int(values.shape[0])],
         "mpp": mpp,
         "heatmap_mpp": _heatmap_mpp(slide),
@@ -633,8 +728,9 @@ def heatmaps(
     threshold: float | None = None,
     downsample: float | None = None,
     sigma_um: float = 0.0,
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    transparent_below: float | None = None,
     compression: str = "deflate",
     values_tiff: bool = True,
     slide_ids: Sequence[str] | None = None,
@@ -662,12 +758,17 @@ def heatmaps(
     ConfigError
         Bad options (checked before any slide).
     """
-    check_options(which, mode, threshold)
-    lut = _check_drawing(cmap, alpha, compression)
+    lut, transparent = overlay_colours(
+        check_options(which, mode, threshold)[0],
+        cmap=cmap,
+        alpha=alpha,
+        transparent_below=transparent_below,
+    )
     options = _options(
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
+        transparent_below=transparent,
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=True,

@@ -1,5 +1,6 @@
 """Declarative pipelines: one YAML file names the slides, labels, output folder and the options of
-each stage; :func:`run_pipeline` runs ``synth -> tile -> train -> predict -> heatmap`` in order,
+each stage; :func:`run_pipeline` runs ``synth -> tile -> train -> predict -> evaluate -> heatmap``
+in order,
 skipping stages whose outputs are complete and resuming the rest, and writes a run report.
 
 The file is validated before any work starts: an unknown key, a wrong type, a bad value or a
@@ -44,7 +45,7 @@ __all__ = ["REPORT", "STAGES", "Pipeline", "load_options", "load_pipeline", "run
 
 log = logging.getLogger(__name__)
 
-STAGES = ("synth", "tile", "train", "predict", "heatmap")
+STAGES = ("synth", "tile", "train", "predict", "evaluate", "heatmap")
 REPORT = "report.json"  #: the run report, in the pipeline's output folder
 _TOP_KEYS = {"name", "version", "out", "slides", "labels", "run", "stages", *STAGES}
 
@@ -80,7 +81,8 @@ def load_options(path: str | os.PathLike) -> dict[str, Any]:
 class Pipeline:
     """A validated pipeline file.
 
-    The ``synth``/``tile``/``train``/``predict``/``heatmap`` mappings are the sections as written;
+    The ``synth``/``tile``/``train``/``predict``/``evaluate``/``heatmap`` mappings are the
+    sections as written;
     ``tiling``, ``tile_batch``, ``train_config`` and ``folds`` are what they were turned into
     (and what runs).
     """
@@ -96,6 +98,7 @@ class Pipeline:
     tile: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] | None = None
     predict: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] | None = None
     heatmap: dict[str, Any] | None = None
     tiling: TilingSpec = field(default_factory=TilingSpec)
     tile_batch: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +125,17 @@ class Pipeline:
     @property
     def heatmaps(self) -> Path:
         return self.out / "heatmaps"
+
+    @property
+    def evaluation(self) -> Path:
+        """evaluate's output folder (``evaluation.json``, ...)."""
+        return self.out / "evaluation"
+
+    @property
+    def evaluate_stores(self) -> Path:
+        """The stores the evaluate stage scores (``evaluate.stores``, else the pipeline's)."""
+        given = (self.evaluate or {}).get("stores")
+        return Path(given) if given else self.stores
 
     @property
     def run_id(self) -> str:
@@ -205,7 +219,8 @@ def _check_section(where: str, section: str, data: dict[str, Any], rules: dict[s
 def _stage_section(
     p: Pipeline, data: dict[str, Any], where: str, name: str
 ) -> dict[str, Any] | None:
-    """The section of a stage that needs one (synth, train, heatmap), or None: the stage is not
+    """The section of a stage that needs one (synth, train, evaluate, heatmap), or None: the
+    stage is not
     listed, or the file has no such section (the stage is then dropped from ``p.stages``)."""
     if name not in p.stages:
         return None
@@ -300,6 +315,39 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
 
 
+#: Keys of the ``evaluate`` section that are not keywords of
+#: :func:`~wsi_pipeline.evaluation.evaluate`: the labels (required) and the stores to score.
+_EVALUATE_PATHS = {"labels": _Rule(str, False), "stores": _Rule(str, False)}
+#: Parameters of :func:`~wsi_pipeline.evaluation.evaluate` the ``evaluate`` section cannot set.
+_EVALUATE_FIXED = {"store_dir", "run_dir", "labels_csv", "out_dir", "run_id", "progress"}
+
+
+def _load_evaluate(p: Pipeline, data: dict[str, Any], where: str) -> None:
+    p.evaluate = _stage_section(p, data, where, "evaluate")
+    if p.evaluate is None:
+        return
+    from .evaluation import check_options, evaluate
+
+    rules = {**_from_defaults(_keywords(evaluate, _EVALUATE_FIXED)), **_EVALUATE_PATHS}
+    _check_section(where, "evaluate", p.evaluate, rules)
+    if "labels" not in p.evaluate:
+        raise ConfigError(
+            f"{where}: 'evaluate.labels' (the labels of the slides to score) is required"
+        )
+    given = {k: p.evaluate[k] for k in ("n_boot", "seed") if p.evaluate.get(k) is not None}
+    try:
+        check_options(**given)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: evaluate: {exc}") from exc
+
+
+def _evaluate_options(p: Pipeline) -> dict[str, Any]:
+    """Keywords of :func:`~wsi_pipeline.evaluation.evaluate` from the ``evaluate`` section."""
+    return {
+        k: v for k, v in (p.evaluate or {}).items() if k not in _EVALUATE_PATHS and v is not None
+    }
+
+
 def _train_labels(p: Pipeline) -> Path:
     if p.labels is None:
         raise ConfigError(f"{p.path}: 'labels' is required for the train stage")
@@ -314,7 +362,14 @@ def _check_inputs(p: Pipeline, where: str) -> None:
         for s in p.slides:
             if not s.exists():
                 raise ConfigError(f"{where}: 'slides': {s} does not exist")
-    uses_model = {"predict", "heatmap"} & set(p.stages)
+    uses_model = {"predict", "evaluate", "heatmap"} & set(p.stages)
+    if p.evaluate is not None:
+        labels = Path(p.evaluate["labels"])
+        if not labels.is_file():
+            raise ConfigError(f"{where}: 'evaluate.labels': {labels} does not exist")
+        stores = p.evaluate_stores
+        if stores != p.stores and not stores.is_dir():
+            raise ConfigError(f"{where}: 'evaluate.stores': {stores} does not exist")
     if "train" in p.stages:
         labels = _train_labels(p)
         if p.synth is None and not labels.is_file():
@@ -352,6 +407,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     _load_train(p, data, where)
     p.predict = _section(where, data.get("predict"), "predict")
     _check_section(where, "predict", p.predict, _typed(PREDICT_OPTIONS))
+    _load_evaluate(p, data, where)
     _load_heatmap(p, data, where)
     _check_inputs(p, where)
     return p
@@ -377,7 +433,7 @@ def _synth_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
 
 
 def _tile_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
-    from .tiling import MANIFEST, tile_slides
+    from .tile_batch import MANIFEST, tile_slides
 
     res = tile_slides(
         p.slides, p.stores, spec=p.tiling, progress=progress, debug=debug, **p.tile_batch
@@ -449,6 +505,55 @@ def _predict_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     return _Outcome("ran", outputs, failed=any(not r.ok for r in rows))
 
 
+def _previous_evaluation(p: Pipeline) -> dict[str, Any] | None:
+    """The evaluation.json of an earlier run of this stage when it is still current: newer than
+    the model and the labels, for the same stores, labels and options."""
+    from .evaluation import EVALUATION, evaluate
+
+    path = p.evaluation / EVALUATION
+    if p.evaluate is None or not path.is_file():
+        return None
+    labels = Path(p.evaluate["labels"])
+    newest = max((p.run_dir / runs.MODEL).stat().st_mtime, labels.stat().st_mtime)
+    if path.stat().st_mtime < newest:
+        return None
+    try:
+        prev = json.loads(path.read_text())
+    except ValueError:
+        return None
+    opts = {**_keywords(evaluate, _EVALUATE_FIXED), **_evaluate_options(p)}
+    same = (
+        prev.get("labels") == str(labels)
+        and prev.get("stores") == str(p.evaluate_stores)
+        and prev.get("run_id") == p.run_id
+        and prev.get("bootstrap", {}).get("n_boot") == opts["n_boot"]
+        and prev.get("bootstrap", {}).get("seed") == opts["seed"]
+    )
+    return prev if same else None
+
+
+def _evaluate_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .evaluation import EVALUATION, evaluate
+
+    section = p.evaluate or {}
+    outputs: dict[str, Any] = {"evaluation": str(p.evaluation / EVALUATION)}
+    prev = _previous_evaluation(p)
+    status = "skipped"
+    if prev is None:
+        status = "ran"
+        prev = evaluate(
+            p.evaluate_stores,
+            p.run_dir,
+            section["labels"],
+            p.evaluation,
+            run_id=p.run_id,
+            progress=progress,
+            **_evaluate_options(p),
+        )
+    outputs.update(auc=prev["metrics"]["auc"]["value"], n=prev["n"])
+    return _Outcome(status, outputs, failed=bool(prev["failed"]))
+
+
 def _heatmap_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     from .heatmap import heatmaps
 
@@ -464,13 +569,15 @@ _STAGE_FNS: dict[str, Callable[..., _Outcome]] = {
     "tile": _tile_stage,
     "train": _train_stage,
     "predict": _predict_stage,
+    "evaluate": _evaluate_stage,
     "heatmap": _heatmap_stage,
 }
 
 
 def _has_section(p: Pipeline, stage: str) -> bool:
-    """A stage that needs its section (synth, train, heatmap) runs only with one."""
-    return {"synth": p.synth, "train": p.train, "heatmap": p.heatmap}.get(stage, {}) is not None
+    """A stage that needs its section (synth, train, evaluate, heatmap) runs only with one."""
+    sections = {"synth": p.synth, "train": p.train, "evaluate": p.evaluate, "heatmap": p.heatmap}
+    return sections.get(stage, {}) is not None
 
 
 def run_pipeline(
@@ -534,7 +641,8 @@ def _held_out(p: Pipeline) -> dict[str, Any]:
 
 
 def _summary(p: Pipeline) -> dict[str, Any]:
-    """Test metrics of the run, cross-validation AUC, and held-out AUC of the predictions."""
+    """Test metrics of the run, cross-validation AUC, held-out AUC of the predictions, and the
+    AUC of the evaluate stage."""
     out: dict[str, Any] = {}
     metrics = runs.read_metrics(p.run_dir)
     if metrics is not None:
@@ -550,4 +658,12 @@ def _summary(p: Pipeline) -> dict[str, Any]:
             cv_val_auc_std=res["val_auc_std"],
         )
     out.update(_held_out(p))
+    if p.evaluate is not None and "evaluate" in p.stages:
+        from .evaluation import EVALUATION
+
+        try:
+            ev = json.loads((p.evaluation / EVALUATION).read_text())
+            out.update(evaluation_auc=ev["metrics"]["auc"]["value"], evaluation_n=ev["n"])
+        except (OSError, ValueError, KeyError):
+            pass
     return out

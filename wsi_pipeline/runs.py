@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from . import __version__
 from .errors import ConfigError, TrainingError
 from .specs import TrainConfig, fold_config
-from .util import atomic_write_json, atomic_write_text, sanitize_id
+from .util import atomic_write_json, atomic_write_text, json_ready, sanitize_id
 
 __all__ = [
     "CALIBRATION",
@@ -261,48 +262,84 @@ def write_metrics(
     config: TrainConfig,
     *,
     finished: bool = False,
+    warnings: Sequence[str] = (),
+    stalled: bool | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``: the training history, best epoch, split sizes and test metrics.
+
+    A metric that cannot be computed is ``null`` with a ``<name>_reason`` next to it (e.g.
+    ``"val_auc": null, "val_auc_reason": "validation set has a single class ('0')"``); the file
+    and the returned dict never hold NaN.
 
     Parameters
     ----------
     run_dir : path
     history : list of dict
-        One record per epoch (``epoch`` 0-based, ``train_loss``, ``val_auc``, ...).
+        One record per epoch (``epoch`` 0-based, ``train_loss``, ``val_auc``,
+        ``val_auc_reason``, ...).
     best : mapping
-        ``epoch`` (0-based, -1 before the first) and ``auc`` (-1 when there is none).
+        ``epoch`` (0-based, -1 before the first), ``auc`` (-1 when there is none) and ``by``
+        (what chose it: ``val_auc``, ``val_loss`` or ``train_loss``).
     test : mapping or None
-        Test-split evaluation (``auc``, ``acc``, ``loss``, ``n``, ``calibrated``).
+        Test-split evaluation (``auc``, ``auc_reason``, ``acc``, ``loss``, ``n``,
+        ``calibrated``).
     splits : mapping of slide_id -> split
     config : TrainConfig
     finished : bool
         Training is over (``run_state`` reads it as "done").
+    warnings : sequence of str
+        What makes the result less trustworthy than it looks (``warnings``).
+    stalled : bool, optional
+        The train loss never left chance (``stalled``; written when given).
+    calibration : mapping, optional
+        ``calibration``: the method, ``skipped`` and Brier/ECE before and after on the
+        validation and test slides (written when given).
 
     Returns
     -------
     dict
-        The metrics as written (NaN kept here; ``null`` in the file).
+        The metrics as written (``null`` for what is missing, never NaN).
     """
     counts: dict[str, int] = {}
     for sp in splits.values():
         counts[sp] = counts.get(sp, 0) + 1
-    metrics = {
+    metrics: dict[str, Any] = {
         "finished": finished,
         "epochs_run": len(history),
         "best_epoch": best["epoch"] + 1 if best["epoch"] >= 0 else None,
         "best_val_auc": best["auc"] if best["auc"] >= 0 else None,
-        "history": history,
-        "splits": counts,
-        "mode": config.mode,
-        "model": config.model,
-        "backbone": config.backbone,
     }
+    if metrics["best_val_auc"] is None:
+        metrics["best_val_auc_reason"] = _best_auc_reason(history, best)
+    if best.get("by"):
+        metrics["best_epoch_by"] = best["by"]
+    metrics.update(
+        history=history,
+        splits=counts,
+        mode=config.mode,
+        model=config.model,
+        backbone=config.backbone,
+        warnings=list(warnings),
+    )
+    if stalled is not None:
+        metrics["stalled"] = bool(stalled)
     if test is not None:
-        metrics["test"] = {
-            k: test[k] for k in ("auc", "acc", "loss", "n", "calibrated") if k in test
-        }
+        keys = ("auc", "auc_reason", "acc", "loss", "n", "calibrated")
+        metrics["test"] = {k: test[k] for k in keys if k in test}
+    if calibration is not None:
+        metrics["calibration"] = dict(calibration)
+    metrics = json_ready(metrics)
     atomic_write_json(Path(run_dir) / METRICS, metrics)
     return metrics
+
+
+def _best_auc_reason(history: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> str:
+    """Why a run has no best validation AUC (its best epoch's ``val_auc_reason``)."""
+    if best["epoch"] < 0:
+        return "no epoch finished"
+    rec = next((h for h in history if h.get("epoch") == best["epoch"]), {})
+    return str(rec.get("val_auc_reason") or "no validation AUC")
 
 
 def write_calibration(run_dir: str | os.PathLike, calibration: Mapping[str, Any]) -> Path:
@@ -325,15 +362,19 @@ def write_cv_metrics(
     Returns
     -------
     dict
-        ``folds``, ``val_auc``, ``val_auc_mean``, ``val_auc_std`` (NaN without any AUC).
+        ``folds``, ``val_auc``, ``val_auc_mean``, ``val_auc_std`` (``None`` without any AUC, then
+        with ``val_auc_reason``); never NaN.
     """
-    aucs = np.array([a for a in val_aucs if a is not None], float)
-    res = {
+    aucs = np.array([a for a in val_aucs if a is not None and not math.isnan(a)], float)
+    res: dict[str, Any] = {
         "folds": len(val_aucs),
         "val_auc": list(val_aucs),
-        "val_auc_mean": float(aucs.mean()) if aucs.size else float("nan"),
-        "val_auc_std": float(aucs.std()) if aucs.size else float("nan"),
+        "val_auc_mean": float(aucs.mean()) if aucs.size else None,
+        "val_auc_std": float(aucs.std()) if aucs.size else None,
     }
+    if not aucs.size:
+        res["val_auc_reason"] = "no fold has a validation AUC"
+    res = json_ready(res)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CV_METRICS, res)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "is_complete",
     "list_stores",
     "mark_complete",
+    "missing_chunks",
     "open_store",
     "patch_count",
     "read_coords",
@@ -61,6 +62,7 @@ __all__ = [
     "shard_is_done",
     "shard_path",
     "store_path",
+    "store_problems",
     "store_state",
     "tiling_attrs",
     "unfinished_shards",
@@ -372,7 +374,12 @@ def finish_store(
     patches_per_shard: int,
     **attrs: Any,
 ) -> None:
-    """Check that every shard of ``patches`` is on disk and whole, then :func:`mark_complete`.
+    """Check that every array of the store is whole, then :func:`mark_complete`.
+
+    A store is never marked complete unless ``coords`` ``(n_patches, 2)``, ``tissue_fraction``
+    ``(n_patches,)``, ``thumbnail`` ``(h, w, 3)`` and ``tissue_mask`` ``(h, w)`` are there with
+    those shapes and all their chunks on disk, and ``patches`` has ``n_patches`` rows and every
+    shard written and whole (:func:`store_problems`).
 
     Parameters
     ----------
@@ -389,13 +396,76 @@ def finish_store(
     Raises
     ------
     StoreError
-        A shard is missing or torn.
+        An array is missing, of the wrong shape or torn, or a shard is missing or torn (the
+        first problem named; the store stays unfinished, so a rerun redoes or resumes it).
     """
-    missing = unfinished_shards(path, n_patches, patches_per_shard)
-    if missing:
-        raise StoreError(f"shard {missing[0]} missing or torn after extraction", path=path)
+    problems = store_problems(path, n_patches, patches_per_shard)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise StoreError(f"{problems[0]}{more}; not marked complete", path=path)
     group = _zarr().open_group(str(path), mode="r+")
     mark_complete(group, status=status, n_patches=n_patches, **attrs)
+
+
+def missing_chunks(array: Any) -> int:
+    """How many chunks of a zarr array are not on disk (0 for a whole array)."""
+    return int(array.nchunks) - int(array.nchunks_initialized)
+
+
+def store_problems(path: str | os.PathLike, n_patches: int, patches_per_shard: int) -> list[str]:
+    """What keeps a store being written from being complete; empty when it is whole.
+
+    Parameters
+    ----------
+    path : path
+        A store (complete or not).
+    n_patches : int
+        The rows ``coords``, ``tissue_fraction`` and ``patches`` must have.
+    patches_per_shard : int
+
+    Returns
+    -------
+    list of str
+        One short phrase per problem, e.g. ``"thumbnail: 2 of 4 chunks missing"`` or
+        ``"shard 3 missing or torn after extraction"``.
+    """
+    try:
+        g = _zarr().open_group(str(path), mode="r")
+    except Exception as exc:
+        return [f"unreadable store ({type(exc).__name__})"]
+    n = int(n_patches)
+    expected: dict[str, Callable[[tuple[int, ...]], bool]] = {
+        COORDS: lambda s: s == (n, 2),
+        TISSUE_FRACTION: lambda s: s == (n,),
+        THUMBNAIL: lambda s: len(s) == 3 and s[2] == 3 and s[0] > 0 and s[1] > 0,
+        TISSUE_MASK: lambda s: len(s) == 2,
+        PATCHES: lambda s: len(s) == 4 and s[0] == n and s[3] == 3,
+    }
+    problems: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, ok in expected.items():
+        try:
+            arr = g[key]
+        except KeyError:
+            problems.append(f"no {key!r} array")
+            continue
+        shape = tuple(int(v) for v in arr.shape)
+        shapes[key] = shape
+        if not ok(shape):
+            problems.append(f"{key!r} has shape {shape} (expected {n} patches)")
+        elif key != PATCHES and missing_chunks(arr):
+            problems.append(f"{key!r}: {missing_chunks(arr)} of {arr.nchunks} chunks missing")
+    thumb, mask = shapes.get(THUMBNAIL), shapes.get(TISSUE_MASK)
+    if thumb is not None and mask is not None and thumb[:2] != mask:
+        problems.append(f"{TISSUE_MASK!r} {mask} is not on the thumbnail's grid {thumb[:2]}")
+    if PATCHES in shapes:
+        torn = unfinished_shards(path, n, patches_per_shard)
+        if torn:
+            problems.append(
+                f"shard {torn[0]} missing or torn after extraction"
+                + (f" ({len(torn)} of {PATCHES!r}'s shards)" if len(torn) > 1 else "")
+            )
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,10 +543,20 @@ def write_array(
 ) -> Any:
     """Write ``data`` as array ``key`` of ``group`` (replacing it), then its attributes.
 
-    ``chunks`` is clipped to the data's shape.
+    ``chunks`` is clipped to the data's shape. Every chunk is written, even one that equals the
+    fill value, so :func:`missing_chunks` can tell a whole array from a torn one.
     """
     chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
-    arr = group.create_array(key, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True)
+    arr = group.create_array(
+        key,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        overwrite=True,
+        # every chunk is a file, even one equal to the fill value: a missing chunk then always
+        # means a lost write (finish_store checks), never "all zeros"
+        config={"write_empty_chunks": True},
+    )
     if data.size:
         arr[...] = data
     if attrs:

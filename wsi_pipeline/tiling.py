@@ -10,21 +10,19 @@ One slide goes through three steps, each a plain function so any scheduler can r
    over workers.
 3. :func:`finalize_slide` — record the status and write ``complete: true`` last.
 
-:func:`tile_slides` runs a batch: serially in this process (``workers=1``), or with dask.distributed
-(a ``LocalCluster`` of worker processes, or an existing cluster given by address), across slides
-and within large slides. It writes ``manifest.csv`` after each finished slide.
+Running them, one slide under its store's lock or a batch with dask and ``manifest.csv``, is
+:mod:`wsi_pipeline.tile_batch` (:func:`~wsi_pipeline.tile_batch.tile_slide`,
+:func:`~wsi_pipeline.tile_batch.tile_slides`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
 import os
 import time
-import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from .codecs import encode_chunk, shard_bytes
-from .errors import SlideError, TilingError, WSIPipelineError
-from .slide import Slide, find_slides, mpp_at, open_slide, slide_id_from_path
+from .errors import SlideError, TilingError
+from .slide import Slide, mpp_at, open_slide, slide_id_from_path
 from .specs import SlideMeta, TilingSpec
 from .store import (
     DONE,
@@ -54,33 +52,30 @@ from .store import (
 )
 from .tiffsrc import JPEG, TiffLevel, open_tiff_level
 from .tissue import load_user_mask, rect_fractions, tissue_mask
-from .util import atomic_path, resize_rgb
+from .util import resize_rgb
 
 __all__ = [
-    "MANIFEST",
-    "MANIFEST_FIELDS",
+    "MAX_PX_PER_BYTE",
     "Geometry",
     "SlidePlan",
     "TileResult",
-    "check_writable",
+    "check_claimed_size",
     "extract_shard",
     "finalize_slide",
     "mask_slide",
     "prepare_slide",
     "tile_grid",
-    "tile_slide",
-    "tile_slides",
     "tiling_geometry",
-    "write_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
-#: File name of the batch's per-slide status table, in the output folder beside the stores.
-MANIFEST = "manifest.csv"
-#: Its columns.
-MANIFEST_FIELDS = ("slide_id", "path", "status", "n_patches", "seconds", "error")
 _MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least this many pixels
+#: Most level-0 pixels per byte a TIFF-based slide file may claim. Real slides, even sparse or
+#: mostly blank ones, stay below ~100 (JPEG tiles of plain background); a header claiming more
+#: is corrupt or forged, and reading its thumbnail would decode billions of missing pixels.
+MAX_PX_PER_BYTE = 5000
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 @dataclass(frozen=True)
@@ -122,7 +117,11 @@ class Geometry:
 
 @dataclass(frozen=True)
 class TileResult:
-    """One manifest row."""
+    """One manifest row.
+
+    ``locked`` marks a slide skipped because another run held its store's lock: that run writes
+    the slide's manifest row, so this one is added only where the manifest has none.
+    """
 
     slide_id: str
     path: str
@@ -130,6 +129,7 @@ class TileResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    locked: bool = False
 
     @property
     def ok(self) -> bool:
@@ -366,6 +366,7 @@ def prepare_slide(
         )
     with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
         meta = slide.meta
+        check_claimed_size(meta)
         geometry = tiling_geometry(slide, spec)
         plan = SlidePlan(
             slide_id=sid,
@@ -392,6 +393,37 @@ def prepare_slide(
     if len(coords) == 0:
         return finalize_slide(plan)
     return plan
+
+
+def check_claimed_size(meta: SlideMeta) -> None:
+    """Refuse a TIFF-based slide whose header claims more pixels than its file can hold.
+
+    Checked from the metadata alone, before any pixel is read or allocated: a 1 MB file that
+    claims 100,000 x 100,000 px (10,000 px per byte; real slides stay below ~100) is corrupt
+    or forged, and its thumbnail would take hours to decode. Formats whose pixels live in other
+    files (MRXS, DICOM, VMS) are not TIFF files and are not checked.
+
+    Raises
+    ------
+    SlideError
+        More than :data:`MAX_PX_PER_BYTE` level-0 pixels per byte of file.
+    """
+    try:
+        with open(meta.path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return
+    size = meta.file_size or 0
+    if head not in _TIFF_MAGIC or size <= 0:
+        return
+    px = meta.width * meta.height
+    if px > MAX_PX_PER_BYTE * size:
+        raise SlideError(
+            f"claims {meta.width} x {meta.height} px in a file of {size:,} bytes "
+            f"({px / size:,.0f} px per byte, at most {MAX_PX_PER_BYTE:,} in a real slide); "
+            "corrupt or forged header, not tiled",
+            path=meta.path,
+        )
 
 
 def _tiling_attrs(plan: SlidePlan) -> dict[str, Any]:
@@ -569,358 +601,3 @@ def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> Til
         time.time() - plan.started,
         "" if plan.n_patches else "no tissue found (store has 0 patches)",
     )
-
-
-def tile_slide(
-    path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    spec: TilingSpec | None = None,
-    slide_id: str | None = None,
-    slide_mpp: float | None = None,
-    overwrite: bool = False,
-    backend: str = "auto",
-) -> TileResult:
-    """Tile one slide into ``out_dir/<slide_id>.zarr`` in this process.
-
-    Raises
-    ------
-    WSIPipelineError
-        For a bad slide or parameters (the batch runner records these instead).
-    """
-    spec = spec or TilingSpec()
-    plan = prepare_slide(
-        path,
-        out_dir,
-        spec=spec,
-        slide_id=slide_id,
-        slide_mpp=slide_mpp,
-        overwrite=overwrite,
-        backend=backend,
-    )
-    if isinstance(plan, TileResult):
-        return plan
-    return _extract_all(plan)
-
-
-def _extract_all(
-    plan: SlidePlan, on_shard: Callable[[dict[str, int]], None] | None = None
-) -> TileResult:
-    """Extract every unfinished shard of ``plan`` in this process, then finalise the store;
-    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written."""
-    stats = []
-    for s in plan.todo:
-        stats.append(extract_shard(plan, s))
-        if on_shard is not None:
-            on_shard(stats[-1])
-    return finalize_slide(plan, stats)
-
-
-# --------------------------------------------------------------------------------------------
-# batches
-# --------------------------------------------------------------------------------------------
-def write_manifest(out_dir: str | os.PathLike, rows: Iterable[TileResult]) -> Path:
-    """Write ``out_dir/manifest.csv`` atomically, keeping rows of slides not in ``rows``."""
-    path = Path(out_dir) / MANIFEST
-    merged: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        try:
-            with open(path, newline="") as fh:
-                for old in csv.DictReader(fh):
-                    if old.get("slide_id"):
-                        merged[old["slide_id"]] = {k: old.get(k, "") for k in MANIFEST_FIELDS}
-        except (OSError, csv.Error):
-            pass
-    for r in rows:
-        merged[r.slide_id] = r.row()
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
-        w.writeheader()
-        for sid in sorted(merged):
-            w.writerow(merged[sid])
-    return path
-
-
-def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) -> TileResult:
-    if isinstance(exc, WSIPipelineError):
-        msg = str(exc)
-    else:
-        msg = f"{path}: internal error {type(exc).__name__}: {' '.join(str(exc).split())}"
-        if debug:
-            log.error("%s", "".join(traceback.format_exception(exc)))
-    log.error("%s", msg)
-    return TileResult(sid, path, "failed", 0, time.time() - t0, msg)
-
-
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check that files can be written there.
-
-    Raises
-    ------
-    TilingError
-        When the folder cannot be created or written.
-    """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise TilingError(
-            f"output folder cannot be written ({exc.strerror or exc})", path=out
-        ) from exc
-    return out
-
-
-def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[TileResult]]:
-    """Slide ids for a batch; later slides whose id is taken fail with a clear reason."""
-    seen: dict[str, Path] = {}
-    jobs: list[tuple[str, Path]] = []
-    dupes: list[TileResult] = []
-    for p in slides:
-        sid = slide_id_from_path(p)
-        if sid in seen:
-            msg = (
-                f"{p.absolute()}: duplicate slide id {sid!r} (already used by "
-                f"{seen[sid].absolute()}); rename one of the files"
-            )
-            log.error("%s", msg)
-            dupes.append(TileResult(sid, str(p.absolute()), "failed", 0, 0.0, msg))
-            continue
-        seen[sid] = p
-        jobs.append((sid, p))
-    return jobs, dupes
-
-
-def tile_slides(
-    slides: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    spec: TilingSpec | None = None,
-    workers: int = 1,
-    scheduler: str | None = None,
-    overwrite: bool = False,
-    slide_mpp: float | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    debug: bool = False,
-    on_result: Callable[[TileResult], None] | None = None,
-) -> list[TileResult]:
-    """Tile a batch of slide files; one failure never stops the others.
-
-    Parameters
-    ----------
-    slides : sequence of path
-        Slide files and/or folders (searched with :func:`wsi_pipeline.slide.find_slides`).
-    out_dir : path
-        Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
-    spec : TilingSpec
-    workers : int
-        Worker processes (a dask ``LocalCluster``); 1 runs everything in this process.
-    scheduler : str, optional
-        Address of a running dask.distributed scheduler (its workers must see the same files).
-    overwrite : bool
-        Redo complete stores.
-    slide_mpp : float, optional
-        The slides' level-0 mpp, for files without one.
-    backend, progress, debug, on_result
-        Reader backend; show progress bars; log tracebacks of internal errors; callback per row.
-
-    Returns
-    -------
-    list of TileResult
-        One per slide (also written to ``manifest.csv``).
-
-    Raises
-    ------
-    TilingError
-        When ``out_dir`` cannot be written (nothing can be done then).
-    """
-    spec = spec or TilingSpec()
-    out = check_writable(out_dir)
-    files, skipped = find_slides(list(slides))
-    for p, why in skipped:
-        log.info("skipping %s: %s", p, why)
-    jobs, results = _assign_ids(files)
-    if results:
-        write_manifest(out, results)
-
-    def record(r: TileResult) -> None:
-        results.append(r)
-        write_manifest(out, [r])
-        if on_result is not None:
-            on_result(r)
-
-    if scheduler is None and workers <= 1:
-        _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
-    else:
-        _run_dask(
-            jobs,
-            out,
-            spec,
-            overwrite,
-            slide_mpp,
-            backend,
-            progress,
-            debug,
-            record,
-            workers,
-            scheduler,
-        )
-    order = {sid: i for i, (sid, _) in enumerate(jobs)}
-    return sorted(results, key=lambda r: order.get(r.slide_id, -1))
-
-
-def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
-    from tqdm.auto import tqdm
-
-    slides_bar = tqdm(
-        total=n_slides, desc="slides", unit="slide", disable=None if progress else True, position=0
-    )
-    patch_bar = tqdm(
-        total=0,
-        desc="patches",
-        unit="patch",
-        disable=None if progress else True,
-        position=1,
-        leave=False,
-    )
-    return slides_bar, patch_bar
-
-
-def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
-    slides_bar, patch_bar = _bars(progress, len(jobs))
-    try:
-        for sid, path in jobs:
-            t0 = time.time()
-            try:
-                plan = prepare_slide(
-                    path,
-                    out,
-                    spec=spec,
-                    slide_id=sid,
-                    slide_mpp=slide_mpp,
-                    overwrite=overwrite,
-                    backend=backend,
-                )
-                if isinstance(plan, SlidePlan):
-                    patch_bar.reset(total=plan.n_patches)
-                    patch_bar.set_description(sid)
-                    plan = _extract_all(
-                        plan, lambda st: patch_bar.update(st["copied"] + st["encoded"])
-                    )
-                record(plan)
-            except Exception as exc:
-                record(_failure(sid, str(Path(path).absolute()), exc, t0, debug))
-            slides_bar.update(1)
-    finally:
-        patch_bar.close()
-        slides_bar.close()
-
-
-def _run_dask(
-    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers, scheduler
-) -> None:
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
-    slides_bar, patch_bar = _bars(progress, len(jobs))
-    try:
-        window = max(2, 2 * len(client.scheduler_info().get("workers", {})) or 2 * workers)
-        pending = list(jobs)
-        meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
-        state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
-        ac = as_completed()
-
-        def submit_prepares() -> None:
-            while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
-                sid, path = pending.pop(0)
-                f = client.submit(
-                    prepare_slide,
-                    path,
-                    out,
-                    spec=spec,
-                    slide_id=sid,
-                    slide_mpp=slide_mpp,
-                    overwrite=overwrite,
-                    backend=backend,
-                    key=f"prepare-{sid}-{time.time_ns()}",
-                    pure=False,
-                )
-                meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
-                ac.add(f)
-
-        submit_prepares()
-        for f in ac:
-            kind, sid, path, t0, _ = meta.pop(f)
-            try:
-                res = f.result()
-            except Exception as exc:
-                if state.pop(sid, None) is not None:
-                    for g, v in list(meta.items()):
-                        if v[1] == sid:
-                            g.cancel()
-                            meta.pop(g)
-                record(_failure(sid, path, exc, t0, debug))
-                slides_bar.update(1)
-                submit_prepares()
-                continue
-            if kind == "prep":
-                if isinstance(res, TileResult):
-                    record(res)
-                    slides_bar.update(1)
-                else:
-                    patch_bar.total += res.n_patches
-                    patch_bar.refresh()
-                    state[sid] = {"plan": res, "left": len(res.todo), "stats": []}
-                    for s in res.todo:
-                        g = client.submit(
-                            extract_shard,
-                            res,
-                            s,
-                            priority=10,
-                            pure=False,
-                            key=f"shard-{sid}-{s}-{time.time_ns()}",
-                        )
-                        meta[g] = ("shard", sid, path, t0, res)
-                        ac.add(g)
-                    if not res.todo:
-                        g = client.submit(finalize_slide, res, [], priority=20, pure=False)
-                        meta[g] = ("final", sid, path, t0, res)
-                        ac.add(g)
-            elif kind == "shard":
-                st = state.get(sid)
-                if st is None:
-                    continue
-                st["stats"].append(res)
-                st["left"] -= 1
-                patch_bar.update(res["copied"] + res["encoded"])
-                if st["left"] == 0:
-                    g = client.submit(
-                        finalize_slide, st["plan"], st["stats"], priority=20, pure=False
-                    )
-                    meta[g] = ("final", sid, path, t0, st["plan"])
-                    ac.add(g)
-            else:
-                state.pop(sid, None)
-                record(res)
-                slides_bar.update(1)
-            submit_prepares()
-    finally:
-        patch_bar.close()
-        slides_bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()

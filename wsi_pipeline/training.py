@@ -14,8 +14,21 @@ probability calibration fitted on the validation slides), ``checkpoint.pt``,
 The steps, in the shape of torchvision's reference scripts: :func:`setup_training` (device,
 bags, model, optimizer), :func:`start_state` (fresh or restored from the checkpoint),
 :func:`fit` (:func:`train_one_epoch`, then :func:`end_epoch`: :func:`evaluate`, best weights,
-early stopping, :func:`save_checkpoint`), and :func:`finish` (best weights, test evaluation,
-calibration, plots, metrics). The loss of a bag is :func:`wsi_pipeline.losses.bag_loss`.
+early stopping, :func:`~wsi_pipeline.checkpoint.save_checkpoint`), and :func:`finish` (best
+weights, test evaluation, calibration, plots, metrics). The loss of a bag is
+:func:`wsi_pipeline.losses.bag_loss`; the optimizer, the training state and the checkpoint are
+:mod:`wsi_pipeline.checkpoint`.
+
+What makes a result less trustworthy than it looks is said, not hidden: a validation set that is
+empty or of a single class is a warning when training starts (the best epoch is then chosen by
+the validation loss, or the train loss without validation slides, and the validation AUC is
+``null`` with a ``val_auc_reason``); calibration is skipped without
+:data:`~wsi_pipeline.calibration.MIN_CALIBRATION_SLIDES` validation slides of each class; a best
+epoch chosen on few validation slides, and a train loss that never left chance, are warnings
+(the rules are :mod:`wsi_pipeline.train_report`). All of them are logged and listed under
+``warnings`` in ``metrics.json``, next to ``stalled`` and the Brier score and expected
+calibration error before and after calibration (``calibration``). ``metrics.json`` and what
+:func:`train` returns never hold NaN: a missing metric is ``null`` with a ``<name>_reason``.
 
 Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs; see
 :mod:`wsi_pipeline.distributed`): bags are split over ranks and rank 0 evaluates and writes.
@@ -24,13 +37,12 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs;
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +50,19 @@ import numpy as np
 
 from . import __version__, runs
 from .calibration import apply_calibration
+from .checkpoint import (
+    Optimization,
+    TrainState,
+    make_optimization,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     SPLIT_NAMES,
     BagDataset,
     Labels,
     check_tiling,
     make_splits,
-    negative_class,
     read_labels,
     resolve_stores,
 )
@@ -53,20 +71,22 @@ from .inference import autocast, bag_output, build_model, load_weights, resolve_
 from .losses import Objective, bag_loss, make_objective
 from .metrics import auc_score, probability_metrics
 from .specs import TrainConfig, fold_config
+from .train_report import (
+    auc_reason,
+    calibrate,
+    calibration_report,
+    selection_warning,
+    stall_warning,
+    validation_warning,
+)
 from .util import atomic_path
 
 __all__ = [
-    "Optimization",
-    "TrainState",
     "TrainingSetup",
-    "calibrate",
     "end_epoch",
     "evaluate",
     "finish",
     "fit",
-    "make_optimization",
-    "restore_checkpoint",
-    "save_checkpoint",
     "setup_training",
     "start_state",
     "train",
@@ -75,9 +95,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Gradient-norm clip of every optimizer step.
-CLIP_NORM = 5.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +114,8 @@ def evaluate(
     Returns
     -------
     dict
-        ``loss``, ``acc``, ``auc`` (NaN without bags), ``n``, ``logits`` (n, C), ``probs``
+        ``loss``, ``acc``, ``auc`` (NaN without bags or with a single class; see
+        :func:`auc_reason`), ``n``, ``logits`` (n, C), ``probs``
         (n, C) softmax, ``targets`` (n,) and ``patch_logits`` (one (N_i, C) array per bag).
     """
     import torch
@@ -150,49 +168,6 @@ def _loader(
 # --------------------------------------------------------------------------------------------
 # set-up
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Optimization:
-    """AdamW, its warm-up + cosine schedule (per step) and the AMP gradient scaler."""
-
-    params: list[Any]
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
-
-    def step(self, loss: Any) -> None:
-        """Backward ``loss``, clip the gradient norm to :data:`CLIP_NORM`, step and schedule."""
-        import torch
-
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimization(
-    model: Any, config: TrainConfig, *, steps_per_epoch: int, device: Any
-) -> Optimization:
-    """The :class:`Optimization` of ``model``'s trainable parameters for ``config``."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total = steps_per_epoch * config.epochs
-    warm = steps_per_epoch * config.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warm))
-    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    return Optimization(params, optimizer, scheduler, scaler)
 
 
 @dataclass
@@ -221,6 +196,8 @@ class TrainingSetup:
     record : dict
         ``config.json`` (run and package versions, training config, classes, ``in_dim``,
         ``extractor``).
+    classes : tuple of str
+        Class names, in index order.
     """
 
     config: TrainConfig
@@ -235,6 +212,7 @@ class TrainingSetup:
     num_workers: int
     targets: dict[str, int]
     record: dict[str, Any]
+    classes: tuple[str, ...] = ()
 
 
 def _device(config: TrainConfig, dist_info: Distributed) -> Any:
@@ -372,6 +350,7 @@ def setup_training(
         else (4 if device.type == "cuda" else 1),
         targets=targets,
         record=_run_record(config, len(labels.classes), model.in_dim, extractor),
+        classes=tuple(labels.classes),
     )
 
 
@@ -390,102 +369,6 @@ def _run_record(
         "extractor": extractor,
         "torch_version": torch.__version__,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# state and checkpoints
-# --------------------------------------------------------------------------------------------
-def _no_best() -> dict[str, Any]:
-    return {"epoch": -1, "auc": -1.0, "loss": float("inf")}
-
-
-@dataclass
-class TrainState:
-    """Where training stands.
-
-    Attributes
-    ----------
-    history : list of dict
-        One record per epoch run (``epoch`` 0-based, ``train_loss``, ``lr``, ``val_*``, ...).
-    best : dict
-        ``epoch`` (-1 before the first), ``auc`` (-1 without one) and ``loss`` of the best epoch.
-    next_epoch : int
-        The epoch to run next.
-    stale : int
-        Epochs since the best one (early stopping).
-    stopped_early : bool
-    """
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=_no_best)
-    next_epoch: int = 0
-    stale: int = 0
-    stopped_early: bool = False
-
-    def finished(self, epochs: int) -> bool:
-        """Training is over: stopped early, or ``epochs`` epochs run."""
-        return self.stopped_early or not self.history or self.history[-1]["epoch"] + 1 >= epochs
-
-
-def _rng_state(device: Any) -> dict[str, Any]:
-    import torch
-
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: Any) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(path: Path, setup: TrainingSetup, state: TrainState, *, epoch: int) -> None:
-    """Save the full training state after ``epoch`` to ``path`` atomically (weights-only types).
-
-    Model, optimizer, scheduler, scaler, RNG states, the epoch, and the history and best epoch
-    (as JSON strings).
-    """
-    import torch
-
-    opt = setup.optim
-    ckpt = {
-        "model": setup.model.state_dict(),
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "rng": _rng_state(setup.device),
-        "epoch": epoch,
-        "history": json.dumps(state.history),
-        "best": json.dumps(state.best),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def restore_checkpoint(path: Path, setup: TrainingSetup) -> TrainState:
-    """Load a :func:`save_checkpoint` file into ``setup`` (and the RNGs); the state it saved."""
-    import torch
-
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    setup.model.load_state_dict(ck["model"])
-    setup.optim.optimizer.load_state_dict(ck["optimizer"])
-    setup.optim.scheduler.load_state_dict(ck["scheduler"])
-    setup.optim.scaler.load_state_dict(ck["scaler"])
-    _set_rng_state(ck["rng"], setup.device)
-    history = json.loads(ck["history"])
-    best = json.loads(ck["best"])
-    return TrainState(
-        history=history,
-        best=best,
-        next_epoch=int(ck["epoch"]) + 1,
-        stale=sum(1 for h in history if h["epoch"] > best["epoch"]),
-        stopped_early=bool(history and history[-1].get("stopped_early")),
-    )
 
 
 def start_state(setup: TrainingSetup, *, resume: bool) -> TrainState:
@@ -580,14 +463,24 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
     }
 
 
+def _selected_by(rec: dict[str, Any], *, has_val: bool) -> str:
+    """What chooses the best epoch: ``val_auc``, else ``val_loss`` (a validation set of a
+    single class has no AUC), else ``train_loss`` (no validation slides)."""
+    if not has_val:
+        return "train_loss"
+    return "val_loss" if math.isnan(rec.get("val_auc", math.nan)) else "val_auc"
+
+
 def _better(rec: dict[str, Any], best: dict[str, Any], *, has_val: bool) -> bool:
-    """The epoch beats the best one: higher validation AUC (then lower validation loss), or
-    lower training loss without validation slides; the first epoch always."""
-    auc = rec.get("val_auc", float("nan"))
-    better = (
-        not math.isnan(auc)
-        and (auc > best["auc"] or (auc == best["auc"] and rec["val_loss"] < best["loss"]))
-    ) or (not has_val and rec["train_loss"] < best["loss"])
+    """The epoch beats the best one: higher validation AUC (then lower validation loss); lower
+    validation loss when the validation AUC is undefined; lower training loss without validation
+    slides; the first epoch always."""
+    by = _selected_by(rec, has_val=has_val)
+    if by == "val_auc":
+        auc = rec["val_auc"]
+        better = auc > best["auc"] or (auc == best["auc"] and rec["val_loss"] < best["loss"])
+    else:
+        better = rec[by] < best["loss"]
     return better or best["epoch"] < 0
 
 
@@ -633,13 +526,20 @@ def end_epoch(
             channels_last=config.channels_last,
         )
         rec.update(val_loss=ev["loss"], val_auc=ev["auc"], val_acc=ev["acc"])
+        if math.isnan(ev["auc"]):
+            rec["val_auc_reason"] = (
+                auc_reason(ev["targets"], setup.classes, "validation") or "non-finite scores"
+            )
+    else:
+        rec.update(val_auc=math.nan, val_auc_reason="no validation slides")
     rec["seconds"] = round(time.time() - started, 2)
     if _better(rec, state.best, has_val=has_val):
-        auc = rec.get("val_auc", float("nan"))
+        auc = rec["val_auc"]
         state.best = {
             "epoch": epoch,
             "auc": auc if not math.isnan(auc) else -1.0,
             "loss": rec.get("val_loss", rec["train_loss"]),
+            "by": _selected_by(rec, has_val=has_val),
         }
         with atomic_path(run / runs.MODEL) as tmp:
             torch.save(setup.model.state_dict(), tmp)
@@ -656,7 +556,9 @@ def end_epoch(
     log.info(
         "epoch %d: %s",
         epoch + 1,
-        ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
+        ", ".join(
+            f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float) and not math.isnan(v)
+        ),
     )
     return stop
 
@@ -702,31 +604,6 @@ def fit(
 # --------------------------------------------------------------------------------------------
 # the end
 # --------------------------------------------------------------------------------------------
-def calibrate(val: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
-    """The probability calibration fitted on a validation evaluation (see
-    :mod:`wsi_pipeline.calibration`); the identity without validation slides.
-
-    Parameters
-    ----------
-    val : dict or None
-        From :func:`evaluate` on the validation bags.
-    classes : sequence of str
-
-    Returns
-    -------
-    dict
-        JSON-ready, for ``calibration.json``.
-    """
-    from .calibration import fit_calibration, fit_patch_reference, identity_calibration
-
-    neg = negative_class(classes)
-    if val is None or not val["n"]:
-        return identity_calibration(len(classes))
-    cal = fit_calibration(val["logits"], val["targets"], negative=neg)
-    negatives = [p for p, t in zip(val["patch_logits"], val["targets"]) if t == neg]
-    return fit_patch_reference(cal, negatives)
-
-
 def finish(
     setup: TrainingSetup,
     state: TrainState,
@@ -737,19 +614,24 @@ def finish(
     """Rank 0 at the end of a call to ``train``: write ``metrics.json``.
 
     When training is over, first reload the best weights, evaluate them on the test and
-    validation slides, fit and write ``calibration.json`` (and add the calibrated test metrics),
-    and draw ``curves.png`` and ``roc.png``.
+    validation slides, fit and write ``calibration.json`` (and add the calibrated test metrics,
+    and Brier score and calibration error before and after calibration), draw ``curves.png``
+    and ``roc.png``, and check for a stalled run (:func:`~wsi_pipeline.train_report.stall_warning`) and a best epoch chosen
+    on few validation slides. Every warning is logged and listed in ``metrics.json``.
 
     Returns
     -------
     dict
-        The metrics written.
+        The metrics written (no NaN: ``null`` with a ``<name>_reason``).
     """
     from .plots import plot_training
 
     config, run = setup.config, setup.run
     finished = state.finished(config.epochs)
+    warnings = [validation_warning(auc_reason(setup.bags["val"].targets, classes, "validation"))]
     test = None
+    stalled = None
+    report = None
     if finished:
         load_weights(setup.model, run / runs.MODEL)
         kw = {"device": setup.device, "amp": config.amp, "channels_last": config.channels_last}
@@ -757,13 +639,38 @@ def finish(
         val = evaluate(setup.model, setup.bags["val"], **kw) if len(setup.bags["val"]) else None
         cal = calibrate(val, classes)
         runs.write_calibration(run, cal)
+        report = calibration_report(cal, {"val": val, "test": test})
         if test is not None:
             test["calibrated"] = probability_metrics(
                 apply_calibration(test["logits"], cal), test["targets"]
             )
+            if math.isnan(test["auc"]):
+                test["auc_reason"] = (
+                    auc_reason(test["targets"], classes, "test") or "non-finite scores"
+                )
         plot_training(run, state.history, val, test, classes)
+        if "skipped" in cal:
+            warnings.append(f"calibration skipped: {cal['skipped']}")
+        late = [
+            selection_warning(state.best, len(setup.bags["val"])),
+            stall_warning(state.history, len(classes)),
+        ]
+        for w in late:
+            if w is not None:
+                log.warning("%s", w)
+        warnings += late
+        stalled = late[-1] is not None
     return runs.write_metrics(
-        run, state.history, state.best, test, splits, config, finished=finished
+        run,
+        state.history,
+        state.best,
+        test,
+        splits,
+        config,
+        finished=finished,
+        warnings=[w for w in warnings if w is not None],
+        stalled=stalled,
+        calibration=report,
     )
 
 
@@ -824,6 +731,8 @@ def train(
     )
     with distributed(config.device) as dist_info:
         progress = progress and dist_info.main
+        if dist_info.main:
+            _warn_validation(labels, stores, splits)
         setup = setup_training(config, run, labels, stores, splits, dist_info, progress=progress)
         state = start_state(setup, resume=resume)
         if dist_info.main:
@@ -832,6 +741,15 @@ def train(
         if not dist_info.main:
             return {}
         return finish(setup, state, classes=labels.classes, splits=splits)
+
+
+def _warn_validation(labels: Labels, stores: dict[str, Path], splits: dict[str, str]) -> None:
+    """Log a warning when training starts with a validation set that cannot give an AUC."""
+    label_of = {r.slide_id: r.label for r in labels.rows}
+    val = [labels.index(label_of[s]) for s in stores if splits.get(s) == "val"]
+    warning = validation_warning(auc_reason(val, labels.classes, "validation"))
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _write_run_start(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
 from .store import SlideStore
 
 __all__ = ["plot_heatmap", "plot_patches", "plot_tiling"]
@@ -145,10 +146,15 @@ def plot_heatmap(
     which: str = "score",
     mode: str | None = None,
     sigma_um: float = 0.0,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: float = DEFAULT_ALPHA,
+    cmap: str = DEFAULT_CMAP,
+    transparent_below: float | None = None,
 ) -> Any:
     """The stitched heatmap of a run over the thumbnail, with a colour bar.
+
+    Drawn with the colours and opacities of the exported PNG and overlay TIFF
+    (:func:`wsi_pipeline.heatmap.overlay_colours`): transparent at and below
+    ``transparent_below``, so low scores leave the slide visible.
 
     Parameters
     ----------
@@ -159,30 +165,37 @@ def plot_heatmap(
     mode : {"probability", "percentile"}, optional
         Per-patch probabilities on a fixed 0..1 scale, or within-slide percentiles (0..100).
         Default: probability for scores, percentile for attention.
-    sigma_um, alpha, cmap
-        Gaussian smoothing in µm, overlay opacity, colour map.
+    sigma_um : float
+        Gaussian smoothing in µm.
+    alpha, cmap, transparent_below :
+        Opacity at the top of the scale, colour map and the value (mode units) at or below which
+        the overlay is transparent (default 0.2 for probabilities, 50 for percentiles).
 
     Returns
     -------
     matplotlib.figure.Figure
     """
-    from .heatmap import check_options, read_scores, stitch_store
+    from matplotlib.colors import ListedColormap
+
+    from .heatmap import check_options, overlay_colours, read_scores, stitch_store
     from .stitch import MODES, display_values
 
     st = _store(store)
     mode, _ = check_options(which, mode)
+    lut, _ = overlay_colours(mode, cmap=cmap, alpha=alpha, transparent_below=transparent_below)
     scores, pred = read_scores(st, run_id, which)
     heat, _ = stitch_store(st, display_values(scores, mode=mode), sigma_um=sigma_um)
     thumb = st.thumbnail
     fig, ax = _figure((8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6))
     ax.imshow(thumb)
+    colours = ListedColormap(lut / 255.0).with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     vmin, vmax = MODES[mode]
     im = ax.imshow(
         np.ma.masked_invalid(heat[: thumb.shape[0], : thumb.shape[1]]),
-        cmap=cmap,
-        alpha=alpha,
+        cmap=colours,
         vmin=vmin,
         vmax=vmax,
+        interpolation="nearest",
     )
     fig.colorbar(
         im,

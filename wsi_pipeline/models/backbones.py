@@ -7,8 +7,9 @@ Registered backbones (see :func:`list_backbones`):
     Fast enough for CPU tests and CPU training.
 ``"resnet18"``, ``"resnet50"``
     torchvision ResNets, randomly initialised, classification ``fc`` replaced by
-    :class:`torch.nn.Identity` (``D = 512`` and ``2048``). Pretrained weights are never downloaded;
-    pass a local state-dict file as ``weights``.
+    :class:`torch.nn.Identity` (``D = 512`` and ``2048``). Pretrained weights are never downloaded:
+    pass torchvision's weights name (``"IMAGENET1K_V1"``, read from torchvision's cache) or a local
+    file as ``weights`` (:mod:`wsi_pipeline.encoders`).
 
 Backbones take *normalised* float input. :class:`PatchNormalize` (used inside
 :class:`~wsi_pipeline.models.MILModel`) maps uint8 ``[0, 255]`` or float ``[0, 1]`` patches to
@@ -18,16 +19,14 @@ ImageNet-normalised float.
 from __future__ import annotations
 
 import os
-import pickle
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, TrainingError
-from .registry import backbone_builder, register_backbone
+from ..encoders import IMAGENET_MEAN, IMAGENET_STD, load_weights, load_weights_file
+from ..errors import ConfigError
+from .registry import backbone_builder, backbone_torchvision_arch, register_backbone
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -37,9 +36,6 @@ __all__ = [
     "get_backbone",
     "load_backbone_weights",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PatchNormalize(nn.Module):
@@ -138,13 +134,13 @@ def _torchvision_resnet(arch: str) -> tuple[nn.Module, int]:
     return model, dim
 
 
-@register_backbone("resnet18")
+@register_backbone("resnet18", torchvision="resnet18")
 def resnet18() -> tuple[nn.Module, int]:
     """torchvision ResNet-18, random init, ``fc`` = Identity, ``D = 512``."""
     return _torchvision_resnet("resnet18")
 
 
-@register_backbone("resnet50")
+@register_backbone("resnet50", torchvision="resnet50")
 def resnet50() -> tuple[nn.Module, int]:
     """torchvision ResNet-50, random init, ``fc`` = Identity, ``D = 2048``."""
     return _torchvision_resnet("resnet50")
@@ -158,8 +154,10 @@ def get_backbone(name: str, *, weights: str | os.PathLike | None = None) -> tupl
     name : str
         One of :func:`list_backbones`.
     weights : str or path-like, optional
-        A local state-dict file to load (see :func:`load_backbone_weights`); random init when
-        ``None``.
+        What :func:`wsi_pipeline.encoders.load_weights` accepts: a local weights file (see
+        :func:`load_backbone_weights`) or folder, a torchvision weights name for a torchvision
+        backbone (``"IMAGENET1K_V2"``, read from torchvision's cache, never downloaded), or
+        ``"none"``; random init when ``None`` or ``"none"``.
 
     Returns
     -------
@@ -171,107 +169,28 @@ def get_backbone(name: str, *, weights: str | os.PathLike | None = None) -> tupl
     Raises
     ------
     ConfigError
-        Unknown backbone name.
+        Unknown backbone name, unknown weights name (the valid ones listed).
     TrainingError
-        ``weights`` cannot be read or does not fit the backbone.
+        ``weights`` cannot be read, is refused, is not in torchvision's cache, or does not fit
+        the backbone.
     """
     module, dim = backbone_builder(name)()
     if weights is not None:
-        load_backbone_weights(module, weights)
+        load_weights(module, weights, arch=backbone_torchvision_arch(name), name=name)
     return module, dim
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= limit else line[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.exists():
-        raise TrainingError("no such weights file", path=path)
-    if not path.is_file():
-        raise TrainingError("weights path is not a file", path=path)
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise TrainingError(
-            f"not a weights-only torch file (objects other than tensors and plain containers, "
-            f"or not a torch file at all): {_first_line(exc)}",
-            path=path,
-        ) from None
-    except Exception as exc:  # corrupt zip, truncated file, garbage bytes ...
-        raise TrainingError(f"cannot read weights file: {_first_line(exc)}", path=path) from None
-
-    # Unwrap training checkpoints: {"state_dict": {...}} / {"model": {...}} (possibly nested).
-    for _ in range(4):
-        if not isinstance(obj, Mapping):
-            break
-        inner = next(
-            (obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None
-        )
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or len(obj) == 0:
-        raise TrainingError(
-            f"not a state dict (got {type(obj).__name__}"
-            f"{' of length 0' if isinstance(obj, Mapping) else ''}); expected a mapping of "
-            "parameter names to tensors, or a checkpoint with a 'state_dict' or 'model' entry",
-            path=path,
-        )
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise TrainingError(
-            f"not a state dict: {len(bad)} entries are not name → tensor, e.g. {bad[:3]!r}",
-            path=path,
-        )
-    return dict(obj)
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove DDP/compile wrappers (``module.``, ``_orig_mod.``) and select ``backbone.*``."""
-    for _ in range(4):
-        before = state
-        for prefix in ("module.", "_orig_mod."):
-            state = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
-        if any(k.startswith("backbone.") for k in state):
-            # a whole MILModel (backbone.* + head.*) or a wrapper: keep the backbone part
-            state = {
-                k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")
-            }
-        if state.keys() == before.keys():
-            break
-    return state
-
-
-def _is_identity_key(key: str, modules: Mapping[str, nn.Module]) -> bool:
-    """Whether ``key`` belongs to a submodule replaced by Identity (e.g. ResNet ``fc``)."""
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in modules:
-            return isinstance(modules[prefix], nn.Identity)
-    return False
-
-
-def _some(keys: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
-
-
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state-dict file into ``backbone`` in place.
+    """Load a weights file into ``backbone`` in place (see
+    :func:`wsi_pipeline.encoders.load_weights_file`).
 
-    Accepted files (read with ``torch.load(path, map_location="cpu", weights_only=True)``):
-
-    - a plain state dict in this package's naming or torchvision naming; keys of submodules the
-      backbone replaced by :class:`torch.nn.Identity` (a torchvision ResNet's ``fc.*``) are dropped;
-    - a checkpoint dict with the state dict under ``"state_dict"`` or ``"model"``;
-    - keys prefixed with ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) are stripped; when
-      keys start with ``backbone.`` (e.g. a saved :class:`~wsi_pipeline.models.MILModel`), only
-      those are used, without the prefix.
+    Accepted files: a state dict (``.pt``/``.pth``/``.bin``, read with
+    ``torch.load(weights_only=True)``), ``.safetensors``, a TorchScript archive (its tensors), or
+    a checkpoint dict with the state dict under ``"state_dict"`` or ``"model"``; in this
+    package's naming or torchvision naming. Keys of submodules the backbone replaced by
+    :class:`torch.nn.Identity` (a torchvision ResNet's ``fc.*``) are dropped; ``module.``
+    (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped; when keys start with
+    ``backbone.`` (a saved :class:`~wsi_pipeline.models.MILModel`), only those are used.
 
     Missing ``num_batches_tracked`` buffers are tolerated; every other missing, unexpected or
     mis-shaped key is an error.
@@ -291,33 +210,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Mo
     Raises
     ------
     TrainingError
-        The file does not exist, cannot be read, is not a state dict of tensors, or does not fit
-        ``backbone`` (the message names a few offending keys).
+        The file does not exist, cannot be read, is a pickle that would run code (refused), is
+        not a state dict of tensors, or does not fit ``backbone`` (the message names a few
+        offending keys).
     """
-    path = Path(path)
-    state = _strip_prefixes(_read_state_dict(path))
-    own = backbone.state_dict()
-    modules = dict(backbone.named_modules())
-    state = {k: v for k, v in state.items() if k in own or not _is_identity_key(k, modules)}
-
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) ({_some(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) ({_some(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es) ({_some(mismatched)})")
-    if problems:
-        raise TrainingError(
-            f"weights do not fit backbone {type(backbone).__name__}: {'; '.join(problems)}",
-            path=path,
-        )
-    backbone.load_state_dict(state, strict=False)
-    return backbone
+    return load_weights_file(backbone, path)

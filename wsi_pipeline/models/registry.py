@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "backbone_builder",
+    "backbone_torchvision_arch",
     "get_model",
     "list_backbones",
     "list_models",
@@ -33,6 +34,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _BACKBONES: dict[str, Callable[..., Any]] = {}
+_TORCHVISION: dict[str, str] = {}  # backbone name -> torchvision architecture of its weights
 
 
 def _register(table: dict[str, Callable[..., Any]], kind: str, name: str) -> Callable[[F], F]:
@@ -54,13 +56,28 @@ def register_model(name: str) -> Callable[[F], F]:
     return _register(_MODELS, "model", name)
 
 
-def register_backbone(name: str) -> Callable[[F], F]:
+def register_backbone(name: str, *, torchvision: str | None = None) -> Callable[[F], F]:
     """Register a patch-backbone builder under ``name``.
 
     The builder takes no arguments and returns ``(module, dim)``: a randomly initialised module
     mapping normalised images ``(N, 3, T, T)`` to embeddings ``(N, dim)``.
+
+    Parameters
+    ----------
+    name : str
+    torchvision : str, optional
+        The torchvision architecture whose weights fit the module (``"resnet50"``): its weights
+        names (``"IMAGENET1K_V2"``) are then accepted as ``weights``.
     """
-    return _register(_BACKBONES, "backbone", name)
+    register = _register(_BACKBONES, "backbone", name)
+
+    def decorator(fn: F) -> F:
+        register(fn)
+        if torchvision is not None:
+            _TORCHVISION[name] = torchvision
+        return fn
+
+    return decorator
 
 
 def list_models() -> list[str]:
@@ -135,6 +152,18 @@ def get_model(name: str, /, **options: Any) -> MILModel:
     if missing:
         raise ConfigError(f"model {name!r} needs option(s) {', '.join(map(repr, missing))}")
     return builder(**options)
+
+
+def backbone_torchvision_arch(name: str) -> str | None:
+    """The torchvision architecture registered for backbone ``name`` (None if it has none).
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not registered (names the known backbones).
+    """
+    _lookup(_BACKBONES, "backbone", name)
+    return _TORCHVISION.get(name)
 
 
 def backbone_builder(name: str) -> Callable[..., Any]:

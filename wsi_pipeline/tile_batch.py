@@ -1,0 +1,568 @@
+"""Running the tiling steps of :mod:`wsi_pipeline.tiling`: one slide under its store's lock, or a
+batch of slides with its ``manifest.csv``.
+
+:func:`tile_slide` tiles one slide in this process. :func:`tile_slides` runs a batch: serially in
+this process (``workers=1``), or with dask.distributed (a ``LocalCluster`` of worker processes, or
+an existing cluster given by address), across slides and within large slides (one task per shard).
+It writes ``manifest.csv`` (:func:`write_manifest`) after each finished slide.
+
+What a batch does with trouble (each reported in one line; see README "Exit status"):
+
+- a bad slide (unreadable, truncated, undecodable, fluorescence, a header claiming far more
+  pixels than the file can hold), a duplicate slide id, a dangling symbolic link named like a
+  slide: that slide's own ``failed`` row in ``manifest.csv``; the batch goes on (exit 1);
+- a slide whose store another tile run holds locked (:mod:`wsi_pipeline.locks`, the lock file
+  ``<out>/<slide_id>.zarr.lock``): waited for :data:`LOCK_WAIT_S` seconds, then ``skipped``
+  with ``"<slide>: locked by pid N (another tile run); skipped"`` (that run writes the store and
+  its manifest row, so this is not a failure); a stale lock of a process that is gone is taken
+  over;
+- a folder named like a slide (``x.svs/``) or a hidden file named like one (``.x.svs``): one
+  WARNING line each (not slides; a folder is searched inside);
+- a full disk (``ENOSPC``/``EDQUOT``): the batch stops at once with
+  ``TilingError("disk full writing <path>; stopped after N of M slides")``; stores and manifest
+  rows already written stay, the unfinished store is resumed by the next run, and no temporary
+  file is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import TilingError, WSIPipelineError
+from .locks import StoreLock, StoreLocked, acquire, locked
+from .slide import SLIDE_SUFFIXES, find_slides, slide_id_from_path
+from .specs import TilingSpec
+from .store import store_path
+from .tiling import SlidePlan, TileResult, extract_shard, finalize_slide, prepare_slide
+from .util import atomic_path
+
+__all__ = [
+    "LOCK_WAIT_S",
+    "MANIFEST",
+    "MANIFEST_FIELDS",
+    "check_writable",
+    "tile_slide",
+    "tile_slides",
+    "write_manifest",
+]
+
+log = logging.getLogger(__name__)
+
+#: File name of the batch's per-slide status table, in the output folder beside the stores.
+MANIFEST = "manifest.csv"
+#: Its columns.
+MANIFEST_FIELDS = ("slide_id", "path", "status", "n_patches", "seconds", "error")
+#: Seconds a batch waits for a slide whose store another run holds locked before skipping it.
+LOCK_WAIT_S = 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# one slide, under its store's lock
+# --------------------------------------------------------------------------------------------
+def tile_slide(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    spec: TilingSpec | None = None,
+    slide_id: str | None = None,
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    backend: str = "auto",
+) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>.zarr`` in this process, holding the store's lock.
+
+    Returns
+    -------
+    TileResult
+        ``skipped`` with ``locked=True`` and the reason in ``error`` when another run holds the
+        store's lock (after waiting :data:`LOCK_WAIT_S` seconds).
+
+    Raises
+    ------
+    WSIPipelineError
+        For a bad slide or parameters (the batch runner records these instead).
+    """
+    spec = spec or TilingSpec()
+    t0 = time.time()
+    sid = slide_id or slide_id_from_path(path)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock_slide(out_dir, sid)
+    except StoreLocked as exc:
+        return _locked_result(sid, path, exc, t0)
+    with lock:
+        plan = prepare_slide(
+            path,
+            out_dir,
+            spec=spec,
+            slide_id=sid,
+            slide_mpp=slide_mpp,
+            overwrite=overwrite,
+            backend=backend,
+        )
+        if isinstance(plan, TileResult):
+            return plan
+        return _extract_all(plan)
+
+
+def _lock_slide(out_dir: str | os.PathLike, slide_id: str) -> StoreLock:
+    """The lock of the slide's store (waits :data:`LOCK_WAIT_S`; raises StoreLocked)."""
+    return acquire(store_path(out_dir, slide_id), wait_s=LOCK_WAIT_S, name=slide_id)
+
+
+def _locked_result(sid: str, path: str | os.PathLike, exc: StoreLocked, t0: float) -> TileResult:
+    msg = f"{sid}: locked by {exc.holder.describe()} (another tile run); skipped"
+    log.warning("%s", msg)
+    return TileResult(
+        sid, str(Path(path).absolute()), "skipped", 0, time.time() - t0, msg, locked=True
+    )
+
+
+def _extract_all(
+    plan: SlidePlan, on_shard: Callable[[dict[str, int]], None] | None = None
+) -> TileResult:
+    """Extract every unfinished shard of ``plan`` in this process, then finalise the store;
+    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written."""
+    stats = []
+    for s in plan.todo:
+        stats.append(extract_shard(plan, s))
+        if on_shard is not None:
+            on_shard(stats[-1])
+    return finalize_slide(plan, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+def write_manifest(out_dir: str | os.PathLike, rows: Iterable[TileResult]) -> Path:
+    """Merge ``rows`` into ``out_dir/manifest.csv``: atomically, under the manifest's lock (so
+    two runs on one folder never lose each other's rows).
+
+    The rows given for a slide id replace all old rows of that id (so two files with one id in a
+    batch each keep their own row); rows of other slide ids are kept. A ``locked`` row (another
+    run owns that slide) is added only when the manifest has no row for its id.
+    """
+    path = Path(out_dir) / MANIFEST
+    new = list(rows)
+    with locked(path, wait_s=60.0, name=str(path)):
+        old: list[dict[str, Any]] = []
+        if path.is_file():
+            try:
+                with open(path, newline="") as fh:
+                    old = [
+                        {k: r.get(k) or "" for k in MANIFEST_FIELDS}
+                        for r in csv.DictReader(fh)
+                        if r.get("slide_id")
+                    ]
+            except (OSError, csv.Error):
+                old = []
+        replaced = {r.slide_id for r in new if not r.locked}
+        merged = [r for r in old if r["slide_id"] not in replaced]
+        have = {r["slide_id"] for r in merged}
+        merged += [r.row() for r in new if not (r.locked and r.slide_id in have)]
+        merged.sort(key=lambda r: r["slide_id"])  # stable: a slide's rows keep their order
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+            w.writeheader()
+            w.writerows(merged)
+    return path
+
+
+class _DiskFull(Exception):
+    """The disk filled up while writing ``path`` (for the slide ``sid`` at ``slide``): the batch
+    stops."""
+
+    def __init__(self, path: str | os.PathLike, sid: str, slide: str | os.PathLike) -> None:
+        super().__init__(str(path))
+        self.path = str(path)
+        self.sid = sid
+        self.slide = str(Path(slide).absolute())
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """An ``OSError`` saying the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) -> TileResult:
+    if isinstance(exc, WSIPipelineError):
+        msg = str(exc)
+    else:
+        msg = f"{path}: internal error {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if debug:
+            log.error("%s", "".join(traceback.format_exception(exc)))
+    log.error("%s", msg)
+    return TileResult(sid, path, "failed", 0, time.time() - t0, msg)
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check that files can be written there.
+
+    Raises
+    ------
+    TilingError
+        When the folder cannot be created or written.
+    """
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TilingError(
+            f"output folder cannot be written ({exc.strerror or exc})", path=out
+        ) from exc
+    return out
+
+
+def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[TileResult]]:
+    """Slide ids for a batch; later slides whose id is taken fail with a clear reason."""
+    seen: dict[str, Path] = {}
+    jobs: list[tuple[str, Path]] = []
+    dupes: list[TileResult] = []
+    for p in slides:
+        sid = slide_id_from_path(p)
+        if sid in seen:
+            msg = (
+                f"{p.absolute()}: duplicate slide id {sid!r} (already used by "
+                f"{seen[sid].absolute()}); rename one of the files"
+            )
+            log.error("%s", msg)
+            dupes.append(TileResult(sid, str(p.absolute()), "failed", 0, 0.0, msg))
+            continue
+        seen[sid] = p
+        jobs.append((sid, p))
+    return jobs, dupes
+
+
+def _odd_entries(paths: Sequence[str | os.PathLike], found: Sequence[Path]) -> list[TileResult]:
+    """Report what a folder holds that looks like a slide but is not one of ``found``.
+
+    A dangling symbolic link named like a slide becomes a ``failed`` row (the slide is missing);
+    a folder named like a slide (``x.svs/``, searched inside) and a hidden file named like one
+    (``.x.svs``, ``..svs``) get one WARNING line each. Entries inside hidden folders are left
+    alone, as by :func:`wsi_pipeline.slide.find_slides`.
+    """
+    seen = {Path(p).absolute() for p in found}
+    failed: list[TileResult] = []
+    for raw in paths:
+        root = Path(raw)
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root).parts
+            name = f.name.lower()
+            if any(part.startswith(".") for part in rel[:-1]) or f.absolute() in seen:
+                continue
+            if not name.endswith(SLIDE_SUFFIXES) and not name.endswith(".dcm"):
+                continue
+            if f.is_symlink() and not f.exists():
+                msg = (
+                    f"{f.absolute()}: dangling symbolic link (its target "
+                    f"{os.readlink(f)} does not exist); not tiled"
+                )
+                log.error("%s", msg)
+                failed.append(
+                    TileResult(slide_id_from_path(f), str(f.absolute()), "failed", 0, 0.0, msg)
+                )
+            elif f.is_dir():
+                log.warning(
+                    "%s: a folder named like a slide file, not a slide; searched inside it", f
+                )
+            elif f.name.startswith("."):
+                log.warning(
+                    "%s: hidden file named like a slide; skipped (rename it without the "
+                    "leading '.' to tile it)",
+                    f,
+                )
+    return failed
+
+
+def tile_slides(
+    slides: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    spec: TilingSpec | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    slide_mpp: float | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    debug: bool = False,
+    on_result: Callable[[TileResult], None] | None = None,
+) -> list[TileResult]:
+    """Tile a batch of slide files; one failure never stops the others.
+
+    Parameters
+    ----------
+    slides : sequence of path
+        Slide files and/or folders (searched with :func:`wsi_pipeline.slide.find_slides`).
+    out_dir : path
+        Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
+    spec : TilingSpec
+    workers : int
+        Worker processes (a dask ``LocalCluster``); 1 runs everything in this process.
+    scheduler : str, optional
+        Address of a running dask.distributed scheduler (its workers must see the same files).
+    overwrite : bool
+        Redo complete stores.
+    slide_mpp : float, optional
+        The slides' level-0 mpp, for files without one.
+    backend, progress, debug, on_result
+        Reader backend; show progress bars; log tracebacks of internal errors; callback per row.
+
+    Each slide's store is locked while it is tiled (:mod:`wsi_pipeline.locks`), so two runs on
+    one output folder share the work: a slide locked by the other run is ``skipped`` (see the
+    module docstring for every failure mode).
+
+    Returns
+    -------
+    list of TileResult
+        One per slide (also written to ``manifest.csv``).
+
+    Raises
+    ------
+    TilingError
+        When ``out_dir`` cannot be written (nothing can be done then), or when the disk fills up:
+        ``"disk full writing <path>; stopped after N of M slides"`` (what was written stays).
+    """
+    spec = spec or TilingSpec()
+    out = check_writable(out_dir)
+    files, skipped = find_slides(list(slides))
+    for p, why in skipped:
+        log.info("skipping %s: %s", p, why)
+    jobs, results = _assign_ids(files)
+    results += _odd_entries(slides, files)
+    total = len(jobs) + len(results)
+
+    def record(r: TileResult) -> None:
+        results.append(r)
+        write_manifest(out, [x for x in results if x.slide_id == r.slide_id])
+        if on_result is not None:
+            on_result(r)
+
+    try:
+        if results:
+            write_manifest(out, results)
+        if scheduler is None and workers <= 1:
+            _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
+        else:
+            _run_dask(
+                jobs,
+                out,
+                spec,
+                overwrite,
+                slide_mpp,
+                backend,
+                progress,
+                debug,
+                record,
+                workers,
+                scheduler,
+            )
+    except (_DiskFull, OSError) as exc:
+        if isinstance(exc, OSError) and not _is_disk_full(exc):
+            raise
+        where = exc.path if isinstance(exc, _DiskFull) else exc.filename or out
+        msg = f"disk full writing {where}; stopped after {len(results)} of {total} slides"
+        if isinstance(exc, _DiskFull):  # its row, if there is still room for it
+            row = TileResult(exc.sid, exc.slide, "failed", 0, 0.0, msg)
+            with contextlib.suppress(OSError, WSIPipelineError):
+                write_manifest(out, [*(r for r in results if r.slide_id == exc.sid), row])
+        raise TilingError(msg) from exc
+    order = {sid: i for i, (sid, _) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order.get(r.slide_id, -1))
+
+
+def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
+    from tqdm.auto import tqdm
+
+    slides_bar = tqdm(
+        total=n_slides, desc="slides", unit="slide", disable=None if progress else True, position=0
+    )
+    patch_bar = tqdm(
+        total=0,
+        desc="patches",
+        unit="patch",
+        disable=None if progress else True,
+        position=1,
+        leave=False,
+    )
+    return slides_bar, patch_bar
+
+
+def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
+    slides_bar, patch_bar = _bars(progress, len(jobs))
+    try:
+        for sid, path in jobs:
+            t0 = time.time()
+            try:
+                lock = _lock_slide(out, sid)
+            except StoreLocked as exc:
+                record(_locked_result(sid, path, exc, t0))
+                slides_bar.update(1)
+                continue
+            with lock:  # held until the slide's manifest row is written
+                try:
+                    res = prepare_slide(
+                        path,
+                        out,
+                        spec=spec,
+                        slide_id=sid,
+                        slide_mpp=slide_mpp,
+                        overwrite=overwrite,
+                        backend=backend,
+                    )
+                    if isinstance(res, SlidePlan):
+                        patch_bar.reset(total=res.n_patches)
+                        patch_bar.set_description(sid)
+                        res = _extract_all(
+                            res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
+                        )
+                except Exception as exc:
+                    if _is_disk_full(exc):
+                        raise _DiskFull(store_path(out, sid), sid, path) from exc
+                    res = _failure(sid, str(Path(path).absolute()), exc, t0, debug)
+                record(res)
+            slides_bar.update(1)
+    finally:
+        patch_bar.close()
+        slides_bar.close()
+
+
+def _run_dask(
+    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers, scheduler
+) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    slides_bar, patch_bar = _bars(progress, len(jobs))
+    locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
+
+    def done(r: TileResult) -> None:
+        try:
+            record(r)
+        finally:
+            lock = locks.pop(r.slide_id, None)
+            if lock is not None:
+                lock.release()
+
+    try:
+        window = max(2, 2 * len(client.scheduler_info().get("workers", {})) or 2 * workers)
+        pending = list(jobs)
+        meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
+        state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
+        ac = as_completed()
+
+        def submit_prepares() -> None:
+            while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
+                sid, path = pending.pop(0)
+                try:
+                    locks[sid] = _lock_slide(out, sid)
+                except StoreLocked as exc:
+                    done(_locked_result(sid, path, exc, time.time()))
+                    slides_bar.update(1)
+                    continue
+                f = client.submit(
+                    prepare_slide,
+                    path,
+                    out,
+                    spec=spec,
+                    slide_id=sid,
+                    slide_mpp=slide_mpp,
+                    overwrite=overwrite,
+                    backend=backend,
+                    key=f"prepare-{sid}-{time.time_ns()}",
+                    pure=False,
+                )
+                meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
+                ac.add(f)
+
+        submit_prepares()
+        for f in ac:
+            kind, sid, path, t0, _ = meta.pop(f)
+            try:
+                res = f.result()
+            except Exception as exc:
+                if state.pop(sid, None) is not None:
+                    for g, v in list(meta.items()):
+                        if v[1] == sid:
+                            g.cancel()
+                            meta.pop(g)
+                if _is_disk_full(exc):
+                    raise _DiskFull(store_path(out, sid), sid, path) from exc
+                done(_failure(sid, path, exc, t0, debug))
+                slides_bar.update(1)
+                submit_prepares()
+                continue
+            if kind == "prep":
+                if isinstance(res, TileResult):
+                    done(res)
+                    slides_bar.update(1)
+                else:
+                    patch_bar.total += res.n_patches
+                    patch_bar.refresh()
+                    state[sid] = {"plan": res, "left": len(res.todo), "stats": []}
+                    for s in res.todo:
+                        g = client.submit(
+                            extract_shard,
+                            res,
+                            s,
+                            priority=10,
+                            pure=False,
+                            key=f"shard-{sid}-{s}-{time.time_ns()}",
+                        )
+                        meta[g] = ("shard", sid, path, t0, res)
+                        ac.add(g)
+                    if not res.todo:
+                        g = client.submit(finalize_slide, res, [], priority=20, pure=False)
+                        meta[g] = ("final", sid, path, t0, res)
+                        ac.add(g)
+            elif kind == "shard":
+                st = state.get(sid)
+                if st is None:
+                    continue
+                st["stats"].append(res)
+                st["left"] -= 1
+                patch_bar.update(res["copied"] + res["encoded"])
+                if st["left"] == 0:
+                    g = client.submit(
+                        finalize_slide, st["plan"], st["stats"], priority=20, pure=False
+                    )
+                    meta[g] = ("final", sid, path, t0, st["plan"])
+                    ac.add(g)
+            else:
+                state.pop(sid, None)
+                done(res)
+                slides_bar.update(1)
+            submit_prepares()
+    finally:
+        for lock in locks.values():
+            lock.release()
+        patch_bar.close()
+        slides_bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
