@@ -1,4 +1,5 @@
-"""Shared fixtures: the real test slides in ../shared, and small synthetic data built once.
+"""Shared fixtures: the real test slides in ../shared, small synthetic data built once, and
+``logged`` (the package's warnings in ``caplog``).
 
 The session fixtures write real files with the package's own writers (``synth``, ``tiling``,
 ``training``); tests must not modify them (copy first: ``shutil.copytree``, ``copy_run``).
@@ -7,6 +8,7 @@ The plain helpers they are built with are in helpers.py.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +32,39 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.skip(f"real test slides not found at {TESTDATA} (set WSI_SHARED)")
     return TESTDATA
+
+
+@pytest.fixture
+def logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> pytest.LogCaptureFixture:
+    """``caplog`` with the package's warnings (the CLI stops them from propagating)."""
+    monkeypatch.setattr(logging.getLogger("wsi_pipeline"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="wsi_pipeline")
+    return caplog
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small synthetic slides at 0.5 mpp, written once (tests only read them by name):
+
+    - ``pos.svs``: 2560 x 1792 px, seed 3, 2 lesions (4 % of the tissue);
+    - ``neg.svs``: 2048 x 1536 px, seed 4, no lesion;
+    - ``blank.svs``: 1024 x 768 px, seed 5, no tissue;
+    - ``tiny.svs``: 200 x 150 px, seed 6, 90 % tissue (smaller than one tile);
+    - ``pen.svs``: 2048 x 1536 px, seed 8, with a pen mark.
+    """
+    from wsi_pipeline.synth import write_slide
+
+    d = tmp_path_factory.mktemp("synth")
+    write_slide(
+        d / "pos.svs", width=2560, height=1792, mpp=0.5, seed=3, n_lesions=2, lesion_fraction=0.04
+    )
+    write_slide(d / "neg.svs", width=2048, height=1536, mpp=0.5, seed=4)
+    write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
+    write_slide(d / "tiny.svs", width=200, height=150, mpp=0.5, seed=6, tissue_fraction=0.9)
+    write_slide(d / "pen.svs", width=2048, height=1536, mpp=0.5, seed=8, pen_mark=True)
+    return d
 
 
 @pytest.fixture(scope="session")

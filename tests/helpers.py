@@ -6,6 +6,7 @@ tests import these functions and constants directly (``from helpers import FAST`
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a run folder at ``dest`` (without its TensorBoard logs)."""
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("tensorboard"))
     return dest
+
+
+def read_strict_json(path: Path) -> dict:
+    """The JSON file at ``path`` read by a strict parser: a NaN, Infinity or -Infinity in it
+    fails (ValueError naming the file and the constant)."""
+
+    def no_nan(name: str) -> None:
+        raise ValueError(f"{path} is not strict JSON: {name}")
+
+    return json.loads(Path(path).read_text(), parse_constant=no_nan)
 
 
 def write_labels(path: Path, rows: list[tuple]) -> Path:

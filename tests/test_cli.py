@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from wsi_pipeline import __version__
 from wsi_pipeline.cli import cli, main
 from wsi_pipeline.specs import TILE_OPTIONS, TRAIN_OPTIONS, TrainConfig, tiling_from_options
 from wsi_pipeline.store import SlideStore
+from wsi_pipeline.synth import LESION_STYLES
 
 COMMANDS = ["tile", "features", "train", "predict", "evaluate", "heatmap", "run", "synth"]
 
@@ -65,6 +67,20 @@ def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0
     assert "2 slides" in capsys.readouterr().out
     assert (tmp_path / "c" / "labels.csv").is_file()
+
+
+def test_synth_lesion_style(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    option = next(p for p in cli.commands["synth"].params if p.name == "lesion_style")
+    assert isinstance(option.type, click.Choice)
+    assert tuple(option.type.choices) == LESION_STYLES  # the command offers every style
+    argv = ["synth", str(tmp_path / "c"), "--n-slides", "1", "--width", "512", "--height", "384"]
+    assert main([*argv, "--lesion-style", "morphology", "-q"]) == 0
+    assert "lesion style: morphology" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert meta["parameters"]["slide_options"] == {"lesion_style": "morphology"}
+    assert main([*argv, "--lesion-style", "cancer"]) == 2
+    err = capsys.readouterr().err
+    assert "--lesion-style" in err and "'cancer'" in err
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:

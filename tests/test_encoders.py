@@ -17,7 +17,7 @@ import torch
 import torchvision
 import zarr
 
-from wsi_pipeline import encoders, features
+from wsi_pipeline import features
 from wsi_pipeline.cli import main
 from wsi_pipeline.encoders import (
     ENCODER_PRESETS,
@@ -370,8 +370,14 @@ TINY = EncoderPreset(
 def test_timm_preset_from_the_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     timm = pytest.importorskip("timm")
     monkeypatch.setitem(ENCODER_PRESETS, "tiny", TINY)
+    # the preset names its layer classes as strings; the reference model is built here with the
+    # classes themselves, so the loader matches it only if it resolves those names to them
+    kwargs = {
+        **TINY.arch_kwargs,
+        "mlp_layer": timm.layers.SwiGLUPacked,
+        "act_layer": torch.nn.SiLU,
+    }
     torch.manual_seed(2)
-    kwargs = {k: encoders._resolve_class(v) for k, v in TINY.arch_kwargs.items()}
     source = timm.create_model(TINY.arch, pretrained=False, **kwargs).eval()
     cache = tmp_path / "hub"
     path = tmp_path / "w.pt"
@@ -387,8 +393,15 @@ def test_timm_preset_from_the_hf_cache(tmp_path: Path, monkeypatch: pytest.Monke
         want = torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=-1)
         torch.testing.assert_close(enc.module(x), want)
     assert want.shape == (3, enc.dim)
-    # a local file, and a file of another architecture
+    # a local file, a random init (the class names resolved without weights too), and a file
+    # of another architecture
     assert build_preset("tiny", path)[2] == str(path.absolute())
+    fresh, dim, label = build_preset("tiny", "none")
+    assert label == RANDOM_INIT and dim == enc.dim
+    with torch.no_grad():
+        assert fresh.eval()(x).shape == (3, dim)
+    shapes = [tuple(v.shape) for v in source.state_dict().values()]
+    assert [tuple(v.shape) for v in fresh.state_dict().values()] == shapes  # SwiGLU-packed MLPs
     torch.save(get_backbone("smallcnn")[0].state_dict(), tmp_path / "small.pt")
     with pytest.raises(TrainingError, match=r"small\.pt: weights do not fit backbone Vision"):
         build_preset("tiny", tmp_path / "small.pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import copy_run, tile_cohort_slide, write_labels
+from helpers import copy_run, read_strict_json, tile_cohort_slide, write_labels
 
 import wsi_pipeline as wp
 from wsi_pipeline import evaluation
@@ -23,13 +23,6 @@ from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.util import atomic_write_json
 
 N_BOOT = 200  # enough for the plumbing, quick
-
-
-def _strict(path: Path) -> dict:
-    def no_nan(name: str) -> None:
-        raise AssertionError(f"{path} is not strict JSON: {name}")
-
-    return json.loads(path.read_text(), parse_constant=no_nan)
 
 
 def _table(path: Path) -> dict[str, dict[str, str]]:
@@ -88,7 +81,7 @@ def test_evaluate_writes_metrics_table_and_figures(
     for name in ("evaluation.json", "evaluation.csv", "roc.png", "reliability.png"):
         assert (out / name).is_file(), name
     assert (out / "roc.png").read_bytes().startswith(b"\x89PNG")
-    saved = _strict(out / evaluation.EVALUATION)
+    saved = read_strict_json(out / evaluation.EVALUATION)
     assert saved == json.loads(json.dumps(res))  # what is returned is what is written
     assert res["n"] == res["n_labelled"] == 8 and res["failed"] == []
     assert res["classes"] == ["0", "1"] and res["negative_class"] == "0"
@@ -155,7 +148,7 @@ def test_cli_refuses_a_store_tiled_differently_and_goes_on(
     printed = capsys.readouterr().out.strip()
     assert printed.count("\n") == 0
     assert printed.startswith("evaluated 7 slide(s): AUC ") and "n=7; 1 failed" in printed
-    res = _strict(out / evaluation.EVALUATION)
+    res = read_strict_json(out / evaluation.EVALUATION)
     assert res["n"] == 7 and res["n_labelled"] == 8 and res["unlabelled_stores"] == 1
     assert [f["slide_id"] for f in res["failed"]] == ["synth_000"]
     assert "tiled at 2 mpp, the run was trained at 1 mpp" in res["failed"][0]["error"]
@@ -216,7 +209,7 @@ def test_single_class_cohort_gives_null_and_a_reason(tmp_path: Path) -> None:
     assert m["specificity"]["value"] == pytest.approx(2 / 3)
     _check_metrics(m)
     atomic_write_json(tmp_path / "m.json", m)
-    assert _strict(tmp_path / "m.json") == m
+    assert read_strict_json(tmp_path / "m.json") == m
     # no slides at all
     empty = slide_metrics([], np.zeros((0, 2)), ["0", "1"], n_boot=N_BOOT)
     assert all(v["value"] is None for v in empty.values())
@@ -274,7 +267,7 @@ def test_three_classes_per_class_metrics_and_roc(
     _check_metrics(m)
     per_class_auc = [m["per_class"][c]["auc"]["value"] for c in "abc"]
     assert m["auc"]["value"] == pytest.approx(np.mean(per_class_auc))
-    assert _strict(tmp_path / "ev" / evaluation.EVALUATION)["n"] == 8
+    assert read_strict_json(tmp_path / "ev" / evaluation.EVALUATION)["n"] == 8
     assert (tmp_path / "ev" / "roc.png").read_bytes().startswith(b"\x89PNG")
     # roc.png draws one curve per class, one vs the rest
     table = _table(tmp_path / "ev" / evaluation.EVALUATION_TABLE)

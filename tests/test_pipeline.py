@@ -51,6 +51,7 @@ def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
         ({"train": {"lr": -1.0}}, r"train: lr must be > 0"),
         ({"synth": None, "slides": "nowhere/slides"}, r"'slides': nowhere/slides does not exist"),
         ({"heatmap": {"colour": "red"}}, r"unknown key 'heatmap\.colour'"),
+        ({"synth": {"lesion_style": 1}}, r"'synth\.lesion_style' must be str"),
         ({"stages": ["tile", "paint"]}, r"'stages' must be a list"),
         # values are checked by the specs when the file is loaded, as the command line does
         ({"tile": {"tile_size": 4}}, r"tile: tile size must be between 8 and 4096 px, not 4"),
@@ -76,6 +77,12 @@ def test_validation_names_the_key(tmp_path: Path, patch: dict, message: str) -> 
     with pytest.raises(ConfigError, match=message):
         load_pipeline(_write(tmp_path, data))
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_synth_section_takes_slide_options(tmp_path: Path) -> None:
+    synth = {**SMALL["synth"], "lesion_style": "morphology", "pen_mark": True}
+    p = load_pipeline(_write(tmp_path, {**SMALL, "out": str(tmp_path / "o"), "synth": synth}))
+    assert p.synth == synth
 
 
 def test_missing_out_run_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

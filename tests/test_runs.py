@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import FAST, copy_run
+from helpers import FAST, copy_run, read_strict_json
 
 from wsi_pipeline import runs
 from wsi_pipeline.errors import TrainingError
@@ -175,18 +175,13 @@ def test_write_metrics_null_with_reason(tmp_path: Path) -> None:
         stalled=True,
         calibration=cal,
     )
-    text = (tmp_path / runs.METRICS).read_text()
-    saved = json.loads(text, parse_constant=_no_nan)
+    saved = read_strict_json(tmp_path / runs.METRICS)
     assert saved == m
     assert m["best_epoch"] == 2 and m["best_epoch_by"] == "val_loss"
     assert m["best_val_auc"] is None
     assert m["best_val_auc_reason"] == "validation set has a single class ('0')"
     assert m["test"] == {"auc": None, "auc_reason": "test set has a single class ('1')", "n": 1}
     assert m["warnings"] == ["w1", "w2"] and m["stalled"] is True and m["calibration"] == cal
-
-
-def _no_nan(name: str) -> float:
-    raise ValueError(f"{name} in strict JSON")
 
 
 def _finished_run(run_dir: Path, config: TrainConfig) -> None:

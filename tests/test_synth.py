@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.synth import (
+    LESION_STYLES,
     SLIDE_DEFAULTS,
     SynthSlide,
     load_ground_truth,
@@ -69,13 +70,23 @@ def positive(tmp_path_factory) -> SynthSlide:
     )
 
 
+#: Large lesions, for colour and texture statistics (``lesion_rich`` and its twins).
+RICH = dict(width=3072, height=2048, mpp=0.5, seed=5, n_lesions=3, lesion_fraction=0.2)
+
+
 @pytest.fixture(scope="module")
 def lesion_rich(tmp_path_factory) -> SynthSlide:
     """Large lesions, for colour and texture statistics."""
-    path = tmp_path_factory.mktemp("rich") / "rich.svs"
-    return write_slide(
-        path, width=3072, height=2048, mpp=0.5, seed=5, n_lesions=3, lesion_fraction=0.2
-    )
+    return write_slide(tmp_path_factory.mktemp("rich") / "rich.svs", **RICH)
+
+
+@pytest.fixture(scope="module")
+def rich_twins(tmp_path_factory) -> tuple[SynthSlide, SynthSlide]:
+    """``lesion_rich``'s layout with morphology-only lesions, and with no lesion at all."""
+    out = tmp_path_factory.mktemp("twins")
+    morph = write_slide(out / "morph.svs", **RICH, lesion_style="morphology")
+    plain = write_slide(out / "plain.svs", **{**RICH, "n_lesions": 0})
+    return morph, plain
 
 
 # ------------------------------------------------------------------------------- file format
@@ -284,6 +295,39 @@ def test_lesion_colour_close_texture_different(lesion_rich):
     assert np.median(texture(les)) > 1.4 * np.median(texture(nor))
 
 
+def _nuclei_per_area(img: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    """Bluish blobs (nuclei) of at least 8 px centred in ``region``: per 10^4 px, median size."""
+    blue = ndimage.gaussian_filter(img[..., 2] - img[..., 0], 1) > 0
+    lab, n = ndimage.label(blue)
+    size = np.bincount(lab.ravel())[1:]
+    cy, cx = np.round(ndimage.center_of_mass(blue, lab, np.arange(1, n + 1))).astype(int).T
+    inside = region[cy, cx] & (size >= 8)
+    return inside.sum() / region.sum() * 1e4, float(np.median(size[inside]))
+
+
+def test_morphology_lesion_same_colour_more_nuclei(lesion_rich, rich_twins):
+    """A morphology-only lesion has the colour of the tissue it replaces (the same region of the
+    lesion-free twin: no regional confound) and ~4x more, smaller nuclei; a tumour one is redder."""
+    morph, plain = rich_twins
+    assert np.array_equal(morph.lesion_mask, lesion_rich.lesion_mask)  # same layout, any style
+    assert np.array_equal(plain.tissue_mask, lesion_rich.tissue_mask) and plain.label == 0
+    imgs = {}
+    for name, slide in (("tumour", lesion_rich), ("morphology", morph), ("plain", plain)):
+        with tiffslide.TiffSlide(slide.path) as s:
+            imgs[name] = _read_level(s, 0).astype(np.float32)
+    region = ndimage.binary_erosion(lesion_rich.lesion_mask, iterations=2)
+    les = _upsample(region, lesion_rich.gt_downsample, imgs["plain"].shape[:2])
+    assert les.sum() > 100_000
+    normal = imgs["plain"][les].mean(0)
+    diff = {name: np.abs(imgs[name][les].mean(0) - normal) for name in LESION_STYLES}
+    assert (diff["morphology"] < 3).all(), diff
+    assert diff["tumour"].max() > 5 and diff["tumour"].max() > 2 * diff["morphology"].max(), diff
+    n_morph, size_morph = _nuclei_per_area(imgs["morphology"], les)
+    n_plain, size_plain = _nuclei_per_area(imgs["plain"], les)
+    assert n_morph > 3 * n_plain, (n_morph, n_plain)
+    assert size_morph < 0.5 * size_plain, (size_morph, size_plain)
+
+
 def test_no_seams_at_tile_borders(positive):
     """Differences across tile borders are no larger than across any JPEG 8x8 block edge."""
     with tiffslide.TiffSlide(positive.path) as slide:
@@ -351,6 +395,7 @@ def test_tif_suffix_and_tile_size(tmp_path):
         ({"objective_power": -2.0}, "objective_power must be between"),
         ({"n_lesions": 2, "tissue_fraction": 0.0}, "needs tissue"),
         ({"n_lesions": 2, "lesion_fraction": 0.0}, "needs lesion_fraction"),
+        ({"lesion_style": "tumor"}, "lesion_style must be one of tumour, morphology, got 'tumor'"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -446,12 +491,34 @@ def test_cohort_workers_same_files(tmp_path):
         ({"colour": "blue"}, "unknown slide option"),
         ({"width": -1}, "width must be between"),
         ({"tissue_fraction": 0.0}, "positive slides need tissue"),
+        ({"lesion_style": None}, "lesion_style must be one of tumour, morphology"),
     ],
 )
 def test_cohort_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         write_cohort(tmp_path, **{"n_slides": 2, "width": 300, "height": 200, **kwargs})
     assert not (tmp_path / "slides").exists()
+
+
+def test_cohort_lesion_style_round_trips(tmp_path):
+    """The style is recorded in cohort.json and summarised; it changes the lesions only."""
+    kw = dict(n_slides=2, width=512, height=384, mpp=0.5, seed=2)
+    morph = write_cohort(tmp_path / "morph", **kw, lesion_style="morphology")
+    tumour = write_cohort(tmp_path / "tumour", **kw)
+    meta = json.loads((tmp_path / "morph" / "cohort.json").read_text())
+    assert meta["parameters"]["slide_options"] == {"lesion_style": "morphology"}
+    assert "lesion style: morphology" in summarize_cohort(tmp_path / "morph")
+    assert "lesion style" not in summarize_cohort(tmp_path / "tumour")
+    labels = [s.label for s in morph]
+    assert labels == [s.label for s in tumour] and sorted(labels) == [0, 1]
+    for a, b in zip(morph, tumour):
+        assert np.array_equal(a.lesion_mask, b.lesion_mask)
+        same = open(a.path, "rb").read() == open(b.path, "rb").read()
+        assert same == (a.label == 0)  # a normal slide has nothing to restyle
+    path = tmp_path / "morph" / "slides" / "synth_000.svs"
+    before = os.stat(path).st_mtime_ns
+    write_cohort(tmp_path / "morph", **kw, lesion_style="morphology")  # rerun: skipped
+    assert os.stat(path).st_mtime_ns == before
 
 
 def test_slide_defaults_are_write_slide_defaults():

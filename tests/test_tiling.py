@@ -1,14 +1,10 @@
-"""The tile grid, extraction into stores, batches, resume and bad input."""
+"""The tile grid and extraction of one slide into its store (wsi_pipeline.tiling, driven by
+``tile_batch.tile_slide``): masks, geometry, copied and resampled tiles, edges, resume of a
+partly written store, bad input. Batches of slides and their manifest: test_tile_batch.py."""
 
 from __future__ import annotations
 
-import csv
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +26,8 @@ from wsi_pipeline.store import (
     shard_path,
 )
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tile_batch import MANIFEST, tile_slide, tile_slides
+from wsi_pipeline.tile_batch import tile_slide, tile_slides
 from wsi_pipeline.tiling import mask_slide, tiling_geometry
-
-
-@pytest.fixture(scope="session")
-def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small synthetic slides shared by the tests (written once)."""
-    d = tmp_path_factory.mktemp("synth")
-    write_slide(
-        d / "pos.svs", width=2560, height=1792, mpp=0.5, seed=3, n_lesions=2, lesion_fraction=0.04
-    )
-    write_slide(d / "neg.svs", width=2048, height=1536, mpp=0.5, seed=4)
-    write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
-    write_slide(d / "tiny.svs", width=200, height=150, mpp=0.5, seed=6, tissue_fraction=0.9)
-    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,60 +186,9 @@ def test_store_version_and_unfinished_are_refused(synth_dir: Path, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------------------
-# batches, bad input, resume
+# usage errors, resume of a store, bad input
 # ---------------------------------------------------------------------------------------------
-def _manifest(out: Path) -> dict[str, dict[str, str]]:
-    with open(out / MANIFEST, newline="") as fh:
-        return {r["slide_id"]: r for r in csv.DictReader(fh)}
-
-
-def test_batch_with_bad_inputs(
-    synth_dir: Path, testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(synth_dir / "neg.svs", src / "good.svs")
-    shutil.copy(synth_dir / "blank.svs", src / "blank.svs")
-    (src / "empty.svs").write_bytes(b"")
-    (src / "notes.txt").write_text("not a slide")
-    data = (synth_dir / "neg.svs").read_bytes()
-    (src / "cut.svs").write_bytes(data[: len(data) // 2])
-    shutil.copy(testdata / "broken/broken.svs", src / "garbage.svs")
-    shutil.copy(testdata / "broken/unreadable.svs", src / "undecodable.svs")
-    shutil.copy(testdata / "qptiff/small_vectra.qptiff", src / "fluo.qptiff")
-    dup = tmp_path / "other"
-    dup.mkdir()
-    shutil.copy(synth_dir / "pos.svs", dup / "good.svs")  # same id as in/good.svs
-    out = tmp_path / "out"
-    code = main(["tile", str(src), str(dup / "good.svs"), "--out", str(out), "-q"])
-    assert code == 1
-    m = _manifest(out)
-    assert m["good"]["status"] == "ok" and int(m["good"]["n_patches"]) > 0
-    assert m["blank"]["status"] == "no_tissue"
-    assert "empty file" in m["empty"]["error"]
-    assert "truncated" in m["cut"]["error"] or "unsupported" in m["cut"]["error"]
-    assert "unsupported" in m["garbage"]["error"]
-    assert "cannot be decoded" in m["undecodable"]["error"]
-    assert "fluorescence" in m["fluo"]["error"]
-    assert "notes" not in m
-    err = capsys.readouterr().err
-    assert "duplicate slide id 'good'" in err
-    for sid in ("empty", "cut", "garbage", "undecodable", "fluo"):
-        assert m[sid]["status"] == "failed" and str(src) in m[sid]["error"]
-        assert "\n" not in m[sid]["error"] and "Traceback" not in err
-        assert not is_complete(out / f"{sid}.zarr")
-    assert is_complete(out / "good.zarr")
-
-
-def test_unwritable_output_and_usage(
-    synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(TilingError, match="output folder cannot be written"):
-        tile_slides([synth_dir / "neg.svs"], blocker / "sub")
-    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 1
-    assert "output folder cannot be written" in capsys.readouterr().err
+def test_tile_usage_errors(synth_dir: Path, tmp_path: Path) -> None:
     assert (
         main(
             [
@@ -277,21 +209,6 @@ def test_unwritable_output_and_usage(
         == 2
     )
     assert main(["tile", "--out", str(tmp_path / "o")]) == 2
-
-
-def test_rerun_skips_overwrite_redoes(synth_dir: Path, tmp_path: Path) -> None:
-    r1 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
-    mtime = (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns
-    r2 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
-    assert r2.status == "skipped" and r2.n_patches == r1.n_patches
-    assert (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns == mtime
-    r3 = tile_slides([synth_dir / "neg.svs"], tmp_path, overwrite=True, progress=False)[0]
-    assert r3.status == "ok" and r3.n_patches == r1.n_patches
-    # a complete store of other tiling parameters is not reused
-    r4 = tile_slides(
-        [synth_dir / "neg.svs"], tmp_path, spec=TilingSpec(tile_px=128), progress=False
-    )[0]
-    assert r4.status == "ok" and SlideStore(tmp_path / "neg.zarr").tiling["tile_px"] == 128
 
 
 def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:
@@ -322,111 +239,6 @@ def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:
     r2 = tile_slide(slide2, out, spec=spec)
     assert r2.status == "ok"
     assert SlideStore(store).meta.file_size == slide2.stat().st_size
-
-
-def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
-    """kill -9 while a slide is being written: nothing claims to be complete, finished slides stay,
-    and a rerun finishes the job."""
-    big = tmp_path / "big.svs"
-    write_slide(big, width=6144, height=4096, mpp=0.5, seed=11)
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(synth_dir / "neg.svs", src / "a_first.svs")
-    shutil.copy(big, src / "b_big.svs")
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsi_pipeline",
-        "tile",
-        str(src),
-        "--out",
-        str(out),
-        "-q",
-        "--tile-size",
-        "64",
-        "--patches-per-shard",
-        "8",
-        "--codec",
-        "zstd",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    shard_dir = out / "b_big.zarr" / PATCHES / "c"
-    while time.time() < deadline and proc.poll() is None:
-        if shard_dir.is_dir() and sum(1 for _ in shard_dir.iterdir()) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "tiling finished before it could be killed; make the slide bigger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert is_complete(out / "a_first.zarr")
-    assert not is_complete(out / "b_big.zarr")
-    done_before = SlideStore(out / "a_first.zarr").n_patches
-    proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc2.returncode == 0, proc2.stderr
-    m = _manifest(out)
-    assert m["a_first"]["status"] == "skipped" and int(m["a_first"]["n_patches"]) == done_before
-    assert m["b_big"]["status"] == "ok" and is_complete(out / "b_big.zarr")
-    st = SlideStore(out / "b_big.zarr")
-    with open_slide(big) as s:
-        i = st.n_patches - 1
-        x, y = st.coords[i]
-        assert np.array_equal(
-            st.reader().read([i])[0], s.read_region((int(x), int(y)), 0, (64, 64))
-        )
-
-
-@pytest.mark.slow
-def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> None:
-    slides = [
-        synth_dir / "pos.svs",
-        synth_dir / "neg.svs",
-        synth_dir / "blank.svs",
-        synth_dir / "tiny.svs",
-    ]
-    spec = TilingSpec(tile_px=128, patches_per_shard=32)
-    serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
-    par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, progress=False)
-    assert [(r.slide_id, r.status, r.n_patches) for r in serial] == [
-        (r.slide_id, r.status, r.n_patches) for r in par
-    ]
-    for r in serial:
-        if r.n_patches:
-            a = (
-                SlideStore(tmp_path / "s" / f"{r.slide_id}.zarr")
-                .reader()
-                .read(np.arange(r.n_patches))
-            )
-            b = (
-                SlideStore(tmp_path / "p" / f"{r.slide_id}.zarr")
-                .reader()
-                .read(np.arange(r.n_patches))
-            )
-            assert np.array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as c:
-        code = main(
-            [
-                "tile",
-                str(synth_dir / "neg.svs"),
-                str(synth_dir / "pos.svs"),
-                "--out",
-                str(tmp_path),
-                "--scheduler",
-                c.scheduler_address,
-                "-q",
-            ]
-        )
-    assert code == 0
-    assert is_complete(tmp_path / "neg.zarr") and is_complete(tmp_path / "pos.zarr")
 
 
 def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path) -> None:

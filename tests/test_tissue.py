@@ -16,15 +16,6 @@ from wsi_pipeline.synth import write_slide
 from wsi_pipeline.tissue import load_user_mask, rect_fractions, rgb_to_hsv, tissue_mask
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic slides of these tests (as in test_tiling.py)."""
-    d = tmp_path_factory.mktemp("synth")
-    write_slide(d / "blank.svs", width=1024, height=768, mpp=0.5, seed=5, tissue_fraction=0.0)
-    write_slide(d / "pen.svs", width=2048, height=1536, mpp=0.5, seed=8, pen_mark=True)
-    return d
-
-
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 

@@ -1,4 +1,6 @@
-"""Training from slide labels (wsi_pipeline.training), on real stores."""
+"""Training from slide labels (wsi_pipeline.training), on real stores: the loop, resume of a
+run, and what a run writes. The optimizer and checkpoint on their own: test_checkpoint.py; the
+warnings, missing AUCs and calibration on their own: test_train_report.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import FAST, make_cohort, tile_cohort_slide, write_labels
+from helpers import FAST, make_cohort, read_strict_json, tile_cohort_slide, write_labels
 
 from wsi_pipeline import runs
 from wsi_pipeline.checkpoint import TrainState
@@ -28,7 +30,6 @@ from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.store import SlideStore, features_key, scores_key
 from wsi_pipeline.synth import load_ground_truth
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.train_report import auc_reason, calibrate, stall_warning
 from wsi_pipeline.training import setup_training, start_state, train, train_one_epoch
 
 #: Features mode on cached features: a few seconds a run (on a copy of the stores).
@@ -41,15 +42,6 @@ FEATURES = {
 }
 
 
-def _no_nan(name: str) -> float:
-    raise ValueError(f"{name} in strict JSON")
-
-
-def _strict(path: Path) -> dict:
-    """A JSON file read by a strict parser: NaN or Infinity fail."""
-    return json.loads(path.read_text(), parse_constant=_no_nan)
-
-
 @pytest.fixture(scope="module")
 def feature_stores(
     small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
@@ -58,16 +50,6 @@ def feature_stores(
     d = tmp_path_factory.mktemp("feature_stores") / "stores"
     shutil.copytree(small_cohort[0], d)
     return d
-
-
-@pytest.fixture
-def logged(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> pytest.LogCaptureFixture:
-    """``caplog`` with the package's warnings (the CLI stops them from propagating)."""
-    monkeypatch.setattr(logging.getLogger("wsi_pipeline"), "propagate", True)
-    caplog.set_level(logging.WARNING, logger="wsi_pipeline")
-    return caplog
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,60 +166,9 @@ def test_training_steps(small_cohort: tuple[Path, Path], tmp_path: Path) -> None
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_calibrate_without_validation_slides() -> None:
-    """The calibration of a run without validation slides is the identity, saying why."""
-    assert calibrate(None, ("0", "1")) == {
-        "method": "none",
-        "num_classes": 2,
-        "skipped": "no validation slides",
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# honest results: no NaN, missing metrics with a reason, skipped calibration, stalled runs
+# honest results in a run: no NaN, missing metrics with a reason, stalled runs
 # ---------------------------------------------------------------------------------------------
-def test_auc_reason_and_stall_rule() -> None:
-    assert auc_reason([], ("0", "1"), "validation") == "no validation slides"
-    assert auc_reason([0, 0], ("0", "1"), "validation") == (
-        "validation set has a single class ('0')"
-    )
-    assert auc_reason([1], ("normal", "tumour"), "test") == "test set has a single class ('tumour')"
-    assert auc_reason([0, 1], ("0", "1"), "test") is None
-    chance = [{"epoch": e, "train_loss": 0.69} for e in range(30)]
-    w = stall_warning(chance, 2)
-    assert w is not None and w.startswith(
-        "train loss did not move from chance (ln 2 = 0.693) after 30 epochs"
-    )
-    assert "the model learnt nothing; see README" in w
-    # the mean of the last 3 epochs decides: > 0.95 * ln(C)
-    falling = [{"epoch": e, "train_loss": x} for e, x in enumerate([0.7, 0.69, 0.6, 0.5, 0.4])]
-    assert stall_warning(falling, 2) is None
-    assert stall_warning([{"epoch": 0, "train_loss": 1.09}], 3) is not None  # ln 3 = 1.099
-    assert stall_warning([{"epoch": 0, "train_loss": 1.0}], 3) is None
-    assert stall_warning([], 2) is None
-
-
-def test_calibration_skipped_below_minimum(fast_run: Path) -> None:
-    """fast_run has one validation slide of each class: no calibration, and it says why."""
-    cal = _strict(fast_run / "calibration.json")
-    assert cal == {
-        "method": "none",
-        "num_classes": 2,
-        "skipped": "1 validation slide of class '0', 1 of class '1' (need >= 5 of each class)",
-    }
-    m = _strict(fast_run / "metrics.json")
-    assert f"calibration skipped: {cal['skipped']}" in m["warnings"]
-    c = m["calibration"]
-    assert c["method"] == "none" and c["skipped"] == cal["skipped"]
-    for split in ("val", "test"):
-        assert c[split]["n"] == 2
-        assert c[split]["brier_after"] == c[split]["brier_before"]  # the identity
-        assert 0 <= c[split]["ece_before"] <= 1
-    # the AUC of 2 validation slides chose the best epoch: said so
-    assert m["best_epoch_by"] == "val_auc"
-    assert any("on only 2 slides (< 10)" in w for w in m["warnings"])
-
-
 def test_no_validation_rows(
     feature_stores: Path, small_cohort: tuple[Path, Path], tmp_path: Path, logged
 ) -> None:
@@ -249,7 +180,7 @@ def test_no_validation_rows(
     assert m["finished"] and m["splits"] == {"train": 6, "test": 2}
     first = next(r for r in logged.records if r.levelno == logging.WARNING)
     assert first.getMessage().startswith("no validation slides: the best epoch is chosen by")
-    saved = _strict(run / "metrics.json")
+    saved = read_strict_json(run / "metrics.json")
     json.dumps(m, allow_nan=False)  # what train returns holds no NaN either
     assert saved == m
     assert m["best_val_auc"] is None and m["best_val_auc_reason"] == "no validation slides"
@@ -259,7 +190,7 @@ def test_no_validation_rows(
     assert m["calibration"]["val"] is None
     assert m["calibration"]["val_reason"] == "no validation slides"
     assert m["calibration"]["test"]["n"] == 2
-    assert _strict(run / "calibration.json")["skipped"] == "no validation slides"
+    assert read_strict_json(run / "calibration.json")["skipped"] == "no validation slides"
     assert m["warnings"][0].startswith("no validation slides")
 
 
@@ -287,7 +218,7 @@ def test_single_class_validation_set_from_the_cli(
     assert "nan" not in printed.out.lower()
     assert "best validation AUC n/a (validation set has a single class ('0'))" in printed.out
     assert "test AUC n/a (n=1, test set has a single class ('1'))" in printed.out
-    m = _strict(out / "metrics.json")
+    m = read_strict_json(out / "metrics.json")
     assert m["best_val_auc"] is None and m["best_epoch_by"] == "val_loss"
     assert m["best_val_auc_reason"] == "validation set has a single class ('0')"
     for h in m["history"]:
@@ -295,7 +226,7 @@ def test_single_class_validation_set_from_the_cli(
         assert h["val_auc_reason"] == "validation set has a single class ('0')"
     assert m["test"]["auc"] is None
     assert m["test"]["auc_reason"] == "test set has a single class ('1')"
-    assert _strict(out / "calibration.json")["skipped"] == (
+    assert read_strict_json(out / "calibration.json")["skipped"] == (
         "2 validation slides of class '0', 0 of class '1' (need >= 5 of each class)"
     )
 
@@ -310,7 +241,7 @@ def test_stalled_run_says_so_and_a_learning_run_does_not(
     w = [x for x in m["warnings"] if x.startswith("train loss did not move from chance")]
     assert len(w) == 1 and "(ln 2 = 0.693) after 2 epochs" in w[0]
     assert any(r.getMessage() == w[0] and r.levelno == logging.WARNING for r in logged.records)
-    assert _strict(tmp_path / "stalled" / "metrics.json")["stalled"] is True
+    assert read_strict_json(tmp_path / "stalled" / "metrics.json")["stalled"] is True
     logged.clear()
     cfg = TrainConfig(**FEATURES, epochs=10, lr=1e-2, instance_weight=0.0)
     m = train(feature_stores, labels_csv, tmp_path / "learns", config=cfg, progress=False)

@@ -37,14 +37,19 @@ _F_PEN, _F_FOLD, _F_SLOT_FINE, _F_SLOT_COARSE, _F_LESION, _F_BG = 26, 27, 30, 31
 
 # Nucleus kinds, one row each: diameter um (lo, span), aspect (lo, span), 2-lobe irregularity
 # (lo, span), 3-lobe span, body OD (lo, span), chromatin contrast, rim OD (lo, span).
-_STROMA, _LYMPH, _TUMOUR = 0, 1, 2
+_STROMA, _LYMPH, _TUMOUR, _MORPH = 0, 1, 2, 3
 _KINDS = np.array(
     [
         [5.0, 3.0, 1.1, 0.9, 0.00, 0.05, 0.03, 1.00, 0.35, 0.15, 0.10, 0.05],
         [5.0, 2.0, 1.0, 0.15, 0.00, 0.03, 0.02, 1.45, 0.35, 0.10, 0.10, 0.05],
         [10.0, 6.0, 1.0, 0.6, 0.06, 0.12, 0.10, 0.13, 0.07, 0.90, 0.45, 0.20],
+        # morphology-only lesion: small, round, crowded nuclei; body OD set so that their
+        # haematoxylin per area matches normal stroma (with _MORPH_KEEP)
+        [3.6, 1.4, 1.0, 0.2, 0.00, 0.03, 0.02, 0.50, 0.10, 0.15, 0.06, 0.03],
     ]
 )
+_MORPH_KEEP = 0.55  # fine-slot occupancy in a morphology-only lesion (stroma: 0.11)
+_MORPH_EOSIN = 1.07  # eosin gain in such a lesion: its nuclei cover ~2x the area of stroma's
 # Columns of a nucleus (or nucleolus) row: centre, semi-axes, angle, lobes, phases, stains.
 _X, _Y, _A, _B, _ANG, _A2, _A3, _PH2, _PH3, _BODY, _CHROM, _RIM, _EOS, _COV = range(14)
 
@@ -160,6 +165,7 @@ class Model:
     lymph_thr: float = 1.45
     lesions: tuple[tuple[float, float, float], ...] = ()  # (cx, cy, r)
     pen: tuple | None = None  # (points (P, 2), half width, ink OD (3,))
+    lesion_style: str = "tumour"  # or "morphology": other nuclei, same stroma and stain per area
     fold: tuple | None = None  # (cx, cy, ux, uy, half length, half width)
 
     @property
@@ -187,6 +193,7 @@ def build_model(a: dict[str, Any]) -> tuple[Model, np.ndarray, np.ndarray]:
         edge_px=0.12 * short,
         illum=(243.0, *rng.uniform(-3, 3, 2)),
         fib=(k, math.cos(theta), math.sin(theta), 0.4 * k * 160 / mpp),
+        lesion_style=a["lesion_style"],
         t_lip=lip + 2 * _EDGE_AMP / (0.12 * short),
     )
     gx, gy = _gt_coords(width, ds), _gt_coords(height, ds)
@@ -461,12 +468,15 @@ def _stain(
     la = _soft(lymph, 0.35).astype(f32)
     e += la * (0.36 * (1 + 0.08 * grain) - e)
     h += la * (0.10 - h)
-    if m.lesions:  # tumour: no fibres, denser cytoplasm between crowded pale nuclei
+    if m.lesions:
         d = _lesion_grid(m, xs, ys)
         if np.isfinite(d).any():
             les = _soft(1 - d, 6 * um / min(r for *_, r in m.lesions)).astype(f32)
-            e += les * (0.63 * (1 + 0.10 * grain) - e)
-            h += les * (0.02 - h)
+            if m.lesion_style == "morphology":  # same stroma; offset its nuclei's coverage
+                e *= 1 + les * (_MORPH_EOSIN - 1)
+            else:  # tumour: no fibres, denser cytoplasm between crowded pale nuclei
+                e += les * (0.63 * (1 + 0.10 * grain) - e)
+                h += les * (0.02 - h)
     nuc = _nuclei(m, x0, y0, size)
     if nuc is not None:
         chrom = 0.5 * _noise_grid(m.seed, _F_CHROM, xs, ys, 1.1 * um)
@@ -517,8 +527,9 @@ def _nuclei(m: Model, x0: int, y0: int, size: int) -> np.ndarray | None:
     """Nuclei and nucleoli whose extent may touch the tile: ``(n, 14)`` rows (columns ``_X`` ...).
 
     Candidates sit on jittered slots of ``_CELL_UM`` cells: 6 x 6 small slots (stroma and
-    lymphocyte nuclei) and 4 x 4 large slots (tumour). Everything about a candidate is a hash of
-    ``(seed, cell, slot)`` and the model at its centre, never of the tile.
+    lymphocyte nuclei, and the nuclei of a morphology-only lesion) and 4 x 4 large slots (tumour).
+    Everything about a candidate is a hash of ``(seed, cell, slot)`` and the model at its centre,
+    never of the tile.
     """
     margin, c = math.ceil(17 * m.um + 2), _CELL_UM * m.um
     lo_x, hi_x, lo_y, hi_y = x0 - margin, x0 + size + margin, y0 - margin, y0 + size + margin
@@ -538,13 +549,17 @@ def _nuclei(m: Model, x0: int, y0: int, size: int) -> np.ndarray | None:
             continue
         tis = _in_tissue(m, x, y)
         les = _lesion_points(m, x, y) < 1 if m.lesions else np.zeros(x.shape, bool)
+        morph = m.lesion_style == "morphology"
         if n == 6:
             lymph = _noise_points(m.seed, _F_LYMPH, x, y, 120 * m.um) - m.lymph_thr
             la = _soft(lymph, 0.35)
             keep = tis & ~les & (u[:, 2] < 0.11 + 0.64 * la)
             kind = np.where(u[:, 2] < 0.64 * la, _LYMPH, _STROMA)
+            if morph:
+                keep |= tis & les & (u[:, 2] < _MORPH_KEEP)
+                kind = np.where(les, _MORPH, kind)
         else:
-            keep = tis & les & (u[:, 2] < 0.65)
+            keep = tis & les & (u[:, 2] < 0.65) & (not morph)
             kind = np.full(x.shape, _TUMOUR)
         parts.append((x[keep], y[keep], u[keep], kind[keep]))
     if not parts:

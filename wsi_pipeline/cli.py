@@ -352,15 +352,24 @@ def features(
     show_default=True,
     help="Tissue area as a fraction of the slide.",
 )
+@click.option(
+    "--lesion-style",
+    type=click.Choice(["tumour", "morphology"]),
+    default=None,
+    help="'tumour': large pale nuclei in dense cytoplasm, no fibres; 'morphology': only the "
+    "nuclei differ (small, round, crowded), same stroma and stain.  [default: tumour]",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the cohort.")
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Slides written in parallel."
 )
-def synth(out: Path, **options: Any) -> None:
+def synth(out: Path, lesion_style: str | None, **options: Any) -> None:
     """Write a synthetic cohort to OUT: pyramidal slides with planted lesions (OUT/slides/),
     labels.csv, ground-truth masks (OUT/masks/) and cohort.json."""
     from .synth import summarize_cohort, write_cohort
 
+    if lesion_style is not None:  # given options are recorded in cohort.json; the default is not
+        options["lesion_style"] = lesion_style
     write_cohort(out, **options)
     click.echo(summarize_cohort(out))
 

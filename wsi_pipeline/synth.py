@@ -4,7 +4,9 @@ A slide is a procedural model evaluated at level-0 pixel centres (pixel ``j`` sp
 smooth tissue islands (thresholded multi-octave B-spline value noise), optional lumina (holes),
 lymphocyte-rich regions, oriented fibrous stroma with small dark nuclei, and ``n_lesions`` compact
 tumour-like regions (crowded, large, pleomorphic, vesicular nuclei with nucleoli, less stroma) whose
-mean colour is close to normal tissue: they differ mostly in texture. Colours come from a
+mean colour is close to normal tissue: they differ mostly in texture. With
+``lesion_style="morphology"`` a lesion keeps the stroma and its stain and differs only in its nuclei
+(small, round, about five times as crowded), with its stain per area matched to stroma. Colours come from a
 Beer-Lambert stain model, ``I = I0 * exp(-(OD_H * h_rgb + OD_E * e_rgb))`` with the Macenko
 reference H&E vectors, on white glass with a faint illumination gradient.
 
@@ -64,6 +66,7 @@ from .util import atomic_path, atomic_write_json
 __all__ = [
     "COHORT_FILE",
     "LABELS_FILE",
+    "LESION_STYLES",
     "MASKS_DIR",
     "SLIDES_DIR",
     "SLIDE_DEFAULTS",
@@ -79,6 +82,8 @@ COHORT_FILE = "cohort.json"  #: parameters and per-slide entries; ``complete: tr
 LABELS_FILE = "labels.csv"  #: ``slide_id,label``
 SLIDES_DIR = "slides"  #: the slides, ``<slide_id>.svs``
 MASKS_DIR = "masks"  #: ground truth, ``<slide_id>_tissue.png`` and ``<slide_id>_lesion.png``
+#: The values of ``lesion_style`` (:func:`write_slide`), the default first.
+LESION_STYLES = ("tumour", "morphology")
 
 _APERIO = "Aperio Image Library v12.0.15"
 _MIN_LEVEL_PX = 512  # a pyramid level is written while its long side is at least this
@@ -96,6 +101,7 @@ SLIDE_DEFAULTS: dict[str, Any] = {
     "jpeg_quality": 85,
     "gt_downsample": 16,
     "objective_power": None,
+    "lesion_style": "tumour",
 }
 _INT_ARGS = {
     "width": (16, 2**31 - 1),
@@ -168,6 +174,7 @@ def write_slide(
     fold: bool = False,
     gt_downsample: int = 16,
     objective_power: float | None = None,
+    lesion_style: str = "tumour",
     threads: int | None = None,
 ) -> SynthSlide:
     """Write one synthetic Aperio-style pyramidal H&E slide and return its ground truth.
@@ -205,6 +212,14 @@ def write_slide(
         Level-0 pixels per ground-truth mask pixel.
     objective_power : float or None
         ``AppMag`` to record; default 40 for mpp ~0.25, 20 for ~0.5, else ``round(10 / mpp)``.
+    lesion_style : {"tumour", "morphology"}
+        ``"tumour"``: crowded, large, pale, vesicular nuclei with nucleoli in dense cytoplasm
+        without fibres. ``"morphology"``: the lesion keeps the surrounding stroma and its stain;
+        only its nuclei differ (3.6-5 um, round, about five times as crowded, paler), with the
+        haematoxylin and eosin per area matched to normal stroma: in stroma its mean RGB is
+        within ~3 grey levels of the same tissue without a lesion (a tumour lesion: 4-11, in red).
+        Where it overlaps a lymphoid region it replaces the dense dark lymphocytes with its own
+        paler nuclei, so it is lighter there.
     threads : int or None
         Threads rendering and encoding tiles; default ``min(4, os.cpu_count())``.
 
@@ -269,7 +284,9 @@ def write_cohort(
         Processes writing slides in parallel (1: in this process).
     **slide_options :
         For every :func:`write_slide`: ``holes``, ``pen_mark``, ``fold``, ``tile_px``,
-        ``jpeg_quality``, ``gt_downsample``, ``objective_power``.
+        ``jpeg_quality``, ``gt_downsample``, ``objective_power``, ``lesion_style``
+        (:data:`SLIDE_DEFAULTS`). Those given are recorded in ``cohort.json``
+        (``parameters.slide_options``).
 
     Returns
     -------
@@ -370,6 +387,9 @@ def summarize_cohort(out_dir: str | os.PathLike) -> str:
             f"  lesion fraction of tissue (abnormal): mean {np.mean(lf):.4f} "
             f"({min(lf):.4f}-{max(lf):.4f}), target {p['lesion_fraction']}"
         )
+    style = p.get("slide_options", {}).get("lesion_style", LESION_STYLES[0])
+    if style != LESION_STYLES[0]:
+        lines.append(f"  lesion style: {style}")
     ds = meta["gt_downsample"]
     lines.append(f"  ground truth: masks/<slide_id>_{{tissue,lesion}}.png at 1/{ds}")
     return "\n".join(lines)
@@ -422,6 +442,11 @@ def _check_slide_args(kw: dict[str, Any]) -> dict[str, Any]:
     a.update({k: _check_int(k, kw[k], *lo_hi) for k, lo_hi in _INT_ARGS.items()})
     a.update({k: _check_float(k, kw[k], *lo_hi) for k, lo_hi in _FLOAT_ARGS.items()})
     a.update({k: bool(kw[k]) for k in ("holes", "pen_mark", "fold")})
+    if kw["lesion_style"] not in LESION_STYLES:
+        raise ConfigError(
+            f"lesion_style must be one of {', '.join(LESION_STYLES)}, got {kw['lesion_style']!r}"
+        )
+    a["lesion_style"] = str(kw["lesion_style"])
     power = kw["objective_power"]
     a["objective_power"] = (
         None if power is None else _check_float("objective_power", power, 0.1, 1e3)

@@ -1,0 +1,336 @@
+"""Batches of slides (wsi_pipeline.tile_batch): manifest.csv, bad inputs and duplicate ids, an
+unwritable output folder, reruns and resume of a killed batch, dask workers, a store locked by
+another run. The faults of a batch (full disk, absurd headers, live and dead locks, two runs at
+once) are in test_faults.py; the tiling of one slide is in test_tiling.py."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_pipeline import tile_batch
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import TilingError
+from wsi_pipeline.locks import acquire, lock_path
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.store import PATCHES, SlideStore, is_complete, store_path
+from wsi_pipeline.synth import write_slide
+from wsi_pipeline.tile_batch import (
+    MANIFEST,
+    MANIFEST_FIELDS,
+    check_writable,
+    tile_slide,
+    tile_slides,
+    write_manifest,
+)
+from wsi_pipeline.tiling import TileResult
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / MANIFEST, newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest.csv, the output folder
+# ---------------------------------------------------------------------------------------------
+def _rows(out: Path) -> list[dict[str, str]]:
+    """manifest.csv's rows in file order (its header checked)."""
+    with open(out / MANIFEST, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == MANIFEST_FIELDS
+        return list(reader)
+
+
+def _as_read(r: TileResult) -> dict[str, str]:
+    """A result's row as csv reads it back."""
+    return {k: str(v) for k, v in r.row().items()}
+
+
+def test_write_manifest_round_trip_and_merge(tmp_path: Path) -> None:
+    """Rows come back as written, sorted by slide id; a later call replaces every row of the ids
+    it names, keeps the others, and adds a ``locked`` row only for an id without one."""
+    a = TileResult("a", "/in/a.svs", "failed", 0, 0.5, "/in/a.svs: empty file")
+    b = TileResult("b", "/in/b.svs", "ok", 12, 1.234)
+    c = TileResult("c", "/in/c.svs", "no_tissue")
+    path = write_manifest(tmp_path, [b, a, c])
+    assert path == tmp_path / MANIFEST
+    assert _rows(tmp_path) == [_as_read(a), _as_read(b), _as_read(c)]
+    assert _rows(tmp_path)[1]["seconds"] == "1.23"
+    # a redone, c and d locked by another run: c keeps its row, d gets the locked one
+    a2 = TileResult("a", "/in/a.svs", "ok", 7, 2.0)
+    msg = "{}: locked by pid 1 (another tile run); skipped"
+    c2 = TileResult("c", "/in/c.svs", "skipped", 0, 0.0, msg.format("c"), locked=True)
+    d2 = TileResult("d", "/in/d.svs", "skipped", 0, 0.0, msg.format("d"), locked=True)
+    write_manifest(tmp_path, [d2, c2, a2])
+    assert _rows(tmp_path) == [_as_read(a2), _as_read(b), _as_read(c), _as_read(d2)]
+    # two rows for one id (a duplicate in a batch): both kept, in the order given
+    dup = TileResult("a", "/other/a.svs", "failed", 0, 0.0, "duplicate slide id 'a'")
+    a3 = TileResult("a", "/in/a.svs", "skipped", 7, 0.1)
+    write_manifest(tmp_path, [dup, a3])
+    assert [(r["slide_id"], r["path"]) for r in _rows(tmp_path)] == [
+        ("a", "/other/a.svs"),
+        ("a", "/in/a.svs"),
+        ("b", "/in/b.svs"),
+        ("c", "/in/c.svs"),
+        ("d", "/in/d.svs"),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]  # no temporary or lock file
+
+
+def test_write_manifest_keeps_rows_of_an_older_layout(tmp_path: Path) -> None:
+    """Rows of a manifest missing some columns are kept, the missing ones blank."""
+    (tmp_path / MANIFEST).write_text("slide_id,status\nold,ok\n,ok\n")
+    b = TileResult("b", "/in/b.svs", "ok", 3, 0.25)
+    write_manifest(tmp_path, [b])
+    assert _rows(tmp_path) == [
+        _as_read(b),
+        {
+            "slide_id": "old",
+            "path": "",
+            "status": "ok",
+            "n_patches": "",
+            "seconds": "",
+            "error": "",
+        },
+    ]
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    out = check_writable(tmp_path / "a" / "b")
+    assert out == tmp_path / "a" / "b" and out.is_dir()
+    assert list(out.iterdir()) == []  # its probe file is gone
+    assert check_writable(out) == out  # an existing folder is fine
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TilingError, match=r"output folder cannot be written") as err:
+        check_writable(blocker / "sub")
+    assert str(blocker / "sub") in str(err.value)
+
+
+def test_each_row_is_reported_and_written_as_it_finishes(synth_dir: Path, tmp_path: Path) -> None:
+    seen: list[TileResult] = []
+    out = tmp_path / "out"
+    res = tile_slides(
+        [synth_dir / "tiny.svs", synth_dir / "blank.svs"],
+        out,
+        spec=TilingSpec(tile_px=128),
+        progress=False,
+        on_result=seen.append,
+    )
+    assert [r.slide_id for r in res] == ["tiny", "blank"]  # the order given
+    assert [(r.status, r.locked) for r in res] == [("ok", False), ("no_tissue", False)]
+    assert {r.slide_id for r in seen} == {"tiny", "blank"} and len(seen) == 2
+    assert _rows(out) == sorted((_as_read(r) for r in res), key=lambda r: r["slide_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: bad input, reruns, resume
+# ---------------------------------------------------------------------------------------------
+def test_batch_with_bad_inputs(
+    synth_dir: Path, testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(synth_dir / "neg.svs", src / "good.svs")
+    shutil.copy(synth_dir / "blank.svs", src / "blank.svs")
+    (src / "empty.svs").write_bytes(b"")
+    (src / "notes.txt").write_text("not a slide")
+    data = (synth_dir / "neg.svs").read_bytes()
+    (src / "cut.svs").write_bytes(data[: len(data) // 2])
+    shutil.copy(testdata / "broken/broken.svs", src / "garbage.svs")
+    shutil.copy(testdata / "broken/unreadable.svs", src / "undecodable.svs")
+    shutil.copy(testdata / "qptiff/small_vectra.qptiff", src / "fluo.qptiff")
+    dup = tmp_path / "other"
+    dup.mkdir()
+    shutil.copy(synth_dir / "pos.svs", dup / "good.svs")  # same id as in/good.svs
+    out = tmp_path / "out"
+    code = main(["tile", str(src), str(dup / "good.svs"), "--out", str(out), "-q"])
+    assert code == 1
+    m = _manifest(out)
+    assert m["good"]["status"] == "ok" and int(m["good"]["n_patches"]) > 0
+    assert m["blank"]["status"] == "no_tissue"
+    assert "empty file" in m["empty"]["error"]
+    assert "truncated" in m["cut"]["error"] or "unsupported" in m["cut"]["error"]
+    assert "unsupported" in m["garbage"]["error"]
+    assert "cannot be decoded" in m["undecodable"]["error"]
+    assert "fluorescence" in m["fluo"]["error"]
+    assert "notes" not in m
+    err = capsys.readouterr().err
+    assert "duplicate slide id 'good'" in err
+    for sid in ("empty", "cut", "garbage", "undecodable", "fluo"):
+        assert m[sid]["status"] == "failed" and str(src) in m[sid]["error"]
+        assert "\n" not in m[sid]["error"] and "Traceback" not in err
+        assert not is_complete(out / f"{sid}.zarr")
+    assert is_complete(out / "good.zarr")
+
+
+def test_unwritable_output(
+    synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TilingError, match="output folder cannot be written"):
+        tile_slides([synth_dir / "neg.svs"], blocker / "sub")
+    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 1
+    assert "output folder cannot be written" in capsys.readouterr().err
+
+
+def test_rerun_skips_overwrite_redoes(synth_dir: Path, tmp_path: Path) -> None:
+    r1 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
+    mtime = (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns
+    r2 = tile_slides([synth_dir / "neg.svs"], tmp_path, progress=False)[0]
+    assert r2.status == "skipped" and r2.n_patches == r1.n_patches
+    assert (tmp_path / "neg.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+    r3 = tile_slides([synth_dir / "neg.svs"], tmp_path, overwrite=True, progress=False)[0]
+    assert r3.status == "ok" and r3.n_patches == r1.n_patches
+    # a complete store of other tiling parameters is not reused
+    r4 = tile_slides(
+        [synth_dir / "neg.svs"], tmp_path, spec=TilingSpec(tile_px=128), progress=False
+    )[0]
+    assert r4.status == "ok" and SlideStore(tmp_path / "neg.zarr").tiling["tile_px"] == 128
+
+
+def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
+    """kill -9 while a slide is being written: nothing claims to be complete, finished slides stay,
+    and a rerun finishes the job."""
+    big = tmp_path / "big.svs"
+    write_slide(big, width=6144, height=4096, mpp=0.5, seed=11)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(synth_dir / "neg.svs", src / "a_first.svs")
+    shutil.copy(big, src / "b_big.svs")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipeline",
+        "tile",
+        str(src),
+        "--out",
+        str(out),
+        "-q",
+        "--tile-size",
+        "64",
+        "--patches-per-shard",
+        "8",
+        "--codec",
+        "zstd",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    shard_dir = out / "b_big.zarr" / PATCHES / "c"
+    while time.time() < deadline and proc.poll() is None:
+        if shard_dir.is_dir() and sum(1 for _ in shard_dir.iterdir()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "tiling finished before it could be killed; make the slide bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert is_complete(out / "a_first.zarr")
+    assert not is_complete(out / "b_big.zarr")
+    done_before = SlideStore(out / "a_first.zarr").n_patches
+    proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr
+    m = _manifest(out)
+    assert m["a_first"]["status"] == "skipped" and int(m["a_first"]["n_patches"]) == done_before
+    assert m["b_big"]["status"] == "ok" and is_complete(out / "b_big.zarr")
+    st = SlideStore(out / "b_big.zarr")
+    with open_slide(big) as s:
+        i = st.n_patches - 1
+        x, y = st.coords[i]
+        assert np.array_equal(
+            st.reader().read([i])[0], s.read_region((int(x), int(y)), 0, (64, 64))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# a store locked by another run
+# ---------------------------------------------------------------------------------------------
+def test_tile_slide_leaves_a_store_locked_by_another_run_alone(
+    synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose lock is held (here by this live process) is waited for LOCK_WAIT_S, then
+    skipped as locked, untouched; once released, the slide is tiled and no lock is left."""
+    monkeypatch.setattr(tile_batch, "LOCK_WAIT_S", 0.3)
+    out = tmp_path / "out"
+    out.mkdir()
+    store = store_path(out, "neg")
+    spec = TilingSpec(tile_px=256)
+    with acquire(store) as held:
+        t0 = time.monotonic()
+        r = tile_slide(synth_dir / "neg.svs", out, spec=spec)
+        assert time.monotonic() - t0 >= 0.3
+        assert held.path == lock_path(store) and held.path.exists()
+    assert (r.status, r.locked, r.ok, r.n_patches) == ("skipped", True, True, 0)
+    assert r.error == f"neg: locked by pid {os.getpid()} (another tile run); skipped"
+    assert r.path == str((synth_dir / "neg.svs").absolute())
+    assert not store.exists()
+    r = tile_slide(synth_dir / "neg.svs", out, spec=spec)
+    assert r.status == "ok" and not r.locked and is_complete(store)
+    assert not lock_path(store).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# dask workers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> None:
+    slides = [
+        synth_dir / "pos.svs",
+        synth_dir / "neg.svs",
+        synth_dir / "blank.svs",
+        synth_dir / "tiny.svs",
+    ]
+    spec = TilingSpec(tile_px=128, patches_per_shard=32)
+    serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
+    par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, progress=False)
+    assert [(r.slide_id, r.status, r.n_patches) for r in serial] == [
+        (r.slide_id, r.status, r.n_patches) for r in par
+    ]
+    for r in serial:
+        if r.n_patches:
+            a = (
+                SlideStore(tmp_path / "s" / f"{r.slide_id}.zarr")
+                .reader()
+                .read(np.arange(r.n_patches))
+            )
+            b = (
+                SlideStore(tmp_path / "p" / f"{r.slide_id}.zarr")
+                .reader()
+                .read(np.arange(r.n_patches))
+            )
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as c:
+        code = main(
+            [
+                "tile",
+                str(synth_dir / "neg.svs"),
+                str(synth_dir / "pos.svs"),
+                "--out",
+                str(tmp_path),
+                "--scheduler",
+                c.scheduler_address,
+                "-q",
+            ]
+        )
+    assert code == 0
+    assert is_complete(tmp_path / "neg.zarr") and is_complete(tmp_path / "pos.zarr")
