@@ -188,8 +188,9 @@ def _save_values(values_tiff: Path, out: Path) -> Path:
 
 def run_naive(store: Path, out: Path, ds: float, fraction: float) -> dict[str, Any]:
     """Level-0 canvases over ``fraction`` of the slide's rows, pooled to the heatmap grid."""
-    from wsi_pipeline.exports import overlay_lut, threshold_regions, write_overlay_tiff
+    from wsi_pipeline.exports import overlay_lut, write_overlay_tiff
     from wsi_pipeline.heatmap import read_scores
+    from wsi_pipeline.qupath import threshold_regions
     from wsi_pipeline.store import SlideStore
     from wsi_pipeline.util import sample_mask
 
@@ -259,7 +260,7 @@ def child(args: argparse.Namespace) -> None:
     import shapely  # noqa: F401
     import tifffile  # noqa: F401
 
-    from wsi_pipeline import exports, heatmap, stitch  # noqa: F401
+    from wsi_pipeline import exports, heatmap, heatmap_summary, qupath, stitch  # noqa: F401
 
     matplotlib.use("Agg")
     out = Path(args.out)

@@ -7,8 +7,12 @@ tests import these functions and constants directly (``from helpers import FAST`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort, write_slide
@@ -70,3 +74,24 @@ def write_labels(path: Path, rows: list[tuple]) -> Path:
         for r in rows:
             fh.write(",".join(map(str, r)) + "\n")
     return path
+
+
+def refuse_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to download weights (torch.hub's two downloaders) fail the test loudly."""
+    import torch
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"download attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+class EvilPickle:
+    """Unpickling this runs a shell command (touches ``marker``): a weights file that runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))

@@ -1,6 +1,7 @@
 """The heatmap stage: a store's scores to exports read back by openslide, tiffslide, tifffile
 and shapely; reading scores, the options check, the finished check and the batch's per-slide
-errors. (Stitching is tested in test_stitch.py, the writers in test_exports.py.)
+errors. (Stitching is tested in test_stitch.py, the writers in test_exports.py and
+test_qupath.py, the summary's contents in test_heatmap_summary.py.)
 
 Stores come from a synthetic slide with two planted lesions; the per-patch "model" scores are
 the exact lesion fraction of each patch (from the ground-truth mask) plus noise, so no trained

@@ -3,7 +3,7 @@
 The extractor name is ``<backbone or encoder>-<first 12 hex of the sha256 of its weights>``, so
 features made by the same weights are found again (training, then prediction on new slides) and
 features of different weights never mix. Which weights an encoder gets is
-:mod:`wsi_pipeline.encoders`' business (torchvision names, local files, presets, ``"none"``);
+:mod:`wsi_pipeline.weights` (torchvision names, local files, ``"none"``) and :mod:`wsi_pipeline.encoders` (presets);
 a random initialisation happens only when asked for, and its features say so (store attrs
 ``weights: "random-init"`` and a WARNING). A randomly initialised backbone is seeded and, in a
 training run, its weights are saved as ``extractor.pt`` in the run folder, so ``predict`` embeds
@@ -30,16 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NO_WEIGHTS,
-    Encoder,
-    build_preset,
-    encoder_preset,
-    load_weights,
-    torchvision_weight_names,
-)
+from .encoders import Encoder, build_preset, encoder_preset
 from .errors import ConfigError, StoreError, WSIPipelineError
 from .inference import store_embeddings
 from .runs import EXTRACTOR
@@ -52,6 +43,13 @@ from .store import (
     write_features,
 )
 from .util import atomic_path, sanitize_id
+from .weights import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NO_WEIGHTS,
+    load_weights,
+    torchvision_weight_names,
+)
 
 __all__ = [
     "FEATURES_DTYPE",
@@ -118,7 +116,7 @@ def load_encoder(
     weights : str, path-like or None
         A torchvision weights name (torchvision backbones), a local file or folder, or ``"none"``
         for a random init (seeded with ``seed``); None only with ``encoder`` (the local Hugging
-        Face cache). See :mod:`wsi_pipeline.encoders`.
+        Face cache). See :mod:`wsi_pipeline.weights` and :mod:`wsi_pipeline.encoders`.
     seed : int
 
     Returns

@@ -3,8 +3,9 @@
 Everything here works from a store alone (``coords``, ``thumbnail``, ``tissue_mask`` and the
 ``scores/<run>`` written by ``wsi-pipeline predict``); no model and no torch. Stitching (the grid
 geometry and the display modes) lives in :mod:`wsi_pipeline.stitch`, the file formats in
-:mod:`wsi_pipeline.exports`; this module reads the store, checks the options, names the files,
-and decides whether an export is finished.
+:mod:`wsi_pipeline.exports` (colours, TIFFs, PNG) and :mod:`wsi_pipeline.qupath` (GeoJSON), the
+summary's contents in :mod:`wsi_pipeline.heatmap_summary`; this module reads the store, checks the
+options, names the files, and decides whether an export is finished.
 
 Display modes (:data:`wsi_pipeline.stitch.MODES`)
 -------------------------------------------------
@@ -32,15 +33,16 @@ TIFF and :func:`wsi_pipeline.viz.plot_heatmap` look the same.
     (``mpp * downsample`` µm); for tifffile, tiffslide and QuPath (openslide reads uint8 only).
 ``<id>_<which>_regions.geojson``
     Regions at or above ``threshold`` as QuPath annotations in level-0 pixel coordinates
-    (:func:`wsi_pipeline.exports.threshold_regions`).
+    (:func:`wsi_pipeline.qupath.threshold_regions`).
 ``<id>_<which>_tiles.geojson``
     One QuPath detection per patch (its square in level-0 px) with the measurements ``score``
     (the heatmap's value), ``probability`` or ``attention`` (the stored value) and
     ``tissue_fraction``; classified when at or above ``threshold``. *Measure → Show measurement
-    maps* shows the heatmap in QuPath (:func:`wsi_pipeline.exports.write_tiles_geojson`).
+    maps* shows the heatmap in QuPath (:func:`wsi_pipeline.qupath.write_tiles_geojson`).
 ``<id>_<which>_summary.json``
     Prediction, area and tissue fraction above the threshold, top-10 patches, parameters and the
-    other files' names (relative to the summary); written last, so it marks a finished export.
+    other files' names (relative to the summary); written last, so it marks a finished export
+    (:func:`wsi_pipeline.heatmap_summary.slide_summary`).
 """
 
 from __future__ import annotations
@@ -65,13 +67,12 @@ from .exports import (
     check_compression,
     overlay_lut,
     render_png,
-    threshold_regions,
     write_overlay_tiff,
     write_pyramid_tiff,
-    write_tiles_geojson,
 )
-from .metrics import area_above
-from .stitch import MODES, display_values, percentile_ranks, stitch_scores
+from .heatmap_summary import heatmap_mpp, slide_summary
+from .qupath import threshold_regions, write_tiles_geojson
+from .stitch import MODES, display_values, stitch_scores
 from .store import (
     SlideStore,
     has_complete_array,
@@ -542,17 +543,21 @@ def _export(
         atomic_write_json(paths["geojson"], regions, indent=None)
     with _timed(seconds, "tiles_geojson"):
         _write_tiles(slide, shown, paths["tiles_geojson"])
-    summary = _summary(slide, values, shown, n_regions=len(regions["features"]), names=names)
+    summary = slide_summary(
+        store,
+        values,
+        shown,
+        scores=slide.scores,
+        prediction=slide.prediction,
+        params=p,
+        legend=_legend(p),
+        n_regions=len(regions["features"]),
+        names=names,
+    )
     summary["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
     summary["wsi_pipeline_version"] = __version__
     atomic_write_json(paths["summary"], summary, indent=1)
     return paths
-
-
-def _heatmap_mpp(slide: _Slide) -> float | None:
-    """µm per heatmap pixel (None when the slide's mpp is unknown)."""
-    mpp = slide.store.meta.mpp
-    return None if mpp is None else mpp * slide.params["downsample"]
 
 
 def _legend(params: dict[str, Any]) -> str:
@@ -567,7 +572,8 @@ def _write_tiffs(
 ) -> None:
     """The overlay TIFF (the slide's size) and, when asked for, the values TIFF (the grid's)."""
     p, store = slide.params, slide.store
-    meta, hmpp = store.meta, _heatmap_mpp(slide)
+    meta = store.meta
+    hmpp = heatmap_mpp(meta.mpp, p["downsample"])
     what = f"{p['which']}, {p['mode']} mode, run {p['run']}"
     write_overlay_tiff(
         paths["tiff"],
@@ -648,71 +654,6 @@ def _write_tiles(slide: _Slide, shown: np.ndarray, path: Path) -> None:
         classified=above,
         name=_CLASS[p["which"]],
     )
-
-
-def _areas(values: np.ndarray, threshold: float, ds: float, mpp: float | None) -> dict[str, Any]:
-    """Area above the threshold (level-0 px², mm²), tissue area and the fraction above."""
-    n_valid = int(np.count_nonzero(np.isfinite(values)))
-    above_px = area_above(values, threshold, pixel_area=ds * ds)
-    return {
-        "area_above_threshold_px": above_px,
-        "area_above_threshold_mm2": None if mpp is None else above_px * mpp * mpp * 1e-6,
-        "tissue_area_mm2": None if mpp is None else n_valid * (ds * mpp) ** 2 * 1e-6,
-        "fraction_above_threshold": area_above(values, threshold) / n_valid if n_valid else 0.0,
-    }
-
-
-def _top_patches(slide: _Slide, shown: np.ndarray, n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` highest-scoring patches: index, level-0 corner, score and percentile."""
-    scores, coords = slide.scores, slide.store.coords
-    top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:n]
-    pct = shown if slide.params["mode"] == "percentile" else percentile_ranks(scores)
-    return [
-        {
-            "index": int(i),
-            "x": int(coords[i, 0]),
-            "y": int(coords[i, 1]),
-            "score": float(scores[i]),
-            "percentile": float(pct[i]),
-        }
-        for i in top
-    ]
-
-
-def _summary(
-    slide: _Slide, values: np.ndarray, shown: np.ndarray, *, n_regions: int, names: dict[str, str]
-) -> dict[str, Any]:
-    """The summary of one export (without its timings)."""
-    p, pred, store = slide.params, slide.prediction, slide.store
-    mpp = store.meta.mpp
-    return {
-        "slide_id": store.slide_id,
-        "store": str(store.path),
-        "run": p["run"],
-        "which": p["which"],
-        "mode": p["mode"],
-        "value_range": list(MODES[p["mode"]]),
-        "legend": _legend(p),
-        "threshold": p["threshold"],
-        "prediction": {
-            "label": pred.get("predicted"),
-            "abnormal_probability": pred.get("abnormal_probability"),
-            "probabilities": pred.get("probabilities"),
-            "classes": pred.get("classes"),
-        },
-        "n_patches": store.n_patches,
-        "downsample": p["downsample"],
-        "slide_size_wh": [store.meta.width, store.meta.height],
-        "heatmap_size_wh": [int(values.shape[1]), int(values.shape[0])],
-        "mpp": mpp,
-        "heatmap_mpp": _heatmap_mpp(slide),
-        "sigma_um": p["sigma_um"],
-        **_areas(values, p["threshold"], p["downsample"], mpp),
-        "n_regions": n_regions,
-        "top_patches": _top_patches(slide, shown),
-        "files": {k: v for k, v in names.items() if k != "summary"},
-        "params": p,
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Registered backbones (see :func:`list_backbones`):
     torchvision ResNets, randomly initialised, classification ``fc`` replaced by
     :class:`torch.nn.Identity` (``D = 512`` and ``2048``). Pretrained weights are never downloaded:
     pass torchvision's weights name (``"IMAGENET1K_V1"``, read from torchvision's cache) or a local
-    file as ``weights`` (:mod:`wsi_pipeline.encoders`).
+    file as ``weights`` (:mod:`wsi_pipeline.weights`).
 
 Backbones take *normalised* float input. :class:`PatchNormalize` (used inside
 :class:`~wsi_pipeline.models.MILModel`) maps uint8 ``[0, 255]`` or float ``[0, 1]`` patches to
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..encoders import IMAGENET_MEAN, IMAGENET_STD, load_weights, load_weights_file
 from ..errors import ConfigError
+from ..weights import IMAGENET_MEAN, IMAGENET_STD, load_weights, load_weights_file
 from .registry import backbone_builder, backbone_torchvision_arch, register_backbone
 
 __all__ = [
@@ -154,7 +154,7 @@ def get_backbone(name: str, *, weights: str | os.PathLike | None = None) -> tupl
     name : str
         One of :func:`list_backbones`.
     weights : str or path-like, optional
-        What :func:`wsi_pipeline.encoders.load_weights` accepts: a local weights file (see
+        What :func:`wsi_pipeline.weights.load_weights` accepts: a local weights file (see
         :func:`load_backbone_weights`) or folder, a torchvision weights name for a torchvision
         backbone (``"IMAGENET1K_V2"``, read from torchvision's cache, never downloaded), or
         ``"none"``; random init when ``None`` or ``"none"``.
@@ -182,7 +182,7 @@ def get_backbone(name: str, *, weights: str | os.PathLike | None = None) -> tupl
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a weights file into ``backbone`` in place (see
-    :func:`wsi_pipeline.encoders.load_weights_file`).
+    :func:`wsi_pipeline.weights.load_weights_file`).
 
     Accepted files: a state dict (``.pt``/``.pth``/``.bin``, read with
     ``torch.load(weights_only=True)``), ``.safetensors``, a TorchScript archive (its tensors), or
