@@ -19,7 +19,7 @@ import pytest
 
 from wsi_pipeline import tile_batch
 from wsi_pipeline.cli import main
-from wsi_pipeline.errors import TilingError
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.locks import acquire, lock_path
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.specs import TilingSpec
@@ -28,7 +28,6 @@ from wsi_pipeline.synth import write_slide
 from wsi_pipeline.tile_batch import (
     MANIFEST,
     MANIFEST_FIELDS,
-    check_writable,
     tile_slide,
     tile_slides,
     write_manifest,
@@ -106,18 +105,6 @@ def test_write_manifest_keeps_rows_of_an_older_layout(tmp_path: Path) -> None:
     ]
 
 
-def test_check_writable(tmp_path: Path) -> None:
-    out = check_writable(tmp_path / "a" / "b")
-    assert out == tmp_path / "a" / "b" and out.is_dir()
-    assert list(out.iterdir()) == []  # its probe file is gone
-    assert check_writable(out) == out  # an existing folder is fine
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(TilingError, match=r"output folder cannot be written") as err:
-        check_writable(blocker / "sub")
-    assert str(blocker / "sub") in str(err.value)
-
-
 def test_each_row_is_reported_and_written_as_it_finishes(synth_dir: Path, tmp_path: Path) -> None:
     seen: list[TileResult] = []
     out = tmp_path / "out"
@@ -180,9 +167,10 @@ def test_unwritable_output(
 ) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(TilingError, match="output folder cannot be written"):
+    with pytest.raises(ConfigError, match="output folder cannot be written"):
         tile_slides([synth_dir / "neg.svs"], blocker / "sub")
-    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 1
+    # bad usage, as the README promises: exit 2
+    assert main(["tile", str(synth_dir / "neg.svs"), "--out", str(blocker / "sub"), "-q"]) == 2
     assert "output folder cannot be written" in capsys.readouterr().err
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.util import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     json_ready,
+    output_dir,
     resize_rgb,
     sample_mask,
     sanitize_id,
@@ -128,3 +130,50 @@ def test_sample_mask_maps_through_level0() -> None:
     np.testing.assert_array_equal(out, expect)
     np.testing.assert_array_equal(sample_mask(mask, 4.0, 8.0, (1, 3), (0, 3)), expect[1:3, :3])
     assert sample_mask(mask, 4.0, 400.0, (0, 3), (0, 3)).shape == (3, 3)  # clipped to the mask
+
+
+def test_output_dir_creates_probes_and_refuses_in_one_line(tmp_path: Path) -> None:
+    out = output_dir(tmp_path / "a" / "b")
+    assert out == tmp_path / "a" / "b" and out.is_dir()
+    assert list(out.iterdir()) == []  # its probe file is gone
+    assert output_dir(out) == out  # an existing folder is fine
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"output folder cannot be written") as err:
+        output_dir(blocker / "sub")
+    assert str(blocker / "sub") in str(err.value) and "\n" not in str(err.value)
+    assert blocker.read_text() == "x"  # nothing written over the file
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "predict", "evaluate", "tile"])
+def test_every_command_refuses_an_output_under_a_file(
+    command: str, tmp_path: Path, small_cohort: tuple[Path, Path], fast_run: Path, capsys
+) -> None:
+    """Bad usage, one line, exit 2 -- never a NotADirectoryError traceback."""
+    from wsi_pipeline.cli import main
+
+    stores, labels = small_cohort
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = str(blocker / "sub")
+    args = {
+        "synth": ["synth", out, "--n-slides", "2", "--width", "512", "--height", "512"],
+        "train": ["train", str(stores), "--labels", str(labels), "--out", out, "--epochs", "1"],
+        "predict": ["predict", str(stores), "--run", str(fast_run), "--out", out],
+        "evaluate": [
+            "evaluate",
+            str(stores),
+            "--run",
+            str(fast_run),
+            "--labels",
+            str(labels),
+            "--out",
+            out,
+        ],
+        "tile": ["tile", str(next((labels.parent / "slides").iterdir())), "--out", out],
+    }[command]
+    assert main([*args, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "output folder cannot be written" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert blocker.read_text() == "x"

@@ -35,7 +35,7 @@ from .data import negative_class, read_labels, resolve_stores
 from .errors import ConfigError
 from .metrics import auc_score, bootstrap_ci, brier_score, expected_calibration_error
 from .store import list_stores, store_path
-from .util import atomic_path, atomic_write_json, sanitize_id
+from .util import atomic_path, atomic_write_json, output_dir, sanitize_id
 
 __all__ = [
     "EVALUATION",
@@ -349,8 +349,7 @@ def evaluate(
             sum(overlap.values()),
             ", ".join(f"{k} {v}" for k, v in sorted(overlap.items())),
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir)
     preds = (
         predict(
             store_dir,

@@ -26,7 +26,7 @@ from .data import negative_class
 from .errors import StoreError, TrainingError, WSIPipelineError
 from .specs import tiling_mismatch
 from .store import COORDS, features_key, list_stores, open_store, write_scores
-from .util import atomic_path, sanitize_id
+from .util import atomic_path, output_dir, sanitize_id
 
 __all__ = ["Prediction", "predict", "predict_store", "read_predictions", "write_predictions"]
 
@@ -343,8 +343,7 @@ def predict(
     rid = runs.run_id(run_dir, run_id)
     dev = resolve_device(device)
     model = load_model(run, device=dev)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir)
     stores = list_stores(store_dir)
     if slide_ids is not None:
         wanted = {sanitize_id(s) for s in slide_ids}

@@ -61,7 +61,7 @@ import tifffile
 
 from ._synth_model import Model, build_model, glass_key, maybe_content, render_glass, render_tile
 from .errors import ConfigError
-from .util import atomic_path, atomic_write_json
+from .util import atomic_path, atomic_write_json, output_dir
 
 __all__ = [
     "COHORT_FILE",
@@ -332,7 +332,7 @@ def write_cohort(
     params.update(n_lesions=list(lo_hi), slide_options=dict(sorted(slide_options.items())))
     gt_ds = opts["gt_downsample"]
 
-    (out / SLIDES_DIR).mkdir(parents=True, exist_ok=True)
+    output_dir(out / SLIDES_DIR)
     (out / MASKS_DIR).mkdir(exist_ok=True)
     done: dict[str, SynthSlide] = {}
     entries: dict[str, dict[str, Any]] = {}

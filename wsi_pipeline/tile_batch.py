@@ -43,13 +43,12 @@ from .slide import SLIDE_SUFFIXES, find_slides, slide_id_from_path
 from .specs import TilingSpec
 from .store import store_path
 from .tiling import SlidePlan, TileResult, extract_shard, finalize_slide, prepare_slide
-from .util import atomic_path
+from .util import atomic_path, output_dir
 
 __all__ = [
     "LOCK_WAIT_S",
     "MANIFEST",
     "MANIFEST_FIELDS",
-    "check_writable",
     "tile_slide",
     "tile_slides",
     "write_manifest",
@@ -204,27 +203,6 @@ def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) ->
     return TileResult(sid, path, "failed", 0, time.time() - t0, msg)
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check that files can be written there.
-
-    Raises
-    ------
-    TilingError
-        When the folder cannot be created or written.
-    """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise TilingError(
-            f"output folder cannot be written ({exc.strerror or exc})", path=out
-        ) from exc
-    return out
-
-
 def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[TileResult]]:
     """Slide ids for a batch; later slides whose id is taken fail with a clear reason."""
     seen: dict[str, Path] = {}
@@ -333,12 +311,14 @@ def tile_slides(
 
     Raises
     ------
+    ConfigError
+        When ``out_dir`` cannot be written (:func:`wsi_pipeline.util.output_dir`).
     TilingError
-        When ``out_dir`` cannot be written (nothing can be done then), or when the disk fills up:
+        When the disk fills up:
         ``"disk full writing <path>; stopped after N of M slides"`` (what was written stays).
     """
     spec = spec or TilingSpec()
-    out = check_writable(out_dir)
+    out = output_dir(out_dir)
     files, skipped = find_slides(list(slides))
     for p, why in skipped:
         log.info("skipping %s: %s", p, why)

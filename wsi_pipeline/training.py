@@ -79,7 +79,7 @@ from .train_report import (
     stall_warning,
     validation_warning,
 )
-from .util import atomic_path
+from .util import atomic_path, output_dir
 
 __all__ = [
     "TrainingSetup",
@@ -304,7 +304,7 @@ def setup_training(
     TrainingSetup
     """
     device = _device(config, dist_info)
-    run.mkdir(parents=True, exist_ok=True)
+    output_dir(run)
     stores = {s: p for s, p in stores.items() if splits[s] in SPLIT_NAMES}
     label_of = {r.slide_id: r.label for r in labels.rows}
     targets = {s: labels.index(label_of[s]) for s in stores}

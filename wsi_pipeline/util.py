@@ -1,6 +1,7 @@
 """Small helpers every module may import: safe ids, atomic file writes, JSON, RGB resize.
 
-It imports nothing from the package, so every room may use it without an import cycle.
+It imports nothing from the package but :mod:`wsi_pipeline.errors`, so every room may use it
+without an import cycle.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "json_ready",
+    "output_dir",
     "resize_rgb",
     "sample_mask",
     "sanitize_id",
@@ -80,6 +84,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (with its parents) and check that files can be written.
+
+    The one check every command makes before writing: an output folder under a regular file, on a
+    read-only file system or without permission is bad usage (exit status 2), reported in one line.
+
+    Raises
+    ------
+    ConfigError
+        ``"<path>: output folder cannot be written (<reason>)"``.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output folder cannot be written ({exc.strerror or exc})", path=out
+        ) from exc
+    return out
 
 
 def json_ready(obj: Any) -> Any:
