@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_pipeline.errors import StoreError
+from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import (
     COORDS,
@@ -250,3 +250,30 @@ def test_arrays_equal_to_their_fill_value_are_written(tmp_path: Path) -> None:
     g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
     arr = write_array(g, TISSUE_MASK, np.zeros((40, 30), bool), chunks=(16, 16))
     assert arr.nchunks == 6 and missing_chunks(arr) == 0
+
+
+def test_list_stores_selects_slides_and_refuses_unknown_ids(tmp_path: Path) -> None:
+    for name in ("b", "a", "c_1"):
+        (tmp_path / f"{name}.zarr").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_stores(tmp_path)] == ["a.zarr", "b.zarr", "c_1.zarr"]
+    picked = list_stores(tmp_path, slide_ids=["c 1", "a"])  # sanitised like store names
+    assert [p.name for p in picked] == ["a.zarr", "c_1.zarr"]
+    with pytest.raises(
+        ConfigError, match=r"no store for slide id\(s\) 'zz', 'yy' \(3 stores here\)"
+    ):
+        list_stores(tmp_path, slide_ids=["a", "zz", "yy"])
+
+
+def test_predict_and_heatmap_refuse_an_unknown_slide_id(
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path: Path, capsys
+) -> None:
+    """Exit 2 with one line, not 'predicted 0 of 0 slides' and exit 0."""
+    from wsi_pipeline.cli import main
+
+    stores, _ = small_cohort
+    for cmd in ("predict", "heatmap"):
+        args = [cmd, str(stores), "--run", str(fast_run), "--out", str(tmp_path / cmd)]
+        assert main([*args, "--slide", "no_such_slide", "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no store for slide id(s) 'no_such_slide'" in err[0]

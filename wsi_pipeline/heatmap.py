@@ -714,10 +714,7 @@ def heatmaps(
         values_tiff=values_tiff,
         mask_tissue=True,
     )
-    stores = list_stores(store_dir)
-    if slide_ids is not None:
-        wanted = {sanitize_id(s) for s in slide_ids}
-        stores = [s for s in stores if s.stem in wanted]
+    stores = list_stores(store_dir, slide_ids=slide_ids)
     load = {
         "run_id": run_id,
         "which": which,

@@ -26,7 +26,7 @@ from .data import negative_class
 from .errors import StoreError, TrainingError, WSIPipelineError
 from .specs import tiling_mismatch
 from .store import COORDS, features_key, list_stores, open_store, write_scores
-from .util import atomic_path, output_dir, sanitize_id
+from .util import atomic_path, output_dir
 
 __all__ = ["Prediction", "predict", "predict_store", "read_predictions", "write_predictions"]
 
@@ -344,10 +344,7 @@ def predict(
     dev = resolve_device(device)
     model = load_model(run, device=dev)
     out = output_dir(out_dir)
-    stores = list_stores(store_dir)
-    if slide_ids is not None:
-        wanted = {sanitize_id(s) for s in slide_ids}
-        stores = [s for s in stores if s.stem in wanted]
+    stores = list_stores(store_dir, slide_ids=slide_ids)
     ready, rows = _open_ready(stores, run["tiling"], rid)
     features = None
     if cfg.mode == "features" and ready:

@@ -26,7 +26,7 @@ from .codecs import (
     index_nbytes,
     read_shard_index,
 )
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .specs import MaskSpec, SlideMeta, TilingSpec
 from .util import atomic_write_bytes, sanitize_id
 
@@ -110,12 +110,35 @@ def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(out_dir) / f"{sanitize_id(slide_id)}.zarr"
 
 
-def list_stores(folder: str | os.PathLike) -> list[Path]:
-    """All ``*.zarr`` stores directly inside ``folder``, sorted by name."""
+def list_stores(folder: str | os.PathLike, *, slide_ids: Sequence[str] | None = None) -> list[Path]:
+    """All ``*.zarr`` stores directly inside ``folder``, sorted by name.
+
+    Parameters
+    ----------
+    folder : path
+    slide_ids : sequence of str, optional
+        Only these slides (ids are sanitised as store names are).
+
+    Raises
+    ------
+    StoreError
+        ``folder`` is not a folder.
+    ConfigError
+        A slide id in ``slide_ids`` has no store in ``folder`` (bad usage: one line naming them).
+    """
     p = Path(folder)
     if not p.is_dir():
         raise StoreError("no such folder of stores", path=p)
-    return sorted(q for q in p.iterdir() if q.suffix == ".zarr" and q.is_dir())
+    found = sorted(q for q in p.iterdir() if q.suffix == ".zarr" and q.is_dir())
+    if slide_ids is None:
+        return found
+    by_id = {q.stem: q for q in found}
+    wanted = [sanitize_id(s) for s in slide_ids]
+    unknown = [s for s, w in zip(slide_ids, wanted) if w not in by_id]
+    if unknown:
+        shown = ", ".join(repr(s) for s in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ConfigError(f"{p}: no store for slide id(s) {shown} ({len(found)} stores here)")
+    return [q for q in found if q.stem in set(wanted)]
 
 
 def _zarr() -> Any:
