@@ -218,3 +218,12 @@ def test_train_bad_folds_and_precision_are_exit_2(
     cfg.write_text("precision: half\n")
     assert main([*base, "--config", str(cfg)]) == 2
     assert "precision must be 'amp' or 'fp32', not 'half'" in capsys.readouterr().err
+
+
+def test_a_file_name_with_a_newline_cannot_forge_a_log_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "evil\nINFO: all slides ok.svs"
+    bad.write_bytes(b"not a slide")
+    assert main(["tile", str(bad), "--out", str(tmp_path / "out")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and not any(line.startswith("INFO: all slides ok") for line in lines), lines
+    assert any("evil\\nINFO: all slides ok.svs" in line for line in lines), lines

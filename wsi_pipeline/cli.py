@@ -37,10 +37,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class OneLineFormatter(logging.Formatter):
+    """``LEVEL: message`` with line breaks in the message escaped, so a file name holding a
+    newline can never forge a second log line (tracebacks with ``--debug`` stay readable)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("wsi_pipeline")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -25,7 +25,8 @@ class WSIPipelineError(Exception):
         self.path = None if path is None else os.fspath(path)
         message = " ".join(str(message).split())  # always one line
         if self.path is not None and not message.startswith(self.path):
-            message = f"{self.path}: {message}"
+            shown = self.path.replace("\r", "\\r").replace("\n", "\\n")  # never a forged line
+            message = f"{shown}: {message}"
         super().__init__(message)
 
 
