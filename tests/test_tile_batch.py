@@ -322,3 +322,16 @@ def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
         )
     assert code == 0
     assert is_complete(tmp_path / "neg.zarr") and is_complete(tmp_path / "pos.zarr")
+
+
+@pytest.mark.slow
+def test_a_failing_slide_is_one_line_with_workers(
+    synth_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """No dask 'Compute Failed' block per failure, even from worker processes."""
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide at all")
+    args = ["tile", str(bad), str(synth_dir / "tiny.svs"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--workers", "2", "-q"]) == 1
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ERROR: ") and "bad.svs" in err[0], err

@@ -435,7 +435,7 @@ def _run_dask(
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            silence_logs=logging.ERROR,
+            silence_logs=logging.ERROR if debug else logging.CRITICAL,  # failures: one line each
         )
         client = Client(cluster)
     slides_bar, patch_bar = _bars(progress, len(jobs))
