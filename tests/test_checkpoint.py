@@ -207,7 +207,7 @@ def test_restored_state_counts_stale_epochs_and_early_stop(tmp_path: Path) -> No
 def test_train_state_finished() -> None:
     assert TrainState() == TrainState(history=[], next_epoch=0, stale=0, stopped_early=False)
     assert TrainState().best == {"epoch": -1, "auc": -1.0, "loss": math.inf}
-    assert TrainState().finished(3)  # nothing run: nothing to do
+    assert not TrainState().finished(3)  # no epoch run yet: never finished (nor calibrated)
     two = TrainState(history=[{"epoch": 0}, {"epoch": 1}], next_epoch=2)
     assert not two.finished(3) and two.finished(2)
     assert TrainState(history=[{"epoch": 0}], stopped_early=True).finished(3)

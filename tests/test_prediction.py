@@ -14,7 +14,7 @@ from helpers import add_blank_store, copy_run, tile_cohort_slide
 
 from wsi_pipeline import prediction
 from wsi_pipeline.cli import main
-from wsi_pipeline.errors import TrainingError
+from wsi_pipeline.errors import ConfigError, TrainingError
 from wsi_pipeline.prediction import Prediction, predict, read_predictions, write_predictions
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore, scores_key
@@ -85,11 +85,13 @@ def test_predict_only_some_slides(
     stores, _ = small_cohort
     d = tmp_path / "stores"
     shutil.copytree(stores, d)
+    with pytest.raises(ConfigError, match=r"no store for slide id\(s\) 'nope'"):
+        predict(d, fast_run, tmp_path / "pred", slide_ids=["synth_001", "nope"], progress=False)
     rows = predict(
         d,
         fast_run,
         tmp_path / "pred",
-        slide_ids=["synth_001", "nope"],
+        slide_ids=["synth_001"],
         run_id="only",
         progress=False,
     )

@@ -12,6 +12,7 @@ from helpers import FAST, copy_run, read_strict_json
 from wsi_pipeline import runs
 from wsi_pipeline.errors import TrainingError
 from wsi_pipeline.specs import TrainConfig, fold_config
+from wsi_pipeline.training import train
 
 
 def test_run_id_sanitises(tmp_path: Path) -> None:
@@ -66,7 +67,6 @@ def test_load_run_refuses_missing_and_old_runs(fast_run: Path, tmp_path: Path) -
 def test_run_state_on_real_runs(
     fast_run: Path, small_cohort: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from wsi_pipeline.training import train
 
     cfg = TrainConfig(**FAST)
     assert runs.run_state(fast_run, cfg) == "done"
@@ -211,3 +211,37 @@ def test_cv_state(tmp_path: Path) -> None:
     _finished_run(runs.fold_dir(part, 1), cfg)
     (runs.fold_dir(part, 1) / runs.CHECKPOINT).write_bytes(b"")
     assert runs.cv_state(part, cfg, 2) == "fresh"
+
+
+def test_an_unfinished_run_is_refused_unless_asked(
+    small_cohort: tuple[Path, Path], tmp_path: Path, fast_run: Path
+) -> None:
+    stores, labels_csv = small_cohort
+    part = tmp_path / "part"
+    train(stores, labels_csv, part, config=TrainConfig(**FAST), stop_after=1, progress=False)
+    assert not runs.is_finished(part) and runs.is_finished(fast_run)
+    with pytest.raises(TrainingError, match=r"training has not finished .*--resume"):
+        runs.load_run(part)
+    assert runs.load_run(part, allow_unfinished=True)["dir"] == part
+    from wsi_pipeline.cli import main
+
+    assert main(["predict", str(stores), "--run", str(part), "--out", str(tmp_path / "p")]) == 1
+    assert not (tmp_path / "p" / runs.PREDICTIONS).exists()
+    args = ["predict", str(stores), "--run", str(part), "--out", str(tmp_path / "p2")]
+    assert main([*args, "--allow-unfinished", "-q"]) == 0
+
+
+def test_a_retrain_never_leaves_the_old_model_looking_finished(
+    small_cohort: tuple[Path, Path], tmp_path: Path, fast_run: Path
+) -> None:
+    """A finished run retrained with another config and stopped before its first epoch ends
+    (as a kill would) is neither 'done' nor resumable from the old checkpoint."""
+    stores, labels_csv = small_cohort
+    run = copy_run(fast_run, tmp_path / "run")
+    new = TrainConfig(**{**FAST, "lr": 1e-3})
+    assert runs.run_state(run, new) == "fresh"
+    train(stores, labels_csv, run, config=new, stop_after=0, progress=False)
+    assert not (run / runs.MODEL).exists() and not (run / runs.CHECKPOINT).exists()
+    assert runs.run_state(run, new) == "fresh" and not runs.is_finished(run)
+    with pytest.raises(TrainingError, match="not a complete run"):
+        runs.load_run(run)

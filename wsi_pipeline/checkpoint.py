@@ -128,8 +128,10 @@ class TrainState:
     stopped_early: bool = False
 
     def finished(self, epochs: int) -> bool:
-        """Training is over: stopped early, or ``epochs`` epochs run."""
-        return self.stopped_early or not self.history or self.history[-1]["epoch"] + 1 >= epochs
+        """Training is over: stopped early, or ``epochs`` epochs run (never with no epoch run)."""
+        if not self.history:
+            return False
+        return self.stopped_early or self.history[-1]["epoch"] + 1 >= epochs
 
 
 class Checkpointed(Protocol):

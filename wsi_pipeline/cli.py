@@ -588,6 +588,12 @@ def train(
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    show_default=True,
+    help="Use a run whose training has not finished (best weights so far, uncalibrated).",
+)
 @click.pass_context
 def predict(
     ctx: click.Context,
@@ -598,6 +604,7 @@ def predict(
     run_id: str | None,
     device: str,
     slides: tuple[str, ...],
+    allow_unfinished: bool,
 ) -> None:
     """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
     from .prediction import predict as run_predict
@@ -611,6 +618,7 @@ def predict(
         slide_ids=list(slides) or None,
         run_id=run_id,
         progress=not ctx.obj.get("quiet"),
+        allow_unfinished=allow_unfinished,
     )
     bad = [r for r in rows if not r.ok]
     click.echo(f"predicted {len(rows) - len(bad)} of {len(rows)} slide(s); {out / PREDICTIONS}")

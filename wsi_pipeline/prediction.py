@@ -303,6 +303,7 @@ def predict(
     run_id: str | None = None,
     chunk: int = 512,
     progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> list[Prediction]:
     """Predict every complete store in ``store_dir`` with the run in ``run_dir``.
 
@@ -322,6 +323,8 @@ def predict(
     chunk : int
         Patches per backbone pass.
     progress : bool
+    allow_unfinished : bool
+        Use a run whose training has not finished (refused otherwise); a WARNING says so.
 
     Returns
     -------
@@ -337,7 +340,13 @@ def predict(
 
     from .inference import load_model, resolve_device
 
-    run = runs.load_run(run_dir)
+    run = runs.load_run(run_dir, allow_unfinished=allow_unfinished)
+    if not runs.is_finished(run_dir):
+        log.warning(
+            "%s: training has not finished; predicting with the best weights so far, "
+            "uncalibrated (--allow-unfinished)",
+            run_dir,
+        )
     cfg = run["train_config"]
     classes = list(run["labels"]["classes"])
     rid = runs.run_id(run_dir, run_id)

@@ -44,6 +44,7 @@ __all__ = [
     "check_resumable",
     "cv_state",
     "fold_dir",
+    "is_finished",
     "load_run",
     "read_classes",
     "read_cv_metrics",
@@ -51,6 +52,7 @@ __all__ = [
     "read_splits",
     "run_id",
     "run_state",
+    "start_over",
     "write_calibration",
     "write_cv_metrics",
     "write_metrics",
@@ -83,13 +85,42 @@ def run_id(run_dir: str | os.PathLike, explicit: str | None = None) -> str:
     return sanitize_id(explicit or Path(run_dir).resolve().name)
 
 
-def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """True when ``metrics.json`` says the training of ``run_dir`` finished (the run's
+    "finished" flag, written last by ``train``) and its ``model.pt`` exists."""
+    d = Path(run_dir)
+    try:
+        metrics = json.loads((d / METRICS).read_text())
+    except (OSError, ValueError):
+        return False
+    return metrics.get("finished") is True and (d / MODEL).is_file()
+
+
+def start_over(run_dir: str | os.PathLike) -> None:
+    """Before a fresh (not resumed) training writes into ``run_dir``: remove what an earlier
+    training left that could be mistaken for this one's (model, checkpoint, calibration,
+    metrics), so that a run killed early is never taken for a finished one or resumed from
+    another config's checkpoint."""
+    d = Path(run_dir)
+    for name in (METRICS, MODEL, CHECKPOINT, CALIBRATION):
+        (d / name).unlink(missing_ok=True)
+
+
+def load_run(run_dir: str | os.PathLike, *, allow_unfinished: bool = False) -> dict[str, Any]:
     """Read a run folder's config, tiling, classes and metrics.
+
+    Parameters
+    ----------
+    run_dir : path
+    allow_unfinished : bool
+        Accept a run whose training has not finished (``metrics.json`` without
+        ``finished: true``): its ``model.pt`` is the best epoch so far, not calibrated.
 
     Raises
     ------
     TrainingError
-        A missing folder or file, or a run written by an incompatible version.
+        A missing folder or file, a run written by an incompatible version, or an unfinished run
+        (unless ``allow_unfinished``).
     """
     d = Path(run_dir)
     if not d.is_dir():
@@ -111,6 +142,12 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
             f"{d}: run format {cfg.get('run_version')!r} (wsi-pipeline "
             f"{cfg.get('package_version', '?')}) is not readable by "
             f"{__version__}; train again"
+        )
+    if not allow_unfinished and not is_finished(d):
+        raise TrainingError(
+            f"{d}: training has not finished ({METRICS} has no 'finished: true'); finish it with "
+            "'wsi-pipeline train ... --resume', or pass --allow-unfinished to use the best "
+            "weights so far (uncalibrated)"
         )
     cal = d / CALIBRATION
     out["calibration"] = json.loads(cal.read_text()) if cal.is_file() else None

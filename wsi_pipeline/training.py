@@ -379,11 +379,14 @@ def start_state(setup: TrainingSetup, *, resume: bool) -> TrainState:
         state = restore_checkpoint(ckpt, setup)
         log.info("resuming %s at epoch %d", setup.run, state.next_epoch)
         return state
-    if ckpt.exists() and setup.dist.main:
-        log.warning(
-            "%s: starting over (an earlier checkpoint is replaced; use --resume to continue it)",
-            setup.run,
-        )
+    if setup.dist.main:
+        if ckpt.exists() or (setup.run / runs.MODEL).exists():
+            log.warning(
+                "%s: starting over (the earlier model and checkpoint are removed; use --resume "
+                "to continue a checkpoint)",
+                setup.run,
+            )
+        runs.start_over(setup.run)  # a run killed from here on is never taken for the old one
     return TrainState()
 
 
