@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,14 @@ def fast_run(small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
     run = tmp_path_factory.mktemp("fast_run") / "run"
     train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
     return run
+
+
+@pytest.fixture()
+def live_pid() -> Iterator[int]:
+    """The pid of a real process that stays alive during the test (not this one)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

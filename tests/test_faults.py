@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -183,14 +182,6 @@ def test_odd_entries_are_reported_one_line_each(
 # ---------------------------------------------------------------------------------------------
 # locks: another run's store is left alone; a dead run's lock is taken over
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture()
-def live_pid() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def other_runs_lock(store: Path, pid: int) -> Path:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,6 @@ from wsi_pipeline.locks import (
     read_lock,
 )
 from wsi_pipeline.store import list_stores
-
-
-@pytest.fixture()
-def live_pid() -> Iterator[int]:
-    """The pid of a real process that stays alive during the test (not this one)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def dead_pid() -> int:

@@ -203,21 +203,31 @@ def overlay_colours(
 
 
 def _options(
+    which: str,
+    mode: str | None,
+    threshold: float | None,
     *,
     sigma_um: float,
     cmap: str,
     alpha: float,
-    transparent_below: float,
+    transparent_below: float | None,
     compression: str,
     values_tiff: bool,
     mask_tissue: bool,
-) -> dict[str, Any]:
-    """The drawing options as recorded in a summary's ``params``."""
-    return {
+) -> tuple[Any, dict[str, Any]]:
+    """The colour table and the drawing options as recorded in a summary's ``params``, after
+    checking every option (one place for :func:`export_heatmaps` and :func:`heatmaps`)."""
+    lut, transparent = overlay_colours(
+        check_options(which, mode, threshold)[0],
+        cmap=cmap,
+        alpha=alpha,
+        transparent_below=transparent_below,
+    )
+    return lut, {
         "sigma_um": float(sigma_um),
         "cmap": cmap,
         "alpha": float(alpha),
-        "transparent_below": float(transparent_below),
+        "transparent_below": float(transparent),
         "compression": check_compression(compression),
         "values_tiff": bool(values_tiff),
         "mask_tissue": bool(mask_tissue),
@@ -475,17 +485,14 @@ def export_heatmaps(
     ConfigError
         A bad mode, threshold, downsample, colormap, opacity or compression.
     """
-    lut, transparent = overlay_colours(
-        check_options(which, mode, threshold)[0],
-        cmap=cmap,
-        alpha=alpha,
-        transparent_below=transparent_below,
-    )
-    options = _options(
+    lut, options = _options(
+        which,
+        mode,
+        threshold,
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
-        transparent_below=transparent,
+        transparent_below=transparent_below,
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=mask_tissue,
@@ -699,17 +706,14 @@ def heatmaps(
     ConfigError
         Bad options (checked before any slide).
     """
-    lut, transparent = overlay_colours(
-        check_options(which, mode, threshold)[0],
-        cmap=cmap,
-        alpha=alpha,
-        transparent_below=transparent_below,
-    )
-    options = _options(
+    lut, options = _options(
+        which,
+        mode,
+        threshold,
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
-        transparent_below=transparent,
+        transparent_below=transparent_below,
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=True,
