@@ -63,6 +63,25 @@ def _set_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     _setup_logging(obj.get("debug", False), obj.get("quiet", False))
 
 
+# Options shared by several commands (one definition each).
+run_option = click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A training run folder.",
+)
+run_id_option = click.option(
+    "--run-id",
+    default=None,
+    help="Name of the per-patch scores in the stores (scores/<run-id>); "
+    "default: the run folder's name.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu or cuda."
+)
+
+
 def common_options(f: Any) -> Any:
     """``--debug`` and ``--quiet``, accepted before or after the command name."""
     f = click.option(
@@ -566,13 +585,7 @@ def train(
 @cli.command()
 @common_options
 @click.argument("stores", type=click.Path(path_type=Path))
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="A training run folder.",
-)
+@run_option
 @click.option(
     "--out",
     "-o",
@@ -580,13 +593,8 @@ def train(
     type=click.Path(path_type=Path),
     help="Folder for predictions.csv.",
 )
-@click.option(
-    "--run-id",
-    default=None,
-    help="Name of the per-patch scores in the stores (scores/<run-id>); "
-    "default: the run folder's name.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@run_id_option
+@device_option
 @click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
 @click.option(
     "--allow-unfinished",
@@ -740,13 +748,7 @@ def heatmap(
 @cli.command()
 @common_options
 @click.argument("stores", type=click.Path(path_type=Path))
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="A training run folder.",
-)
+@run_option
 @click.option(
     "--labels",
     "labels_csv",
@@ -761,13 +763,8 @@ def heatmap(
     type=click.Path(path_type=Path),
     help="Folder for evaluation.json, evaluation.csv, roc.png, reliability.png.",
 )
-@click.option(
-    "--run-id",
-    default=None,
-    help="Name of the per-patch scores in the stores (scores/<run-id>); "
-    "default: the run folder's name.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@run_id_option
+@device_option
 @click.option(
     "--n-boot",
     type=int,
