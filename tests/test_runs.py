@@ -11,7 +11,7 @@ from helpers import FAST, copy_run, read_strict_json
 
 from wsi_pipeline import runs
 from wsi_pipeline.errors import TrainingError
-from wsi_pipeline.specs import TrainConfig, fold_config
+from wsi_pipeline.specs import TilingSpec, TrainConfig, fold_config
 from wsi_pipeline.training import train
 
 
@@ -245,3 +245,41 @@ def test_a_retrain_never_leaves_the_old_model_looking_finished(
     assert runs.run_state(run, new) == "fresh" and not runs.is_finished(run)
     with pytest.raises(TrainingError, match="not a complete run"):
         runs.load_run(run)
+
+
+def test_resume_refuses_changed_labels_splits_classes_tiling_and_bad_checkpoints(
+    small_cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One line naming what changed; never a traceback, never a silent resume."""
+    from helpers import tile_cohort_slide, write_labels
+
+    from wsi_pipeline.data import read_labels
+
+    stores, labels_csv = small_cohort
+    cfg = TrainConfig(**FAST)
+    part = tmp_path / "part"
+    train(stores, labels_csv, part, config=cfg, stop_after=1, progress=False)
+    rows = [(r.slide_id, r.label) for r in read_labels(labels_csv).rows]
+
+    def resume(labels: Path, store_dir: Path = stores) -> None:
+        train(store_dir, labels, part, config=cfg, resume=True, stop_after=1, progress=False)
+
+    flipped = write_labels(tmp_path / "flip.csv", [(s, "1" if y == "0" else "0") for s, y in rows])
+    with pytest.raises(TrainingError, match=r"cannot resume: labels changed for 8 slide"):
+        resume(flipped)
+    three = write_labels(tmp_path / "three.csv", [(s, str(i % 3)) for i, (s, _) in enumerate(rows)])
+    with pytest.raises(
+        TrainingError, match=r"cannot resume: the classes changed \(0, 1 -> 0, 1, 2\)"
+    ):
+        resume(three)
+    retiled = tmp_path / "retiled"
+    for sid, _ in rows:
+        tile_cohort_slide(labels_csv, sid, retiled, TilingSpec(tile_px=64, mpp=2.0))
+    with pytest.raises(TrainingError, match=r"cannot resume: the stores were re-tiled"):
+        resume(labels_csv, retiled)
+    assert json.loads((part / runs.TILING).read_text())["mpp"] == 1.0  # tiling.json untouched
+    # a truncated checkpoint
+    ck = part / runs.CHECKPOINT
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    with pytest.raises(TrainingError, match=r"cannot resume from this checkpoint"):
+        resume(labels_csv)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .errors import TrainingError
 from .specs import TrainConfig
 from .util import atomic_path
 
@@ -217,8 +218,15 @@ def restore_checkpoint(path: Path, setup: Checkpointed) -> TrainState:
     """
     import torch
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    setup.model.load_state_dict(ck["model"])
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        setup.model.load_state_dict(ck["model"])
+    except Exception as exc:  # truncated, corrupt, not ours, or another model's checkpoint
+        reason = " ".join(str(exc).split())[:200]
+        raise TrainingError(
+            f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: {reason}); "
+            "train again without --resume"
+        ) from exc
     setup.optim.optimizer.load_state_dict(ck["optimizer"])
     setup.optim.scheduler.load_state_dict(ck["scheduler"])
     setup.optim.scaler.load_state_dict(ck["scaler"])

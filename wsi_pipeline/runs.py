@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, TrainingError
-from .specs import TrainConfig, fold_config
+from .specs import TrainConfig, fold_config, tiling_mismatch
 from .util import atomic_write_json, atomic_write_text, json_ready, sanitize_id
 
 __all__ = [
@@ -207,20 +207,30 @@ def cv_state(run_dir: str | os.PathLike, config: TrainConfig, folds: int) -> str
     return "fresh" if stale or all(s == "fresh" for s in states) else "resume"
 
 
-def check_resumable(run_dir: str | os.PathLike, config: TrainConfig) -> None:
-    """Refuse to resume ``run_dir`` without a checkpoint or with another training config.
+def check_resumable(
+    run_dir: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    tiling: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    splits: Sequence[tuple[str, str, str]] | None = None,
+) -> None:
+    """Refuse to resume ``run_dir`` without a checkpoint, or with other inputs than it started with.
 
     Parameters
     ----------
     run_dir : path
     config : TrainConfig
         The config the resumed run would continue with.
+    tiling, classes, splits : optional
+        The tiling of the stores, the class names and the ``(slide_id, label, split)`` rows the
+        resumed run would continue with; each is compared with what the run recorded.
 
     Raises
     ------
     TrainingError
-        No ``checkpoint.pt``, or ``config.json`` records a different config (names the changed
-        options).
+        No ``checkpoint.pt``; or ``config.json`` records a different config (names the changed
+        options); or other classes, labels, splits or tiling (one line naming what changed).
     """
     run = Path(run_dir)
     if not (run / CHECKPOINT).is_file():
@@ -232,6 +242,41 @@ def check_resumable(run_dir: str | os.PathLike, config: TrainConfig) -> None:
         raise TrainingError(
             f"{run}: cannot resume with a different config (changed: {', '.join(diff) or 'all'})"
         )
+    why = _changed_inputs(run, tiling=tiling, classes=classes, splits=splits)
+    if why:
+        raise TrainingError(f"{run}: cannot resume: {why}; train again without --resume")
+
+
+def _changed_inputs(
+    run: Path,
+    *,
+    tiling: Mapping[str, Any] | None,
+    classes: Sequence[str] | None,
+    splits: Sequence[tuple[str, str, str]] | None,
+) -> str | None:
+    """What differs between the run's recorded inputs and the given ones, or None."""
+    if classes is not None:
+        old_classes = read_classes(run)
+        if list(classes) != old_classes:
+            return f"the classes changed ({', '.join(old_classes)} -> {', '.join(classes)})"
+    if splits is not None:
+        old = {s: (r["label"], r["split"]) for s, r in read_splits(run).items()}
+        new = {s: (label, split) for s, label, split in splits}
+        relabelled = sorted(s for s in new if s in old and new[s][0] != old[s][0])
+        if relabelled:
+            return f"labels changed for {len(relabelled)} slide(s) ({', '.join(relabelled[:3])})"
+        moved = sorted(s for s in new if s in old and new[s][1] != old[s][1])
+        if moved or set(new) != set(old):
+            return f"the slides or their splits changed ({len(moved)} moved, {len(set(new) ^ set(old))} added or gone)"
+    if tiling is not None and (run / TILING).is_file():
+        why = tiling_mismatch(
+            dict(tiling),
+            json.loads((run / TILING).read_text()),
+            reference_name="the run was trained",
+        )
+        if why:
+            return f"the stores were re-tiled ({why})"
+    return None
 
 
 def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:

@@ -371,11 +371,24 @@ def _run_record(
     }
 
 
-def start_state(setup: TrainingSetup, *, resume: bool) -> TrainState:
-    """A fresh state, or the checkpoint's (``resume``; see :func:`wsi_pipeline.runs.check_resumable`)."""
+def start_state(
+    setup: TrainingSetup,
+    *,
+    resume: bool,
+    tiling: dict[str, Any] | None = None,
+    splits: dict[str, str] | None = None,
+) -> TrainState:
+    """A fresh state, or the checkpoint's (``resume``; see :func:`wsi_pipeline.runs.check_resumable`:
+    the config, and the ``tiling`` and ``splits`` when given, must be the run's)."""
     ckpt = setup.run / runs.CHECKPOINT
     if resume:
-        runs.check_resumable(setup.run, setup.config)
+        runs.check_resumable(
+            setup.run,
+            setup.config,
+            tiling=tiling,
+            classes=setup.classes if splits is not None else None,
+            splits=None if splits is None else _split_rows(setup, splits),
+        )
         state = restore_checkpoint(ckpt, setup)
         log.info("resuming %s at epoch %d", setup.run, state.next_epoch)
         return state
@@ -737,7 +750,7 @@ def train(
         if dist_info.main:
             _warn_validation(labels, stores, splits)
         setup = setup_training(config, run, labels, stores, splits, dist_info, progress=progress)
-        state = start_state(setup, resume=resume)
+        state = start_state(setup, resume=resume, tiling=tiling, splits=splits)
         if dist_info.main:
             _write_run_start(setup, labels, splits, tiling, skipped)
         state = fit(setup, state, splits=splits, stop_after=stop_after, progress=progress)
@@ -753,6 +766,11 @@ def _warn_validation(labels: Labels, stores: dict[str, Path], splits: dict[str, 
     warning = validation_warning(auc_reason(val, labels.classes, "validation"))
     if warning is not None:
         log.warning("%s", warning)
+
+
+def _split_rows(setup: TrainingSetup, splits: dict[str, str]) -> list[tuple[str, str, str]]:
+    """``(slide_id, label, split)`` of every slide of the run, as ``splits.csv`` records them."""
+    return [(s, setup.classes[t], splits[s]) for s, t in setup.targets.items()]
 
 
 def _write_run_start(
@@ -772,7 +790,7 @@ def _write_run_start(
             "labels_csv": str(labels.path),
             "skipped_no_patches": skipped,
         },
-        splits=[(s, labels.classes[t], splits[s]) for s, t in setup.targets.items()],
+        splits=_split_rows(setup, splits),
     )
 
 
