@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,23 @@ def test_evaluate_stage_then_skip(
     section["seed"] = 1
     third = run_pipeline(_write(tmp_path, data), progress=False)
     assert [s["status"] for s in third["stages"]] == ["ran"]
+
+
+@pytest.mark.parametrize(
+    ("synth", "message"),
+    [
+        ({"n_slides": -3}, r"'synth': n_slides must be between 1 and"),
+        ({"lesion_style": "tumor"}, r"'synth': lesion_style must be one of tumour, morphology"),
+        ({"width": 0}, r"'synth': width must be between"),
+    ],
+)
+def test_check_validates_synth_values_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], synth: dict, message: str
+) -> None:
+    """`run --check` calls the code write_cohort runs: 'valid' never precedes a failing run."""
+    base = {**SMALL, "out": str(tmp_path / "o")}
+    bad = _write(tmp_path, {**base, "synth": {**base["synth"], **synth}}, "bad.yaml")
+    assert main(["run", str(bad), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "o").exists()

@@ -254,10 +254,14 @@ def _load_synth(p: Pipeline, data: dict[str, Any], where: str) -> None:
     p.synth = _stage_section(p, data, where, "synth")
     if p.synth is None:
         return
-    from .synth import SLIDE_DEFAULTS, write_cohort
+    from .synth import SLIDE_DEFAULTS, check_cohort_options, write_cohort
 
     defaults = {**_keywords(write_cohort, {"out_dir"}), **SLIDE_DEFAULTS}
     _check_section(where, "synth", p.synth, _from_defaults(defaults))
+    try:
+        check_cohort_options(**p.synth)  # the values, by the code write_cohort runs
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: 'synth': {exc}") from None
 
 
 def _load_paths(p: Pipeline, data: dict[str, Any], where: str) -> None:

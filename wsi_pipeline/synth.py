@@ -71,6 +71,7 @@ __all__ = [
     "SLIDES_DIR",
     "SLIDE_DEFAULTS",
     "SynthSlide",
+    "check_cohort_options",
     "load_ground_truth",
     "summarize_cohort",
     "write_cohort",
@@ -294,26 +295,19 @@ def write_cohort(
         In slide-id order.
     """
     params = {k: v for k, v in locals().items() if k not in ("out_dir", "workers")}
-    _check_int("n_slides", n_slides, 1, 100_000)
-    _check_float("positive_fraction", positive_fraction, 0.0, 1.0)
-    _check_int("workers", workers, 1, 256)
-    lo_hi = tuple(n_lesions) if isinstance(n_lesions, (tuple, list)) else ()
-    if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 1 <= lo_hi[0] <= lo_hi[1]:
-        raise ConfigError(
-            f"n_lesions must be a (min, max) pair, 1 <= min <= max, got {n_lesions!r}"
-        )
-    unknown = sorted(set(slide_options) - set(SLIDE_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown slide option(s) {unknown}; accepted: {list(SLIDE_DEFAULTS)}")
-    n_pos = round(n_slides * positive_fraction)
-    if n_pos and tissue_fraction == 0:
-        raise ConfigError("positive slides need tissue, but tissue_fraction is 0")
-    opts = {**SLIDE_DEFAULTS, **slide_options}
-    common = dict(
-        opts, width=width, height=height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction
+    lo_hi, n_pos, opts, checked = _cohort_checks(
+        n_slides=n_slides,
+        positive_fraction=positive_fraction,
+        width=width,
+        height=height,
+        mpp=mpp,
+        seed=seed,
+        lesion_fraction=lesion_fraction,
+        n_lesions=n_lesions,
+        tissue_fraction=tissue_fraction,
+        workers=workers,
+        slide_options=slide_options,
     )
-    common.update(lesion_fraction=lesion_fraction, n_lesions=lo_hi[1] if n_pos else 0, threads=1)
-    checked = _check_slide_args({**common, "path": "x.svs"})  # before writing anything
     params.update({k: checked[k] for k in ("width", "height", "mpp", "seed")})
     params.update({k: checked[k] for k in ("tissue_fraction", "lesion_fraction")})
     params.update(n_slides=int(n_slides), positive_fraction=float(positive_fraction))
@@ -430,6 +424,67 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
     if not (math.isfinite(value) and lo <= value <= hi):
         raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
     return float(value)
+
+
+def check_cohort_options(**options: Any) -> None:
+    """Validate :func:`write_cohort`'s keyword options without writing anything.
+
+    The same checks ``write_cohort`` makes before its first file (used by ``run --check``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown option or a value out of range, in one line.
+    """
+    import inspect
+
+    try:
+        bound = inspect.signature(write_cohort).bind("cohort", **options)
+    except TypeError as exc:
+        raise ConfigError(f"synth options: {exc}") from None
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    args.pop("out_dir")
+    _cohort_checks(**args)
+
+
+def _cohort_checks(
+    *,
+    n_slides: int,
+    positive_fraction: float,
+    width: int,
+    height: int,
+    mpp: float,
+    seed: int,
+    lesion_fraction: float,
+    n_lesions: tuple[int, int],
+    tissue_fraction: float,
+    workers: int,
+    slide_options: dict[str, Any],
+) -> tuple[tuple[int, ...], int, dict[str, Any], dict[str, Any]]:
+    """:func:`write_cohort`'s checks: the lesion-count range, the number of positive slides,
+    the slide options with their defaults, and the checked arguments of one slide."""
+    _check_int("n_slides", n_slides, 1, 100_000)
+    _check_float("positive_fraction", positive_fraction, 0.0, 1.0)
+    _check_int("workers", workers, 1, 256)
+    lo_hi = tuple(n_lesions) if isinstance(n_lesions, (tuple, list)) else ()
+    if len(lo_hi) != 2 or not all(type(v) is int for v in lo_hi) or not 1 <= lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(
+            f"n_lesions must be a (min, max) pair, 1 <= min <= max, got {n_lesions!r}"
+        )
+    unknown = sorted(set(slide_options) - set(SLIDE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown slide option(s) {unknown}; accepted: {list(SLIDE_DEFAULTS)}")
+    n_pos = round(n_slides * positive_fraction)
+    if n_pos and tissue_fraction == 0:
+        raise ConfigError("positive slides need tissue, but tissue_fraction is 0")
+    opts = {**SLIDE_DEFAULTS, **slide_options}
+    common = dict(
+        opts, width=width, height=height, mpp=mpp, seed=seed, tissue_fraction=tissue_fraction
+    )
+    common.update(lesion_fraction=lesion_fraction, n_lesions=lo_hi[1] if n_pos else 0, threads=1)
+    checked = _check_slide_args({**common, "path": "x.svs"})  # before writing anything
+    return lo_hi, n_pos, opts, checked
 
 
 def _check_slide_args(kw: dict[str, Any]) -> dict[str, Any]:
