@@ -244,3 +244,20 @@ def test_check_validates_synth_values_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("heatmap", "message"),
+    [
+        ({"mode": "bogus"}, r"'heatmap': heatmap mode must be one of"),
+        ({"threshold": "high"}, r"'heatmap': threshold must be a number, not 'high'"),
+        ({"which": "attention", "mode": "probability"}, r"attention weights are not probab"),
+    ],
+)
+def test_check_validates_heatmap_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], heatmap: dict, message: str
+) -> None:
+    bad = _write(tmp_path, {**SMALL, "out": str(tmp_path / "o"), "heatmap": heatmap}, "bad.yaml")
+    assert main(["run", str(bad), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err

@@ -158,7 +158,10 @@ def check_options(
     if which == "attention" and mode == "probability":
         raise ConfigError("attention weights are not probabilities; use mode='percentile'")
     lo, hi = MODES[mode]
-    thr = _DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold)
+    try:
+        thr = _DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number, not {threshold!r}") from None
     if not lo <= thr <= hi:
         raise ConfigError(f"threshold {threshold!r} is outside the {mode} range {lo:g}..{hi:g}")
     return mode, thr

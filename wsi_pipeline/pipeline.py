@@ -313,10 +313,15 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
     p.heatmap = _stage_section(p, data, where, "heatmap")
     if p.heatmap is None:
         return
-    from .heatmap import heatmaps
+    from .heatmap import check_options, heatmaps
 
     defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id"})
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
+    h = p.heatmap
+    try:  # the values, by the code the heatmap stage runs
+        check_options(h.get("which", "score"), h.get("mode"), h.get("threshold"))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: 'heatmap': {exc}") from None
 
 
 #: Keys of the ``evaluate`` section that are not keywords of
