@@ -341,7 +341,7 @@ def predict(
     from .inference import load_model, resolve_device
 
     run = runs.load_run(run_dir, allow_unfinished=allow_unfinished)
-    if not runs.is_finished(run_dir):
+    if not run["finished"]:
         log.warning(
             "%s: training has not finished; predicting with the best weights so far, "
             "uncalibrated (--allow-unfinished)",

@@ -114,7 +114,8 @@ def load_run(run_dir: str | os.PathLike, *, allow_unfinished: bool = False) -> d
     run_dir : path
     allow_unfinished : bool
         Accept a run whose training has not finished (``metrics.json`` without
-        ``finished: true``): its ``model.pt`` is the best epoch so far, not calibrated.
+        ``finished: true``): its ``model.pt`` is the best epoch so far, not calibrated. The
+        returned dict says which under ``"finished"``.
 
     Raises
     ------
@@ -143,7 +144,8 @@ def load_run(run_dir: str | os.PathLike, *, allow_unfinished: bool = False) -> d
             f"{cfg.get('package_version', '?')}) is not readable by "
             f"{__version__}; train again"
         )
-    if not allow_unfinished and not is_finished(d):
+    out["finished"] = is_finished(d)
+    if not allow_unfinished and not out["finished"]:
         raise TrainingError(
             f"{d}: training has not finished ({METRICS} has no 'finished: true'); finish it with "
             "'wsi-pipeline train ... --resume', or pass --allow-unfinished to use the best "

@@ -138,7 +138,8 @@ def list_stores(folder: str | os.PathLike, *, slide_ids: Sequence[str] | None = 
     if unknown:
         shown = ", ".join(repr(s) for s in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ConfigError(f"{p}: no store for slide id(s) {shown} ({len(found)} stores here)")
-    return [q for q in found if q.stem in set(wanted)]
+    keep = set(wanted)
+    return [q for q in found if q.stem in keep]
 
 
 def _zarr() -> Any:
