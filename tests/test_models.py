@@ -193,6 +193,29 @@ def test_permutation_invariance(name, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_several_bags_in_one_pass(mode):
+    """``model(x, sizes)`` pools each bag on its own: in eval mode the same as one bag at a
+    time; in train mode BatchNorm sees the patches of every bag together."""
+    model = build("abmil", mode).eval()
+    a, b = make_bag(mode, 5, seed=1), make_bag(mode, 7, seed=2)
+    with torch.no_grad():
+        outs = model(torch.cat([a, b]), [5, 7])
+        one = [model(a), model(b)]
+    assert len(outs) == 2 and outs[1].patch_logits.shape[0] == 7
+    for got, want in zip(outs, one):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.patch_logits, want.patch_logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="do not split"):
+        model(torch.cat([a, b]), [5, 6])
+    if mode == "smallcnn":  # train mode: batch statistics over both bags, not one
+        model.train()
+        with torch.no_grad():
+            together = model(torch.cat([a, b]), [5, 7])[0].patch_logits
+            alone = model(a).patch_logits
+        assert not torch.allclose(together, alone)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_single_instance_bag(name, mode):
     model = build(name, mode).train()

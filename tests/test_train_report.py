@@ -26,6 +26,7 @@ from wsi_pipeline.train_report import (
     auc_reason,
     calibrate,
     calibration_report,
+    late_auc_warning,
     selection_warning,
     stall_warning,
     validation_warning,
@@ -58,6 +59,18 @@ def test_auc_reason_and_stall_rule() -> None:
 
 def _history(*losses: float) -> list[dict]:
     return [{"epoch": e, "train_loss": x} for e, x in enumerate(losses)]
+
+
+def test_late_auc_warning_when_the_best_epoch_was_a_peak() -> None:
+    """The demo's old failure: validation AUC 1.0 at one epoch, 0.06-0.31 at the end."""
+    hist = [{"epoch": e, "val_auc": a} for e, a in enumerate([0.5, 1.0, 0.3, 0.2, 0.25])]
+    w = late_auc_warning(hist, {"epoch": 1, "auc": 1.0})
+    assert w is not None and "fell from 1.000 (epoch 2) to 0.250" in w
+    held = [{"epoch": e, "val_auc": a} for e, a in enumerate([0.5, 1.0, 0.95, 0.97, 1.0])]
+    assert late_auc_warning(held, {"epoch": 1, "auc": 1.0}) is None
+    assert late_auc_warning(hist[:3], {"epoch": 1, "auc": 1.0}) is None  # too short to say
+    no_auc = [{"epoch": e, "val_auc": math.nan} for e in range(5)]
+    assert late_auc_warning(no_auc, {"epoch": 0, "auc": -1.0}) is None
 
 
 def test_stall_warning_at_and_around_the_threshold() -> None:

@@ -30,7 +30,14 @@ from wsi_pipeline.specs import TilingSpec, TrainConfig
 from wsi_pipeline.store import SlideStore, features_key, scores_key
 from wsi_pipeline.synth import load_ground_truth
 from wsi_pipeline.tissue import rect_fractions
-from wsi_pipeline.training import setup_training, start_state, train, train_one_epoch
+from wsi_pipeline.training import (
+    epoch_order,
+    setup_training,
+    start_state,
+    steps_per_epoch,
+    train,
+    train_one_epoch,
+)
 
 #: Features mode on cached features: a few seconds a run (on a copy of the stores).
 FEATURES = {
@@ -164,6 +171,29 @@ def test_training_steps(small_cohort: tuple[Path, Path], tmp_path: Path) -> None
     assert rec["epoch"] == 0 and np.isfinite(rec["train_loss"]) and rec["lr"] > 0
     after = setup.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_steps_take_several_slides_of_both_classes() -> None:
+    """With ``slides_per_step`` > 1 and the balanced sampler every step holds the classes in
+    equal numbers (the minority class repeated), whole steps only, the same on every call."""
+    targets = [0] * 7 + [1] * 3
+    order = epoch_order(range(10), targets, balance="sampler", seed=3, epoch=1, world=1, per_step=4)
+    assert len(order) == 8 == 4 * steps_per_epoch(10, TrainConfig(slides_per_step=4))
+    for k in range(0, len(order), 4):
+        assert sorted(targets[i] for i in order[k : k + 4]) == [0, 0, 1, 1]
+    assert order == epoch_order(
+        range(10), targets, balance="sampler", seed=3, epoch=1, world=1, per_step=4
+    )
+    assert order != epoch_order(
+        range(10), targets, balance="sampler", seed=3, epoch=2, world=1, per_step=4
+    )
+    # two ranks: each gets whole steps
+    assert (
+        len(epoch_order(range(10), targets, balance="none", seed=0, epoch=0, world=2, per_step=2))
+        == 8
+    )
+    assert steps_per_epoch(3, TrainConfig(slides_per_step=4)) == 1  # fewer bags than a step
+    assert steps_per_epoch(24, TrainConfig(slides_per_step=1)) == 24
 
 
 # ---------------------------------------------------------------------------------------------

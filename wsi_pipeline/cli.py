@@ -463,6 +463,15 @@ def synth(out: Path, lesion_style: str | None, **options: Any) -> None:
     help=_train_help("max_patches", "Patches per bag per step."),
 )
 @click.option(
+    "--slides-per-step",
+    type=int,
+    default=None,
+    help=_train_help(
+        "slides_per_step",
+        "Slides per optimizer step, through the CNN together (class-balanced).",
+    ),
+)
+@click.option(
     "--balance",
     type=click.Choice(["sampler", "loss", "none"]),
     default=None,

@@ -18,7 +18,7 @@ import numpy as np
 from .data import BagDataset, negative_class
 from .specs import TrainConfig
 
-__all__ = ["Objective", "bag_loss", "make_objective", "topk_instance_loss"]
+__all__ = ["Objective", "bag_loss", "make_objective", "step_loss", "topk_instance_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +150,59 @@ def bag_loss(model: Any, ddp_model: Any, x: Any, y: int, objective: Objective) -
     Tensor
         Scalar loss.
     """
+    return step_loss(model, ddp_model, [x], [y], objective)
+
+
+def step_loss(
+    model: Any, ddp_model: Any, xs: Sequence[Any], ys: Sequence[int], objective: Objective
+) -> Any:
+    """The training loss of one step: the mean loss of its bags, embedded in one backbone pass.
+
+    The patches of every bag go through the backbone together, so that in training mode
+    BatchNorm normalises over the patches of several slides of both classes, as it will see them
+    at evaluation (running statistics), instead of over one slide; each bag is then pooled on
+    its own. Call under :func:`wsi_pipeline.inference.autocast`.
+
+    Parameters
+    ----------
+    model : MILModel
+    ddp_model : torch.nn.Module
+        ``model`` or its DistributedDataParallel wrapper (the forward pass goes through it).
+    xs : sequence of Tensor
+        The bags, ``(N_i, 3, T, T)`` or ``(N_i, D)``, on the model's device.
+    ys : sequence of int
+        The slides' classes.
+    objective : Objective
+
+    Returns
+    -------
+    Tensor
+        Scalar loss (the mean over the bags).
+    """
+    import torch
+
+    sizes = [int(x.shape[0]) for x in xs]
+    x = xs[0] if len(xs) == 1 else torch.cat(list(xs), dim=0)
+    if objective.instance == "clam":  # bag loss + instance clustering loss on the same h
+        hs = torch.split(model.embed(x), sizes, dim=0)
+        outs = [model.head_forward(h) for h in hs]
+    else:
+        outs = ddp_model(x, sizes)
+        hs = [None] * len(outs)
+    losses = [_one_bag(model, out, h, int(y), objective) for out, h, y in zip(outs, hs, ys)]
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def _one_bag(model: Any, out: Any, h: Any, y: int, objective: Objective) -> Any:
     import torch
     import torch.nn.functional as F
 
-    yt = torch.tensor([y], device=x.device)
-    if objective.instance == "clam":  # bag loss + instance clustering loss on the same h
-        h = model.embed(x)
-        out = model.head_forward(h)
-    else:
-        out = ddp_model(x)
+    yt = torch.tensor([y], device=out.logits.device)
     loss = F.cross_entropy(out.logits[None].float(), yt, weight=objective.class_weights)
     if objective.instance == "clam":
-        inst = model.head.instance_loss(h.float(), int(y))
+        inst = model.head.instance_loss(h.float(), y)
     elif objective.instance == "topk":
-        inst = topk_instance_loss(
-            out.patch_logits.float(), int(y), objective.negative, k=objective.k
-        )
+        inst = topk_instance_loss(out.patch_logits.float(), y, objective.negative, k=objective.k)
     else:
         return loss
     return (1 - objective.weight) * loss + objective.weight * inst

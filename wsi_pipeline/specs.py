@@ -319,6 +319,12 @@ class TrainConfig:
         AdamW with linear warm-up then cosine decay (per step).
     max_patches : int
         Patches per bag per training step (a seeded random subset of the slide's patches).
+    slides_per_step : int
+        Bags (slides) per optimizer step, embedded in one backbone pass so that BatchNorm
+        normalises over several slides of both classes (class-balanced steps with
+        ``balance="sampler"``). With 1, BatchNorm sees one slide per step: it inflates the
+        most abnormal-looking patches of normal slides and end-to-end MIL from scratch then
+        stalls on some seeds (``docs/notes/mil-stall-findings.md``).
     color_jitter : float
         Per-bag brightness/contrast/saturation jitter (±) in end-to-end training, with random
         flips and 90° rotations of each patch.
@@ -359,6 +365,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     max_patches: int = 128
+    slides_per_step: int = 4
     color_jitter: float = 0.15
     eval_max_patches: int | None = None
     hidden_dim: int = 128
@@ -387,7 +394,7 @@ class TrainConfig:
             raise ConfigError(f"balance must be 'sampler', 'loss' or 'none', not {self.balance!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("epochs", "max_patches", "hidden_dim"):
+        for name in ("epochs", "max_patches", "slides_per_step", "hidden_dim"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)!r}")
         if not (self.lr > 0):

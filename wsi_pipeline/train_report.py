@@ -8,7 +8,8 @@ and expected calibration error before and after, ``calibration`` in ``metrics.js
 ``warnings`` in ``metrics.json`` by :mod:`wsi_pipeline.training`: a validation set without an AUC
 (:func:`validation_warning`), a best epoch chosen by the AUC of fewer than
 :data:`MIN_SELECTION_SLIDES` validation slides (:func:`selection_warning`), and a train loss that
-never left chance (:func:`stall_warning`).
+never left chance (:func:`stall_warning`), and a validation AUC that did not hold over the last
+epochs (:func:`late_auc_warning`: the best epoch was a peak, not where training ended up).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .calibration import calibration_scores
 from .data import negative_class
 
 __all__ = [
+    "LATE_AUC_DROP",
     "MIN_SELECTION_SLIDES",
     "STALL_EPOCHS",
     "STALL_FRACTION",
@@ -31,6 +33,7 @@ __all__ = [
     "auc_reason",
     "calibrate",
     "calibration_report",
+    "late_auc_warning",
     "selection_warning",
     "stall_warning",
     "validation_warning",
@@ -46,6 +49,9 @@ MIN_SELECTION_SLIDES = 10
 #: with equal probability costs).
 STALL_EPOCHS = 3
 STALL_FRACTION = 0.95
+#: A finished run whose validation AUC, averaged over its last :data:`STALL_EPOCHS` epochs, is
+#: more than this below its best epoch's is a warning: what was learnt did not hold.
+LATE_AUC_DROP = 0.1
 #: Where the warning of a stalled run points to.
 STALL_HELP = "README, 'When training does not learn'"
 
@@ -103,6 +109,39 @@ def stall_warning(history: Sequence[dict[str, Any]], num_classes: int) -> str | 
         f"train loss did not move from chance (ln {num_classes} = {chance:.3f}) after "
         f"{len(history)} epochs (mean of the last {min(STALL_EPOCHS, len(losses))}: "
         f"{last:.3f}): the model learnt nothing; see {STALL_HELP}"
+    )
+
+
+def late_auc_warning(history: Sequence[dict[str, Any]], best: Mapping[str, Any]) -> str | None:
+    """The warning of a run whose validation AUC fell away from its best epoch, or None.
+
+    Early stopping keeps the best epoch's weights; when the validation AUC of the last
+    :data:`STALL_EPOCHS` epochs averages more than :data:`LATE_AUC_DROP` below it, those weights
+    are a peak that training did not hold (on a small validation set, possibly luck).
+
+    Parameters
+    ----------
+    history : sequence of dict
+        One record per epoch, with ``val_auc`` (NaN or absent without one).
+    best : mapping
+        The best epoch (``TrainState.best``): ``epoch`` (0-based) and ``auc`` (-1 without one).
+
+    Returns
+    -------
+    str or None
+    """
+    aucs = [h.get("val_auc", math.nan) for h in history]
+    late = [a for a in aucs[-STALL_EPOCHS:] if math.isfinite(a)]
+    top = float(best.get("auc", -1.0))
+    if not late or top < 0 or len(history) <= STALL_EPOCHS:
+        return None
+    mean = float(np.mean(late))
+    if mean >= top - LATE_AUC_DROP:
+        return None
+    return (
+        f"validation AUC fell from {top:.3f} (epoch {int(best['epoch']) + 1}) to {mean:.3f} "
+        f"(mean of the last {len(late)} epochs): the kept weights are a peak training did not "
+        f"hold; see {STALL_HELP}"
     )
 
 

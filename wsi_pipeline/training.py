@@ -68,13 +68,14 @@ from .data import (
 )
 from .distributed import Distributed, broadcast_flag, distributed, wrap_ddp
 from .inference import autocast, bag_output, build_model, load_weights, resolve_device, to_device
-from .losses import Objective, bag_loss, make_objective
+from .losses import Objective, make_objective, step_loss
 from .metrics import auc_score, probability_metrics
 from .specs import TrainConfig, fold_config
 from .train_report import (
     auc_reason,
     calibrate,
     calibration_report,
+    late_auc_warning,
     selection_warning,
     stall_warning,
     validation_warning,
@@ -84,11 +85,13 @@ from .util import atomic_path, output_dir
 __all__ = [
     "TrainingSetup",
     "end_epoch",
+    "epoch_order",
     "evaluate",
     "finish",
     "fit",
     "setup_training",
     "start_state",
+    "steps_per_epoch",
     "train",
     "train_folds",
     "train_one_epoch",
@@ -331,7 +334,6 @@ def setup_training(
         train_stores=train_stores,
     )
     bags = _bags(config, stores, splits, targets, extractor)
-    steps_per_epoch = max(1, len(bags["train"]) // dist_info.world)
     unused = config.model == "clam_sb"
     return TrainingSetup(
         config=config,
@@ -341,7 +343,12 @@ def setup_training(
         model=model,
         ddp_model=wrap_ddp(model, device, dist_info, find_unused_parameters=unused),
         bags=bags,
-        optim=make_optimization(model, config, steps_per_epoch=steps_per_epoch, device=device),
+        optim=make_optimization(
+            model,
+            config,
+            steps_per_epoch=steps_per_epoch(len(bags["train"]), config, dist_info.world),
+            device=device,
+        ),
         objective=make_objective(
             config, labels.classes, bags["train"], device=device, world=dist_info.world
         ),
@@ -406,7 +413,7 @@ def start_state(
 # --------------------------------------------------------------------------------------------
 # epochs
 # --------------------------------------------------------------------------------------------
-def _epoch_order(
+def epoch_order(
     train_idx: Sequence[int],
     targets: Sequence[int],
     *,
@@ -414,28 +421,51 @@ def _epoch_order(
     seed: int,
     epoch: int,
     world: int,
+    per_step: int = 1,
 ) -> list[int]:
-    """This epoch's bag order (identical on every rank); class-balanced draws with ``sampler``."""
+    """This epoch's bag order (identical on every rank), whole steps of ``per_step`` bags per rank.
+
+    With ``balance="sampler"`` the bags are class-balanced draws: with one bag per step, drawn
+    with replacement weighted by class; with several, each step takes the classes in turn
+    (every class equally often in a step of ``per_step >= C`` bags), each class's bags in a
+    seeded shuffle repeated as needed. Otherwise a seeded permutation.
+    """
     rng = np.random.default_rng([seed, epoch, 0xB46])
     idx = np.asarray(train_idx)
-    if balance == "sampler":
+    if balance == "sampler" and per_step > 1:
+        y = np.asarray([targets[i] for i in idx])
+        pools = [rng.permutation(idx[y == c]) for c in np.unique(y)]
+        order = np.asarray(
+            [
+                pools[k % len(pools)][(k // len(pools)) % len(pools[k % len(pools)])]
+                for k in range(len(idx))
+            ]
+        )
+    elif balance == "sampler":
         y = np.asarray([targets[i] for i in idx])
         counts = np.bincount(y)
         w = 1.0 / counts[y]
         order = rng.choice(idx, size=len(idx), replace=True, p=w / w.sum())
     else:
         order = rng.permutation(idx)
-    n = (len(order) // world) * world or len(order)
+    unit = world * per_step
+    n = (len(order) // unit) * unit or (len(order) // world) * world or len(order)
     return [int(i) for i in order[:n]]
 
 
+def steps_per_epoch(n_bags: int, config: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps of one epoch of ``n_bags`` training bags (the schedule is per step)."""
+    per_rank = max(1, n_bags // world)
+    return max(1, per_rank // max(1, min(config.slides_per_step, per_rank)))
+
+
 def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) -> dict[str, Any]:
-    """One pass over this rank's share of the training bags.
+    """One pass over this rank's share of the training bags, ``slides_per_step`` bags a step.
 
     Returns
     -------
     dict
-        The epoch's record so far: ``epoch``, ``train_loss`` (mean over this rank's bags) and
+        The epoch's record so far: ``epoch``, ``train_loss`` (mean over this rank's steps) and
         ``lr`` (after the epoch's last step).
     """
     from tqdm.auto import tqdm
@@ -444,15 +474,17 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
     train_set = setup.bags["train"]
     setup.model.train()
     train_set.set_epoch(epoch)
-    order = _epoch_order(
+    order = epoch_order(
         range(len(train_set)),
         train_set.targets,
         balance=config.balance,
         seed=config.seed,
         epoch=epoch,
         world=dist_info.world,
+        per_step=config.slides_per_step,
     )
     mine = order[dist_info.rank :: dist_info.world]
+    per_step = max(1, len(mine) // steps_per_epoch(len(order), config, dist_info.world))
     losses = []
     bar = tqdm(
         total=len(mine),
@@ -461,15 +493,21 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
         disable=None if progress else True,
         leave=False,
     )
+    xs: list[Any] = []
+    ys: list[int] = []
     for x, y, _ in _loader(
         train_set, shuffle_order=mine, num_workers=setup.num_workers, device=device
     ):
-        x = to_device(x, device, config.channels_last)
-        with autocast(device, config.amp):
-            loss = bag_loss(setup.model, setup.ddp_model, x, y, setup.objective)
-        setup.optim.step(loss)
-        losses.append(float(loss.detach()))
+        xs.append(to_device(x, device, config.channels_last))
+        ys.append(int(y))
         bar.update(1)
+        if len(xs) < per_step:
+            continue
+        with autocast(device, config.amp):
+            loss = step_loss(setup.model, setup.ddp_model, xs, ys, setup.objective)
+        setup.optim.step(loss)
+        xs, ys = [], []
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     bar.close()
     return {
@@ -669,6 +707,7 @@ def finish(
             warnings.append(f"calibration skipped: {cal['skipped']}")
         late = [
             selection_warning(state.best, len(setup.bags["val"])),
+            late_auc_warning(state.history, state.best),
             stall_warning(state.history, len(classes)),
         ]
         for w in late:

@@ -209,16 +209,26 @@ class MILModel(nn.Module):
         self._check_features(h)
         return self.head(h)
 
-    def forward(self, x: Tensor) -> MILOutput:
-        """One bag → :class:`MILOutput`.
+    def forward(self, x: Tensor, sizes: list[int] | None = None) -> Any:
+        """One bag → :class:`MILOutput`; several bags in one backbone pass with ``sizes``.
 
         Parameters
         ----------
         x : (N, 3, T, T) uint8 or float Tensor (end-to-end), or (N, D) Tensor (features mode)
+            One bag, or the bags of a training step concatenated (then ``sum(sizes) == N``).
+        sizes : list of int, optional
+            Instances per bag. The backbone embeds all ``N`` instances at once (in training
+            mode BatchNorm normalises over the patches of every slide of the step, not over one
+            slide), then the head pools each bag on its own.
 
         Returns
         -------
-        MILOutput
-            ``logits`` (C,), ``patch_logits`` (N, C), ``attention`` (N,) or None.
+        MILOutput, or list of MILOutput with ``sizes``
+            ``logits`` (C,), ``patch_logits`` (N_i, C), ``attention`` (N_i,) or None, per bag.
         """
-        return self.head_forward(self.embed(x))
+        h = self.embed(x)
+        if sizes is None:
+            return self.head_forward(h)
+        if sum(sizes) != h.shape[0] or any(int(n) < 1 for n in sizes):
+            raise ConfigError(f"bag sizes {sizes} do not split {h.shape[0]} instances")
+        return [self.head_forward(part) for part in torch.split(h, list(sizes), dim=0)]
