@@ -183,8 +183,9 @@ def step_loss(
 
     sizes = [int(x.shape[0]) for x in xs]
     x = xs[0] if len(xs) == 1 else torch.cat(list(xs), dim=0)
+    hs: list[Any]
     if objective.instance == "clam":  # bag loss + instance clustering loss on the same h
-        hs = torch.split(model.embed(x), sizes, dim=0)
+        hs = list(torch.split(model.embed(x), sizes, dim=0))
         outs = [model.head_forward(h) for h in hs]
     else:
         outs = ddp_model(x, sizes)
