@@ -408,9 +408,9 @@ def test_cuda_amp_channels_last(small_cohort: tuple[Path, Path], tmp_path: Path)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_learns_from_slide_labels(tmp_path: Path) -> None:
-    """The demo's cohort and training (pipelines/demo.yaml): held-out slide AUC well above
-    chance, and lesion patches score higher than normal ones on held-out positive slides (the
-    precondition for heatmaps)."""
+    """The demo's cohort and train's default settings (pipelines/demo.yaml): the train loss falls
+    well below chance, the held-out slide AUC is high, and lesion patches score higher than
+    normal ones on held-out positive slides (the precondition for heatmaps)."""
     stores, labels_csv = make_cohort(
         tmp_path,
         40,
@@ -422,15 +422,17 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
         spec=TilingSpec(tile_px=128, mpp=1.0, min_tissue=0.25),
     )
     run = tmp_path / "run"
-    cfg = TrainConfig(epochs=30, lr=1e-3, max_patches=64, patience=30, seed=0)
-    train(stores, labels_csv, run, config=cfg, progress=False)
+    metrics = train(stores, labels_csv, run, config=TrainConfig(), progress=False)  # the defaults
+    assert not metrics["stalled"] and not any("fell from" in w for w in metrics["warnings"])
+    chance = math.log(2)
+    assert metrics["history"][-1]["train_loss"] < 0.6 * chance, "learning is visible, not selected"
     rows = predict(stores, run, tmp_path / "pred", progress=False)
     with open(run / "splits.csv") as fh:
         split = {r["slide_id"]: r for r in csv.DictReader(fh)}
     held = [r for r in rows if split[r.slide_id]["split"] != "train"]
     y = [int(split[r.slide_id]["label"]) for r in held]
     auc = auc_score(y, np.array([r.probabilities["1"] for r in held]))
-    assert auc >= 0.8, f"held-out slide AUC {auc:.2f}"
+    assert auc >= 0.9, f"held-out slide AUC {auc:.2f}"
     ys, ss = [], []
     for r in held:
         if split[r.slide_id]["label"] != "1":
@@ -445,4 +447,4 @@ def test_learns_from_slide_labels(tmp_path: Path) -> None:
         ys.append(frac >= 0.5)
         ss.append(np.asarray(st.group[scores_key("run")][...]))
     patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
-    assert patch_auc >= 0.8, f"patch-level AUC {patch_auc:.2f}"
+    assert patch_auc >= 0.9, f"patch-level AUC {patch_auc:.2f}"

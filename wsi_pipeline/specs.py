@@ -360,11 +360,11 @@ class TrainConfig:
     backbone: str = "smallcnn"
     mode: str = "e2e"
     backbone_weights: str | None = None
-    epochs: int = 40
-    lr: float = 3e-4
+    epochs: int = 30
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
-    max_patches: int = 128
+    max_patches: int = 64
     slides_per_step: int = 4
     color_jitter: float = 0.15
     eval_max_patches: int | None = None
