@@ -277,8 +277,10 @@ def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
     }
 
 
-def seed_study(work: Path, names: list[str], seeds: list[int], n_slides: int) -> list[dict]:
-    """Every (cohort, seed) run of the study with train's defaults."""
+def seed_study(
+    work: Path, names: list[str], seeds: list[int], n_slides: int, epochs: int | None = None
+) -> list[dict]:
+    """Every (cohort, seed) run of the study with train's defaults (``epochs``: smoke runs)."""
     from wsi_pipeline.specs import TrainConfig
 
     rows = []
@@ -287,7 +289,10 @@ def seed_study(work: Path, names: list[str], seeds: list[int], n_slides: int) ->
         stores, labels, _ = cohort(work, name, seed=cseed, n=n_slides, **options)
         for seed in seeds:
             run = work / name / f"run_s{seed}"
-            res = train_and_score(stores, labels, run, TrainConfig(seed=seed))
+            cfg = (
+                TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
+            )
+            res = train_and_score(stores, labels, run, cfg)
             res["patch_auc"] = patch_auc(stores, run, labels.parent, run.name)
             dense = work / name / f"dense_s{seed}"
             shutil.rmtree(dense, ignore_errors=True)
@@ -328,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=list(COHORTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="throughput only")
+    ap.add_argument("--study-only", action="store_true", help="skip the throughput rows")
+    ap.add_argument("--epochs", type=int, default=None, help="smoke runs only (default: train's)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     f0 = lambda v: f"{v:,.0f}"  # noqa: E731
@@ -337,24 +344,27 @@ def main(argv: list[str] | None = None) -> int:
     stores_a, _, slides_a = cohort(
         args.work, first, seed=COHORTS[first][0], n=args.slides, **COHORTS[first][1]
     )
-    rows = throughput(stores_a, slides_a)
-    print("\n1. training throughput, abmil + smallcnn, bags of 64 patches of 128 px, 1 process\n")
-    print(
-        table(
-            rows,
-            [
-                ("row", "patches from", str),
-                ("io", "read patches/s", f0),
-                ("x_io", "x openslide", f2),
-                ("train", "train patches/s", f0),
-                ("x_train", "x openslide", f2),
-                ("peak_mb", "peak RSS MB", f0),
-            ],
+    rows = [] if args.study_only else throughput(stores_a, slides_a)
+    if rows:
+        print(
+            "\n1. training throughput, abmil + smallcnn, bags of 64 patches of 128 px, 1 process\n"
         )
-    )
+        print(
+            table(
+                rows,
+                [
+                    ("row", "patches from", str),
+                    ("io", "read patches/s", f0),
+                    ("x_io", "x openslide", f2),
+                    ("train", "train patches/s", f0),
+                    ("x_train", "x openslide", f2),
+                    ("peak_mb", "peak RSS MB", f0),
+                ],
+            )
+        )
     if args.quick:
         return 0
-    study = seed_study(args.work, args.cohorts, args.seeds, args.slides)
+    study = seed_study(args.work, args.cohorts, args.seeds, args.slides, args.epochs)
     print(
         f"\n2. train's defaults on {args.slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
         f"(lesions 5% of tissue; {', '.join(f'{n}: {COHORTS[n][2]}' for n in args.cohorts)}); "
@@ -399,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    atomic_write_json(args.work / "results.json", {"throughput": rows, "study": study})
+    name = "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
+    atomic_write_json(args.work / f"results_{name}.json", {"throughput": rows, "study": study})
     return 0
 
 
