@@ -491,6 +491,8 @@ def pretrain(
         progress=not ctx.obj.get("quiet"),
     )
     last = res.history[-1]["loss"] if res.history else float("nan")
+    if not res.main:  # another torchrun rank: rank 0 reports
+        return
     if res.weights is None:
         click.echo(
             f"pretraining stopped after epoch {res.epochs_done} of {config.epochs} (loss "

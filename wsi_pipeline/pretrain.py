@@ -361,6 +361,8 @@ class PretrainResult:
         Per epoch: ``epoch``, ``loss``, ``lr``, ``seconds``, ``patches_per_s``.
     seconds : float
         Wall time of this call.
+    main : bool
+        Whether this process is rank 0 (the one that writes; always under one process).
     """
 
     weights: Path | None
@@ -368,6 +370,7 @@ class PretrainResult:
     epochs_done: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    main: bool = True
 
 
 def _device(config: PretrainConfig, rank_local: int, world: int) -> Any:
@@ -571,6 +574,7 @@ def pretrain(
         epochs_done=len(history),
         history=history,
         seconds=time.perf_counter() - t0,
+        main=dist_info.main,
     )
 
 
