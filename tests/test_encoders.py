@@ -313,3 +313,116 @@ def test_import_h5_round_trip(
         f["coords"][0] = f["coords"][0] + 1
     assert main([*base, "--import-h5", str(out), "--name", "other"]) == 1
     assert "coords differ from the store's" in capsys.readouterr().err
+
+
+def test_phikon_v2_preset_from_the_hf_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The phikon-v2 build path (transformers' DINOv2, from config.json + model.safetensors in
+    the Hugging Face cache layout) on a tiny DINOv2 of random weights written here. The preset is
+    the real one except its output width (the real model is 1024 wide)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import dataclasses
+
+    preset = dataclasses.replace(ENCODER_PRESETS["phikon-v2"], dim=32, input_px=32)
+    monkeypatch.setitem(ENCODER_PRESETS, "phikon-v2", preset)
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(3)
+    source = transformers.Dinov2Model(config).eval()
+    cache = tmp_path / "hub"
+    snap = _fake_snapshot(cache, "owkin/phikon-v2", {})
+    source.save_pretrained(str(snap))
+    assert (snap / "model.safetensors").is_file() and (snap / "config.json").is_file()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    enc = load_encoder(encoder="phikon-v2", weights=None)
+    assert enc.preset == "phikon-v2" and enc.weights == str(snap / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = source(pixel_values=x).last_hidden_state[:, 0]
+        torch.testing.assert_close(enc.module.eval()(x), want)
+    assert want.shape == (2, enc.dim)
+    # the folder itself, and the refusals: no config.json, --weights none
+    assert build_preset("phikon-v2", snap)[2] == str(snap / "model.safetensors")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(snap / "model.safetensors", lone / "model.safetensors")
+    with pytest.raises(TrainingError, match=r"lone: no config\.json next to the weights; pass"):
+        build_preset("phikon-v2", lone)
+    with pytest.raises(ConfigError, match=r"--weights none is not supported"):
+        build_preset("phikon-v2", "none")
+
+
+_FAKE_CONCH = '''
+"""Stand-in for MahmoodLab's ``conch`` package (GitHub only): the two calls wsi-pipeline makes,
+on a tiny image tower read with torch.load like the real one."""
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Conv2d(3, 8, 8, stride=8)
+        self.proj = nn.Linear(8, 4)
+
+    def encode_image(self, x, proj_contrast=True, normalize=True):
+        h = self.trunk(x).mean((2, 3))
+        h = self.proj(h) if proj_contrast else h
+        return nn.functional.normalize(h, dim=-1) if normalize else h
+
+
+def create_model_from_pretrained(arch, checkpoint_path):
+    assert arch == "conch_ViT-B-16", arch
+    model = Tiny()
+    model.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+    return model, None
+'''
+
+
+def test_conch_preset_build_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conch build path up to the CONCH library: the checkpoint is found in the Hugging Face
+    cache, a pickle that would run code is refused before CONCH opens it, and the embedding is
+    ``encode_image(proj_contrast=False, normalize=False)``. The real CONCH package is published
+    only on GitHub (MahmoodLab/CONCH; PyPI has an unofficial fork), so a stand-in package with
+    the same two entry points is written here and its real architecture is not exercised."""
+    pkg = tmp_path / "site" / "conch"
+    (pkg / "open_clip_custom").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "open_clip_custom" / "__init__.py").write_text(_FAKE_CONCH)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for mod in ("conch", "conch.open_clip_custom"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    import importlib
+
+    fake = importlib.import_module("conch.open_clip_custom")
+    torch.manual_seed(4)
+    source = fake.Tiny().eval()
+    cache = tmp_path / "hub"
+    ckpt = tmp_path / "pytorch_model.bin"
+    torch.save(source.state_dict(), ckpt)
+    snap = _fake_snapshot(cache, "MahmoodLab/CONCH", {"pytorch_model.bin": ckpt.read_bytes()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    enc = load_encoder(encoder="conch", weights=None)
+    assert enc.preset == "conch" and enc.input_px == 448 and enc.interpolation == "bicubic"
+    assert enc.weights == str(snap / "pytorch_model.bin")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            enc.module(x), source.encode_image(x, proj_contrast=False, normalize=False)
+        )
+    with pytest.raises(ConfigError, match=r"conch.*--weights none is not supported"):
+        build_preset("conch", "none")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.bin"
+    torch.save({"x": EvilPickle(marker)}, evil)
+    with pytest.raises(TrainingError, match=r"not a weights-only torch file, refused"):
+        build_preset("conch", evil)
+    assert not marker.exists()

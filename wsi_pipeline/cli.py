@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .errors import ConfigError, WSIPipelineError
-from .specs import TilingSpec, TrainConfig
+from .specs import PretrainConfig, TilingSpec, TrainConfig
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -349,6 +349,160 @@ def features(
     click.echo(msg)
     if any(not r.ok for r in report.results):
         raise _Failed()
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain: self-supervised pretraining of a backbone on the stores' own patches
+_PRE = PretrainConfig()
+
+
+@cli.command()
+@common_options
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The weights file to write (the backbone's state dict), for train --backbone-weights "
+    "and features --weights.",
+)
+@click.option(
+    "--backbone",
+    default=_PRE.backbone,
+    show_default=True,
+    help="Registered patch CNN: smallcnn, resnet18, resnet50.",
+)
+@click.option(
+    "--init-weights",
+    default=None,
+    help="Start from these weights (a torchvision weights name or a local file); default: "
+    "random init.",
+)
+@click.option("--epochs", type=int, default=_PRE.epochs, show_default=True, help="Epochs.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=_PRE.batch_size,
+    show_default=True,
+    help="Patches per step (two views each).",
+)
+@click.option("--lr", type=float, default=_PRE.lr, show_default=True, help="AdamW peak rate.")
+@click.option(
+    "--patches-per-epoch",
+    type=int,
+    default=None,
+    help="A seeded random subset of the patches per epoch; default: all of them.",
+)
+@click.option(
+    "--crop-px",
+    type=int,
+    default=None,
+    help="Side of the augmented views in px; default: the patch size.",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=_PRE.temperature,
+    show_default=True,
+    help="NT-Xent temperature.",
+)
+@click.option(
+    "--stain-jitter",
+    type=float,
+    default=_PRE.stain_jitter,
+    show_default=True,
+    help="HED stain jitter (scale 1 ± s, shift ± s of each stain's optical density).",
+)
+@click.option(
+    "--color-jitter",
+    type=float,
+    default=_PRE.color_jitter,
+    show_default=True,
+    help="Brightness/contrast/saturation jitter (factors 1 ± j).",
+)
+@click.option("--seed", type=int, default=_PRE.seed, show_default=True, help="Random seed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:<i>.")
+@click.option(
+    "--amp-dtype",
+    type=click.Choice(["auto", "bfloat16", "float16"]),
+    default=_PRE.amp_dtype,
+    show_default=True,
+    help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 with loss scaling).",
+)
+@click.option("--fp32", is_flag=True, help="No mixed precision on CUDA.")
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of the checkpoint, history and TensorBoard logs; default: <out>.pretrain.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the work folder's checkpoint.")
+@click.option(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="Stop after this many epochs in all (checkpointed; continue with --resume).",
+)
+@click.pass_context
+def pretrain(
+    ctx: click.Context,
+    /,
+    stores: tuple[Path, ...],
+    out: Path,
+    work: Path | None,
+    resume: bool,
+    stop_after: int | None,
+    fp32: bool,
+    **options: Any,
+) -> None:
+    """Self-supervised (SimCLR) pretraining of a backbone on the patches of STORES (stores and/or
+    folders of stores), with H&E augmentations: crops, flips and 90° rotations, HED stain and
+    colour jitter, blur.
+
+    Writes OUT (the backbone's state dict) when the last epoch is done, and OUT.json (what made
+    it). Each epoch is checkpointed; --resume continues an interrupted run.
+    """
+    from .pretrain import pretrain as run_pretrain
+
+    config = PretrainConfig(
+        backbone=options["backbone"],
+        init_weights=options["init_weights"],
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        lr=options["lr"],
+        patches_per_epoch=options["patches_per_epoch"],
+        crop_px=options["crop_px"],
+        temperature=options["temperature"],
+        stain_jitter=options["stain_jitter"],
+        color_jitter=options["color_jitter"],
+        seed=options["seed"],
+        device=options["device"],
+        amp=not fp32,
+        amp_dtype=options["amp_dtype"],
+    )
+    res = run_pretrain(
+        list(stores),
+        out,
+        config,
+        work=work,
+        resume=resume,
+        stop_after=stop_after,
+        progress=not ctx.obj.get("quiet"),
+    )
+    last = res.history[-1]["loss"] if res.history else float("nan")
+    if not res.main:  # another torchrun rank: rank 0 reports
+        return
+    if res.weights is None:
+        click.echo(
+            f"pretraining stopped after epoch {res.epochs_done} of {config.epochs} (loss "
+            f"{last:.4f}); continue with --resume (checkpoint in {res.work})"
+        )
+    else:
+        click.echo(
+            f"pretrained {config.backbone} ({res.epochs_done} epochs, loss {last:.4f}, "
+            f"{res.seconds:.0f} s): {res.weights}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ from .errors import ConfigError
 
 __all__ = [
     "PREDICT_OPTIONS",
+    "PRETRAIN_METHODS",
     "TILE_OPTIONS",
     "TILING_TOLERANCE",
     "TRAIN_OPTIONS",
     "MaskSpec",
     "Option",
+    "PretrainConfig",
     "SlideMeta",
     "TilingSpec",
     "TrainConfig",
@@ -427,6 +429,121 @@ def fold_config(config: TrainConfig, *, folds: int, fold: int) -> TrainConfig:
     if int(folds) < 2 or not 0 <= int(fold) < int(folds):
         raise ConfigError(f"folds must be >= 2 and 0 <= fold < folds, not {folds!r}, {fold!r}")
     return dataclasses.replace(config, folds=int(folds), fold=int(fold), test_fraction=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-supervised pretraining (wsi_pipeline.pretrain)
+# ---------------------------------------------------------------------------------------------
+#: pretraining methods :func:`wsi_pipeline.pretrain.pretrain` implements
+PRETRAIN_METHODS = ("simclr",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Options of self-supervised pretraining (saved to the work folder's ``config.json``).
+
+    Attributes
+    ----------
+    backbone : str
+        Registered patch CNN (``smallcnn``, ``resnet18``, ``resnet50``).
+    init_weights : str or None
+        Weights to start from (what ``--weights`` takes, e.g. ``IMAGENET1K_V1``); random init
+        when None.
+    method : {"simclr"}
+    epochs, batch_size, lr, weight_decay, warmup_epochs
+        AdamW with linear warm-up then cosine decay (per step); ``batch_size`` patches per step
+        (two views each).
+    patches_per_epoch : int or None
+        A seeded random subset of the patches per epoch (None: all of them).
+    temperature : float
+        NT-Xent temperature.
+    proj_dim : int
+        Output size of the projection head (dropped after pretraining).
+    crop_px : int or None
+        Side of the views (None: the patch size).
+    crop_scale : (float, float)
+        Area fraction range of the random resized crop.
+    stain_jitter : float
+        HED jitter: each stain's optical density scaled by ``1 ± s`` and shifted by ``± s``.
+    color_jitter : float
+        Brightness, contrast and saturation factors in ``1 ± j``.
+    blur_p : float
+        Probability of a Gaussian blur (sigma 0.1-1.5 px).
+    seed : int
+    device : {"auto", "cpu", "cuda"}
+    amp : bool
+        Mixed precision on CUDA.
+    amp_dtype : {"auto", "bfloat16", "float16"}
+        ``auto``: bf16 where supported, else fp16 (with loss scaling).
+    channels_last : bool
+        Channels-last memory format on CUDA.
+    """
+
+    backbone: str = "smallcnn"
+    init_weights: str | None = None
+    method: str = "simclr"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    patches_per_epoch: int | None = None
+    temperature: float = 0.2
+    proj_dim: int = 64
+    crop_px: int | None = None
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    stain_jitter: float = 0.05
+    color_jitter: float = 0.3
+    blur_p: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    amp_dtype: str = "auto"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in PRETRAIN_METHODS:
+            raise ConfigError(
+                f"pretraining method must be one of {', '.join(PRETRAIN_METHODS)}, not "
+                f"{self.method!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.amp_dtype not in ("auto", "bfloat16", "float16"):
+            raise ConfigError(
+                f"amp_dtype must be auto, bfloat16 or float16, not {self.amp_dtype!r}"
+            )
+        for name in ("epochs", "batch_size", "proj_dim"):
+            if int(getattr(self, name)) < (2 if name == "batch_size" else 1):
+                raise ConfigError(f"{name} must be >= {2 if name == 'batch_size' else 1}")
+        if self.patches_per_epoch is not None and int(self.patches_per_epoch) < 2:
+            raise ConfigError("patches_per_epoch must be >= 2")
+        if self.crop_px is not None and int(self.crop_px) < 8:
+            raise ConfigError(f"crop_px must be >= 8, not {self.crop_px!r}")
+        lo, hi = (float(v) for v in self.crop_scale)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale must be 0 < min <= max <= 1, not {self.crop_scale!r}")
+        object.__setattr__(self, "crop_scale", (lo, hi))
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ConfigError("lr and temperature must be > 0")
+        if not 0 <= self.blur_p <= 1 or self.stain_jitter < 0 or not 0 <= self.color_jitter < 1:
+            raise ConfigError("blur_p must be in [0, 1], stain_jitter >= 0, color_jitter in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(self.crop_scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown pretraining option(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "crop_scale" in d:
+            d["crop_scale"] = tuple(d["crop_scale"])
+        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------
