@@ -868,6 +868,29 @@ def _echo_heatmaps(pngs: list[str]) -> None:
         click.echo(f"  ... and {len(pngs) - 10} more in {Path(pngs[0]).parent.parent}")
 
 
+# --- export, report, view (issue 15) --------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["wsinfer"]),
+    default="wsinfer",
+    show_default=True,
+    help="wsinfer: torchscript.pt + config.json for the WSInfer QuPath extension.",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(path_type=Path), help="Model folder to write."
+)
+def export(run_dir: Path, fmt: str, out: Path) -> None:
+    """Export the patch-level scorer of RUN (backbone + instance classifier, calibrated)."""
+    from .wsinfer import export_run
+
+    paths = export_run(run_dir, out, fmt=fmt)
+    click.echo(f"exported {run_dir} as {fmt}: {paths['torchscript']}, {paths['config']}")
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""
