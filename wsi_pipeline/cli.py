@@ -1031,6 +1031,70 @@ def _echo_heatmaps(pngs: list[str]) -> None:
         click.echo(f"  ... and {len(pngs) - 10} more in {Path(pngs[0]).parent.parent}")
 
 
+# --- export, report, view (issue 15) --------------------------------------------------------
+@cli.command()
+@common_options
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["wsinfer"]),
+    default="wsinfer",
+    show_default=True,
+    help="wsinfer: torchscript.pt + config.json for the WSInfer QuPath extension.",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(path_type=Path), help="Model folder to write."
+)
+def export(run_dir: Path, fmt: str, out: Path) -> None:
+    """Export the patch-level scorer of RUN (backbone + instance classifier, calibrated)."""
+    from .wsinfer import export_run
+
+    paths = export_run(run_dir, out, fmt=fmt)
+    click.echo(f"exported {run_dir} as {fmt}: {paths['torchscript']}, {paths['config']}")
+
+
+@cli.command()
+@common_options
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--stores",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Stores folder (with manifest.csv). [default: OUT_DIR/stores, or OUT_DIR]",
+)
+@click.option(
+    "--predictions",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A predictions.csv. [default: OUT_DIR/predictions/predictions.csv]",
+)
+@click.option(
+    "--run-id",
+    default=None,
+    help="Whose scores to draw. [default: that of the predictions, or the stores' only one]",
+)
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The page to write. [default: OUT_DIR/report.html]",
+)
+def report(
+    out_dir: Path,
+    stores: Path | None,
+    predictions: Path | None,
+    run_id: str | None,
+    dest: Path | None,
+) -> None:
+    """One self-contained HTML page for the batch in OUT_DIR: status counts, timings, failures,
+    and per slide the mask and tiles, prediction, heatmap and top patches (sortable)."""
+    from .report import write_report
+
+    path = write_report(out_dir, stores=stores, predictions=predictions, run_id=run_id, dest=dest)
+    click.echo(f"report: {path}")
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""

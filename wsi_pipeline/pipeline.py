@@ -623,7 +623,23 @@ def run_pipeline(
     report["summary"] = _summary(p)
     report["seconds"] = round(time.time() - started, 2)
     atomic_write_json(p.out / REPORT, report)
+    report["html"] = _write_html_report(p)
+    atomic_write_json(p.out / REPORT, report)
     return report
+
+
+def _write_html_report(p: Pipeline) -> str | None:
+    """The batch QC page (``report.html``) at the end of a pipeline; a failure is a WARNING."""
+    from .errors import WSIPipelineError
+    from .report import write_report
+
+    try:
+        preds = p.predictions / runs.PREDICTIONS
+        rid = p.run_id if p.run_dir.is_dir() else None
+        return str(write_report(p.out, stores=p.stores, predictions=preds, run_id=rid))
+    except (WSIPipelineError, OSError) as exc:
+        log.warning("report.html not written: %s", exc)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
