@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_tiling.py", "bench_training.py", "bench_heatmap.py"]
+BENCHES = [
+    "bench_tiling.py",
+    "bench_training.py",
+    "bench_heatmap.py",
+    "bench_features.py",
+    "bench_pretrain.py",
+]
 
 
 def main() -> int:

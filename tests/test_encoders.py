@@ -426,3 +426,22 @@ def test_conch_preset_build_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(TrainingError, match=r"not a weights-only torch file, refused"):
         build_preset("conch", evil)
     assert not marker.exists()
+
+
+def test_features_under_torchrun_shard_the_slides(
+    store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torchrun's RANK/WORLD_SIZE split the slides: each rank embeds its own share, alone."""
+    other = store.parent / "t.zarr"
+    shutil.copytree(store, other)
+    args = ["features", str(store.parent), "--backbone", "smallcnn", "--weights", "none"]
+    args += ["--device", "cpu", "-q"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    assert "1 computed" in capsys.readouterr().out
+    name = next(iter(zarr.open_group(str(other), mode="r")["features"].array_keys()))
+    assert features_key(name) not in zarr.open_group(str(store), mode="r")  # rank 0's slide
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0 and "1 computed" in capsys.readouterr().out
+    assert features_key(name) in zarr.open_group(str(store), mode="r")

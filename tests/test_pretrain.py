@@ -175,8 +175,6 @@ def test_weights_load_in_train_and_features(
     with torch.no_grad():
         want = net.eval()(PatchNormalize()(x)).numpy()
     np.testing.assert_allclose(np.asarray(arr[:2], np.float32), want, rtol=2e-2, atol=2e-2)
-    # end-to-end training starts from them too
-    assert main([*args, "--mode", "e2e", "--out", str(tmp_path / "run_e2e")]) == 0
 
 
 def test_pretrain_command(
@@ -203,3 +201,16 @@ def test_pretrain_command(
     assert main(["pretrain", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_an_unfinished_store_is_skipped_with_one_line(
+    small_cohort: tuple[Path, Path], tmp_path: Path, logged: pytest.LogCaptureFixture
+) -> None:
+    stores = tmp_path / "stores"
+    shutil.copytree(small_cohort[0], stores)
+    bad = sorted(stores.glob("*.zarr"))[0]
+    zarr.open_group(str(bad), mode="r+").attrs["complete"] = False
+    res = pretrain([stores], tmp_path / "w.pt", replace(TINY, epochs=1))
+    assert res.weights is not None
+    lines = [r.getMessage() for r in logged.records if "skipping" in r.getMessage()]
+    assert len(lines) == 1 and str(bad) in lines[0] and "unfinished" in lines[0]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Distributed", "broadcast_flag", "distributed", "wrap_ddp"]
+__all__ = ["Distributed", "broadcast_flag", "distributed", "launch_place", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -102,4 +102,16 @@ def wrap_ddp(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
+    )
+
+
+def launch_place() -> Distributed:
+    """This process's place as torchrun set it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), without
+    joining a process group: for work split by item (each slide to one rank) that never talks
+    between ranks. Rank 0 of 1 without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    return Distributed(
+        int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
     )

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .distributed import launch_place
 from .encoders import Encoder, build_preset, encoder_preset
 from .errors import ConfigError, StoreError, WSIPipelineError
 from .inference import store_embeddings
@@ -480,7 +481,8 @@ def compute_features(
     -------
     FeaturesReport
         A store that is unfinished or unreadable is ``failed`` with a one-line error; the rest
-        are still processed.
+        are still processed. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` embeds stores
+        ``r, r + world, ...`` (on GPU ``LOCAL_RANK``) and reports those.
 
     Raises
     ------
@@ -495,6 +497,11 @@ def compute_features(
         raise ConfigError(f"batch size must be >= 1, got {batch_size!r}")
     stores = find_stores(paths)
     dev = resolve_device(device)
+    place = launch_place()
+    if place.world > 1:  # under torchrun: every rank embeds its own share of the slides
+        stores = stores[place.rank :: place.world]
+        if dev.type == "cuda" and dev.index is None:
+            dev = type(dev)("cuda", place.local_rank)
     enc = load_encoder(backbone=backbone, encoder=encoder, weights=weights, seed=seed)
     name, digest, _ = _identify(enc)
     _warn_random(enc, name)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, WSIPipelineError
 from .specs import PretrainConfig
 from .util import atomic_path, atomic_write_json
 
@@ -246,7 +246,12 @@ def _open_patches(stores: Sequence[Path]) -> _Patches:
     readers, store_of, index_of = [], [], []
     shapes = set()
     for sp in stores:
-        r = PatchReader(sp)
+        try:
+            r = PatchReader(sp)
+        except (WSIPipelineError, OSError, KeyError, ValueError) as exc:
+            # one line, and the other stores go on
+            log.warning("pretrain: skipping %s: %s", sp, " ".join(str(exc).split())[:200])
+            continue
         if r.n == 0:
             continue
         readers.append(r)
@@ -254,7 +259,9 @@ def _open_patches(stores: Sequence[Path]) -> _Patches:
         store_of.append(np.full(r.n, len(readers) - 1, np.int32))
         index_of.append(np.arange(r.n, dtype=np.int64))
     if not readers:
-        raise ConfigError("no patches to pretrain on: the stores hold no tissue patches")
+        raise ConfigError(
+            "no patches to pretrain on: the stores hold no tissue patches or cannot be read"
+        )
     if len(shapes) > 1:
         raise ConfigError(
             f"stores of different patch sizes {sorted(shapes)}; pretrain on one tiling at a time"
