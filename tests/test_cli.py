@@ -17,7 +17,19 @@ from wsi_pipeline.specs import TILE_OPTIONS, TRAIN_OPTIONS, TrainConfig, tiling_
 from wsi_pipeline.store import SlideStore
 from wsi_pipeline.synth import LESION_STYLES
 
-COMMANDS = ["tile", "features", "train", "predict", "evaluate", "heatmap", "run", "synth"]
+COMMANDS = [
+    "tile",
+    "features",
+    "train",
+    "predict",
+    "evaluate",
+    "heatmap",
+    "run",
+    "synth",
+    "export",
+    "report",
+    "view",
+]
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
