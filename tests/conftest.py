@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,6 +111,32 @@ def fast_run(small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
     run = tmp_path_factory.mktemp("fast_run") / "run"
     train(stores, labels_csv, run, config=TrainConfig(**FAST), progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def scored_batch(
+    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A pipeline-like output folder for the report and viewer (read only): ``stores/`` holds
+    :func:`small_cohort`'s 8 stores, the first 6 predicted by :func:`fast_run` (scores ``run``,
+    ``predictions/predictions.csv``), 2 without scores, a blank slide's store (no tissue), and
+    ``manifest.csv`` also lists ``broken``, a file that failed to tile."""
+    from helpers import TILING, add_blank_store
+
+    from wsi_pipeline.prediction import predict
+    from wsi_pipeline.store import list_stores
+    from wsi_pipeline.tile_batch import tile_slides
+
+    out = tmp_path_factory.mktemp("scored_batch")
+    stores = out / "stores"
+    shutil.copytree(small_cohort[0], stores)
+    ids = [p.stem for p in list_stores(stores)]
+    predict(stores, fast_run, out / "predictions", slide_ids=ids[:6], progress=False, device="cpu")
+    add_blank_store(stores, out)
+    (out / "broken.svs").write_bytes(b"this is not a slide")
+    res = tile_slides([out / "broken.svs"], stores, spec=TILING, progress=False)
+    assert not res[0].ok
+    return out
 
 
 @pytest.fixture()

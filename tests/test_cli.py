@@ -27,6 +27,9 @@ COMMANDS = [
     "heatmap",
     "run",
     "synth",
+    "export",
+    "report",
+    "view",
 ]
 
 

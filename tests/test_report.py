@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from browser import assert_not_blank, launch_browser, open_page
-from helpers import TILING, add_blank_store
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.prediction import predict
 from wsi_pipeline.report import REPORT_HTML, write_report
-from wsi_pipeline.store import list_stores
-from wsi_pipeline.tile_batch import tile_slides
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +18,8 @@ def browser() -> Iterator[Any]:
     yield from launch_browser()
 
 
-@pytest.fixture(scope="module")
-def batch(
-    small_cohort: tuple[Path, Path], fast_run: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A pipeline-like folder: 8 stores (6 predicted, 2 without scores), a blank slide (no
-    tissue) and a slide that failed to tile (its manifest row only)."""
-    out = tmp_path_factory.mktemp("report")
-    stores = out / "stores"
-    shutil.copytree(small_cohort[0], stores)
-    ids = [p.stem for p in list_stores(stores)]
-    predict(stores, fast_run, out / "predictions", slide_ids=ids[:6], progress=False, device="cpu")
-    add_blank_store(stores, out)
-    (out / "broken.svs").write_bytes(b"this is not a slide")
-    res = tile_slides([out / "broken.svs"], stores, spec=TILING, progress=False)
-    assert not res[0].ok
-    return out
-
-
-def test_report_page(batch: Path, browser: Any) -> None:
-    page_path = write_report(batch)
-    assert page_path == batch / REPORT_HTML
+def test_report_page(scored_batch: Path, browser: Any, tmp_path: Path) -> None:
+    page_path = write_report(scored_batch, dest=tmp_path / REPORT_HTML)
     text = page_path.read_text()
     assert "broken" in text and "unsupported or unreadable slide" in text  # failed, with reason
     assert "no heatmap: the store has no scores/run" in text  # the 2 unpredicted stores
@@ -75,8 +51,8 @@ def test_report_page(batch: Path, browser: Any) -> None:
     assert errors == []
 
 
-def test_report_cli(batch: Path, tmp_path: Path) -> None:
+def test_report_cli(scored_batch: Path, tmp_path: Path) -> None:
     dest = tmp_path / "qc.html"
-    assert main(["report", str(batch), "--dest", str(dest)]) == 0
+    assert main(["report", str(scored_batch), "--dest", str(dest)]) == 0
     assert "wsi-pipeline batch report" in dest.read_text()
     assert main(["report", str(tmp_path / "nothing-here")]) == 1

@@ -1095,6 +1095,69 @@ def report(
     click.echo(f"report: {path}")
 
 
+@cli.command()
+@common_options
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--slide", "slides", multiple=True, help="Only these slide ids (repeatable).")
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The run whose scores to overlay (its folder). [default: none, the slides alone]",
+)
+@click.option("--run-id", default=None, help="Scores name if not the run folder's name.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (anything else than localhost exposes the slides).",
+)
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
+@click.option(
+    "--threshold", type=float, default=0.5, show_default=True, help="Regions at or above this."
+)
+@click.option(
+    "--openseadragon",
+    "osd_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="OpenSeadragon's build folder. [default: $WSI_OPENSEADRAGON or node_modules/ from "
+    "'make viewer']",
+)
+def view(
+    stores: tuple[Path, ...],
+    slides: tuple[str, ...],
+    run_dir: Path | None,
+    run_id: str | None,
+    host: str,
+    port: int,
+    threshold: float,
+    osd_dir: Path | None,
+) -> None:
+    """Serve the slides in STORES on localhost with their heatmap (toggleable, adjustable
+    opacity) and regions, in OpenSeadragon. Ctrl-C stops it."""
+    from .runs import run_id as run_id_rule
+    from .viewer import make_server, serve
+
+    rid = run_id_rule(run_dir, run_id) if run_dir is not None else run_id
+    server = make_server(
+        list(stores),
+        slide_ids=list(slides) or None,
+        run_id=rid,
+        host=host,
+        port=port,
+        threshold=threshold,
+        osd_dir=osd_dir,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("view: listening on %s: anyone who can reach it sees the slides", host)
+    h, p = server.server_address[:2]
+    n = len(getattr(server.RequestHandlerClass, "slides", {}))
+    click.echo(f"viewing {n} slide(s) at http://{h!s}:{p}/")
+    serve(server)
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""
