@@ -261,3 +261,35 @@ def test_check_validates_heatmap_values(
     assert main(["run", str(bad), "--check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"model": "nosuch"}, r"train: unknown model 'nosuch'; known models: .*abmil"),
+        ("train", {"backbone": "nosuch"}, r"train: unknown backbone 'nosuch'; known backbones"),
+        (
+            "train",
+            {"mode": "features", "backbone": "nosuch"},
+            r"train: .*unknown backbone 'nosuch'",
+        ),
+        ("train", {"backbone_weights": "MISSING.pt"}, r"train: .*MISSING\.pt"),
+        ("predict", {"device": "tpu"}, r"predict\.device: device must be auto, cpu, cuda"),
+    ],
+)
+def test_check_builds_the_model_and_device_the_stages_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str, values: dict, message: str
+) -> None:
+    """`run --check` builds the model (weights loaded) and resolves the device by the stages'
+    own code, so 'valid' never precedes a train or predict stage that fails on them."""
+    if "backbone_weights" in values:
+        values = {"backbone_weights": str(tmp_path / values["backbone_weights"])}
+    data = {**SMALL, "out": str(tmp_path / "o")}
+    data[section] = {**data.get(section, {}), **values}
+    bad = _write(tmp_path, data, "bad.yaml")
+    assert main(["run", str(bad), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "o").exists()
+    good = _write(tmp_path, {**SMALL, "out": str(tmp_path / "o")}, "good.yaml")
+    assert main(["run", str(good), "--check"]) == 0

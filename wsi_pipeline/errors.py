@@ -15,6 +15,7 @@ __all__ = [
     "TilingError",
     "TrainingError",
     "WSIPipelineError",
+    "worker_message",
 ]
 
 
@@ -23,7 +24,7 @@ class WSIPipelineError(Exception):
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
         self.path = None if path is None else os.fspath(path)
-        message = " ".join(str(message).split())  # always one line
+        message = " ".join(worker_message(str(message), type(self).__name__).split())  # one line
         if self.path is not None and not message.startswith(self.path):
             shown = self.path.replace("\r", "\\r").replace("\n", "\\n")  # never a forged line
             message = f"{shown}: {message}"
@@ -48,3 +49,19 @@ class ConfigError(WSIPipelineError):
 
 class TrainingError(WSIPipelineError):
     """Training or prediction cannot proceed with the given data or run folder."""
+
+
+def worker_message(message: str, name: str) -> str:
+    """The original one-line message of an error re-raised from a torch DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)`` where
+    ``text`` is ``"Caught <name> in DataLoader worker process N." + the worker's traceback``;
+    the message is the last line of that traceback, after ``"<module>.<name>: "``. Any other
+    ``message`` is returned as is.
+    """
+    if not message.startswith(f"Caught {name} in DataLoader worker"):
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    head, sep, tail = last.partition(f"{name}: ")
+    return tail if sep and head.strip().replace(".", "").replace("_", "").isalnum() else last

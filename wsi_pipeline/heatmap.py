@@ -754,10 +754,12 @@ def _batch_row(
     }
     try:
         row.update(_export_or_skip(store_path, folder, load=load, lut=lut, overwrite=overwrite))
-    except (WSIPipelineError, OSError) as exc:
+    except (WSIPipelineError, OSError, RuntimeError, ValueError) as exc:  # zarr codec errors
         msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{store_path}: {exc}"
-        log.error("%s", msg)
-        row["error"] = msg
+        if isinstance(exc, (RuntimeError, ValueError)):
+            msg = f"{store_path}: cannot read its arrays ({exc}); the store is corrupt"
+        log.error("%s", " ".join(msg.split()))
+        row["error"] = " ".join(msg.split())
     row["seconds"] = round(time.time() - t0, 3)
     return row
 

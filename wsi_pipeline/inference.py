@@ -54,7 +54,10 @@ def resolve_device(device: str) -> Any:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' asked for, but no CUDA device is available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<i>, not {device!r}") from None
 
 
 def build_model(

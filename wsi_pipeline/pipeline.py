@@ -307,6 +307,40 @@ def _load_train(p: Pipeline, data: dict[str, Any], where: str) -> None:
         p.train_config, p.folds = train_config_from_options(p.train)
     except ConfigError as exc:
         raise ConfigError(f"{where}: train: {exc}") from exc
+    _check_model(p.train_config, where)
+
+
+def _check_model(config: TrainConfig, where: str) -> None:
+    """Build the model (and, in features mode, the encoder) the train stage will build, by the
+    stage's own code: unknown model or backbone, a weights file that is missing, refused or does
+    not fit, fail now in one line."""
+    from .errors import TrainingError
+    from .inference import build_model
+
+    try:
+        if config.mode == "features":
+            from .features import load_encoder
+            from .weights import NO_WEIGHTS
+
+            weights = config.backbone_weights or NO_WEIGHTS
+            enc = load_encoder(backbone=config.backbone, weights=weights, seed=config.seed)
+            build_model(config, 2, in_dim=enc.dim)
+        else:
+            build_model(config, 2)
+    except (ConfigError, TrainingError) as exc:
+        raise ConfigError(f"{where}: train: {exc}") from None
+
+
+def _check_device(p: Pipeline, where: str) -> None:
+    """The predict section's device, by the code predict resolves it with."""
+    from .inference import resolve_device
+
+    device = p.predict.get("device")
+    if device is not None:
+        try:
+            resolve_device(str(device))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: predict.device: {exc}") from None
 
 
 def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
@@ -416,6 +450,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     _load_train(p, data, where)
     p.predict = _section(where, data.get("predict"), "predict")
     _check_section(where, "predict", p.predict, _typed(PREDICT_OPTIONS))
+    _check_device(p, where)
     _load_evaluate(p, data, where)
     _load_heatmap(p, data, where)
     _check_inputs(p, where)

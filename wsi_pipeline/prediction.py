@@ -379,7 +379,6 @@ def predict(
             )
         except (WSIPipelineError, OSError) as exc:
             msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{st.path}: {exc}"
-            log.error("%s", msg)
             rows.append(Prediction(st.path.stem, run_id=rid, error=msg))
     for r in rows:
         if r.error and not r.ok:

@@ -706,8 +706,28 @@ class PatchReader:
             self._indices[shard] = idx
         return idx
 
+    def _decode(self, data: bytes, nbytes: int, i: int, shard: int) -> np.ndarray:
+        """Decode inner chunk ``i``; a short or undecodable chunk is a :class:`StoreError`
+        naming the store, the patch and the shard (never a codec traceback)."""
+        try:
+            if len(data) != nbytes:
+                raise ValueError(f"{len(data)} of {nbytes} bytes on disk")
+            return decode_chunk(data, self.codec, self.shape_hwc)
+        except (ValueError, RuntimeError) as exc:  # imagecodecs' errors are RuntimeErrors
+            raise StoreError(
+                f"patch {i} (shard {shard}) cannot be decoded ({exc}); the store is corrupt: "
+                "re-tile the slide ('wsi-pipeline tile --overwrite')",
+                path=self.store,
+            ) from exc
+
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Patches at ``indices`` as a ``(K, T, T, 3)`` uint8 array (in the order given)."""
+        """Patches at ``indices`` as a ``(K, T, T, 3)`` uint8 array (in the order given).
+
+        Raises
+        ------
+        StoreError
+            A shard whose index or one of whose chunks is torn or cannot be decoded.
+        """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), *self.shape_hwc), np.uint8)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
@@ -729,7 +749,7 @@ class PatchReader:
                     fh = open(shard_path(self.store, shard), "rb")
                     cur = shard
                 fh.seek(int(off))
-                out[k] = decode_chunk(fh.read(int(nbytes)), self.codec, self.shape_hwc)
+                out[k] = self._decode(fh.read(int(nbytes)), int(nbytes), i, shard)
         finally:
             if fh is not None:
                 fh.close()
