@@ -112,6 +112,48 @@ def test_not_a_tiled_level_gives_none(synth_svs: str, testdata: Path, tmp_path: 
     assert open_tiff_level(str(kidney), 0, (1493, 901)) is None
 
 
+@pytest.mark.parametrize("which", ["synth", "cmu"])
+def test_scaled_decode_matches_full_decode_and_reduce(
+    which: str, synth_svs: str, testdata: Path
+) -> None:
+    """A 1/2, 1/4, 1/8 DCT-domain decode is the full decode box-reduced, within a grey level."""
+    from wsi_pipeline.util import resize_rgb
+
+    path, wh = (synth_svs, (2600, 2100)) if which == "synth" else (str(testdata / CMU), None)
+    tiff, ref = _level(path, 0)
+    ref.close()
+    assert wh is None or (tiff.width, tiff.height) == wh
+    full = tiff.read(0, 0, 960, 960)
+    for s in (2, 4, 8):
+        assert tiff.can_scale(s)
+        got = tiff.read(0, 0, 960 // s, 960 // s, scale=s)
+        assert got.shape == (960 // s, 960 // s, 3)
+        want = resize_rgb(full, (960 // s, 960 // s))
+        assert np.abs(got.astype(int) - want).mean() < 1.0
+    # the scaled level ends where the level ends: white beyond it
+    edge = tiff.read(tiff.width // 2 - 4, 0, 8, 8, scale=2)
+    assert (edge[:, 4:] == 255).all() and tiff.tile(0, 2).shape[:2] == (
+        tiff.tile_h // 2,
+        tiff.tile_w // 2,
+    )
+    assert not tiff.can_scale(3)
+
+
+def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
+    with tifffile.TiffFile(synth_svs) as tf:
+        off, n = int(tf.pages[0].dataoffsets[5]), int(tf.pages[0].databytecounts[5])
+    bad = tmp_path / "bad.svs"
+    shutil.copy(synth_svs, bad)
+    with open(bad, "r+b") as fh:
+        fh.seek(off + 2)
+        fh.write(b"\x00" * (n - 2))
+    tiff = open_tiff_level(str(bad), 0, (2600, 2100))
+    assert tiff is not None
+    with pytest.raises(Exception):  # noqa: B017 - Pillow's own error; the tiler names the region
+        tiff.tile(5, 2)
+    tiff.close()
+
+
 def test_truncated_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
     with tifffile.TiffFile(synth_svs) as tf:
         offsets = np.asarray(tf.pages[0].dataoffsets)

@@ -19,6 +19,7 @@ from wsi_pipeline.store import (
     COORDS,
     PATCHES,
     THUMBNAIL,
+    TISSUE_FRACTION,
     TISSUE_MASK,
     SlideStore,
     is_complete,
@@ -114,7 +115,7 @@ def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None
 
 
 def test_tile_at_mpp_resamples_once(synth_dir: Path, tmp_path: Path) -> None:
-    spec = TilingSpec(tile_px=128, mpp=1.0, codec="zstd")
+    spec = TilingSpec(tile_px=128, mpp=1.0, codec="zstd", scaled_decode=False)  # full decode
     r = tile_slide(synth_dir / "pos.svs", tmp_path, spec=spec)
     st = SlideStore(tmp_path / "pos.zarr")
     assert st.tiling["downsample"] == pytest.approx(2.0) and st.tiling["mpp"] == 1.0
@@ -125,6 +126,44 @@ def test_tile_at_mpp_resamples_once(synth_dir: Path, tmp_path: Path) -> None:
             ref = s.read_region_mpp((int(x), int(y)), (128, 128), 1.0)
             got = st.reader().read([i])[0]
             assert np.abs(got.astype(int) - ref).max() <= 1  # lossless store of the same pixels
+
+
+def test_scaled_decode_keeps_patches_and_pixels(synth_dir: Path, tmp_path: Path) -> None:
+    """Decoding JPEG tiles at 1/2 scale (0.5 -> 1.0 mpp) keeps exactly the same patches (coords
+    and tissue fractions) as full decoding, and pixels (stored losslessly) within 3 grey levels
+    of openslide + area resize."""
+    from PIL import Image
+
+    from wsi_pipeline.tiffsrc import open_tiff_level
+    from wsi_pipeline.tiling import SlidePlan, decode_scale, prepare_slide
+
+    stores = {}
+    for sd in (True, False):
+        spec = TilingSpec(tile_px=128, mpp=1.0, codec="zstd", scaled_decode=sd)
+        tile_slide(synth_dir / "pos.svs", tmp_path / str(sd), spec=spec)
+        stores[sd] = SlideStore(tmp_path / str(sd) / "pos.zarr")
+        plan = prepare_slide(synth_dir / "pos.svs", tmp_path / f"plan{sd}", spec=spec)
+        assert isinstance(plan, SlidePlan)
+        tiff = open_tiff_level(plan.path, 0, plan.level_wh)
+        assert tiff is not None and decode_scale(tiff, plan, 256, 512) == (2 if sd else 1)
+        assert decode_scale(tiff, plan, 255, 512) == 1  # off the 1/2-scale grid: full decode
+        tiff.close()
+    a, b = stores[True], stores[False]
+    assert a.n_patches == b.n_patches > 10
+    assert np.array_equal(a.coords, b.coords)
+    assert np.array_equal(a.group[TISSUE_FRACTION][:], b.group[TISSUE_FRACTION][:])
+    idx = list(range(0, a.n_patches, max(1, a.n_patches // 12)))
+    pa, pb = a.reader().read(idx), b.reader().read(idx)
+    import openslide
+
+    with openslide.OpenSlide(str(synth_dir / "pos.svs")) as s:
+        for k, i in enumerate(idx):
+            x, y = (int(v) for v in a.coords[i])
+            ref = s.read_region((x, y), 0, (256, 256)).convert("RGB")
+            ref = np.asarray(ref.resize((128, 128), Image.Resampling.BOX)).astype(int)
+            da, db = np.abs(pa[k].astype(int) - ref).mean(), np.abs(pb[k].astype(int) - ref).mean()
+            assert da <= 3.0 and da <= db + 0.5  # the DCT-domain decode: no worse than full
+            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 1.0
 
 
 def test_overlap_and_edges(synth_dir: Path, tmp_path: Path) -> None:
@@ -241,8 +280,10 @@ def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:
     assert SlideStore(store).meta.file_size == slide2.stat().st_size
 
 
-def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path) -> None:
-    """A file that opens but has a broken tile in the tissue fails with the region named."""
+@pytest.mark.parametrize("mpp", [None, 1.0])
+def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path, mpp: float | None) -> None:
+    """A file that opens but has a broken tile in the tissue fails with the region named: on
+    the copy path and on the resampled path (tiles decoded at 1/2 scale)."""
     import tifffile
 
     bad = tmp_path / "in" / "bad.svs"
@@ -258,9 +299,11 @@ def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path) -> None:
     with open(bad, "r+b") as fh:
         fh.seek(off + n - 40)
         fh.write(b"\x00" * 40)  # destroys the end of the tile, including its EOI marker
-    res = tile_slides([bad, synth_dir / "neg.svs"], tmp_path / "out", progress=False)
+    spec = TilingSpec(tile_px=256 if mpp is None else 128, mpp=mpp)
+    res = tile_slides([bad, synth_dir / "neg.svs"], tmp_path / "out", spec=spec, progress=False)
     assert st_ok.status == "ok"
-    assert res[0].status == "failed" and f"x={x} y={y}" in res[0].error
+    assert res[0].status == "failed" and "cannot be decoded" in res[0].error
+    assert mpp is not None or f"x={x} y={y}" in res[0].error
     assert "bad.svs" in res[0].error
     assert res[1].status == "ok"
     assert not is_complete(tmp_path / "out" / "bad.zarr")

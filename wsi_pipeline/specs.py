@@ -197,6 +197,11 @@ class TilingSpec:
         lines up with them and encodes at ``jpeg_quality`` otherwise; ``"zstd"`` is lossless.
     jpeg_quality : int
         JPEG quality when patches are encoded.
+    scaled_decode : bool
+        When the patches are at least twice as coarse as the pyramid level they are read from,
+        decode the file's JPEG tiles at 1/2, 1/4 or 1/8 scale in the DCT domain and finish with
+        one small resample (much faster; within ~1-2 grey levels of a full decode + area
+        resize). False always decodes at full resolution. Never changes which patches are kept.
     patches_per_shard : int
         Patches per shard file of the ``patches`` array.
     mask : MaskSpec
@@ -211,6 +216,7 @@ class TilingSpec:
     edge: str = "pad"
     codec: str = "jpeg"
     jpeg_quality: int = 90
+    scaled_decode: bool = True
     patches_per_shard: int = 256
     mask: MaskSpec = field(default_factory=MaskSpec)
 

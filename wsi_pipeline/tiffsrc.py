@@ -2,7 +2,9 @@
 
 The tiler uses this instead of ``read_region`` wherever it can: each source tile is read once
 (``os.pread``, no shared file position), decoded at most once per task, and — when the patch grid
-lines up with the file's own JPEG tiles — copied as bytes without decoding at all.
+lines up with the file's own JPEG tiles — copied as bytes without decoding at all. JPEG tiles can
+also be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg-turbo through Pillow's
+``Image.draft``) when the patches are coarser than the level: far less work than a full decode.
 
 Files that are not tiled TIFFs, or whose codec the readers treat specially (Aperio JPEG 2000
 YCbCr, 33003), get ``None`` from :func:`open_tiff_level` and are read through the slide reader.
@@ -10,6 +12,7 @@ YCbCr, 33003), get ``None`` from :func:`open_tiff_level` and are read through th
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -22,7 +25,7 @@ import numpy as np
 
 from .codecs import join_jpeg_tables
 
-__all__ = ["JPEG", "TiffLevel", "open_tiff_level"]
+__all__ = ["DCT_SCALES", "JPEG", "TiffLevel", "open_tiff_level"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 JPEG = 7
 # codecs tifffile decodes to the same pixels as the slide readers
 _DECODABLE = {1, 5, 7, 8, 32946, 33005, 34712, 50000, 50001}
+#: The scales libjpeg decodes at in the DCT domain (1/2, 1/4, 1/8), largest first.
+DCT_SCALES = (8, 4, 2)
 _PHOTOMETRIC_RGB = 2
 _PHOTOMETRIC_YCBCR = 6
 
@@ -64,7 +69,7 @@ class TiffLevel:
     _tables: bytes | None = field(repr=False)
     _decode: Any = field(repr=False)
     _fd: int = field(default=-1, repr=False)
-    _cache: OrderedDict[int, np.ndarray] | None = field(default=None, repr=False)
+    _cache: OrderedDict[tuple[int, int], np.ndarray] | None = field(default=None, repr=False)
     cache_tiles: int = 256
 
     @property
@@ -102,35 +107,71 @@ class TiffLevel:
         """A JPEG tile as a standalone JPEG file (tables joined, RGB marked)."""
         return join_jpeg_tables(self.raw_tile(index), self._tables, rgb=self.rgb_jpeg)
 
-    def tile(self, index: int) -> np.ndarray:
-        """Decoded tile ``(h, w, 3)`` uint8, cropped at the level's edge (cached, LRU)."""
+    def can_scale(self, scale: int) -> bool:
+        """Whether tiles can be decoded at ``1/scale`` in the DCT domain (JPEG tiles whose
+        sides ``scale`` divides)."""
+        return (
+            scale in DCT_SCALES
+            and self.compression == JPEG
+            and self.tile_w % scale == 0
+            and self.tile_h % scale == 0
+        )
+
+    def tile(self, index: int, scale: int = 1) -> np.ndarray:
+        """Decoded tile ``(h, w, 3)`` uint8 (cached, LRU).
+
+        ``scale`` > 1 decodes a JPEG tile at ``1/scale`` in the DCT domain
+        (:meth:`can_scale`): ``(tile_h / scale, tile_w / scale)`` pixels, each about the mean of
+        the ``scale x scale`` pixels it stands for.
+        """
         if self._cache is None:
             self._cache = OrderedDict()
-        arr = self._cache.get(index)
+        key = (index, scale)
+        arr = self._cache.get(key)
         if arr is not None:
-            self._cache.move_to_end(index)
+            self._cache.move_to_end(key)
             return arr
         data = self.raw_tile(index)
         if not data:
             raise OSError(f"tile {index} has no data")
-        arr, _, shape = self._decode(data, index, jpegtables=self._tables)
-        arr = np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
-        self._cache[index] = arr
+        if scale > 1:
+            arr = self._decode_scaled(data, scale)
+        else:
+            arr, _, shape = self._decode(data, index, jpegtables=self._tables)
+            arr = np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
+        self._cache[key] = arr
         if len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
         return arr
 
-    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Region at this level, ``(h, w, 3)`` uint8, white outside the level."""
+    def _decode_scaled(self, data: bytes, scale: int) -> np.ndarray:
+        from PIL import Image
+
+        if not self.can_scale(scale):
+            raise ValueError(f"tiles of {self.path} cannot be decoded at 1/{scale} scale")
+        jpeg = join_jpeg_tables(data, self._tables, rgb=self.rgb_jpeg)
+        want = (self.tile_w // scale, self.tile_h // scale)
+        with Image.open(io.BytesIO(jpeg)) as im:
+            im.draft("RGB", want)
+            if im.size != want:
+                raise ValueError(f"decoded at {im.size}, not the 1/{scale} scale {want}")
+            return np.asarray(im.convert("RGB"))
+
+    def read(self, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
+        """Region at this level, ``(h, w, 3)`` uint8, white outside the level.
+
+        With ``scale`` > 1 the coordinates and sizes are those of the level shrunk ``scale``
+        times, and the tiles are decoded at that scale (:meth:`tile`).
+        """
         out = np.full((h, w, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        x1, y1 = min(x + w, -(-self.width // scale)), min(y + h, -(-self.height // scale))
         if x1 <= x0 or y1 <= y0:
             return out
-        tw, th = self.tile_w, self.tile_h
+        tw, th = self.tile_w // scale, self.tile_h // scale
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                t = self.tile(ty * self.tiles_across + tx)
+                t = self.tile(ty * self.tiles_across + tx, scale)
                 # overlap of tile and request, in level coordinates
                 ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
                 ax1 = min(x1, tx * tw + t.shape[1])

@@ -50,7 +50,7 @@ from .store import (
     write_mask,
     write_shard,
 )
-from .tiffsrc import JPEG, TiffLevel, open_tiff_level
+from .tiffsrc import DCT_SCALES, JPEG, TiffLevel, open_tiff_level
 from .tissue import load_user_mask, rect_fractions, tissue_mask
 from .util import resize_rgb
 
@@ -60,6 +60,7 @@ __all__ = [
     "SlidePlan",
     "TileResult",
     "check_claimed_size",
+    "decode_scale",
     "extract_shard",
     "finalize_slide",
     "mask_slide",
@@ -565,14 +566,38 @@ def _source_tile(tiff: TiffLevel, plan: SlidePlan, x: int, y: int) -> bytes | No
 def _read_patch(
     tiff: TiffLevel | None, slide: Slide | None, plan: SlidePlan, x: int, y: int
 ) -> np.ndarray:
-    """The source pixels of the patch at level-0 ``(x, y)``, read once at the read level."""
+    """The source pixels of the patch at level-0 ``(x, y)``, read once at the read level.
+
+    When the patch is at least twice as coarse as the read level and its tiles are JPEG, they
+    are decoded at 1/2, 1/4 or 1/8 scale (:func:`decode_scale`) and the region comes back that
+    much smaller; :func:`_encode_patch` finishes with one small resample.
+    """
     geo = plan.geometry
     rp = geo.read_px
     if tiff is not None:
         lds = geo.level_downsample
-        return tiff.read(round(x / lds), round(y / lds), rp, rp)
+        lx, ly = round(x / lds), round(y / lds)
+        s = decode_scale(tiff, plan, lx, ly)
+        return tiff.read(lx // s, ly // s, rp // s, rp // s, scale=s)
     assert slide is not None  # _SOURCES opens the slide when the TIFF cannot be read directly
     return slide.read_region((int(x), int(y)), geo.read_level, (rp, rp))
+
+
+def decode_scale(tiff: TiffLevel, plan: SlidePlan, lx: int, ly: int) -> int:
+    """The DCT-domain scale (1, 2, 4 or 8) the patch at read-level ``(lx, ly)`` is decoded at.
+
+    The largest scale that is no coarser than the patch itself (``read_px / tile_px``) and that
+    divides the patch's read-level position and side, so the scaled region covers exactly the
+    same pixels; 1 (a full decode) when the patch is not coarser than the level by 2 or more,
+    when the tiles are not JPEG, or when ``plan.spec.scaled_decode`` is off.
+    """
+    rp, T = plan.geometry.read_px, plan.spec.tile_px
+    if not plan.spec.scaled_decode or rp < 2 * T:
+        return 1
+    for s in DCT_SCALES:
+        if s * T <= rp and not (lx % s or ly % s or rp % s) and tiff.can_scale(s):
+            return s
+    return 1
 
 
 def _encode_patch(region: np.ndarray, spec: TilingSpec) -> bytes:
