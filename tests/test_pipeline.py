@@ -110,10 +110,16 @@ def test_shipped_pipelines_validate(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(b"")
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet50_weights.pth"  # --check loads the template's backbone weights
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
     for name in ("cohort_template.yaml", "predict_new_slides.yaml"):
         text = (ROOT / "pipelines" / name).read_text()
         text = text.replace("/data/slides", str(slides)).replace("/data/new_slides", str(slides))
         text = text.replace("/data/labels.csv", str(labels))
+        text = text.replace("/models/resnet50_weights.pth", str(weights))
         text = text.replace("/data/runs/my-cohort/run", str(run)).replace(
             "/data/runs", str(tmp_path)
         )

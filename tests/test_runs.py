@@ -70,7 +70,7 @@ def test_run_state_on_real_runs(
 
     cfg = TrainConfig(**FAST)
     assert runs.run_state(fast_run, cfg) == "done"
-    assert runs.run_state(fast_run, TrainConfig(**{**FAST, "lr": 1e-3})) == "fresh"
+    assert runs.run_state(fast_run, TrainConfig(**{**FAST, "lr": 2e-3})) == "fresh"
     assert runs.run_state(tmp_path / "nope", cfg) == "fresh"
     # an unfinished run with its checkpoint: resume
     stores, labels_csv = small_cohort
@@ -95,7 +95,7 @@ def test_check_resumable(fast_run: Path, tmp_path: Path) -> None:
     with pytest.raises(
         TrainingError, match=r"cannot resume with a different config \(changed: lr, seed\)"
     ):
-        runs.check_resumable(fast_run, TrainConfig(**{**FAST, "lr": 1e-3, "seed": 9}))
+        runs.check_resumable(fast_run, TrainConfig(**{**FAST, "lr": 2e-3, "seed": 9}))
     with pytest.raises(TrainingError, match=r"nothing to resume \(no checkpoint\.pt\)"):
         runs.check_resumable(tmp_path, cfg)
     r = copy_run(fast_run, tmp_path / "r")
@@ -202,7 +202,7 @@ def test_cv_state(tmp_path: Path) -> None:
     assert runs.cv_state(tmp_path / "cv", cfg, 2) == "resume"  # no cv_metrics.json yet
     runs.write_cv_metrics(tmp_path / "cv", [0.5, 0.5])
     assert runs.cv_state(tmp_path / "cv", cfg, 2) == "done"
-    assert runs.cv_state(tmp_path / "cv", TrainConfig(**{**FAST, "lr": 1e-3}), 2) == "fresh"
+    assert runs.cv_state(tmp_path / "cv", TrainConfig(**{**FAST, "lr": 2e-3}), 2) == "fresh"
     # one fold done, the other not started: resume; with a checkpoint of another config there,
     # every fold starts over
     part = tmp_path / "part"
@@ -238,7 +238,7 @@ def test_a_retrain_never_leaves_the_old_model_looking_finished(
     (as a kill would) is neither 'done' nor resumable from the old checkpoint."""
     stores, labels_csv = small_cohort
     run = copy_run(fast_run, tmp_path / "run")
-    new = TrainConfig(**{**FAST, "lr": 1e-3})
+    new = TrainConfig(**{**FAST, "lr": 2e-3})
     assert runs.run_state(run, new) == "fresh"
     train(stores, labels_csv, run, config=new, stop_after=0, progress=False)
     assert not (run / runs.MODEL).exists() and not (run / runs.CHECKPOINT).exists()

@@ -132,7 +132,7 @@ def test_resume_is_bit_for_bit(small_cohort: tuple[Path, Path], tmp_path: Path) 
             stores,
             labels_csv,
             tmp_path / "split",
-            config=TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}),
+            config=TrainConfig(**{**cfg.to_dict(), "lr": 2e-3}),
             resume=True,
             progress=False,
         )
