@@ -147,6 +147,8 @@ def test_run_end_to_end_then_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     pngs = report["stages"][-1]["png"]
     assert len(pngs) == 8 and all(Path(p).is_file() for p in pngs)
     assert "held_out_auc" in report["summary"]
+    assert Path(report["html"]).resolve() == (out / "report.html").resolve()  # the QC page
+    assert "P abnormal" in (out / "report.html").read_text()
     again = run_pipeline(path, progress=False)
     assert [s["status"] for s in again["stages"]] == ["skipped"] * 5, again["stages"]
     # a half-finished training resumes instead of starting over
