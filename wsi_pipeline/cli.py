@@ -695,6 +695,7 @@ def train(
     **options: Any,
 ) -> None:
     """Train a MIL model on the stores in STORES from slide labels only."""
+    from .locks import run_lock
     from .pipeline import load_options
     from .specs import train_config_from_options
     from .training import train as run_train
@@ -703,25 +704,32 @@ def train(
     base = load_options(config_file) if config_file else {}
     config, folds = train_config_from_options(base, options)
     progress = not ctx.obj.get("quiet")
-    if folds:
-        res = train_folds(
-            stores, labels_csv, out, config=config, folds=folds, resume=resume, progress=progress
+    with run_lock(out):  # one training per run folder
+        if folds:
+            res = train_folds(
+                stores,
+                labels_csv,
+                out,
+                config=config,
+                folds=folds,
+                resume=resume,
+                progress=progress,
+            )
+            if res["val_auc_mean"] is None:
+                line = f"{folds}-fold validation AUC n/a ({res.get('val_auc_reason')})"
+            else:
+                line = _cv_line(folds, res["val_auc_mean"], res["val_auc_std"])
+            click.echo(f"{line}; runs in {out}/fold_*")
+            return
+        m = run_train(
+            stores,
+            labels_csv,
+            out,
+            config=config,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress,
         )
-        if res["val_auc_mean"] is None:
-            line = f"{folds}-fold validation AUC n/a ({res.get('val_auc_reason')})"
-        else:
-            line = _cv_line(folds, res["val_auc_mean"], res["val_auc_std"])
-        click.echo(f"{line}; runs in {out}/fold_*")
-        return
-    m = run_train(
-        stores,
-        labels_csv,
-        out,
-        config=config,
-        resume=resume,
-        stop_after=stop_after,
-        progress=progress,
-    )
     if not m:  # a non-zero rank under torchrun: rank 0 reports
         return
     # metrics hold null (with a "<name>_reason"), never NaN, for what could not be measured

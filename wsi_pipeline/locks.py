@@ -1,11 +1,13 @@
-"""Lock files: one writer per store (and per ``manifest.csv``) across processes and runs.
+"""Lock files: one writer per store, per ``manifest.csv`` and per training run folder.
 
 Where
     A store ``<out>/<slide_id>.zarr`` is locked by the file ``<out>/<slide_id>.zarr.lock``
     *next to* it, not inside: a tiler that redoes a store removes the store folder, and the lock
     must survive that. :func:`wsi_pipeline.store.list_stores` never lists it (its suffix is
     ``.lock``). ``manifest.csv`` is locked the same way (``manifest.csv.lock``) while a run
-    merges its rows in.
+    merges its rows in. A training run folder ``<run>`` is locked by ``<run>.lock`` next to it
+    (:func:`run_lock`) for the whole training, so a second ``train --out <run>`` (or a pipeline
+    training into it) stops at once with one line instead of writing the same files.
 
 What
     The lock file holds one JSON object: ``pid``, ``host``, ``started`` (ISO time),
@@ -55,6 +57,7 @@ __all__ = [
     "locked",
     "pid_alive",
     "read_lock",
+    "run_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -325,6 +328,41 @@ def locked(
 ) -> Iterator[StoreLock]:
     """``with locked(store):`` — :func:`acquire`, released on leaving the block."""
     lock = acquire(path, wait_s=wait_s, name=name)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[StoreLock | None]:
+    """``with run_lock(run):`` -- hold ``<run>.lock`` while training into the run folder ``run``.
+
+    Under ``torchrun`` only rank 0 takes it (the other ranks get None).
+
+    Raises
+    ------
+    StoreLocked
+        Another live process is training into ``run``: one line naming it, the holder and the
+        lock file (a lock of a dead process is taken over, see :func:`acquire`).
+    """
+    from .util import output_dir
+
+    if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: rank 0 holds it for all
+        yield None
+        return
+    p = Path(run_dir)
+    output_dir(p.parent)  # one line when it cannot be a folder
+    try:
+        lock = acquire(p)
+    except StoreLocked as exc:
+        h = exc.holder
+        raise StoreLocked(
+            f"{p}: another training is writing this run folder ({h.describe()} since "
+            f"{h.started}; lock file {lock_path(p)}); wait for it to end or train into another "
+            "--out",
+            holder=h,
+        ) from None
     try:
         yield lock
     finally:

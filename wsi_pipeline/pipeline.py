@@ -495,6 +495,13 @@ def _tile_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
 
 
 def _train_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    from .locks import run_lock
+
+    with run_lock(p.run_dir):  # one training per run folder
+        return _train_locked(p, progress=progress)
+
+
+def _train_locked(p: Pipeline, *, progress: bool) -> _Outcome:
     from .training import train, train_folds
 
     config = p.train_config or TrainConfig()
