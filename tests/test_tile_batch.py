@@ -282,7 +282,7 @@ def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> N
     ]
     spec = TilingSpec(tile_px=128, patches_per_shard=32)
     serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
-    par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, progress=False)
+    par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, processes=True, progress=False)
     assert [(r.slide_id, r.status, r.n_patches) for r in serial] == [
         (r.slide_id, r.status, r.n_patches) for r in par
     ]
@@ -299,6 +299,23 @@ def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> N
                 .read(np.arange(r.n_patches))
             )
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [{"mpp": 1.0}, {"codec": "zstd", "overlap_px": 64}])
+def test_worker_threads_write_what_one_process_writes(
+    synth_dir: Path, tmp_path: Path, kw: dict
+) -> None:
+    """``workers=2`` (threads of this process, each with its own tile cache) writes the same
+    bytes as one at a time, on the decode/encode-bound paths (scaled decode, zstd, overlap)."""
+    spec = TilingSpec(tile_px=128, patches_per_shard=8, **kw)
+    one = tile_slides([synth_dir / "pos.svs"], tmp_path / "1", spec=spec, progress=False)
+    two = tile_slides([synth_dir / "pos.svs"], tmp_path / "2", spec=spec, workers=2, progress=False)
+    assert one[0].status == two[0].status == "ok" and one[0].n_patches == two[0].n_patches > 16
+    shards = (tmp_path / "1" / "pos.zarr" / PATCHES).rglob("*")
+    files = sorted(p.relative_to(tmp_path / "1") for p in shards if p.is_file())
+    assert files
+    for f in files:
+        assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes()
 
 
 @pytest.mark.slow

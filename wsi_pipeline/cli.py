@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .errors import ConfigError, WSIPipelineError
 from .specs import PretrainConfig, TilingSpec, TrainConfig
+from .util import default_workers
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -214,9 +215,10 @@ def cli(ctx: click.Context) -> None:
 @click.option(
     "--workers",
     type=int,
-    default=1,
+    default=default_workers(),
     show_default=True,
-    help="Worker processes (dask LocalCluster); 1 = in this process.",
+    help="Shards tiled at once, by threads of this process (default: this machine's cores); "
+    "1 = one at a time.",
 )
 @click.option(
     "--scheduler",

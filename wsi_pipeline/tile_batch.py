@@ -49,6 +49,7 @@ __all__ = [
     "LOCK_WAIT_S",
     "MANIFEST",
     "MANIFEST_FIELDS",
+    "WORKER_ENV",
     "tile_slide",
     "tile_slides",
     "write_manifest",
@@ -127,16 +128,43 @@ def _locked_result(sid: str, path: str | os.PathLike, exc: StoreLocked, t0: floa
 
 
 def _extract_all(
-    plan: SlidePlan, on_shard: Callable[[dict[str, int]], None] | None = None
+    plan: SlidePlan,
+    on_shard: Callable[[dict[str, int]], None] | None = None,
+    threads: int = 1,
 ) -> TileResult:
     """Extract every unfinished shard of ``plan`` in this process, then finalise the store;
-    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written."""
+    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written.
+
+    ``threads`` > 1 extracts that many shards at once in threads of this process: JPEG decode
+    and encode, resampling and file writes release the GIL, so the decode/encode-bound paths
+    use several cores without a process pool's start-up and pickling.
+    """
     stats = []
-    for s in plan.todo:
+    todo = list(plan.todo)
+    if threads > 1 and len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="wsi-tile") as ex:
+            for st in ex.map(lambda s: extract_shard(plan, s), todo):
+                stats.append(st)
+                if on_shard is not None:
+                    on_shard(st)
+        return finalize_slide(plan, stats)
+    for s in todo:
         stats.append(extract_shard(plan, s))
         if on_shard is not None:
             on_shard(stats[-1])
     return finalize_slide(plan, stats)
+
+
+#: Environment of dask worker processes: one BLAS/OpenMP thread each (the workers are the
+#: parallelism; nested thread pools only contend for the same cores).
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,6 +301,7 @@ def tile_slides(
     spec: TilingSpec | None = None,
     workers: int = 1,
     scheduler: str | None = None,
+    processes: bool = False,
     overwrite: bool = False,
     slide_mpp: float | None = None,
     backend: str = "auto",
@@ -290,9 +319,14 @@ def tile_slides(
         Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
     spec : TilingSpec
     workers : int
-        Worker processes (a dask ``LocalCluster``); 1 runs everything in this process.
+        Shards extracted at once, by threads of this process (1: one at a time); with
+        ``processes`` the worker processes of a dask ``LocalCluster`` instead.
     scheduler : str, optional
         Address of a running dask.distributed scheduler (its workers must see the same files).
+    processes : bool
+        Start a dask ``LocalCluster`` of ``workers`` processes (one BLAS/OpenMP thread each,
+        :data:`WORKER_ENV`) instead of threads; its start-up (2-4 s) is only earned by large
+        decode/encode-bound batches.
     overwrite : bool
         Redo complete stores.
     slide_mpp : float, optional
@@ -335,8 +369,17 @@ def tile_slides(
     try:
         if results:
             write_manifest(out, results)
-        if scheduler is None and workers <= 1:
-            _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
+        if scheduler is None and not processes:
+            if workers > 1:
+                log.debug(
+                    "--workers %d: shards extracted by %d threads in this process (no process "
+                    "cluster to start)",
+                    workers,
+                    workers,
+                )
+            _run_serial(
+                jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+            )
         else:
             _run_dask(
                 jobs,
@@ -382,7 +425,9 @@ def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     return slides_bar, patch_bar
 
 
-def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
+def _run_serial(
+    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, threads=1
+) -> None:
     slides_bar, patch_bar = _bars(progress, len(jobs))
     try:
         for sid, path in jobs:
@@ -408,7 +453,9 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
                         patch_bar.reset(total=res.n_patches)
                         patch_bar.set_description(sid)
                         res = _extract_all(
-                            res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
+                            res,
+                            lambda st: patch_bar.update(st["copied"] + st["encoded"]),
+                            threads,
                         )
                 except Exception as exc:
                     if _is_disk_full(exc):
@@ -435,6 +482,7 @@ def _run_dask(
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            env=WORKER_ENV,
             silence_logs=logging.ERROR if debug else logging.CRITICAL,  # failures: one line each
         )
         client = Client(cluster)

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -494,7 +495,14 @@ class _Sources:
         return hit
 
 
-_SOURCES = _Sources()
+_LOCAL = threading.local()  # one source cache per thread: TIFF tile caches are not shared
+
+
+def _sources() -> _Sources:
+    cache = getattr(_LOCAL, "sources", None)
+    if cache is None:
+        cache = _LOCAL.sources = _Sources()
+    return cache
 
 
 def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
@@ -512,7 +520,7 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
     """
     per = plan.spec.patches_per_shard
     coords = read_coords(plan.store, shard * per, min(plan.n_patches, (shard + 1) * per))
-    tiff, slide = _SOURCES.get(plan)
+    tiff, slide = _sources().get(plan)
     copy_from = tiff if tiff is not None and _copyable(tiff, plan) else None
     chunks: list[bytes | None] = []
     copied = 0
@@ -579,7 +587,9 @@ def _read_patch(
         lx, ly = round(x / lds), round(y / lds)
         s = decode_scale(tiff, plan, lx, ly)
         return tiff.read(lx // s, ly // s, rp // s, rp // s, scale=s)
-    assert slide is not None  # _SOURCES opens the slide when the TIFF cannot be read directly
+    assert (
+        slide is not None
+    )  # the source cache opens the slide when the TIFF cannot be read directly
     return slide.read_region((int(x), int(y)), geo.read_level, (rp, rp))
 
 

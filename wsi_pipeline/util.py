@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "default_workers",
     "json_ready",
     "output_dir",
     "resize_rgb",
@@ -191,3 +192,11 @@ def sample_mask(
     r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
     c = np.clip(((np.arange(*cols) + 0.5) * ds / mask_ds).astype(np.int64), 0, mw - 1)
     return mask[r[:, None], c[None, :]]
+
+
+def default_workers() -> int:
+    """The cores this process may run on (the default of ``--workers``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
