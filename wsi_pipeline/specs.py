@@ -343,7 +343,10 @@ class TrainConfig:
     balance : {"sampler", "loss", "none"}
         Class balance: weighted bag sampling, weighted loss, or nothing.
     patience, min_epochs
-        Early stopping on validation AUC.
+        Early stopping on validation AUC. The default patience (30, the default number of
+        epochs) does not stop early: end-to-end MIL from scratch often shows no validation gain
+        for 10-18 epochs before the lesions are found, and patience 10 stopped such runs at
+        chance in ``benchmarks/bench_training.py``.
     instance_weight : float
         Weight of the instance loss next to the slide loss (``(1 - w) * slide + w * instance``):
         CLAM's instance clustering loss for ``clam_sb`` (CLAM's paper uses 0.3), the MIL
@@ -380,7 +383,7 @@ class TrainConfig:
     dropout: float = 0.25
     attn_dim: int = 128
     balance: str = "sampler"
-    patience: int = 10
+    patience: int = 30
     min_epochs: int = 5
     instance_weight: float = 0.6
     instance_k: int = 8
