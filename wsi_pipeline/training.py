@@ -435,12 +435,10 @@ def epoch_order(
     if balance == "sampler" and per_step > 1:
         y = np.asarray([targets[i] for i in idx])
         pools = [rng.permutation(idx[y == c]) for c in np.unique(y)]
-        order = np.asarray(
-            [
-                pools[k % len(pools)][(k // len(pools)) % len(pools[k % len(pools)])]
-                for k in range(len(idx))
-            ]
-        )
+        order = np.empty(len(idx), dtype=idx.dtype)
+        for k in range(len(idx)):  # class k % C, its (k // C)-th bag (repeated as needed)
+            pool = pools[k % len(pools)]
+            order[k] = pool[(k // len(pools)) % len(pool)]
     elif balance == "sampler":
         y = np.asarray([targets[i] for i in idx])
         counts = np.bincount(y)
@@ -484,7 +482,7 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
         per_step=config.slides_per_step,
     )
     mine = order[dist_info.rank :: dist_info.world]
-    per_step = max(1, len(mine) // steps_per_epoch(len(order), config, dist_info.world))
+    per_step = min(config.slides_per_step, len(mine))  # the order holds whole steps only
     losses = []
     bar = tqdm(
         total=len(mine),
