@@ -278,9 +278,15 @@ def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
 
 
 def seed_study(
-    work: Path, names: list[str], seeds: list[int], n_slides: int, epochs: int | None = None
+    work: Path,
+    names: list[str],
+    seeds: list[int],
+    n_slides: int,
+    overrides: dict | None = None,
+    tag: str = "",
 ) -> list[dict]:
-    """Every (cohort, seed) run of the study with train's defaults (``epochs``: smoke runs)."""
+    """Every (cohort, seed) run of the study with train's defaults, or with ``overrides`` of them
+    (variants under study, smoke runs); ``tag`` names their run folders."""
     from wsi_pipeline.specs import TrainConfig
 
     rows = []
@@ -288,13 +294,11 @@ def seed_study(
         cseed, options, _ = COHORTS[name]
         stores, labels, _ = cohort(work, name, seed=cseed, n=n_slides, **options)
         for seed in seeds:
-            run = work / name / f"run_s{seed}"
-            cfg = (
-                TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
-            )
+            run = work / name / f"run_{tag}s{seed}"
+            cfg = TrainConfig(**{**(overrides or {}), "seed": seed})
             res = train_and_score(stores, labels, run, cfg)
             res["patch_auc"] = patch_auc(stores, run, labels.parent, run.name)
-            dense = work / name / f"dense_s{seed}"
+            dense = work / name / f"dense_{tag}s{seed}"
             shutil.rmtree(dense, ignore_errors=True)
             res.update(localisation(held_out_rows(run), labels.parent, run, run.name, dense))
             shutil.rmtree(dense, ignore_errors=True)
@@ -334,8 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="throughput only")
     ap.add_argument("--study-only", action="store_true", help="skip the throughput rows")
-    ap.add_argument("--epochs", type=int, default=None, help="smoke runs only (default: train's)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override train's defaults (variants under study; e.g. epochs=2 for a smoke run)",
+    )
+    ap.add_argument("--tag", default="", help="prefix of the run folders and the results file")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     args.work.mkdir(parents=True, exist_ok=True)
     f0 = lambda v: f"{v:,.0f}"  # noqa: E731
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
@@ -364,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.quick:
         return 0
-    study = seed_study(args.work, args.cohorts, args.seeds, args.slides, args.epochs)
+    study = seed_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
     print(
         f"\n2. train's defaults on {args.slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
         f"(lesions 5% of tissue; {', '.join(f'{n}: {COHORTS[n][2]}' for n in args.cohorts)}); "
@@ -409,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    name = "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
+    name = args.tag + "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
     atomic_write_json(args.work / f"results_{name}.json", {"throughput": rows, "study": study})
     return 0
 
