@@ -1,11 +1,17 @@
 """Slide predictions and per-patch scores from a trained run.
 
 For each complete store: slide-level class probabilities and the predicted label (to
-``predictions.csv``), and per-patch scores written into the store as ``scores/<run_id>`` (N,)
-float32 — the patch's abnormality probability, ``1 - p(negative class)`` from the head's instance
-classifier, both calibrated on the run's validation slides (see :mod:`wsi_pipeline.calibration`) —
-plus ``scores/<run_id>-attention`` (N,) for heads with attention. Patches are embedded
-in chunks, so memory is bounded by the chunk and the (N, D) embeddings.
+``predictions.csv``), and per-patch scores written into the store (keys from
+:mod:`wsi_pipeline.store`, calibrated on the run's validation slides, see
+:mod:`wsi_pipeline.calibration`):
+
+- ``scores/<run_id>`` (N,) float32: the patch's abnormality probability, ``1 - p(negative
+  class)`` from the head's instance classifier;
+- ``scores/<run_id>-classes`` (N, C) float32: the patch's probability of each class, columns in
+  the order of its ``classes`` attribute (what ``heatmap --class`` draws);
+- ``scores/<run_id>-attention`` (N,) float32, for heads with attention.
+
+Patches are embedded in chunks, so memory is bounded by the chunk and the (N, D) embeddings.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from . import runs
 from .data import negative_class
 from .errors import StoreError, TrainingError, WSIPipelineError
 from .specs import tiling_mismatch
-from .store import COORDS, features_key, list_stores, open_store, write_scores
+from .store import (
+    COORDS,
+    features_key,
+    list_stores,
+    open_store,
+    write_class_scores,
+    write_scores,
+)
 from .util import atomic_path, output_dir
 
 __all__ = ["Prediction", "predict", "predict_store", "read_predictions", "write_predictions"]
@@ -139,7 +152,8 @@ def predict_store(
     classes : sequence of str
         The run's class names.
     run_id : str
-        Scores go to ``scores/<run_id>`` (and ``scores/<run_id>-attention``).
+        Scores go to ``scores/<run_id>``, ``scores/<run_id>-classes`` (and
+        ``scores/<run_id>-attention``).
     device : torch.device
     amp, channels_last : bool
         See :func:`wsi_pipeline.inference.autocast` and :func:`~wsi_pipeline.inference.to_device`.
@@ -184,6 +198,19 @@ def predict_store(
     patch = apply_patch_calibration(out.patch_logits.float().cpu().numpy(), calibration)
     attrs = _score_attrs(run_id, run_dir, classes, neg, probs, calibration)
     write_scores(g, run_id, (1.0 - patch[:, neg]).astype(np.float32), attrs)
+    write_class_scores(
+        g,
+        run_id,
+        patch.astype(np.float32),
+        classes,
+        {
+            "run": run_id,
+            "negative_class": classes[neg],
+            "score": "per-patch probability of each class (columns in the order of 'classes') "
+            "from the head's instance classifier",
+            "calibration": attrs["patch_calibration"],
+        },
+    )
     if out.attention is not None:
         write_scores(
             g,

@@ -45,6 +45,7 @@ __all__ = [
     "TISSUE_MASK",
     "PatchReader",
     "SlideStore",
+    "class_scores_key",
     "create_patches_array",
     "create_store",
     "features_key",
@@ -67,6 +68,7 @@ __all__ = [
     "tiling_attrs",
     "unfinished_shards",
     "write_array",
+    "write_class_scores",
     "write_features",
     "write_grid",
     "write_mask",
@@ -84,8 +86,11 @@ TISSUE_FRACTION = "tissue_fraction"  #: (N,) float32
 THUMBNAIL = "thumbnail"  #: (h, w, 3) uint8, attrs ``downsample``
 TISSUE_MASK = "tissue_mask"  #: (h, w) bool, attrs ``downsample``
 FEATURES = "features"  #: group of ``features/<extractor>`` (N, D) arrays
-SCORES = "scores"  #: group of ``scores/<run_id>`` and ``scores/<run_id>-attention`` (N,) arrays
+#: group of ``scores/<run_id>`` and ``scores/<run_id>-attention`` (N,) arrays and
+#: ``scores/<run_id>-classes`` (N, C) arrays
+SCORES = "scores"
 _ATTENTION_SUFFIX = "-attention"
+_CLASSES_SUFFIX = "-classes"
 
 
 def features_key(extractor: str) -> str:
@@ -98,11 +103,18 @@ def scores_key(run_id: str, *, attention: bool = False) -> str:
     return f"{SCORES}/{run_id}{_ATTENTION_SUFFIX if attention else ''}"
 
 
+def class_scores_key(run_id: str) -> str:
+    """``scores/<run_id>-classes``: the per-patch probability of each of the run's classes."""
+    return f"{SCORES}/{run_id}{_CLASSES_SUFFIX}"
+
+
 def score_runs(group: Any) -> list[str]:
-    """Run ids that have per-patch scores in a store group (attention arrays left out)."""
+    """Run ids that have per-patch scores in a store group (attention and per-class arrays
+    left out)."""
     if SCORES not in group:
         return []
-    return sorted(k for k in group[SCORES].array_keys() if not k.endswith(_ATTENTION_SUFFIX))
+    extra = (_ATTENTION_SUFFIX, _CLASSES_SUFFIX)
+    return sorted(k for k in group[SCORES].array_keys() if not k.endswith(extra))
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
@@ -610,6 +622,42 @@ def write_scores(
     values = np.asarray(values, dtype=np.float32)
     key = scores_key(run_id, attention=attention)
     _write_marked(group, key, values, chunks=(65536,), attrs=attrs)
+
+
+def write_class_scores(
+    group: Any, run_id: str, probs: np.ndarray, classes: Sequence[str], attrs: dict[str, Any]
+) -> None:
+    """Write per-patch class probabilities ``(N, C)`` float32 to ``scores/<run_id>-classes``.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The store, opened read-write.
+    run_id : str
+        The predict run.
+    probs : (N, C) ndarray
+        Column ``j`` is the probability of ``classes[j]``.
+    classes : sequence of str
+        The run's class names in column order (recorded as the ``classes`` attribute).
+    attrs : dict
+        Further attributes (how the probabilities were made).
+
+    Raises
+    ------
+    ValueError
+        ``probs`` is not ``(N, len(classes))``.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ValueError(f"class scores of shape {probs.shape} for {len(classes)} classes")
+    chunks = (65536, probs.shape[1])
+    _write_marked(
+        group,
+        class_scores_key(run_id),
+        probs,
+        chunks=chunks,
+        attrs={**attrs, "classes": list(classes)},
+    )
 
 
 def write_features(group: Any, extractor: str, feats: np.ndarray, attrs: dict[str, Any]) -> None:
