@@ -833,6 +833,15 @@ def predict(
     help="Per-patch abnormality probability, or the head's attention.",
 )
 @click.option(
+    "--class",
+    "class_name",
+    default=None,
+    metavar="NAME",
+    help="Draw this class's per-patch probability instead (one of the run's classes; files "
+    "OUT/<slide_id>/<slide_id>_score-NAME_*). Stores predicted before per-class "
+    "probabilities were written need predict again.",
+)
+@click.option(
     "--mode",
     type=click.Choice(["probability", "percentile"]),
     default=None,
@@ -877,6 +886,7 @@ def heatmap(
     out: Path,
     run_id: str | None,
     which: str,
+    class_name: str | None,
     mode: str | None,
     threshold: float | None,
     downsample: float | None,
@@ -888,17 +898,22 @@ def heatmap(
     overwrite: bool,
 ) -> None:
     """Per slide in STORES: PNG overlay, overlay TIFF aligned with the slide, values TIFF,
-    GeoJSON regions and per-patch tiles for QuPath, and a JSON summary."""
+    GeoJSON regions and per-patch tiles for QuPath, and a JSON summary. By default the
+    per-patch abnormality probability; --class NAME draws one class's probability."""
     from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
-    from .heatmap import heatmaps
+    from .heatmap import check_options, heatmaps
+    from .runs import LABELS, read_classes
     from .runs import run_id as run_id_rule
 
     rid = run_id_rule(run_dir, run_id)
+    if class_name is not None and (run_dir / LABELS).is_file():  # before any slide
+        check_options(which, mode, threshold, class_name, classes=read_classes(run_dir))
     res = heatmaps(
         stores,
         out,
         run_id=rid,
         which=which,
+        class_name=class_name,
         mode=mode,
         threshold=threshold,
         downsample=downsample,

@@ -7,6 +7,19 @@ geometry and the display modes) lives in :mod:`wsi_pipeline.stitch`, the file fo
 summary's contents in :mod:`wsi_pipeline.heatmap_summary`; this module reads the store, checks the
 options, names the files, and decides whether an export is finished.
 
+What is drawn
+-------------
+``which="score"``
+    ``scores/<run>``: each patch's probability of abnormality, ``1 - p(negative class)``.
+``which="score", class_name=NAME``
+    Column ``NAME`` of ``scores/<run>-classes``: each patch's probability of that class (any of
+    the run's classes, the negative one included). Stores predicted before the per-class
+    probabilities were written have no such array: that slide fails with one line (rerun
+    ``predict``); a name that is not one of the run's classes is a :class:`ConfigError` naming
+    them, raised before any file of the batch is written.
+``which="attention"``
+    ``scores/<run>-attention``: the head's attention weights.
+
 Display modes (:data:`wsi_pipeline.stitch.MODES`)
 -------------------------------------------------
 ``"probability"``
@@ -17,6 +30,10 @@ Display modes (:data:`wsi_pipeline.stitch.MODES`)
 
 Exports of one slide (:func:`export_heatmaps`), in ``out_dir``
 -------------------------------------------------------------
+``<which>`` below is ``score``, ``attention``, or ``score-<class>`` for a class's probability
+(the class name sanitised for file names, :func:`wsi_pipeline.util.sanitize_id`), so per-class
+exports never overwrite the default ones.
+
 Colours come from one function (:func:`wsi_pipeline.exports.overlay_lut`): the colormap
 (``viridis`` by default) with an opacity that is 0 at and below ``transparent_below`` and rises
 to ``alpha`` at the top of the scale, so low scores leave the H&E visible; the PNG, the overlay
@@ -75,6 +92,7 @@ from .qupath import threshold_regions, write_tiles_geojson
 from .stitch import MODES, display_values, stitch_scores
 from .store import (
     SlideStore,
+    class_scores_key,
     has_complete_array,
     list_stores,
     score_runs,
@@ -84,6 +102,7 @@ from .util import atomic_write_json, sanitize_id
 
 __all__ = [
     "WHICH",
+    "check_class",
     "check_options",
     "export_heatmaps",
     "heatmaps",
@@ -91,6 +110,7 @@ __all__ = [
     "read_scores",
     "stitch_scores",  # lives in wsi_pipeline.stitch; re-exported for wsi_pipeline.heatmap users
     "stitch_store",
+    "which_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,6 +138,13 @@ _FILES = {  # file kind -> name suffix; the names are <slide_id>_<which>_<suffix
     "tiles_geojson": "tiles.geojson",
     "summary": "summary.json",
 }
+_CLASS_LEGEND = {
+    "probability": "colour: per-patch probability of class {name!r} (0-1, fixed scale, "
+    "comparable across slides)",
+    "percentile": "colour: within-slide percentile rank of the patch probability of class "
+    "{name!r} (0-100; every slide spans the full colour range, so colours are not comparable "
+    "across slides)",
+}
 _PNG_MAX_PX = 2048
 _BLOCK_PX = 1024
 
@@ -125,10 +152,38 @@ _BLOCK_PX = 1024
 # --------------------------------------------------------------------------------------------
 # options and inputs
 # --------------------------------------------------------------------------------------------
+class _UnknownClass(ConfigError):
+    """A class name that is not one of the run's classes: bad usage for the whole batch (it is
+    raised out of :func:`heatmaps`, not recorded per slide)."""
+
+
+def check_class(class_name: str, classes: Sequence[str]) -> int:
+    """The column of ``class_name`` among a run's ``classes``.
+
+    Raises
+    ------
+    ConfigError
+        ``class_name`` is not one of ``classes`` (the message names both).
+    """
+    if class_name not in classes:
+        raise _UnknownClass(
+            f"unknown class {class_name!r}: the run's classes are "
+            f"{', '.join(repr(str(c)) for c in classes)}"
+        )
+    return list(classes).index(class_name)
+
+
 def check_options(
-    which: str, mode: str | None = None, threshold: float | None = None
+    which: str,
+    mode: str | None = None,
+    threshold: float | None = None,
+    class_name: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> tuple[str, float]:
     """Check what to draw and in which units; fill in the defaults.
+
+    The one check of the heatmap options: :func:`export_heatmaps`, :func:`heatmaps`, the CLI and
+    the pipeline file's ``heatmap`` section (``run --check``) all go through it.
 
     Parameters
     ----------
@@ -138,6 +193,11 @@ def check_options(
         Default ``"probability"`` for scores, ``"percentile"`` for attention.
     threshold : float, optional
         In the mode's units; default 0.5 (probability) or 90 (percentile).
+    class_name : str, optional
+        Draw this class's per-patch probability (``scores/<run>-classes``) instead of the
+        abnormality score; only with ``which="score"``.
+    classes : sequence of str, optional
+        The run's classes, when known: ``class_name`` must be one of them.
 
     Returns
     -------
@@ -147,11 +207,22 @@ def check_options(
     Raises
     ------
     ConfigError
-        An unknown ``which`` or ``mode``, attention in probability mode, or a threshold outside
-        the mode's range.
+        An unknown ``which`` or ``mode``, attention in probability mode, a threshold outside
+        the mode's range, a ``class_name`` that is not a non-empty string, is given with
+        attention, or is not one of ``classes``.
     """
     if which not in WHICH:
         raise ConfigError(f"which must be 'score' or 'attention', not {which!r}")
+    if class_name is not None:
+        if not isinstance(class_name, str) or not class_name:
+            raise ConfigError(f"class must be a class name (a string), not {class_name!r}")
+        if which == "attention":
+            raise ConfigError(
+                f"class {class_name!r} draws a class probability; attention has no classes "
+                "(use which='score')"
+            )
+        if classes is not None:
+            check_class(class_name, classes)
     mode = mode or _DEFAULT_MODE[which]
     if mode not in MODES:
         raise ConfigError(f"heatmap mode must be one of {sorted(MODES)}, not {mode!r}")
@@ -209,6 +280,7 @@ def _options(
     which: str,
     mode: str | None,
     threshold: float | None,
+    class_name: str | None,
     *,
     sigma_um: float,
     cmap: str,
@@ -221,7 +293,7 @@ def _options(
     """The colour table and the drawing options as recorded in a summary's ``params``, after
     checking every option (one place for :func:`export_heatmaps` and :func:`heatmaps`)."""
     lut, transparent = overlay_colours(
-        check_options(which, mode, threshold)[0],
+        check_options(which, mode, threshold, class_name)[0],
         cmap=cmap,
         alpha=alpha,
         transparent_below=transparent_below,
@@ -254,7 +326,7 @@ def _missing_scores(store: SlideStore, key: str, run_id: str, which: str) -> Sto
 
 
 def read_scores(
-    store: SlideStore, run_id: str, which: str = "score"
+    store: SlideStore, run_id: str, which: str = "score", class_name: str | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """A run's per-patch scores and the slide's prediction, from ``scores/<run_id>``.
 
@@ -265,6 +337,9 @@ def read_scores(
         The predict run.
     which : {"score", "attention"}
         ``scores/<run_id>`` or ``scores/<run_id>-attention``.
+    class_name : str, optional
+        With ``which="score"``: that class's per-patch probability, its column of
+        ``scores/<run_id>-classes``, instead of the abnormality score.
 
     Returns
     -------
@@ -277,21 +352,22 @@ def read_scores(
     Raises
     ------
     ConfigError
-        An unknown ``which``.
+        An unknown ``which``, or a ``class_name`` that is not one of the run's classes.
     StoreError
-        No such scores (run predict first), unfinished ones, or not one per patch.
+        No such scores (run predict first), unfinished ones, not one per patch, or no
+        per-class probabilities (a store predicted before they were written: rerun predict).
     """
-    if which not in WHICH:
-        raise ConfigError(f"which must be 'score' or 'attention', not {which!r}")
-    key = scores_key(run_id, attention=which == "attention")
+    check_options(which, class_name=class_name)
     g = store.group
-    if key not in g:
-        raise _missing_scores(store, key, run_id, which)
-    if not has_complete_array(g, key):
-        raise StoreError(
-            f"'{key}' is unfinished; rerun 'wsi-pipeline predict --run {run_id}'", path=store.path
-        )
-    scores = np.asarray(g[key][...], dtype=np.float32).reshape(-1)
+    if class_name is not None:
+        _check_scores(store, scores_key(run_id), run_id, which)
+        key = _check_class_scores(store, run_id, class_name)
+        col = check_class(class_name, list(g[key].attrs.get("classes", [])))
+        scores = np.asarray(g[key][:, col], dtype=np.float32)
+    else:
+        key = scores_key(run_id, attention=which == "attention")
+        _check_scores(store, key, run_id, which)
+        scores = np.asarray(g[key][...], dtype=np.float32).reshape(-1)
     if len(scores) != store.n_patches:
         raise StoreError(
             f"'{key}' has {len(scores)} values for {store.n_patches} patches; rerun "
@@ -301,6 +377,30 @@ def read_scores(
     pred_key = scores_key(run_id)  # the slide's prediction lives with the scores
     pred = dict(g[pred_key].attrs) if pred_key in g else {}
     return scores, pred
+
+
+def _check_scores(store: SlideStore, key: str, run_id: str, which: str) -> None:
+    """``key`` is in the store and finished, else the StoreError saying what to run."""
+    if key not in store.group:
+        raise _missing_scores(store, key, run_id, which)
+    if not has_complete_array(store.group, key):
+        raise StoreError(
+            f"'{key}' is unfinished; rerun 'wsi-pipeline predict --run {run_id}'", path=store.path
+        )
+
+
+def _check_class_scores(store: SlideStore, run_id: str, class_name: str) -> str:
+    """The key of the run's per-class probabilities, checked as :func:`_check_scores` does;
+    a store predicted before they were written says to rerun predict."""
+    key = class_scores_key(run_id)
+    if key not in store.group:
+        raise StoreError(
+            f"no '{key}' in the store (predicted before per-class probabilities were written); "
+            f"rerun 'wsi-pipeline predict --run {run_id}' to draw class {class_name!r}",
+            path=store.path,
+        )
+    _check_scores(store, key, run_id, "score")
+    return key
 
 
 def stitch_store(
@@ -367,22 +467,24 @@ def _load(
     *,
     run_id: str,
     which: str,
+    class_name: str | None,
     mode: str | None,
     threshold: float | None,
     downsample: float | None,
     options: dict[str, Any],
 ) -> _Slide:
     """Check one export against an open store and read its scores."""
-    mode, thr = check_options(which, mode, threshold)
+    mode, thr = check_options(which, mode, threshold, class_name)
     if store.n_patches == 0:
         raise StoreError("no patches in the store (no tissue); nothing to draw", path=store.path)
-    scores, pred = read_scores(store, run_id, which)
+    scores, pred = read_scores(store, run_id, which, class_name)
     ds = float(downsample or store.thumbnail_downsample)
     if not ds > 0:
         raise ConfigError(f"downsample must be > 0, not {downsample!r}")
     params = {
         "run": run_id,
         "which": which,
+        "class": class_name,
         "mode": mode,
         "threshold": thr,
         "downsample": ds,
@@ -393,15 +495,24 @@ def _load(
     return _Slide(store, scores, pred, params)
 
 
-def _file_names(slide_id: str, which: str, *, values_tiff: bool = True) -> dict[str, str]:
-    """File kind -> name of one slide's exports (``<slide_id>_<which>_<suffix>``)."""
-    base = f"{sanitize_id(slide_id)}_{which}"
+def which_name(which: str, class_name: str | None = None) -> str:
+    """What a heatmap shows, as its files name it: ``score``, ``attention``, or
+    ``score-<class>`` (the class name sanitised to ``[A-Za-z0-9._-]``)."""
+    return which if class_name is None else f"{which}-{sanitize_id(class_name)}"
+
+
+def _file_names(
+    slide_id: str, which: str, class_name: str | None = None, *, values_tiff: bool = True
+) -> dict[str, str]:
+    """File kind -> name of one slide's exports (``<slide_id>_<which_name>_<suffix>``)."""
+    base = f"{sanitize_id(slide_id)}_{which_name(which, class_name)}"
     return {k: f"{base}_{v}" for k, v in _FILES.items() if values_tiff or k != "values_tiff"}
 
 
 def _finished(slide: _Slide, folder: Path) -> dict[str, str] | None:
     """The files of a finished export with the same parameters and scores, else None."""
-    summary = folder / _file_names(slide.store.slide_id, slide.params["which"])["summary"]
+    p = slide.params
+    summary = folder / _file_names(slide.store.slide_id, p["which"], p["class"])["summary"]
     try:
         old = json.loads(summary.read_text())
     except (OSError, ValueError):
@@ -421,6 +532,7 @@ def export_heatmaps(
     *,
     run_id: str,
     which: str = "score",
+    class_name: str | None = None,
     mode: str | None = None,
     threshold: float | None = None,
     downsample: float | None = None,
@@ -441,11 +553,15 @@ def export_heatmaps(
     store_path : path
         A complete store with ``scores/<run_id>``.
     out_dir : path
-        Folder for this slide's files (created); names are ``<slide_id>_<which>_*``.
+        Folder for this slide's files (created); names are ``<slide_id>_<which>_*``, with
+        ``<which>`` = ``score-<class>`` for a class (:func:`which_name`).
     run_id : str
         The predict run whose scores are drawn.
     which : {"score", "attention"}
         ``scores/<run_id>`` (per-patch abnormality probability) or ``scores/<run_id>-attention``.
+    class_name : str, optional
+        Draw this class's per-patch probability (its column of ``scores/<run_id>-classes``)
+        instead of the abnormality probability; one of the run's classes.
     mode : {"probability", "percentile"}, optional
         Display units (see the module docs); default ``"probability"`` for scores and
         ``"percentile"`` for attention (attention cannot be shown as a probability).
@@ -484,14 +600,18 @@ def export_heatmaps(
     Raises
     ------
     StoreError
-        An unfinished store, no ``scores/<run_id>`` (run predict first), no patches.
+        An unfinished store, no ``scores/<run_id>`` (run predict first), no per-class
+        probabilities for ``class_name`` (predicted before they were written: rerun predict),
+        no patches.
     ConfigError
-        A bad mode, threshold, downsample, colormap, opacity or compression.
+        A bad mode, threshold, downsample, colormap, opacity or compression, or a class that is
+        not one of the run's.
     """
     lut, options = _options(
         which,
         mode,
         threshold,
+        class_name,
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
@@ -504,6 +624,7 @@ def export_heatmaps(
         SlideStore(store_path),
         run_id=run_id,
         which=which,
+        class_name=class_name,
         mode=mode,
         threshold=threshold,
         downsample=downsample,
@@ -536,7 +657,7 @@ def _export(
             block_px=block_px,
         )[0]
     out.mkdir(parents=True, exist_ok=True)
-    names = _file_names(store.slide_id, p["which"], values_tiff=p["values_tiff"])
+    names = _file_names(store.slide_id, p["which"], p["class"], values_tiff=p["values_tiff"])
     paths = {k: out / v for k, v in names.items()}
     with _timed(seconds, "tiff"):
         _write_tiffs(slide, values, paths, lut=lut)
@@ -548,7 +669,7 @@ def _export(
             threshold=p["threshold"],
             downsample=p["downsample"],
             mpp=store.meta.mpp,
-            name=_CLASS[p["which"]],
+            name=_region_class(p),
         )
         atomic_write_json(paths["geojson"], regions, indent=None)
     with _timed(seconds, "tiles_geojson"):
@@ -570,8 +691,24 @@ def _export(
     return paths
 
 
+def _region_class(params: dict[str, Any]) -> str:
+    """The QuPath classification of what is at or above the threshold."""
+    return params["class"] or _CLASS[params["which"]]
+
+
+def _what(params: dict[str, Any]) -> str:
+    """What the values are, in words (the colour bar's label)."""
+    name = params["class"]
+    return _WHAT[params["which"]] if name is None else f"probability of class {name!r}"
+
+
 def _legend(params: dict[str, Any]) -> str:
-    return _LEGEND[params["mode"]].format(what=_WHAT[params["which"]]) + (
+    name = params["class"]
+    if name is None:
+        text = _LEGEND[params["mode"]].format(what=_WHAT[params["which"]])
+    else:
+        text = _CLASS_LEGEND[params["mode"]].format(name=name)
+    return text + (
         f"; transparent at or below {params['transparent_below']:g}, opacity rising to "
         f"{params['alpha']:g} at the top"
     )
@@ -584,7 +721,7 @@ def _write_tiffs(
     p, store = slide.params, slide.store
     meta = store.meta
     hmpp = heatmap_mpp(meta.mpp, p["downsample"])
-    what = f"{p['which']}, {p['mode']} mode, run {p['run']}"
+    what = f"{_what(p)}, {p['mode']} mode, run {p['run']}"
     write_overlay_tiff(
         paths["tiff"],
         values,
@@ -627,11 +764,16 @@ def _write_png(
 ) -> None:
     """The PNG overlay, titled with the slide's prediction."""
     p, pred = slide.params, slide.prediction
-    p_abn = pred.get("abnormal_probability")
-    p_txt = "?" if p_abn is None else f"{float(p_abn):.3f}"
+    name = p["class"]
+    if name is None:
+        shown, p_slide = "abnormal", pred.get("abnormal_probability")
+    else:
+        shown, p_slide = name, (pred.get("probabilities") or {}).get(name)
+    p_txt = "?" if p_slide is None else f"{float(p_slide):.3f}"
+    drawn = p["which"] if name is None else f"class {name!r} probability"
     title = (
-        f"{slide.store.slide_id}: predicted {pred.get('predicted', '?')} (P abnormal {p_txt}), "
-        f"run {p['run']}\n{p['which']} heatmap, {p['mode']} mode, threshold {p['threshold']:g}"
+        f"{slide.store.slide_id}: predicted {pred.get('predicted', '?')} (P {shown} {p_txt}), "
+        f"run {p['run']}\n{drawn} heatmap, {p['mode']} mode, threshold {p['threshold']:g}"
     )
     render_png(
         path,
@@ -642,7 +784,7 @@ def _write_png(
         lut=lut,
         title=title,
         legend=_legend(p) + "; white outline: at or above the threshold",
-        bar_label=f"{_WHAT[p['which']]} ({p['mode']})",
+        bar_label=f"{_what(p)} ({p['mode']})",
         max_px=max_px,
     )
 
@@ -662,7 +804,7 @@ def _write_tiles(slide: _Slide, shown: np.ndarray, path: Path) -> None:
             "tissue_fraction": store.tissue_fraction,
         },
         classified=above,
-        name=_CLASS[p["which"]],
+        name=_region_class(p),
     )
 
 
@@ -675,6 +817,7 @@ def heatmaps(
     *,
     run_id: str,
     which: str = "score",
+    class_name: str | None = None,
     mode: str | None = None,
     threshold: float | None = None,
     downsample: float | None = None,
@@ -691,7 +834,8 @@ def heatmaps(
 
     Options are those of :func:`export_heatmaps`. A slide whose summary records the same
     parameters and the same scores (a hash), with all its files present, is skipped unless
-    ``overwrite``.
+    ``overwrite``. With ``class_name``, a store predicted before the per-class probabilities
+    were written fails with one line (rerun predict) and the batch goes on.
 
     Returns
     -------
@@ -707,12 +851,14 @@ def heatmaps(
     StoreError
         ``store_dir`` is not a folder.
     ConfigError
-        Bad options (checked before any slide).
+        Bad options (checked before any slide), or a ``class_name`` that is not one of the
+        run's classes (raised at the first store that names them, before any file is written).
     """
     lut, options = _options(
         which,
         mode,
         threshold,
+        class_name,
         sigma_um=sigma_um,
         cmap=cmap,
         alpha=alpha,
@@ -725,6 +871,7 @@ def heatmaps(
     load = {
         "run_id": run_id,
         "which": which,
+        "class_name": class_name,
         "mode": mode,
         "threshold": threshold,
         "downsample": downsample,
@@ -754,6 +901,8 @@ def _batch_row(
     }
     try:
         row.update(_export_or_skip(store_path, folder, load=load, lut=lut, overwrite=overwrite))
+    except _UnknownClass:
+        raise  # bad usage, the same for every slide of the run
     except (WSIPipelineError, OSError, RuntimeError, ValueError) as exc:  # zarr codec errors
         msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{store_path}: {exc}"
         if isinstance(exc, (RuntimeError, ValueError)):

@@ -81,7 +81,8 @@ def slide_summary(
     prediction : dict
         The attributes of ``scores/<run>`` (``predicted``, ``abnormal_probability``, ...).
     params : dict
-        The export's parameters (``run``, ``which``, ``mode``, ``threshold``, ``downsample``,
+        The export's parameters (``run``, ``which``, ``class`` (the class whose probability is
+        drawn, or None for the abnormality score), ``mode``, ``threshold``, ``downsample``,
         ``sigma_um``, ...), recorded as they are.
     legend : str
         The colour scale's description.
@@ -102,6 +103,7 @@ def slide_summary(
         "store": str(store.path),
         "run": p["run"],
         "which": p["which"],
+        "class": p.get("class"),
         "mode": p["mode"],
         "value_range": list(MODES[p["mode"]]),
         "legend": legend,
@@ -111,6 +113,10 @@ def slide_summary(
             "abnormal_probability": pred.get("abnormal_probability"),
             "probabilities": pred.get("probabilities"),
             "classes": pred.get("classes"),
+            # the slide-level probability of the class drawn (None for the abnormality score)
+            "class_probability": (pred.get("probabilities") or {}).get(p["class"])
+            if p.get("class") is not None
+            else None,
         },
         "n_patches": store.n_patches,
         "downsample": p["downsample"],

@@ -353,9 +353,29 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
     h = p.heatmap
     try:  # the values, by the code the heatmap stage runs
-        check_options(h.get("which", "score"), h.get("mode"), h.get("threshold"))
+        check_options(
+            h.get("which", "score"),
+            h.get("mode"),
+            h.get("threshold"),
+            h.get("class_name"),
+            classes=_known_classes(p) if h.get("class_name") is not None else None,
+        )
     except ConfigError as exc:
         raise ConfigError(f"{where}: 'heatmap': {exc}") from None
+
+
+def _known_classes(p: Pipeline) -> list[str] | None:
+    """The classes of the run the heatmap stage draws, when they can be known before it runs:
+    the train stage's labels file, else the given run's ``labels.json``; None otherwise."""
+    from .data import read_labels
+
+    if "train" in p.stages:
+        if p.labels is None or not p.labels.is_file():
+            return None
+        return list(read_labels(p.labels).classes)
+    if p.run is not None and (p.run / runs.LABELS).is_file():
+        return runs.read_classes(p.run)
+    return None
 
 
 #: Keys of the ``evaluate`` section that are not keywords of
@@ -530,15 +550,16 @@ def _train_locked(p: Pipeline, *, progress: bool) -> _Outcome:
 
 
 def _all_scored(p: Pipeline) -> bool:
-    """Every complete store with patches has the run's scores."""
-    from .store import COORDS, is_complete, list_stores, open_store, scores_key
+    """Every complete store with patches has the run's scores and per-class probabilities (a
+    store predicted before those were written is predicted again)."""
+    from .store import COORDS, class_scores_key, is_complete, list_stores, open_store, scores_key
 
-    key = scores_key(p.run_id)
+    keys = (scores_key(p.run_id), class_scores_key(p.run_id))
     for sp in list_stores(p.stores):
         if not is_complete(sp):
             continue
         g = open_store(sp)
-        if int(g[COORDS].shape[0]) and key not in g:
+        if int(g[COORDS].shape[0]) and any(k not in g for k in keys):
             return False
     return True
 
