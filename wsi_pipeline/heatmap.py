@@ -215,7 +215,10 @@ def check_options(
         raise ConfigError(f"which must be 'score' or 'attention', not {which!r}")
     if class_name is not None:
         if not isinstance(class_name, str) or not class_name:
-            raise ConfigError(f"class must be a class name (a string), not {class_name!r}")
+            raise ConfigError(
+                "class must be a class name (a string; quote it in a pipeline file, e.g. "
+                f"'1'), not {class_name!r}"
+            )
         if which == "attention":
             raise ConfigError(
                 f"class {class_name!r} draws a class probability; attention has no classes "

@@ -352,13 +352,14 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
     defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id"})
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
     h = p.heatmap
+    classes = _known_classes(p) if h.get("class_name") is not None else None
     try:  # the values, by the code the heatmap stage runs
         check_options(
             h.get("which", "score"),
             h.get("mode"),
             h.get("threshold"),
             h.get("class_name"),
-            classes=_known_classes(p) if h.get("class_name") is not None else None,
+            classes=classes,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: 'heatmap': {exc}") from None
