@@ -769,13 +769,13 @@ def _write_png(
     p, pred = slide.params, slide.prediction
     name = p["class"]
     if name is None:
-        shown, p_slide = "abnormal", pred.get("abnormal_probability")
+        shown, p_slide = "P abnormal", pred.get("abnormal_probability")
     else:
-        shown, p_slide = name, (pred.get("probabilities") or {}).get(name)
+        shown, p_slide = f"P({name})", (pred.get("probabilities") or {}).get(name)
     p_txt = "?" if p_slide is None else f"{float(p_slide):.3f}"
     drawn = p["which"] if name is None else f"class {name!r} probability"
     title = (
-        f"{slide.store.slide_id}: predicted {pred.get('predicted', '?')} (P {shown} {p_txt}), "
+        f"{slide.store.slide_id}: predicted {pred.get('predicted', '?')} ({shown} {p_txt}), "
         f"run {p['run']}\n{drawn} heatmap, {p['mode']} mode, threshold {p['threshold']:g}"
     )
     render_png(
