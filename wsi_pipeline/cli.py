@@ -628,6 +628,15 @@ def synth(out: Path, lesion_style: str | None, **options: Any) -> None:
     ),
 )
 @click.option(
+    "--instance-warmup-epochs",
+    type=int,
+    default=None,
+    help=_train_help(
+        "instance_warmup_epochs",
+        "First epochs whose instance loss gives every patch its slide's label (naive MIL).",
+    ),
+)
+@click.option(
     "--balance",
     type=click.Choice(["sampler", "loss", "none"]),
     default=None,

@@ -355,6 +355,12 @@ class TrainConfig:
         ``instance_k=8``) found them where 0.3 with ``k=4`` often did not.
     instance_k : int
         Patches per bag in the top-k instance loss.
+    instance_warmup_epochs : int
+        First epochs in which the instance loss takes every patch of a bag with its slide's
+        label (naive MIL: the patches of a negative slide are all normal; those of a positive
+        one share its label), before the top-``instance_k`` loss. Every lesion patch then
+        gets a gradient from the first step, instead of only the few that a random model
+        happens to rank in its top ``k``.
     seed : int
     device : {"auto", "cpu", "cuda"}
     amp : bool
@@ -367,7 +373,7 @@ class TrainConfig:
         Split options when labels.csv has no ``split`` column.
     """
 
-    model: str = "abmil"
+    model: str = "topk"
     backbone: str = "smallcnn"
     mode: str = "e2e"
     backbone_weights: str | None = None
@@ -387,6 +393,7 @@ class TrainConfig:
     min_epochs: int = 5
     instance_weight: float = 0.6
     instance_k: int = 8
+    instance_warmup_epochs: int = 10
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -410,6 +417,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)!r}")
         if not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, not {self.lr!r}")
+        if int(self.instance_warmup_epochs) < 0:
+            raise ConfigError(
+                f"instance_warmup_epochs must be >= 0, not {self.instance_warmup_epochs!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
