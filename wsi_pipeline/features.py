@@ -43,7 +43,7 @@ from .store import (
     open_store,
     write_features,
 )
-from .util import atomic_path, sanitize_id
+from .util import atomic_path, output_dir, sanitize_id
 from .weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -496,6 +496,8 @@ def compute_features(
     if int(batch_size) < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size!r}")
     stores = find_stores(paths)
+    if export_dir is not None:
+        output_dir(export_dir)
     dev = resolve_device(device)
     place = launch_place()
     if place.world > 1:  # under torchrun: every rank embeds its own share of the slides
