@@ -144,7 +144,7 @@ def test_tiling_from_options_renames_and_negates(tmp_path: Path) -> None:
             "mpp": 1.0,
             "keep_pen": True,
             "keep_dark": False,
-            "mask_file": mask,
+            "mask_file": str(mask),
             "workers": 2,
             "overwrite": True,
             "slide_mpp": None,  # None: not given
@@ -152,7 +152,7 @@ def test_tiling_from_options_renames_and_negates(tmp_path: Path) -> None:
     )
     assert (spec.tile_px, spec.overlap_px, spec.min_tissue) == (128, 32, 0.5)
     assert spec.mpp == 1.0 and spec.level is None
-    assert spec.mask == MaskSpec(method="user", user_mask=mask, remove_pen=False)
+    assert spec.mask == MaskSpec(method="user", user_mask=str(mask), remove_pen=False)
     assert batch == {"workers": 2, "overwrite": True}
     assert tiling_from_options({}) == (TilingSpec(), {})
     assert tiling_from_options({"mpp": None, "level": None})[0].level == 0

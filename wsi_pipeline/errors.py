@@ -101,8 +101,7 @@ def error_report(exc: BaseException) -> tuple[str, int]:
         return str(exc), exc.exit_status
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
-        names = [os.fspath(f) for f in (exc.filename, exc.filename2) if f is not None]
-        where = " -> ".join(map(str, names))
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return _one_line(f"{where}: {reason}" if where else reason), EXIT_FAILED
     text = _one_line(f"{type(exc).__name__}: {exc}")
     return f"internal error ({text}); rerun with --debug for the traceback", EXIT_FAILED
