@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .util import input_file
 
 __all__ = [
     "PREDICT_OPTIONS",
@@ -677,6 +678,7 @@ def tiling_from_options(options: Mapping[str, Any]) -> tuple[TilingSpec, dict[st
         fields[opt.target][opt.field] = (not value) if opt.negate else value
     if "user_mask" in fields["mask"]:
         fields["mask"]["method"] = "user"
+        input_file(fields["mask"]["user_mask"], "mask file")  # one line now, not one per slide
     workers = fields["batch"].get("workers", 1)
     if int(workers) < 1:
         raise ConfigError(f"workers must be >= 1, not {workers!r}")
