@@ -2,7 +2,7 @@
 
 Measured in one run:
 
-1. throughput of the same model and bags (abmil + smallcnn, 64 patches of 128 px per step) when
+1. throughput of one model and its bags (abmil + smallcnn, 64 patches of 128 px per step) when
    the patches come from the store vs read on the fly with openslide (``read_region`` at level 0
    + resize, as patch datasets that keep no pixels do), with and without the model step;
 2. the seed study: ``train``'s default settings (``TrainConfig()``, the ones the demo and the
@@ -17,7 +17,7 @@ Measured in one run:
    negatives. Then mean +- sd and the worst run per cohort and overall.
 
     python benchmarks/bench_training.py [--work bench-out/training] [--seeds 0 1 2 3 4]
-        [--cohorts T5 T8 M7] [--quick]
+        [--cohorts T5 T8 M7] [--quick] [--study-only] [--set KEY=VALUE ...] [--tag NAME]
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from wsi_pipeline.tile_batch import tile_slides
 
 #: The tiling of the ``small_cohort`` fixture: 64-px patches at 1 mpp.
 TILING = TilingSpec(tile_px=64, mpp=1.0)
-#: The training options of the ``fast_run`` fixture (``TrainConfig(**FAST)``).
-FAST = {"epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
+#: The training options of the ``fast_run`` fixture (``TrainConfig(**FAST)``): an attention head
+#: (not the default top-k one), so that the runs of most tests also have attention scores.
+FAST = {"model": "abmil", "epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
 
 
 def make_cohort(

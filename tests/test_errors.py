@@ -40,3 +40,17 @@ def test_path_is_not_repeated_and_is_optional(tmp_path: Path) -> None:
     assert str(exc) == f"{path}: unfinished"
     plain = ConfigError("tile size must be between 8 and 4096 px")
     assert plain.path is None and str(plain) == "tile size must be between 8 and 4096 px"
+
+
+def test_error_report_is_the_one_exit_status_rule(tmp_path: Path) -> None:
+    """Usage errors 2, other errors of the family 1; an OSError names its file; anything else
+    is one line pointing at --debug."""
+    from wsi_pipeline.errors import EXIT_FAILED, EXIT_USAGE, error_report
+
+    assert error_report(ConfigError("bad value")) == ("bad value", EXIT_USAGE)
+    assert error_report(StoreError("torn", path=tmp_path)) == (f"{tmp_path}: torn", EXIT_FAILED)
+    denied = PermissionError(13, "Permission denied", str(tmp_path / "a\nb.csv"))
+    assert error_report(denied) == (f"{tmp_path}/a\\nb.csv: Permission denied", EXIT_FAILED)
+    msg, status = error_report(KeyError("x"))
+    assert status == EXIT_FAILED and msg.startswith("internal error (KeyError: 'x')")
+    assert "--debug" in msg and "\n" not in msg

@@ -10,6 +10,7 @@ takes it for a model); once the store is re-tiled, the same training gives the c
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -189,3 +190,37 @@ def test_train_refuses_a_corrupt_slide_and_the_retiled_run_is_the_clean_model(
     want = torch.load(fast_run / runs.MODEL, weights_only=True)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_features_mode_predict_fails_only_the_damaged_stores(
+    small_cohort: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Features mode: a store whose missing features cannot be embedded (corrupt patches) and
+    a store whose cached features are torn each fail on one line naming the store; the other
+    six are predicted (exit 1)."""
+    stores = shutil.copytree(small_cohort[0], tmp_path / "stores")
+    run = tmp_path / "frun"
+    cfg = TrainConfig(mode="features", backbone="smallcnn", **{**FAST, "epochs": 1})
+    train(stores, small_cohort[1], run, config=cfg, progress=False)
+    name = json.loads((run / runs.CONFIG).read_text())["extractor"]
+    feats = Path("features") / name
+    shutil.rmtree(stores / f"{BAD}.zarr" / feats)  # to be embedded again, from corrupt patches
+    corrupt_chunks(stores / f"{BAD}.zarr")
+    torn = "synth_005"
+    chunk = next(
+        p
+        for p in (stores / f"{torn}.zarr" / feats).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
+    chunk.write_bytes(chunk.read_bytes()[:10])  # a copy that stopped
+    out = tmp_path / "pred"
+    rc = main(["predict", str(stores), "--run", str(run), "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 2, lines
+    assert any(f"{BAD}.zarr: patch" in line for line in lines), lines
+    assert any(f"{torn}.zarr: cannot read {feats.as_posix()}" in line for line in lines), lines
+    rows = {r["slide_id"]: r for r in read_predictions(out / runs.PREDICTIONS)}
+    assert len(rows) == 8 and rows[BAD]["error"] and rows[torn]["error"]
+    assert all(r["probability"] and not r["error"] for s, r in rows.items() if s not in (BAD, torn))

@@ -24,7 +24,10 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.locks import lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_ARGS = ["--epochs", "2", "--max-patches", "16", "--workers", "0", "--patience", "5"]
+FAST_ARGS = [  # helpers.FAST as train options
+    *("--model", "abmil", "--epochs", "2", "--max-patches", "16"),
+    *("--workers", "0", "--patience", "5"),
+]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600.0) -> None:

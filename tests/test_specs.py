@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,9 @@ def test_predict_options_are_predict_keywords() -> None:
         assert params[opt.field].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-def test_tiling_from_options_renames_and_negates() -> None:
+def test_tiling_from_options_renames_and_negates(tmp_path: Path) -> None:
+    mask = tmp_path / "m.png"
+    mask.write_bytes(b"")  # the mask file must exist; it is read when a slide is tiled
     spec, batch = tiling_from_options(
         {
             "tile_size": 128,
@@ -141,7 +144,7 @@ def test_tiling_from_options_renames_and_negates() -> None:
             "mpp": 1.0,
             "keep_pen": True,
             "keep_dark": False,
-            "mask_file": "m.png",
+            "mask_file": str(mask),
             "workers": 2,
             "overwrite": True,
             "slide_mpp": None,  # None: not given
@@ -149,7 +152,7 @@ def test_tiling_from_options_renames_and_negates() -> None:
     )
     assert (spec.tile_px, spec.overlap_px, spec.min_tissue) == (128, 32, 0.5)
     assert spec.mpp == 1.0 and spec.level is None
-    assert spec.mask == MaskSpec(method="user", user_mask="m.png", remove_pen=False)
+    assert spec.mask == MaskSpec(method="user", user_mask=str(mask), remove_pen=False)
     assert batch == {"workers": 2, "overwrite": True}
     assert tiling_from_options({}) == (TilingSpec(), {})
     assert tiling_from_options({"mpp": None, "level": None})[0].level == 0
@@ -162,6 +165,7 @@ def test_tiling_from_options_renames_and_negates() -> None:
         ({"workers": 0}, "workers must be >= 1, not 0"),
         ({"mpp": 0.5, "level": 1}, "not both"),
         ({"overlap": 300}, "overlap must be >= 0 and smaller than the tile size"),
+        ({"mask_file": "nowhere.png"}, r"nowhere\.png: mask file not found"),
     ],
 )
 def test_tiling_from_options_refuses(options: dict, match: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, WSIPipelineError
+from .errors import EXIT_FAILED, EXIT_OK, ConfigError, error_report
 from .specs import PretrainConfig, TilingSpec, TrainConfig
 from .util import default_workers
 
@@ -628,6 +628,15 @@ def synth(out: Path, lesion_style: str | None, **options: Any) -> None:
     ),
 )
 @click.option(
+    "--instance-warmup-epochs",
+    type=int,
+    default=None,
+    help=_train_help(
+        "instance_warmup_epochs",
+        "First epochs whose instance loss gives every patch its slide's label (naive MIL).",
+    ),
+)
+@click.option(
     "--balance",
     type=click.Choice(["sampler", "loss", "none"]),
     default=None,
@@ -1185,7 +1194,11 @@ def view(
 
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage)."""
+    """Run the CLI; returns the exit status (0 ok, 1 some failed, 2 bad usage).
+
+    Every error ends here as one ``error: ...`` line on stderr (:func:`errors.error_report`
+    gives the line and the status); ``--debug`` re-raises it, with its traceback.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
@@ -1194,23 +1207,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code or 0)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        return 1
+        return EXIT_FAILED
+    except click.UsageError as exc:  # an unknown option, a bad value, a missing argument
+        where = exc.ctx.command_path if exc.ctx is not None else "wsi-pipeline"
+        message = " ".join(exc.format_message().split())
+        click.echo(f"error: {where}: {message} (see '{where} --help')", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         return exc.exit_code
     except _Failed:
-        return 1
-    except ConfigError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        return 2
-    except WSIPipelineError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    return 0
+    except Exception as exc:
+        if debug:
+            raise
+        message, status = error_report(exc)
+        click.echo(f"error: {message}", err=True)
+        return status
+    return EXIT_OK

@@ -29,7 +29,7 @@ from .store import (
     open_store,
     store_path,
 )
-from .util import sanitize_id
+from .util import input_file, sanitize_id
 
 __all__ = [
     "SPLIT_NAMES",
@@ -98,9 +98,7 @@ def read_labels(path: str | os.PathLike) -> Labels:
         slide ids or ids that map to one store name, unknown split names, a case in two splits.
         The message names the file and the line.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: labels file not found")
+    p = input_file(path, "labels file")
     try:
         with open(p, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)

@@ -9,18 +9,36 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "ConfigError",
     "SlideError",
     "StoreError",
     "TilingError",
     "TrainingError",
     "WSIPipelineError",
+    "error_report",
     "worker_message",
 ]
 
+#: Exit status of the command line when every slide succeeded.
+EXIT_OK = 0
+#: Exit status when some slides failed (the others were processed) or a stage could not finish.
+EXIT_FAILED = 1
+#: Exit status for bad usage: an invalid option, configuration, labels or pipeline file, or an
+#: output folder that cannot be written.
+EXIT_USAGE = 2
+
 
 class WSIPipelineError(Exception):
-    """Base of every error raised on purpose by wsi_pipeline."""
+    """Base of every error raised on purpose by wsi_pipeline.
+
+    ``exit_status`` is the command line's exit status for it (:data:`EXIT_FAILED`;
+    :class:`ConfigError` is bad usage, :data:`EXIT_USAGE`).
+    """
+
+    exit_status: int = EXIT_FAILED
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
         self.path = None if path is None else os.fspath(path)
@@ -44,11 +62,49 @@ class TilingError(WSIPipelineError):
 
 
 class ConfigError(WSIPipelineError):
-    """A configuration value, labels file or pipeline file is invalid."""
+    """A configuration value, labels file or pipeline file is invalid (bad usage)."""
+
+    exit_status = EXIT_USAGE
 
 
 class TrainingError(WSIPipelineError):
     """Training or prediction cannot proceed with the given data or run folder."""
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: line breaks escaped (a name holding a newline cannot forge a
+    second line), whitespace runs collapsed."""
+    return " ".join(text.replace("\r", "\\r").replace("\n", "\\n").split())
+
+
+def error_report(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and the exit status of an error that reached the command line.
+
+    The one place that maps errors to exit statuses: an error of this family has its own
+    (``exc.exit_status``); an operating-system error (a file that cannot be read or written)
+    names its file and the reason, exit :data:`EXIT_FAILED`; anything else is an internal error
+    whose traceback ``--debug`` shows.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The error.
+
+    Returns
+    -------
+    message : str
+        One line, without the ``"error: "`` prefix.
+    status : int
+        The exit status.
+    """
+    if isinstance(exc, WSIPipelineError):
+        return str(exc), exc.exit_status
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return _one_line(f"{where}: {reason}" if where else reason), EXIT_FAILED
+    text = _one_line(f"{type(exc).__name__}: {exc}")
+    return f"internal error ({text}); rerun with --debug for the traceback", EXIT_FAILED
 
 
 def worker_message(message: str, name: str) -> str:

@@ -43,7 +43,7 @@ from .store import (
     open_store,
     write_features,
 )
-from .util import atomic_path, sanitize_id
+from .util import atomic_path, output_dir, sanitize_id
 from .weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -308,6 +308,7 @@ def ensure_features(
     run_dir: Path | None = None,
     progress: bool = True,
     batch_size: int = 256,
+    failed: dict[Path, str] | None = None,
 ) -> tuple[str, int]:
     """Make sure every store has ``features/<extractor>``; compute the missing ones.
 
@@ -327,6 +328,11 @@ def ensure_features(
         Where to save ``extractor.pt`` (the weights used).
     progress : bool
     batch_size : int
+    failed : dict, optional
+        Per-store isolation: a store that cannot be read (unfinished, a corrupt chunk) or
+        whose features cannot be written gets its one-line error here (``failed[store]``)
+        and the others go on. Without it the first such error is raised (training needs
+        every slide).
 
     Returns
     -------
@@ -338,7 +344,7 @@ def ensure_features(
     Raises
     ------
     StoreError
-        A store is unfinished or unreadable.
+        A store is unfinished or unreadable (without ``failed``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -353,10 +359,26 @@ def ensure_features(
             torch.save(state, tmp)
     net = enc.module.to(device).eval()
     attrs = {**enc.attrs(), "weights_sha256": digest}
-    todo = [sp for sp in stores if not has_complete_array(open_store(sp), features_key(name))]
+
+    def isolate(sp: Path, exc: Exception) -> None:
+        if failed is None:
+            raise exc
+        msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{sp}: {exc}"
+        failed[sp] = " ".join(msg.split())
+
+    todo = []
+    for sp in stores:
+        try:
+            if not has_complete_array(open_store(sp), features_key(name)):
+                todo.append(sp)
+        except StoreError as exc:
+            isolate(sp, exc)
     for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
-        feats = _embed(sp, enc, net, device=device, batch_size=batch_size)
-        write_features(open_store(sp, mode="r+"), name, feats, attrs)
+        try:
+            feats = _embed(sp, enc, net, device=device, batch_size=batch_size)
+            write_features(open_store(sp, mode="r+"), name, feats, attrs)
+        except (StoreError, OSError) as exc:
+            isolate(sp, exc)
     if todo:
         log.info(
             "features %s: embedded %d store(s), %d already cached",
@@ -496,6 +518,8 @@ def compute_features(
     if int(batch_size) < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size!r}")
     stores = find_stores(paths)
+    if export_dir is not None:
+        output_dir(export_dir)
     dev = resolve_device(device)
     place = launch_place()
     if place.world > 1:  # under torchrun: every rank embeds its own share of the slides

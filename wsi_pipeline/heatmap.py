@@ -98,7 +98,7 @@ from .store import (
     score_runs,
     scores_key,
 )
-from .util import atomic_write_json, sanitize_id
+from .util import atomic_write_json, output_dir, sanitize_id
 
 __all__ = [
     "WHICH",
@@ -871,6 +871,7 @@ def heatmaps(
         mask_tissue=True,
     )
     stores = list_stores(store_dir, slide_ids=slide_ids)
+    output_dir(out_dir)  # one line (bad usage) before any slide, not one failure per slide
     load = {
         "run_id": run_id,
         "which": which,

@@ -39,7 +39,7 @@ from .specs import (
     tiling_from_options,
     train_config_from_options,
 )
-from .util import atomic_write_json
+from .util import atomic_write_json, input_file, output_dir
 
 __all__ = ["REPORT", "STAGES", "Pipeline", "load_options", "load_pipeline", "run_pipeline"]
 
@@ -52,6 +52,18 @@ _TOP_KEYS = {"name", "version", "out", "slides", "labels", "run", "stages", *STA
 Types: TypeAlias = type | tuple[type, ...]
 
 
+def _parse_error(exc: Exception) -> str:
+    """Where and why a YAML/JSON text failed to parse: ``"line L, column C: problem"`` when
+    the parser says where (1-based, as editors count), else its message on one line."""
+    mark = getattr(exc, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    return " ".join(str(exc).split())
+
+
 def load_options(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML or JSON mapping from a file (for ``--config`` options).
 
@@ -60,16 +72,14 @@ def load_options(path: str | os.PathLike) -> dict[str, Any]:
     ConfigError
         No such file, not YAML/JSON, or not a mapping.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
+    p = input_file(path)
     try:
         import yaml
 
         text = p.read_text()
         data = yaml.safe_load(text) if p.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except Exception as exc:
-        raise ConfigError(f"{p}: not valid YAML/JSON ({' '.join(str(exc).split())})") from exc
+        raise ConfigError(f"{p}: not valid YAML/JSON ({_parse_error(exc)})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -666,7 +676,7 @@ def run_pipeline(
         what ran.
     """
     p = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
-    p.out.mkdir(parents=True, exist_ok=True)
+    output_dir(p.out)
     report: dict[str, Any] = {
         "pipeline": p.path,
         "name": p.name,

@@ -36,6 +36,7 @@ from .store import (
     features_key,
     list_stores,
     open_store,
+    read_array,
     write_class_scores,
     write_scores,
 )
@@ -88,8 +89,8 @@ def _embed_all(
     from .inference import store_embeddings
 
     if features is not None:
-        arr = group[features_key(features)]
-        return torch.from_numpy(np.asarray(arr[...], np.float32)).to(device)
+        feats = read_array(group, features_key(features), store, np.float32)
+        return torch.from_numpy(feats).to(device)
     return store_embeddings(
         store, model.embed, device=device, amp=amp, channels_last=channels_last, chunk=chunk
     )
@@ -300,24 +301,27 @@ def _open_ready(
 
 def _run_features(
     ready: Sequence[_OpenStore], run: dict[str, Any], device: Any, *, progress: bool
-) -> str:
-    """Cache the run's frozen-backbone features in the stores; the extractor name."""
+) -> tuple[str, dict[Path, str]]:
+    """Cache the run's frozen-backbone features in the stores: the extractor name, and the
+    one-line error of each store that failed (the others go on)."""
     from .features import ensure_features
 
     run_dir = Path(run["dir"])
+    failed: dict[Path, str] = {}
     features, _ = ensure_features(
         [s.path for s in ready if s.n_patches > 0],
         backbone=run["train_config"].backbone,
         weights=run_dir / runs.EXTRACTOR,
         device=device,
         progress=progress,
+        failed=failed,
     )
     if features != run["config"].get("extractor"):
         raise TrainingError(
             f"{run_dir / runs.EXTRACTOR}: does not match the features the run "
             "was trained on; train again"
         )
-    return features
+    return features, failed
 
 
 def predict(
@@ -384,7 +388,13 @@ def predict(
     ready, rows = _open_ready(stores, run["tiling"], rid)
     features = None
     if cfg.mode == "features" and ready:
-        features = _run_features(ready, run, dev, progress=progress)
+        features, failed = _run_features(ready, run, dev, progress=progress)
+        rows += [
+            Prediction(s.path.stem, run_id=rid, error=failed[s.path])
+            for s in ready
+            if s.path in failed
+        ]
+        ready = [s for s in ready if s.path not in failed]
     t0 = time.time()
     for st in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
         try:

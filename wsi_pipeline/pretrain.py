@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, TrainingError, WSIPipelineError
 from .specs import PretrainConfig
-from .util import atomic_path, atomic_write_json
+from .util import atomic_path, atomic_write_json, output_dir
 
 __all__ = [
     "CHECKPOINT",
@@ -457,7 +457,7 @@ def pretrain(
     """
     import torch
 
-    from .distributed import distributed, wrap_ddp
+    from .distributed import distributed, launch_place, wrap_ddp
     from .features import find_stores
     from .inference import to_device
 
@@ -474,6 +474,9 @@ def pretrain(
         )
     if resume and ckpt.exists():
         _check_resumable(work, config, paths)
+    if launch_place().rank == 0:  # where the weights go, checked before hours of training
+        output_dir(out.parent)
+        output_dir(work)
 
     with distributed(config.device) as dist_info:
         device = _device(config, dist_info.local_rank, dist_info.world)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StoreError
-from .util import atomic_write_text, sanitize_id
+from .util import atomic_write_text, output_dir, sanitize_id
 
 __all__ = ["REPORT_HTML", "SlideCard", "slide_card", "write_report"]
 
@@ -421,6 +421,8 @@ def write_report(
     out = Path(out_dir)
     if not out.is_dir():
         raise StoreError("no such folder to report on", path=out)
+    path = Path(dest) if dest is not None else out / REPORT_HTML
+    output_dir(path.parent)  # one line before the work
     if stores is None:
         stores = out / "stores" if (out / "stores").is_dir() else out
     sd = Path(stores)
@@ -464,7 +466,6 @@ def write_report(
             "</div></body></html>",
         ]
     )
-    path = Path(dest) if dest is not None else out / REPORT_HTML
     atomic_write_text(path, page)
     log.info("report: %d slide(s) in %.1f s: %s", len(cards), time.time() - t0, path)
     return path

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .util import input_file
 
 __all__ = [
     "PREDICT_OPTIONS",
@@ -355,6 +356,12 @@ class TrainConfig:
         ``instance_k=8``) found them where 0.3 with ``k=4`` often did not.
     instance_k : int
         Patches per bag in the top-k instance loss.
+    instance_warmup_epochs : int
+        First epochs in which the instance loss takes every patch of a bag with its slide's
+        label (naive MIL: the patches of a negative slide are all normal; those of a positive
+        one share its label), before the top-``instance_k`` loss. Every lesion patch then
+        gets a gradient from the first step, instead of only the few that a random model
+        happens to rank in its top ``k``.
     seed : int
     device : {"auto", "cpu", "cuda"}
     amp : bool
@@ -367,7 +374,7 @@ class TrainConfig:
         Split options when labels.csv has no ``split`` column.
     """
 
-    model: str = "abmil"
+    model: str = "topk"
     backbone: str = "smallcnn"
     mode: str = "e2e"
     backbone_weights: str | None = None
@@ -387,6 +394,7 @@ class TrainConfig:
     min_epochs: int = 5
     instance_weight: float = 0.6
     instance_k: int = 8
+    instance_warmup_epochs: int = 10
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -410,6 +418,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)!r}")
         if not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, not {self.lr!r}")
+        if int(self.instance_warmup_epochs) < 0:
+            raise ConfigError(
+                f"instance_warmup_epochs must be >= 0, not {self.instance_warmup_epochs!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -666,6 +678,7 @@ def tiling_from_options(options: Mapping[str, Any]) -> tuple[TilingSpec, dict[st
         fields[opt.target][opt.field] = (not value) if opt.negate else value
     if "user_mask" in fields["mask"]:
         fields["mask"]["method"] = "user"
+        input_file(fields["mask"]["user_mask"], "mask file")  # one line now, not one per slide
     workers = fields["batch"].get("workers", 1)
     if int(workers) < 1:
         raise ConfigError(f"workers must be >= 1, not {workers!r}")

@@ -57,6 +57,7 @@ __all__ = [
     "missing_chunks",
     "open_store",
     "patch_count",
+    "read_array",
     "read_coords",
     "score_runs",
     "scores_key",
@@ -598,6 +599,37 @@ def write_array(
     if attrs:
         arr.attrs.update(attrs)
     return arr
+
+
+def read_array(group: Any, key: str, store: str | os.PathLike, dtype: Any = None) -> np.ndarray:
+    """The whole array ``key`` of an open store group, or one line saying it cannot be read.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The store, opened.
+    key : str
+        The array (``features/<extractor>``, ``scores/<run>``, ...).
+    store : path
+        The store's folder, for the message.
+    dtype : numpy dtype, optional
+        Convert to it.
+
+    Returns
+    -------
+    ndarray
+
+    Raises
+    ------
+    StoreError
+        The array is missing, or a chunk of it is missing, unreadable or fails to decode (a
+        damaged store: zarr's codecs raise RuntimeError or ValueError).
+    """
+    try:
+        return np.asarray(group[key][...], dtype)
+    except (KeyError, OSError, RuntimeError, ValueError) as exc:
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise StoreError(f"cannot read {key} ({why}); the store is damaged", path=store) from exc
 
 
 def has_complete_array(group: Any, key: str) -> bool:

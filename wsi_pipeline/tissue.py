@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .specs import MaskSpec
+from .util import input_file
 
 __all__ = ["load_user_mask", "rect_fractions", "rgb_to_hsv", "tissue_mask"]
 
@@ -131,9 +132,7 @@ def load_user_mask(
     -------
     (H, W) bool ndarray
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: user mask file not found")
+    p = input_file(path, "user mask file")
     if p.suffix.lower() in (".geojson", ".json"):
         return _rasterize_geojson(p, shape, downsample)
     from PIL import Image, UnidentifiedImageError

@@ -37,6 +37,7 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -483,6 +484,9 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
     )
     mine = order[dist_info.rank :: dist_info.world]
     per_step = min(config.slides_per_step, len(mine))  # the order holds whole steps only
+    objective = setup.objective
+    if epoch < config.instance_warmup_epochs:  # naive MIL: every patch takes its slide's label
+        objective = dataclasses.replace(objective, k=config.max_patches)
     losses = []
     bar = tqdm(
         total=len(mine),
@@ -502,7 +506,7 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
         if len(xs) < per_step:
             continue
         with autocast(device, config.amp):
-            loss = step_loss(setup.model, setup.ddp_model, xs, ys, setup.objective)
+            loss = step_loss(setup.model, setup.ddp_model, xs, ys, objective)
         setup.optim.step(loss)
         xs, ys = [], []
         losses.append(float(loss.detach()))

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "default_workers",
+    "input_file",
     "json_ready",
     "output_dir",
     "resize_rgb",
@@ -105,10 +106,57 @@ def output_dir(path: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(
-            f"output folder cannot be written ({exc.strerror or exc})", path=out
-        ) from exc
+        blocker = _file_in_the_way(out)
+        if blocker is None:
+            reason = exc.strerror or str(exc)
+        elif blocker == out:
+            reason = "it is a file, not a folder"
+        else:
+            reason = f"{blocker} is a file, not a folder"
+        raise ConfigError(f"output folder cannot be written ({reason})", path=out) from exc
     return out
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing one of ``path`` and its parents when it is not a folder (a regular
+    file where a folder must be), else None."""
+    for q in (path, *path.parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None
+
+
+def input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` when it is a regular file that can be read: the one check of a file the user names.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (a labels file, a pipeline or options file, a mask file).
+    what : str
+        What the file is, for the message (``"labels file"``).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ConfigError
+        ``"<path>: <what> not found"``, ``"<path>: is a folder, not a <what>"`` or
+        ``"<path>: <what> cannot be read (<reason>)"`` (bad usage, exit status 2).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"is a folder, not a {what}", path=p)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found", path=p)
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be read ({exc.strerror or exc})", path=p) from exc
+    return p
 
 
 def json_ready(obj: Any) -> Any:

@@ -193,6 +193,7 @@ def export_run(
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     run = runs.load_run(run_dir)
+    out = output_dir(out_dir)  # checked before the model is traced
     cfg = run["train_config"]
     config = wsinfer_config(run, architecture=f"wsi-pipeline {cfg.model}+{cfg.backbone}")
     model = load_model(run, device=torch.device("cpu"))
@@ -202,7 +203,6 @@ def export_run(
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated, but DJL (QuPath) loads it
         traced = torch.jit.trace(scorer, example, check_trace=False)
-    out = output_dir(out_dir)
     ts = out / TORCHSCRIPT
     with atomic_path(ts) as tmp:
         traced.save(str(tmp))
