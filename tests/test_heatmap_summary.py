@@ -65,6 +65,7 @@ def test_summary_areas_and_top_patches() -> None:
         "abnormal_probability": 0.8,
         "probabilities": None,
         "classes": None,
+        "class_probability": None,  # the default (abnormality) heatmap draws no one class
     }
     assert s["heatmap_size_wh"] == [4, 4] and s["slide_size_wh"] == [512, 512]
     assert s["heatmap_mpp"] == 4.0 and s["n_regions"] == 2
