@@ -65,3 +65,21 @@ def test_instance_loss_follows_the_mil_assumption() -> None:
     assert (three.grad.abs().sum(dim=1) > 0).tolist() == [False, True, False]
     # k larger than the bag: every patch
     assert torch.isfinite(topk_instance_loss(logits[:1], 1, 0, k=8))
+
+
+def test_instance_warmup_takes_every_patch_then_the_top_k() -> None:
+    """During the naive-MIL warm-up the instance loss is the cross-entropy of every patch with the
+    slide's label; afterwards only the top ``instance_k`` patches count."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsi_pipeline.losses import Objective, epoch_objective, topk_instance_loss
+
+    config = TrainConfig(max_patches=16, instance_k=2, instance_warmup_epochs=3)
+    base = Objective(instance="topk", weight=0.6, k=2)
+    logits = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    naive = F.cross_entropy(logits, torch.ones(16, dtype=torch.long))
+    early, late = epoch_objective(base, config, 2), epoch_objective(base, config, 3)
+    assert early.k == 16 and late.k == 2
+    assert torch.allclose(topk_instance_loss(logits, 1, 0, k=early.k), naive)
+    assert not torch.allclose(topk_instance_loss(logits, 1, 0, k=late.k), naive)

@@ -8,6 +8,7 @@ cross-entropy (class-weighted with ``balance="loss"``), mixed with CLAM's instan
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,14 @@ import numpy as np
 from .data import BagDataset, negative_class
 from .specs import TrainConfig
 
-__all__ = ["Objective", "bag_loss", "make_objective", "step_loss", "topk_instance_loss"]
+__all__ = [
+    "Objective",
+    "bag_loss",
+    "epoch_objective",
+    "make_objective",
+    "step_loss",
+    "topk_instance_loss",
+]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +137,14 @@ def make_objective(
     return Objective(
         class_w, instance, config.instance_weight, config.instance_k, negative_class(classes)
     )
+
+
+def epoch_objective(objective: Objective, config: TrainConfig, epoch: int) -> Objective:
+    """The objective of one epoch: during the first ``config.instance_warmup_epochs`` the top-k
+    instance loss takes every patch of a bag (naive MIL: each patch gets its slide's label)."""
+    if epoch < config.instance_warmup_epochs:
+        return dataclasses.replace(objective, k=config.max_patches)
+    return objective
 
 
 def bag_loss(model: Any, ddp_model: Any, x: Any, y: int, objective: Objective) -> Any:

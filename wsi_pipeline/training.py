@@ -37,7 +37,6 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on GPUs;
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -69,7 +68,7 @@ from .data import (
 )
 from .distributed import Distributed, broadcast_flag, distributed, wrap_ddp
 from .inference import autocast, bag_output, build_model, load_weights, resolve_device, to_device
-from .losses import Objective, make_objective, step_loss
+from .losses import Objective, epoch_objective, make_objective, step_loss
 from .metrics import auc_score, probability_metrics
 from .specs import TrainConfig, fold_config
 from .train_report import (
@@ -484,9 +483,7 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
     )
     mine = order[dist_info.rank :: dist_info.world]
     per_step = min(config.slides_per_step, len(mine))  # the order holds whole steps only
-    objective = setup.objective
-    if epoch < config.instance_warmup_epochs:  # naive MIL: every patch takes its slide's label
-        objective = dataclasses.replace(objective, k=config.max_patches)
+    objective = epoch_objective(setup.objective, config, epoch)
     losses = []
     bar = tqdm(
         total=len(mine),
