@@ -18,6 +18,13 @@ Measured in one run:
 
     python benchmarks/bench_training.py [--work bench-out/training] [--seeds 0 1 2 3 4]
         [--cohorts T5 T8 M7] [--quick] [--study-only] [--set KEY=VALUE ...] [--tag NAME]
+        [--probe]
+
+``--probe`` (diagnosis of a run that stalls) trains each (cohort, seed) one epoch per call
+(``stop_after=1``, then ``resume``: the same run, bit for bit) and prints after every epoch the
+train loss, the validation AUC and, from that epoch's weights, the lesion-patch AUC on the
+held-out positives, the held-out slide AUC of the MIL head and that of the mean of each slide's
+top-5 patch margins: was the detector never found, or found and then lost or ignored by the head?
 """
 
 from __future__ import annotations
@@ -311,6 +318,103 @@ def seed_study(
     return rows
 
 
+def probe_epoch(stores: Path, run: Path, cohort_dir: Path) -> dict:
+    """From the weights of ``run``'s last epoch (``checkpoint.pt``): the lesion-patch AUC on
+    the held-out positives, and the held-out slide AUC of the MIL head and of the mean of each
+    slide's top-5 patch margins (positive minus negative logit)."""
+    import torch
+
+    from wsi_pipeline.inference import bag_output, build_model
+    from wsi_pipeline.metrics import auc_score
+    from wsi_pipeline.runs import CHECKPOINT, CONFIG
+    from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.store import SlideStore
+    from wsi_pipeline.synth import load_ground_truth
+    from wsi_pipeline.tissue import rect_fractions
+
+    saved = json.loads((run / CONFIG).read_text())
+    saved = saved.get("train", saved)
+    config = TrainConfig(
+        **{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    )
+    model = build_model(config, 2, load_backbone=False)
+    model.load_state_dict(torch.load(run / CHECKPOINT, weights_only=True)["model"])
+    model.eval()
+    ys, ss, slide_y, head, top5 = [], [], [], [], []
+    for r in held_out_rows(run):
+        st = SlideStore(stores / f"{r['slide_id']}.zarr")
+        x = torch.from_numpy(np.asarray(st.group["patches"][...])).permute(0, 3, 1, 2)
+        out = bag_output(
+            model, x.contiguous(), device=torch.device("cpu"), amp=False, channels_last=False
+        )
+        margin = (out.patch_logits[:, 1] - out.patch_logits[:, 0]).numpy()
+        slide_y.append(int(r["label"]))
+        head.append(float(out.logits[1] - out.logits[0]))
+        top5.append(float(np.sort(margin)[-5:].mean()))
+        if r["label"] == "1":
+            _, lesion, ds = load_ground_truth(cohort_dir, r["slide_id"])
+            c, p = st.coords, st.tiling["patch_l0"]
+            rects = np.c_[c, np.full(len(c), p), np.full(len(c), p)]
+            ys.append(rect_fractions(lesion, rects, downsample=ds) >= 0.5)
+            ss.append(margin)
+    return {
+        "patch_auc": auc_score(np.concatenate(ys).astype(int), np.concatenate(ss)),
+        "head_auc": auc_score(np.array(slide_y), np.array(head)),
+        "top5_auc": auc_score(np.array(slide_y), np.array(top5)),
+    }
+
+
+def probe_study(
+    work: Path,
+    names: list[str],
+    seeds: list[int],
+    n_slides: int,
+    overrides: dict | None = None,
+    tag: str = "",
+) -> list[dict]:
+    """Every (cohort, seed) run trained one epoch per call, probed after each epoch
+    (:func:`probe_epoch`); one printed line per epoch."""
+    from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.training import train
+
+    rows = []
+    for name in names:
+        cseed, options, _ = COHORTS[name]
+        stores, labels, _ = cohort(work, name, seed=cseed, n=n_slides, **options)
+        for seed in seeds:
+            run = work / name / f"probe_{tag}s{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            cfg = TrainConfig(**{**(overrides or {}), "seed": seed})
+            print(
+                f"\n{name} seed {seed}: epoch, train loss / ln 2, val AUC, lesion-patch AUC, "
+                "held-out slide AUC of the head, of the top-5 patch margins",
+                flush=True,
+            )
+            for epoch in range(cfg.epochs):
+                metrics = train(
+                    stores, labels, run, config=cfg, resume=epoch > 0, stop_after=1, progress=False
+                )
+                h = metrics["history"][-1]
+                rec = {
+                    "cohort": name,
+                    "seed": seed,
+                    "epoch": epoch,
+                    "loss_x_chance": h["train_loss"] / np.log(2),
+                    "val_auc": h.get("val_auc"),
+                    **probe_epoch(stores, run, labels.parent),
+                }
+                rows.append(rec)
+                va = "--" if rec["val_auc"] is None else f"{rec['val_auc']:.3f}"
+                print(
+                    f"{epoch:3d}  {rec['loss_x_chance']:.3f}  {va}  {rec['patch_auc']:.3f}  "
+                    f"{rec['head_auc']:.3f}  {rec['top5_auc']:.3f}",
+                    flush=True,
+                )
+                if len(metrics["history"]) < epoch + 1:  # stopped early
+                    break
+    return rows
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Mean +- sd and the worst value of each figure, per cohort and overall."""
     keys = ("auc", "patch_auc", "iou_mean", "neg_area_mean", "loss_x_chance", "late_val_auc")
@@ -346,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         help="override train's defaults (variants under study; e.g. epochs=2 for a smoke run)",
     )
     ap.add_argument("--tag", default="", help="prefix of the run folders and the results file")
+    ap.add_argument(
+        "--probe", action="store_true", help="probe every epoch of each run (diagnosis; no table)"
+    )
     args = ap.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -355,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.probe:
+        rows = probe_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
+        name = args.tag + "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
+        atomic_write_json(args.work / f"probe_{name}.json", {"probe": rows})
+        return 0
     f0 = lambda v: f"{v:,.0f}"  # noqa: E731
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     f3 = lambda v: f"{v:.3f}"  # noqa: E731

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from wsi_pipeline import metrics
-from wsi_pipeline.metrics import area_above, auc_score, heatmap_iou, probability_metrics, roc_curve
+from wsi_pipeline.metrics import (
+    area_above,
+    auc_score,
+    heatmap_hit_rate,
+    heatmap_iou,
+    probability_metrics,
+    roc_curve,
+)
 
 
 def _pairwise_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -112,6 +119,19 @@ def test_heatmap_iou_same_extent() -> None:
     assert heatmap_iou(np.zeros((4, 4)), np.zeros((2, 2), bool), threshold=0.5) == 1.0
     v[3, 3] = np.nan  # NaN is negative
     assert heatmap_iou(v, truth, threshold=0.5) == 0.5
+
+
+def test_heatmap_hit_rate_is_the_covered_fraction_of_the_truth() -> None:
+    v = np.zeros((4, 4))
+    v[:2, :2] = 1.0
+    v[3, 3] = 1.0  # a false positive does not lower the hit rate (it lowers the IoU)
+    truth = np.zeros((8, 8), bool)
+    truth[:4, :8] = True  # twice the area above threshold: half of it is covered
+    assert heatmap_hit_rate(v, truth, threshold=0.5) == 0.5
+    assert heatmap_iou(v, truth, threshold=0.5) == pytest.approx(4 / 9)
+    assert heatmap_hit_rate(v, np.zeros((8, 8), bool), threshold=0.5) is None
+    v[:2, :2] = np.nan  # NaN is negative
+    assert heatmap_hit_rate(v, truth, threshold=0.5) == 0.0
 
 
 def test_heatmap_iou_through_level0() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "brier_score",
     "calibration_bins",
     "expected_calibration_error",
+    "heatmap_hit_rate",
     "heatmap_iou",
     "probability_metrics",
     "roc_curve",
@@ -240,6 +241,27 @@ def area_above(values: np.ndarray, threshold: float, *, pixel_area: float = 1.0)
         return float(np.count_nonzero(np.asarray(values) >= threshold)) * float(pixel_area)
 
 
+def _thresholded(
+    values: np.ndarray,
+    truth_mask: np.ndarray,
+    threshold: float,
+    downsample: float | None,
+    truth_downsample: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap pixels ``>= threshold`` and the ground truth on the heatmap's grid."""
+    v = np.asarray(values)
+    t = np.asarray(truth_mask, dtype=bool)
+    h, w = v.shape
+    if downsample and truth_downsample:
+        truth = sample_mask(t, float(truth_downsample), float(downsample), (0, h), (0, w))
+    else:
+        r = np.minimum(((np.arange(h) + 0.5) * t.shape[0] / h).astype(np.int64), t.shape[0] - 1)
+        c = np.minimum(((np.arange(w) + 0.5) * t.shape[1] / w).astype(np.int64), t.shape[1] - 1)
+        truth = t[r[:, None], c[None, :]]
+    with np.errstate(invalid="ignore"):
+        return v >= threshold, truth
+
+
 def heatmap_iou(
     values: np.ndarray,
     truth_mask: np.ndarray,
@@ -266,16 +288,28 @@ def heatmap_iou(
     float
         ``|A & B| / |A | B|``; 1.0 when both are empty.
     """
-    v = np.asarray(values)
-    t = np.asarray(truth_mask, dtype=bool)
-    h, w = v.shape
-    if downsample and truth_downsample:
-        truth = sample_mask(t, float(truth_downsample), float(downsample), (0, h), (0, w))
-    else:
-        r = np.minimum(((np.arange(h) + 0.5) * t.shape[0] / h).astype(np.int64), t.shape[0] - 1)
-        c = np.minimum(((np.arange(w) + 0.5) * t.shape[1] / w).astype(np.int64), t.shape[1] - 1)
-        truth = t[r[:, None], c[None, :]]
-    with np.errstate(invalid="ignore"):
-        pred = v >= threshold
+    pred, truth = _thresholded(values, truth_mask, threshold, downsample, truth_downsample)
     union = int(np.count_nonzero(pred | truth))
     return 1.0 if union == 0 else int(np.count_nonzero(pred & truth)) / union
+
+
+def heatmap_hit_rate(
+    values: np.ndarray,
+    truth_mask: np.ndarray,
+    *,
+    threshold: float,
+    downsample: float | None = None,
+    truth_downsample: float | None = None,
+) -> float | None:
+    """The fraction of a ground-truth region that the thresholded heatmap covers (its recall).
+
+    Parameters are those of :func:`heatmap_iou`.
+
+    Returns
+    -------
+    float or None
+        ``|A & B| / |B|``; None when the ground truth is empty on the heatmap's grid.
+    """
+    pred, truth = _thresholded(values, truth_mask, threshold, downsample, truth_downsample)
+    n = int(np.count_nonzero(truth))
+    return None if n == 0 else int(np.count_nonzero(pred & truth)) / n
