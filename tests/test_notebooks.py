@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -10,6 +11,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+HIT_RATE = 0.5  # of each held-out positive's planted lesion, at or above 0.5
+FALSE_AREA = 0.05  # of each held-out negative's tissue, at or above 0.5
 
 
 @pytest.mark.slow
@@ -32,6 +35,20 @@ def test_notebook_runs(
         if o.get("output_type") == "error"
     ]
     assert not errors
+    if "training_and_heatmaps" in path.name:  # the heatmap finds the planted lesions
+        check_localisation(
+            json.loads((tmp_path / "training-out" / "localisation.json").read_text())
+        )
+
+
+def check_localisation(rows: list[dict]) -> None:
+    """Notebook 03's held-out slides: each positive's planted lesion is mostly covered by the
+    heatmap at or above 0.5 (the exported regions), and negatives have almost nothing there."""
+    hits = [r["hit_rate"] for r in rows if r["label"] == "1"]
+    false = [r["tissue_above"] for r in rows if r["label"] == "0"]
+    assert hits and false, rows
+    assert min(hits) >= HIT_RATE, f"lesion covered by the heatmap: {hits}"
+    assert max(false) <= FALSE_AREA, f"negative tissue above threshold: {false}"
 
 
 def test_notebooks_are_stored_without_outputs() -> None:

@@ -196,6 +196,7 @@ def test_train_config_from_options() -> None:
         ({"folds": 1}, "folds must be >= 2"),
         ({"epochz": 1}, "unknown training option"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"color_jitter": 1.5}, r"color_jitter must be in \[0, 1\), not 1.5"),
     ],
 )
 def test_train_config_from_options_refuses(options: dict, match: str) -> None:

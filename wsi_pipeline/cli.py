@@ -628,6 +628,14 @@ def synth(out: Path, lesion_style: str | None, **options: Any) -> None:
     ),
 )
 @click.option(
+    "--color-jitter",
+    type=float,
+    default=None,
+    help=_train_help(
+        "color_jitter", "Per-slide brightness/contrast/saturation jitter (factors 1 ± j)."
+    ),
+)
+@click.option(
     "--instance-warmup-epochs",
     type=int,
     default=None,
