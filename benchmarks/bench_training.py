@@ -18,7 +18,7 @@ Measured in one run:
 
     python benchmarks/bench_training.py [--work bench-out/training] [--seeds 0 1 2 3 4]
         [--cohorts T5 T8 M7] [--quick] [--study-only] [--set KEY=VALUE ...] [--tag NAME]
-        [--probe]
+        [--probe] [--from-results]
 
 ``--probe`` (diagnosis of a run that stalls) trains each (cohort, seed) one epoch per call
 (``stop_after=1``, then ``resume``: the same run, bit for bit) and prints after every epoch the
@@ -432,76 +432,18 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from wsi_pipeline.util import atomic_write_json
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("bench-out/training"))
-    ap.add_argument("--slides", type=int, default=40)
-    ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=list(COHORTS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--quick", action="store_true", help="throughput only")
-    ap.add_argument("--study-only", action="store_true", help="skip the throughput rows")
-    ap.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override train's defaults (variants under study; e.g. epochs=2 for a smoke run)",
-    )
-    ap.add_argument("--tag", default="", help="prefix of the run folders and the results file")
-    ap.add_argument(
-        "--probe", action="store_true", help="probe every epoch of each run (diagnosis; no table)"
-    )
-    args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    args.work.mkdir(parents=True, exist_ok=True)
-    if args.probe:
-        rows = probe_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
-        name = args.tag + "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
-        atomic_write_json(args.work / f"probe_{name}.json", {"probe": rows})
-        return 0
+def print_study(study: list[dict], n_slides: int, cohorts: list[str]) -> None:
+    """The seed-study table (one row per run), then mean +- sd and the worst run per cohort."""
     f0 = lambda v: f"{v:,.0f}"  # noqa: E731
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     f3 = lambda v: f"{v:.3f}"  # noqa: E731
-    first = args.cohorts[0]
-    stores_a, _, slides_a = cohort(
-        args.work, first, seed=COHORTS[first][0], n=args.slides, **COHORTS[first][1]
-    )
-    rows = [] if args.study_only else throughput(stores_a, slides_a)
-    if rows:
-        print(
-            "\n1. training throughput, abmil + smallcnn, bags of 64 patches of 128 px, 1 process\n"
-        )
-        print(
-            table(
-                rows,
-                [
-                    ("row", "patches from", str),
-                    ("io", "read patches/s", f0),
-                    ("x_io", "x openslide", f2),
-                    ("train", "train patches/s", f0),
-                    ("x_train", "x openslide", f2),
-                    ("peak_mb", "peak RSS MB", f0),
-                ],
-            )
-        )
-    if args.quick:
-        return 0
-    study = seed_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
+    pct = lambda v: f"{v:.2%}"  # noqa: E731
     print(
-        f"\n2. train's defaults on {args.slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
-        f"(lesions 5% of tissue; {', '.join(f'{n}: {COHORTS[n][2]}' for n in args.cohorts)}); "
+        f"\n2. train's defaults on {n_slides}-slide cohorts of {SIZE[0]}x{SIZE[1]} px slides "
+        f"(lesions 5% of tissue; {', '.join(f'{n}: {COHORTS[n][2]}' for n in cohorts)}); "
         "held-out = val + test slides; heatmap IoU on held-out positives, tissue above "
         "threshold on held-out negatives\n"
     )
-    pct = lambda v: f"{v:.2%}"  # noqa: E731
     print(
         table(
             study,
@@ -539,6 +481,87 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsi_pipeline.util import atomic_write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("bench-out/training"))
+    ap.add_argument("--slides", type=int, default=40)
+    ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=list(COHORTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--quick", action="store_true", help="throughput only")
+    ap.add_argument("--study-only", action="store_true", help="skip the throughput rows")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override train's defaults (variants under study; e.g. epochs=2 for a smoke run)",
+    )
+    ap.add_argument("--tag", default="", help="prefix of the run folders and the results file")
+    ap.add_argument(
+        "--from-results",
+        action="store_true",
+        help="print the table of every results_<tag>*.json in --work (runs made separately)",
+    )
+    ap.add_argument(
+        "--probe", action="store_true", help="probe every epoch of each run (diagnosis; no table)"
+    )
+    args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        study = [
+            row
+            for path in sorted(args.work.glob(f"results_{args.tag}*.json"))
+            for row in json.loads(path.read_text())["study"]
+        ]
+        study.sort(key=lambda r: (list(COHORTS).index(r["cohort"]), r["seed"]))
+        print_study(
+            study, args.slides, sorted({r["cohort"] for r in study}, key=list(COHORTS).index)
+        )
+        return 0
+    if args.probe:
+        rows = probe_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
+        name = args.tag + "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
+        atomic_write_json(args.work / f"probe_{name}.json", {"probe": rows})
+        return 0
+    f0 = lambda v: f"{v:,.0f}"  # noqa: E731
+    f2 = lambda v: f"{v:.2f}"  # noqa: E731
+    first = args.cohorts[0]
+    stores_a, _, slides_a = cohort(
+        args.work, first, seed=COHORTS[first][0], n=args.slides, **COHORTS[first][1]
+    )
+    rows = [] if args.study_only else throughput(stores_a, slides_a)
+    if rows:
+        print(
+            "\n1. training throughput, abmil + smallcnn, bags of 64 patches of 128 px, 1 process\n"
+        )
+        print(
+            table(
+                rows,
+                [
+                    ("row", "patches from", str),
+                    ("io", "read patches/s", f0),
+                    ("x_io", "x openslide", f2),
+                    ("train", "train patches/s", f0),
+                    ("x_train", "x openslide", f2),
+                    ("peak_mb", "peak RSS MB", f0),
+                ],
+            )
+        )
+    if args.quick:
+        return 0
+    study = seed_study(args.work, args.cohorts, args.seeds, args.slides, overrides, args.tag)
+    print_study(study, args.slides, args.cohorts)
     name = args.tag + "-".join(args.cohorts) + "_s" + "-".join(map(str, args.seeds))
     atomic_write_json(args.work / f"results_{name}.json", {"throughput": rows, "study": study})
     return 0
