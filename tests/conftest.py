@@ -114,6 +114,31 @@ def fast_run(small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="session")
+def three_class(
+    small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Path]:
+    """A finished 1-epoch run on :func:`small_cohort` relabelled with three classes a/b/c
+    (6 train, 1 val, 1 test): ``(stores, labels.csv, run)``; copy them to change them."""
+    import shutil
+
+    from helpers import write_labels
+
+    from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.training import train
+
+    stores, _ = small_cohort
+    root = tmp_path_factory.mktemp("three_class")
+    splits = ["train"] * 6 + ["val", "test"]
+    labels = write_labels(
+        root / "labels.csv", [(f"synth_{i:03d}", "abc"[i % 3], splits[i]) for i in range(8)]
+    )
+    shutil.copytree(stores, root / "stores")
+    config = TrainConfig(epochs=1, max_patches=8, num_workers=0)
+    train(root / "stores", labels, root / "run", config=config, progress=False)
+    return root / "stores", labels, root / "run"
+
+
+@pytest.fixture(scope="session")
 def scored_batch(
     small_cohort: tuple[Path, Path], fast_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:

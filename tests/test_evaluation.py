@@ -19,7 +19,7 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ConfigError, TrainingError
 from wsi_pipeline.evaluation import evaluate, slide_metrics
 from wsi_pipeline.plots import roc_figure
-from wsi_pipeline.specs import TilingSpec, TrainConfig
+from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.util import atomic_write_json
 
 N_BOOT = 200  # enough for the plumbing, quick
@@ -236,23 +236,6 @@ def test_metrics_are_seeded_and_follow_the_negative_class() -> None:
 # ---------------------------------------------------------------------------------------------
 # three classes
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def three_class(
-    small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Path, Path]:
-    """A 1-epoch run on the small cohort relabelled with three classes: (stores, labels, run)."""
-    stores, _ = small_cohort
-    root = tmp_path_factory.mktemp("three_class")
-    classes, splits = "abc", ["train"] * 6 + ["val", "test"]
-    rows = [(f"synth_{i:03d}", classes[i % 3], splits[i]) for i in range(8)]
-    labels = write_labels(root / "labels.csv", rows)
-    d = root / "stores"
-    shutil.copytree(stores, d)
-    config = TrainConfig(epochs=1, max_patches=8, num_workers=0)
-    wp.train(d, labels, root / "run", config=config, progress=False)
-    return d, labels, root / "run"
-
-
 def test_three_classes_per_class_metrics_and_roc(
     three_class: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from helpers import write_labels
+from helpers import copy_run
 
 import wsi_pipeline as wp
 from wsi_pipeline import heatmap as hm
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ConfigError, StoreError
 from wsi_pipeline.pipeline import load_pipeline, run_pipeline
-from wsi_pipeline.specs import TrainConfig
 from wsi_pipeline.store import (
     SlideStore,
     class_scores_key,
@@ -40,20 +39,14 @@ DS = 32.0  # coarse heatmaps: small files, fast
 
 @pytest.fixture(scope="module")
 def three(
-    small_cohort: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    three_class: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """The small cohort relabelled a/b/c, a 1-epoch run (``run3``) and its predictions."""
-    stores, _ = small_cohort
+    """The three-class run (``run3``) and copies of its stores, predicted by it."""
+    stores, labels, run = three_class
     root = tmp_path_factory.mktemp("classes")
-    rows = [
-        (f"synth_{i:03d}", "abc"[i % 3], (["train"] * 6 + ["val", "test"])[i]) for i in range(8)
-    ]
-    labels = write_labels(root / "labels.csv", rows)
     d = root / "stores"
     shutil.copytree(stores, d)
-    run = root / "run3"
-    config = TrainConfig(epochs=1, max_patches=8, num_workers=0)
-    wp.train(d, labels, run, config=config, progress=False)
+    run = copy_run(run, root / "run3")
     wp.predict(d, run, root / "pred", progress=False, device="cpu")
     return {"root": root, "stores": d, "run": run, "labels": labels}
 
