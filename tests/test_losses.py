@@ -83,3 +83,20 @@ def test_instance_warmup_takes_every_patch_then_the_top_k() -> None:
     assert early.k == 16 and late.k == 2
     assert torch.allclose(topk_instance_loss(logits, 1, 0, k=early.k), naive)
     assert not torch.allclose(topk_instance_loss(logits, 1, 0, k=late.k), naive)
+
+
+def test_warmup_without_a_topk_instance_loss_says_it_does_nothing(logged) -> None:
+    import logging
+
+    logged.set_level(logging.INFO, logger="wsi_pipeline")
+    cpu = torch.device("cpu")
+    for config, why in (
+        (TrainConfig(model="clam_sb"), "clam_sb has its own instance loss"),
+        (TrainConfig(instance_weight=0.0), "no instance loss"),
+    ):
+        logged.clear()
+        make_objective(config, ("0", "1"), None, device=cpu)
+        assert f"instance_warmup_epochs 10 has no effect ({why})" in logged.text
+    logged.clear()
+    make_objective(TrainConfig(), ("0", "1"), None, device=cpu)  # the defaults: it does something
+    assert "no effect" not in logged.text

@@ -134,6 +134,13 @@ def make_objective(
     if instance == "clam" and world > 1:
         log.warning("clam_sb under torchrun: the instance loss is left out (bag loss only)")
         instance = "none"
+    if config.instance_warmup_epochs > 0 and instance != "topk":
+        why = "clam_sb has its own instance loss" if instance == "clam" else "no instance loss"
+        log.info(
+            "instance_warmup_epochs %s has no effect (%s): every epoch has the same objective",
+            config.instance_warmup_epochs,
+            why,
+        )
     return Objective(
         class_w, instance, config.instance_weight, config.instance_k, negative_class(classes)
     )
