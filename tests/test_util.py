@@ -177,3 +177,39 @@ def test_every_command_refuses_an_output_under_a_file(
     assert err and "output folder cannot be written" in err[-1], err
     assert not any("Traceback" in line for line in err)
     assert blocker.read_text() == "x"
+
+
+def test_a_rerun_removes_the_temporary_file_of_a_killed_writer(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL inside ``atomic_path`` leaves its temporary file; the next
+    write of the same file removes it, and leaves a live process's temporary file alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from wsi_pipeline.util import atomic_write_text
+
+    target = tmp_path / "slide.svs"
+    code = (
+        "import sys, time\n"
+        "from wsi_pipeline.util import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE)
+    alive = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout.readline() == b"writing\n" and alive.stdout.readline() == b"writing\n"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        left = sorted(p.name for p in tmp_path.glob(".slide.svs.*.tmp"))
+        assert len(left) == 2 and f".slide.svs.{killed.pid}." in left[0] + left[1]
+        atomic_write_text(target, "whole")
+        assert target.read_text() == "whole"
+        after = [p.name for p in tmp_path.glob(".slide.svs.*.tmp")]
+        assert len(after) == 1 and f".slide.svs.{alive.pid}." in after[0]
+    finally:
+        for proc in (killed, alive):
+            proc.kill()
+            proc.wait(10)

@@ -65,6 +65,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ...     torch.save(state, tmp)
     """
     p = Path(path)
+    remove_dead_temporaries(p)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield tmp
@@ -72,6 +73,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` next to ``path`` whose process is gone.
+
+    A process killed while writing ``path`` leaves ``.<name>.<pid>.<thread>.tmp`` behind; the
+    next write of ``path`` (a rerun) removes it, so nothing of the killed run stays. Files of a
+    process that still runs (or of a pid now reused) are left alone.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    from .locks import pid_alive
+
+    p = Path(path)
+    pattern = re.compile(rf"\.{re.escape(p.name)}\.(\d+)\.\d+\.tmp")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(p.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
