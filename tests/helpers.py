@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,25 @@ class EvilPickle:
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         return (os.system, (f"touch {self.marker}",))
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    """A real ``python -m wsi_pipeline ARGS`` in its own process (output discarded), to kill."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsi_pipeline", *args],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 600.0
+) -> None:
+    """Poll ``ready()`` every 5 ms while ``proc`` runs; fail if it ends or times out first."""
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, f"the command ended (rc {proc.returncode}) before {what}"
+        assert time.monotonic() - t0 < timeout, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.005)

@@ -9,33 +9,21 @@ the uninterrupted ``fast_run`` (``--resume`` when an epoch's checkpoint was writ
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import start_cli, wait_until
 
 from wsi_pipeline import runs
 from wsi_pipeline.cli import main
 from wsi_pipeline.locks import lock_path
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST_ARGS = [  # helpers.FAST as train options
     *("--model", "abmil", "--epochs", "2", "--max-patches", "16"),
     *("--workers", "0", "--patience", "5"),
 ]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600.0) -> None:
-    t0 = time.monotonic()
-    while not path.exists():
-        assert proc.poll() is None, f"train ended (rc {proc.returncode}) before {path} appeared"
-        assert time.monotonic() - t0 < timeout, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("kill_at", ["lock", pytest.param("checkpoint", marks=pytest.mark.slow)])
@@ -49,22 +37,16 @@ def test_kill9_train_then_rerun_gives_the_clean_model(
     stores, labels = small_cohort
     run = tmp_path / "run"
     args = ["train", str(stores), "--labels", str(labels), "--out", str(run), "-q", *FAST_ARGS]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsi_pipeline", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli(args)
     try:
-        wait_for(lock_path(run), proc)
+        wait_until(lock_path(run).exists, proc, "the run's lock file")
         # a second training into the same folder, while the first runs: one line, exit 1
         assert main(args) == 1
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and "another training is writing this run folder" in err[0], err
         assert f"pid {proc.pid}" in err[0]
         if kill_at == "checkpoint":
-            wait_for(run / runs.CHECKPOINT, proc)
+            wait_until((run / runs.CHECKPOINT).exists, proc, "the first checkpoint")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -919,7 +919,7 @@ def heatmap(
     per-patch abnormality probability; --class NAME draws one class's probability."""
     from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
     from .heatmap import check_options, heatmaps
-    from .runs import LABELS, read_classes
+    from .runs import LABELS, model_id, read_classes
     from .runs import run_id as run_id_rule
 
     rid = run_id_rule(run_dir, run_id)
@@ -940,6 +940,7 @@ def heatmap(
         transparent_below=transparent_below,
         slide_ids=list(slides) or None,
         overwrite=overwrite,
+        model_id=model_id(run_dir),
     )
     for r in res:
         if r["status"] == "skipped" and r.get("reason") == "no patches":

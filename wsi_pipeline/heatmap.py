@@ -475,12 +475,21 @@ def _load(
     threshold: float | None,
     downsample: float | None,
     options: dict[str, Any],
+    model_id: str | None = None,
 ) -> _Slide:
     """Check one export against an open store and read its scores."""
     mode, thr = check_options(which, mode, threshold, class_name)
     if store.n_patches == 0:
         raise StoreError("no patches in the store (no tissue); nothing to draw", path=store.path)
     scores, pred = read_scores(store, run_id, which, class_name)
+    made_by = pred.get("model_id")
+    if model_id and made_by and made_by != model_id:  # stores of older versions record none
+        raise StoreError(
+            f"'{scores_key(run_id)}' was written by another model ({made_by}) than the run's "
+            f"current one ({model_id}): the run was trained again since; rerun "
+            f"'wsi-pipeline predict --run {run_id}'",
+            path=store.path,
+        )
     ds = float(downsample or store.thumbnail_downsample)
     if not ds > 0:
         raise ConfigError(f"downsample must be > 0, not {downsample!r}")
@@ -548,6 +557,7 @@ def export_heatmaps(
     png_max_px: int = _PNG_MAX_PX,
     block_px: int = _BLOCK_PX,
     mask_tissue: bool = True,
+    model_id: str | None = None,
 ) -> dict[str, Path]:
     """Stitch one store's scores and write the PNG, pyramidal TIFFs, GeoJSONs and summary.
 
@@ -593,6 +603,10 @@ def export_heatmaps(
         Stitching block side in heatmap pixels.
     mask_tissue : bool
         Blank the heatmap outside the store's tissue mask.
+    model_id : str, optional
+        The run's current model (:func:`wsi_pipeline.runs.model_id` of its folder): scores that
+        ``predict`` recorded as made by another model (the run folder was trained again since)
+        are refused, so an earlier model's scores are never drawn as this one's.
 
     Returns
     -------
@@ -605,7 +619,7 @@ def export_heatmaps(
     StoreError
         An unfinished store, no ``scores/<run_id>`` (run predict first), no per-class
         probabilities for ``class_name`` (predicted before they were written: rerun predict),
-        no patches.
+        scores of another model than ``model_id``, no patches.
     ConfigError
         A bad mode, threshold, downsample, colormap, opacity or compression, or a class that is
         not one of the run's.
@@ -632,6 +646,7 @@ def export_heatmaps(
         threshold=threshold,
         downsample=downsample,
         options=options,
+        model_id=model_id,
     )
     return _export(slide, Path(out_dir), lut=lut, png_max_px=png_max_px, block_px=block_px)
 
@@ -832,10 +847,12 @@ def heatmaps(
     values_tiff: bool = True,
     slide_ids: Sequence[str] | None = None,
     overwrite: bool = False,
+    model_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Export heatmaps of every store in ``store_dir`` into ``out_dir/<slide_id>/``.
 
-    Options are those of :func:`export_heatmaps`. A slide whose summary records the same
+    Options are those of :func:`export_heatmaps` (``model_id``: a store whose scores another
+    model of the run wrote fails with one line). A slide whose summary records the same
     parameters and the same scores (a hash), with all its files present, is skipped unless
     ``overwrite``. With ``class_name``, a store predicted before the per-class probabilities
     were written fails with one line (rerun predict) and the batch goes on.
@@ -880,6 +897,7 @@ def heatmaps(
         "threshold": threshold,
         "downsample": downsample,
         "options": options,
+        "model_id": model_id,
     }
     results = [
         _batch_row(sp, Path(out_dir) / sp.stem, load=load, lut=lut, overwrite=overwrite)

@@ -561,16 +561,30 @@ def _train_locked(p: Pipeline, *, progress: bool) -> _Outcome:
 
 
 def _all_scored(p: Pipeline) -> bool:
-    """Every complete store with patches has the run's scores and per-class probabilities (a
-    store predicted before those were written is predicted again)."""
-    from .store import COORDS, class_scores_key, is_complete, list_stores, open_store, scores_key
+    """Every complete store with patches has finished scores and per-class probabilities of the
+    run's current model (a store predicted before those were written, by a killed predict or by
+    an earlier model of the run is predicted again)."""
+    from .store import (
+        COORDS,
+        class_scores_key,
+        has_complete_array,
+        is_complete,
+        list_stores,
+        open_store,
+        scores_key,
+    )
 
     keys = (scores_key(p.run_id), class_scores_key(p.run_id))
+    current = runs.model_id(p.run_dir)
     for sp in list_stores(p.stores):
         if not is_complete(sp):
             continue
         g = open_store(sp)
-        if int(g[COORDS].shape[0]) and any(k not in g for k in keys):
+        if not int(g[COORDS].shape[0]):
+            continue
+        if not all(has_complete_array(g, k) for k in keys):
+            return False
+        if g[keys[0]].attrs.get("model_id") != current:
             return False
     return True
 
@@ -640,7 +654,13 @@ def _evaluate_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
 def _heatmap_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     from .heatmap import heatmaps
 
-    res = heatmaps(p.stores, p.heatmaps, run_id=p.run_id, **(p.heatmap or {}))
+    res = heatmaps(
+        p.stores,
+        p.heatmaps,
+        run_id=p.run_id,
+        model_id=runs.model_id(p.run_dir),
+        **(p.heatmap or {}),
+    )
     pngs = sorted(r["files"]["png"] for r in res if "png" in r.get("files", {}))
     status = "skipped" if all(r["status"] == "skipped" for r in res) else "ran"
     outputs = {"heatmaps": str(p.heatmaps), "png": pngs}

@@ -103,12 +103,14 @@ def _score_attrs(
     neg: int,
     probs: np.ndarray,
     calibration: dict[str, Any] | None,
+    model_id: str | None = None,
 ) -> dict[str, Any]:
     """Attributes of ``scores/<run_id>``: the slide's prediction and how the scores were made."""
     method = (calibration or {}).get("method", "none")
     return {
         "run": run_id,
         "run_dir": run_dir,
+        "model_id": model_id or "",
         "classes": list(classes),
         "negative_class": classes[neg],
         "probabilities": {c: float(p) for c, p in zip(classes, probs)},
@@ -138,6 +140,7 @@ def predict_store(
     run_dir: str = "",
     calibration: dict[str, Any] | None = None,
     group: Any = None,
+    model_id: str | None = None,
 ) -> Prediction:
     """Predict one complete store and write its per-patch scores into it.
 
@@ -168,6 +171,8 @@ def predict_store(
         The run's ``calibration.json``.
     group : zarr.Group, optional
         ``store`` already opened with ``mode="r+"`` (opened here when None).
+    model_id : str
+        The run's :func:`wsi_pipeline.runs.model_id`, recorded in the scores' attributes.
 
     Returns
     -------
@@ -197,7 +202,7 @@ def predict_store(
     probs = apply_calibration(out.logits.float().cpu().numpy(), calibration)
     neg = negative_class(classes)
     patch = apply_patch_calibration(out.patch_logits.float().cpu().numpy(), calibration)
-    attrs = _score_attrs(run_id, run_dir, classes, neg, probs, calibration)
+    attrs = _score_attrs(run_id, run_dir, classes, neg, probs, calibration, model_id)
     write_scores(g, run_id, (1.0 - patch[:, neg]).astype(np.float32), attrs)
     write_class_scores(
         g,
@@ -412,6 +417,7 @@ def predict(
                     run_dir=str(run["dir"]),
                     calibration=run.get("calibration"),
                     group=st.group,
+                    model_id=run["model_id"],
                 )
             )
         except (WSIPipelineError, OSError) as exc:

@@ -11,6 +11,7 @@ names, through :func:`wsi_pipeline.util.atomic_path`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "fold_dir",
     "is_finished",
     "load_run",
+    "model_id",
     "read_classes",
     "read_cv_metrics",
     "read_metrics",
@@ -96,6 +98,23 @@ def is_finished(run_dir: str | os.PathLike) -> bool:
     return metrics.get("finished") is True and (d / MODEL).is_file()
 
 
+def model_id(run_dir: str | os.PathLike) -> str:
+    """What identifies the model a run folder holds now: the first 16 hex digits of the SHA-256
+    of ``model.pt`` and ``calibration.json`` (when there is one). ``predict`` records it with the
+    scores it writes, so that scores of an earlier model of a retrained run folder are never
+    shown as this model's (see ``heatmap``)."""
+    d = Path(run_dir)
+    h = hashlib.sha256()
+    for name in (MODEL, CALIBRATION):
+        p = d / name
+        if p.is_file():
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def start_over(run_dir: str | os.PathLike) -> None:
     """Before a fresh (not resumed) training writes into ``run_dir``: remove what an earlier
     training left that could be mistaken for this one's (model, checkpoint, calibration,
@@ -116,6 +135,12 @@ def load_run(run_dir: str | os.PathLike, *, allow_unfinished: bool = False) -> d
         Accept a run whose training has not finished (``metrics.json`` without
         ``finished: true``): its ``model.pt`` is the best epoch so far, not calibrated. The
         returned dict says which under ``"finished"``.
+
+    Returns
+    -------
+    dict
+        ``dir``, ``config``, ``tiling``, ``labels`` (the JSON files), ``finished``,
+        ``calibration`` (or None), ``model_id`` (:func:`model_id`) and ``train_config``.
 
     Raises
     ------
@@ -153,6 +178,7 @@ def load_run(run_dir: str | os.PathLike, *, allow_unfinished: bool = False) -> d
         )
     cal = d / CALIBRATION
     out["calibration"] = json.loads(cal.read_text()) if cal.is_file() else None
+    out["model_id"] = model_id(d)
     try:
         out["train_config"] = TrainConfig.from_dict(cfg["train"])
     except (ConfigError, KeyError, TypeError) as exc:
