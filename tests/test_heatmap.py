@@ -97,8 +97,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def exported(data: dict[str, Any]) -> dict[str, Path]:
-    """Probability-mode exports at downsample 8 with the default colours."""
-    return hm.export_heatmaps(data["store"], data["root"] / "out", run_id=RUN, downsample=DS)
+    """Probability-mode exports at downsample 8 with the default colours. The fixture's scores
+    are each patch's lesion fraction (not a detector's "contains lesion"), so overlapping
+    patches are averaged (``combine="mean"``): the lesion centroids below are then where the
+    lesions lie; the default rule is tested in test_stitch.py."""
+    return hm.export_heatmaps(
+        data["store"], data["root"] / "out", run_id=RUN, downsample=DS, combine="mean"
+    )
 
 
 def _stitched_by_hand(data: dict[str, Any], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

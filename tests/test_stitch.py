@@ -1,5 +1,6 @@
-"""Stitching: exact area-weighted overlaps, block independence, normalised smoothing, the
-memory bound on a gigapixel slide, percentile ranks and display modes."""
+"""Stitching: the lowest score where patches overlap (the default) and exact area-weighted
+means, block independence, normalised smoothing, the memory bound on a gigapixel slide,
+percentile ranks and display modes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,44 @@ from wsi_pipeline import stitch
 from wsi_pipeline.errors import ConfigError
 
 
-def test_overlap_is_averaged_exactly() -> None:
-    """Two patches with scores 0 and 1 overlapping by half: 0.5 in the overlap."""
+def test_overlap_takes_the_lowest_score_by_default() -> None:
+    """Two patches with scores 0.2 and 1 overlapping by half: a pixel is only as abnormal as
+    the least abnormal patch over it, so the abnormal region is where only the second lies; a
+    pixel that a patch overlaps by a fraction takes its score too."""
     coords = np.array([[0, 0], [2, 0]])
     values, coverage = stitch.stitch_scores(
-        coords, np.array([0.0, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1
+        coords, np.array([0.2, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1
+    )
+    np.testing.assert_allclose(values[0, :6], [0.2, 0.2, 0.2, 0.2, 1, 1], atol=1e-6)
+    assert np.isnan(values[:, 6:]).all()
+    np.testing.assert_allclose(coverage[0], [1, 1, 2, 2, 1, 1, 0, 0], atol=1e-6)
+    part, _ = stitch.stitch_scores(
+        np.array([[0, 0], [1, 0]]), np.array([1.0, 0.0]), patch_l0=2, slide_wh=(4, 2), downsample=2
+    )
+    np.testing.assert_allclose(part[0], [0.0, 0.0], atol=1e-6)
+    with pytest.raises(ConfigError, match="combine must be one of min, mean, not 'max'"):
+        stitch.stitch_scores(
+            coords, np.zeros(2), patch_l0=4, slide_wh=(8, 4), downsample=1, combine="max"
+        )
+
+
+def test_without_overlap_min_and_mean_agree() -> None:
+    """Patches on a grid whose borders fall on heatmap pixel borders: the same map either way."""
+    ys, xs = np.mgrid[0:1000:100, 0:1500:100]
+    coords = np.column_stack([xs.ravel(), ys.ravel()])
+    scores = np.random.default_rng(3).random(len(coords))
+    kw = dict(patch_l0=100, slide_wh=(1500, 1000), downsample=10)
+    low, cov = stitch.stitch_scores(coords, scores, **kw)
+    mean, cov2 = stitch.stitch_scores(coords, scores, combine="mean", **kw)
+    np.testing.assert_allclose(low, mean, atol=1e-6)
+    np.testing.assert_array_equal(cov, cov2)
+
+
+def test_overlap_is_averaged_exactly() -> None:
+    """combine="mean": two patches with scores 0 and 1 overlapping by half, 0.5 in the overlap."""
+    coords = np.array([[0, 0], [2, 0]])
+    values, coverage = stitch.stitch_scores(
+        coords, np.array([0.0, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1, combine="mean"
     )
     assert values.shape == (4, 8) and values.dtype == np.float32
     np.testing.assert_allclose(values[0, :6], [0, 0, 0.5, 0.5, 1, 1], atol=1e-6)
@@ -26,14 +60,15 @@ def test_fractional_overlap_is_area_weighted() -> None:
     """A heatmap pixel overlapped 2/2 by one patch and 1/2 by another: weights 2 and 1."""
     coords = np.array([[0, 0], [1, 0]])
     values, coverage = stitch.stitch_scores(
-        coords, np.array([0.0, 1.0]), patch_l0=2, slide_wh=(4, 2), downsample=2
+        coords, np.array([0.0, 1.0]), patch_l0=2, slide_wh=(4, 2), downsample=2, combine="mean"
     )
     np.testing.assert_allclose(values[0], [1 / 3, 1.0], atol=1e-6)
     np.testing.assert_allclose(coverage[0], [1.5, 0.5], atol=1e-6)
 
 
+@pytest.mark.parametrize("combine", stitch.COMBINE)
 @pytest.mark.parametrize("sigma_um", [0.0, 5.0, 40.0])  # none, direct, FFT
-def test_blocks_equal_one_block(sigma_um: float) -> None:
+def test_blocks_equal_one_block(sigma_um: float, combine: str) -> None:
     rng = np.random.default_rng(1)
     coords = rng.integers(-100, 3000, size=(400, 2))
     scores = rng.random(400)
@@ -46,6 +81,7 @@ def test_blocks_equal_one_block(sigma_um: float) -> None:
         mask_downsample=50.0,
         sigma_um=sigma_um,
         mpp=0.5,
+        combine=combine,
     )
     ref, ref_cov = stitch.stitch_scores(coords, scores, block_px=10**6, **kw)
     got, got_cov = stitch.stitch_scores(coords, scores, block_px=13, **kw)
@@ -150,12 +186,20 @@ def test_nan_scores_are_left_out_and_block_size_does_not_matter_then() -> None:
     np.testing.assert_array_equal(np.isnan(values), np.isnan(again))
 
 
-def test_values_stay_in_the_scores_range() -> None:
+@pytest.mark.parametrize("combine", stitch.COMBINE)
+def test_values_stay_in_the_scores_range(combine: str) -> None:
     rng = np.random.default_rng(5)
     coords = rng.integers(0, 900, size=(300, 2))
     scores = rng.uniform(0.3, 0.4, 300)
     values, _ = stitch.stitch_scores(
-        coords, scores, patch_l0=100, slide_wh=(1000, 1000), downsample=3, sigma_um=20, mpp=1.0
+        coords,
+        scores,
+        patch_l0=100,
+        slide_wh=(1000, 1000),
+        downsample=3,
+        sigma_um=20,
+        mpp=1.0,
+        combine=combine,
     )
     assert np.nanmin(values) >= np.float32(scores.min())
     assert np.nanmax(values) <= np.float32(scores.max())

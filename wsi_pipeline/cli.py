@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_OK, ConfigError, error_report
 from .specs import PretrainConfig, TilingSpec, TrainConfig
+from .stitch import COMBINE
 from .util import default_workers
 
 log = logging.getLogger("wsi_pipeline")
@@ -881,6 +882,14 @@ def predict(
     "--sigma-um", type=float, default=0.0, show_default=True, help="Gaussian smoothing in µm."
 )
 @click.option(
+    "--combine",
+    type=click.Choice(list(COMBINE)),
+    default=COMBINE[0],
+    show_default=True,
+    help="Where patches overlap: a pixel takes the lowest score of the patches over it "
+    "(regions at the lesion), or their mean (smoother, wider by up to a patch).",
+)
+@click.option(
     "--cmap",
     default=None,
     help="Matplotlib colormap, e.g. jet for a rainbow. [default: viridis, perceptually uniform]",
@@ -908,6 +917,7 @@ def heatmap(
     threshold: float | None,
     downsample: float | None,
     sigma_um: float,
+    combine: str,
     cmap: str | None,
     alpha: float | None,
     transparent_below: float | None,
@@ -935,6 +945,7 @@ def heatmap(
         threshold=threshold,
         downsample=downsample,
         sigma_um=sigma_um,
+        combine=combine,
         cmap=DEFAULT_CMAP if cmap is None else cmap,
         alpha=DEFAULT_ALPHA if alpha is None else alpha,
         transparent_below=transparent_below,

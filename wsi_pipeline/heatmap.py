@@ -89,7 +89,7 @@ from .exports import (
 )
 from .heatmap_summary import heatmap_mpp, slide_summary
 from .qupath import threshold_regions, write_tiles_geojson
-from .stitch import MODES, display_values, stitch_scores
+from .stitch import COMBINE, MODES, check_combine, display_values, stitch_scores
 from .store import (
     SlideStore,
     class_scores_key,
@@ -292,6 +292,7 @@ def _options(
     compression: str,
     values_tiff: bool,
     mask_tissue: bool,
+    combine: str,
 ) -> tuple[Any, dict[str, Any]]:
     """The colour table and the drawing options as recorded in a summary's ``params``, after
     checking every option (one place for :func:`export_heatmaps` and :func:`heatmaps`)."""
@@ -302,6 +303,7 @@ def _options(
         transparent_below=transparent_below,
     )
     return lut, {
+        "combine": check_combine(combine),
         "sigma_um": float(sigma_um),
         "cmap": cmap,
         "alpha": float(alpha),
@@ -414,6 +416,7 @@ def stitch_store(
     sigma_um: float = 0.0,
     mask_tissue: bool = True,
     block_px: int = _BLOCK_PX,
+    combine: str = COMBINE[0],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stitch per-patch values of a store onto its heatmap grid (:func:`stitch_scores`).
 
@@ -430,6 +433,8 @@ def stitch_store(
         Blank the heatmap outside the store's tissue mask.
     block_px : int
         Stitching block side in heatmap pixels.
+    combine : {"min", "mean"}
+        How the values of overlapping patches combine (:mod:`wsi_pipeline.stitch`).
 
     Returns
     -------
@@ -453,6 +458,7 @@ def stitch_store(
         sigma_um=sigma_um,
         mpp=meta.mpp,
         block_px=block_px,
+        combine=combine,
     )
 
 
@@ -549,6 +555,7 @@ def export_heatmaps(
     threshold: float | None = None,
     downsample: float | None = None,
     sigma_um: float = 0.0,
+    combine: str = COMBINE[0],
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     transparent_below: float | None = None,
@@ -585,6 +592,10 @@ def export_heatmaps(
         Level-0 px per heatmap pixel; default the store thumbnail's.
     sigma_um : float
         Gaussian smoothing in µm (0: none; needs the slide's mpp).
+    combine : {"min", "mean"}
+        Where patches overlap: a pixel takes the lowest score of the patches over it (``"min"``,
+        regions at the lesion) or their area-weighted mean (``"mean"``, smoother and wider by
+        up to a patch); :mod:`wsi_pipeline.stitch`.
     cmap : str
         Matplotlib colormap: ``"viridis"`` (perceptually uniform, colour-blind safe) unless asked
         otherwise (e.g. ``"jet"``).
@@ -636,6 +647,7 @@ def export_heatmaps(
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=mask_tissue,
+        combine=combine,
     )
     slide = _load(
         SlideStore(store_path),
@@ -673,6 +685,7 @@ def _export(
             sigma_um=p["sigma_um"],
             mask_tissue=p["mask_tissue"],
             block_px=block_px,
+            combine=p["combine"],
         )[0]
     out.mkdir(parents=True, exist_ok=True)
     names = _file_names(store.slide_id, p["which"], p["class"], values_tiff=p["values_tiff"])
@@ -840,6 +853,7 @@ def heatmaps(
     threshold: float | None = None,
     downsample: float | None = None,
     sigma_um: float = 0.0,
+    combine: str = COMBINE[0],
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     transparent_below: float | None = None,
@@ -886,6 +900,7 @@ def heatmaps(
         compression=compression,
         values_tiff=values_tiff,
         mask_tissue=True,
+        combine=combine,
     )
     stores = list_stores(store_dir, slide_ids=slide_ids)
     output_dir(out_dir)  # one line (bad usage) before any slide, not one failure per slide

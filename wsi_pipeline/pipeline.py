@@ -358,8 +358,9 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
     if p.heatmap is None:
         return
     from .heatmap import check_options, heatmaps
+    from .stitch import COMBINE, check_combine
 
-    defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id"})
+    defaults = _keywords(heatmaps, {"store_dir", "out_dir", "run_id", "model_id"})
     _check_section(where, "heatmap", p.heatmap, _from_defaults(defaults))
     h = p.heatmap
     classes = _known_classes(p) if h.get("class_name") is not None else None
@@ -371,6 +372,7 @@ def _load_heatmap(p: Pipeline, data: dict[str, Any], where: str) -> None:
             h.get("class_name"),
             classes=classes,
         )
+        check_combine(h.get("combine", COMBINE[0]))
     except ConfigError as exc:
         raise ConfigError(f"{where}: 'heatmap': {exc}") from None
 
