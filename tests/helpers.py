@@ -27,6 +27,23 @@ TILING = TilingSpec(tile_px=64, mpp=1.0)
 #: The training options of the ``fast_run`` fixture (``TrainConfig(**FAST)``): an attention head
 #: (not the default top-k one), so that the runs of most tests also have attention scores.
 FAST = {"model": "abmil", "epochs": 2, "max_patches": 16, "num_workers": 0, "patience": 5}
+#: A small pipeline file's content (add ``out``): 8 synthetic slides, tiled with overlap, every
+#: stage from synth to heatmap in seconds.
+SMALL_PIPELINE = {
+    "name": "small",
+    "synth": {
+        "n_slides": 8,
+        "width": 1536,
+        "height": 1024,
+        "mpp": 0.5,
+        "seed": 21,
+        "lesion_fraction": 0.05,
+    },
+    "tile": {"mpp": 1.0, "tile_size": 64, "overlap": 32},
+    "train": {"epochs": 2, "max_patches": 16, "num_workers": 0},
+    "predict": {"device": "cpu"},
+    "heatmap": {"which": "score", "mode": "probability", "threshold": 0.5},
+}
 
 
 def make_cohort(

@@ -7,7 +7,9 @@ store holds the new model's scores. ``heatmap`` then draws the stores scored by 
 and refuses, one line each, those that still hold the earlier model's (or unfinished) scores;
 predicting again gives exactly the scores and ``predictions.csv`` of an uninterrupted predict.
 ``heatmap`` killed after its first slide: the rerun exports the rest and every file equals an
-uninterrupted export's (the summaries up to their timings).
+uninterrupted export's (the summaries up to their timings). ``run`` of a small pipeline file
+killed inside its train or heatmap stage: the rerun finishes it, and the model, predictions and
+heatmaps equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FAST, copy_run, start_cli, wait_until
+import torch
+import yaml
+from helpers import FAST, SMALL_PIPELINE, copy_run, start_cli, wait_until
 
 from wsi_pipeline import runs
 from wsi_pipeline.cli import main
@@ -58,6 +62,23 @@ def scored_by(store: Path, model_id: str) -> bool:
 def kill(proc) -> None:  # type: ignore[no-untyped-def]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def assert_same_files(got_dir: Path, want_dir: Path) -> None:
+    """The same files under both folders with the same bytes (heatmap summaries: the same
+    JSON but for their timings and the store's path)."""
+    want = sorted(p.relative_to(want_dir) for p in want_dir.rglob("*") if p.is_file())
+    got = sorted(p.relative_to(got_dir) for p in got_dir.rglob("*") if p.is_file())
+    assert got == want, "a killed command left files behind or lost some"
+    for rel in want:
+        a, b = got_dir / rel, want_dir / rel
+        if rel.name.endswith("_summary.json"):
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            for key in ("seconds", "store"):
+                ja.pop(key), jb.pop(key)
+            assert ja == jb, rel
+        else:
+            assert a.read_bytes() == b.read_bytes(), rel
 
 
 @pytest.fixture()
@@ -146,14 +167,44 @@ def test_kill9_heatmap_then_rerun_finishes_the_batch(
     assert main([*args, "-o", str(out)]) == 0
     assert main([*args, "-o", str(clean)]) == 0
     assert "heatmaps for 8 of 8 slide(s)" in capsys.readouterr().out
-    want = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file())
-    got = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert got == want, "a killed export left files behind or lost some"
-    for rel in want:
-        a, b = out / rel, clean / rel
-        if rel.name.endswith("_summary.json"):
-            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
-            ja.pop("seconds"), jb.pop("seconds")
-            assert ja == jb, rel
-        else:
-            assert a.read_bytes() == b.read_bytes(), rel
+    assert_same_files(out, clean)
+
+
+@pytest.fixture(scope="module")
+def clean_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of an uninterrupted run of the small pipeline file."""
+    out = tmp_path_factory.mktemp("clean_pipeline") / "out"
+    path = out.parent / "p.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_PIPELINE, "out": str(out)}))
+    assert main(["run", str(path), "-q"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("stage", ["train", "heatmap"])
+def test_kill9_run_then_rerun_equals_an_uninterrupted_run(
+    clean_pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
+) -> None:
+    out = tmp_path / "out"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_PIPELINE, "out": str(out)}))
+    reached = {  # inside the stage: its first file written
+        "train": lambda: (out / "run" / runs.CHECKPOINT).exists(),
+        "heatmap": lambda: any((out / "heatmaps").glob("*/*_summary.json")),
+    }[stage]
+    proc = start_cli(["run", str(path), "-q"])
+    try:
+        wait_until(reached, proc, f"the {stage} stage's first file")
+    finally:
+        kill(proc)
+    assert proc.returncode == -signal.SIGKILL
+    capsys.readouterr()
+    assert main(["run", str(path), "-q"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert not report["failed"]
+    got = torch.load(out / "run" / runs.MODEL, weights_only=True)
+    want = torch.load(clean_pipeline / "run" / runs.MODEL, weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    pred = out / "predictions" / runs.PREDICTIONS
+    assert pred.read_text() == (clean_pipeline / "predictions" / runs.PREDICTIONS).read_text()
+    assert_same_files(out / "heatmaps", clean_pipeline / "heatmaps")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SMALL_PIPELINE as SMALL
 
 from wsi_pipeline import runs
 from wsi_pipeline.cli import main
@@ -17,22 +18,6 @@ from wsi_pipeline.pipeline import REPORT, load_pipeline, run_pipeline
 from wsi_pipeline.specs import fold_config, tiling_from_options, train_config_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SMALL = {
-    "name": "small",
-    "synth": {
-        "n_slides": 8,
-        "width": 1536,
-        "height": 1024,
-        "mpp": 0.5,
-        "seed": 21,
-        "lesion_fraction": 0.05,
-    },
-    "tile": {"mpp": 1.0, "tile_size": 64, "overlap": 32},
-    "train": {"epochs": 2, "max_patches": 16, "num_workers": 0},
-    "predict": {"device": "cpu"},
-    "heatmap": {"which": "score", "mode": "probability", "threshold": 0.5},
-}
 
 
 def _write(tmp_path: Path, data: dict, name: str = "p.yaml") -> Path:
