@@ -184,3 +184,37 @@ def test_export_needs_complete_features(stores: list[Path], tmp_path: Path) -> N
         StoreError, match=r"no complete 'features/nope'; run 'wsi-pipeline features'"
     ):
         export_features(stores[0], "nope", tmp_path)
+
+
+def test_features_on_a_dask_scheduler_equal_the_serial_ones(
+    small_cohort: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``features --scheduler``: two worker processes of a real dask cluster embed the stores
+    (one task per store, the encoder loaded once per worker), the features equal those of one
+    process, and a broken store fails on its own line while the others are written."""
+    from distributed import LocalCluster
+
+    from wsi_pipeline.cli import main
+
+    small, _ = small_cohort
+    serial, spread = tmp_path / "serial", tmp_path / "spread"
+    for d in (serial, spread):
+        for p in sorted(small.glob("*.zarr"))[:4]:
+            shutil.copytree(p, d / p.name)
+    (spread / "broken.zarr").mkdir()
+    (spread / "broken.zarr" / "zarr.json").write_text("{not json")
+    rep = compute_features([serial], backbone="smallcnn", weights="none", progress=False)
+    args = ["features", str(spread), "--backbone", "smallcnn", "--weights", "none", "-q"]
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        assert main([*args, "--scheduler", cluster.scheduler_address]) == 1
+    captured = capsys.readouterr()
+    errors = [x for x in captured.err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "broken.zarr" in errors[0], captured.err
+    assert "4 computed, 1 failed" in captured.out
+    key = features_key(rep.name)
+    for p in sorted(serial.glob("*.zarr")):
+        want = zarr.open_group(p, mode="r")[key][...]
+        got = zarr.open_group(spread / p.name, mode="r")[key][...]
+        np.testing.assert_array_equal(got, want, err_msg=p.name)

@@ -314,6 +314,13 @@ def tile(ctx: click.Context, /, slides: tuple[Path, ...], out: Path, **options: 
 )
 @click.option("--name", default=None, help="Extractor name of imported features (--import-h5).")
 @click.option("--overwrite", is_flag=True, help="Recompute complete features (rewrite exports).")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of a dask.distributed scheduler (e.g. tcp://host:8786): its workers embed "
+    "one store per task and must see the stores and the weights (torchrun shards the stores "
+    "over its ranks without this).",
+)
 @click.pass_context
 def features(
     ctx: click.Context,
@@ -335,12 +342,15 @@ def features(
     if import_dir is not None:
         if name is None:
             raise ConfigError("--import-h5 needs --name, the extractor name to store them under")
+        if options["scheduler"] is not None:
+            raise ConfigError("--scheduler is for computing features, not for --import-h5")
         report = import_features(
             list(stores), import_dir, name=name, overwrite=options["overwrite"], progress=progress
         )
     else:
         if name is not None:
             raise ConfigError("--name is for --import-h5; computed features are named by weights")
+
         report = compute_features(list(stores), progress=progress, **options)
     for r in report.results:
         if not r.ok:

@@ -405,12 +405,15 @@ class FeatureResult:
     n_patches : int
     error : str or None
         One line, for ``failed``.
+    off_mpp : float or None
+        The store's mpp when it is off the encoder's intended one (a WARNING lists them).
     """
 
     store: Path
     status: str
     n_patches: int = 0
     error: str | None = None
+    off_mpp: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -480,6 +483,7 @@ def compute_features(
     overwrite: bool = False,
     export_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> FeaturesReport:
     """The ``features`` stage: ``features/<extractor>`` in every store, store by store.
 
@@ -498,6 +502,10 @@ def compute_features(
     export_dir : path, optional
         Also export each store's features (see :func:`export_features`).
     progress : bool
+    scheduler : str, optional
+        Address of a running dask.distributed scheduler: its workers (which must see the same
+        files, weights included) embed one store per task, each worker loading the encoder
+        once. The encoder is built here first, so a bad name or file fails before any task.
 
     Returns
     -------
@@ -526,35 +534,21 @@ def compute_features(
         stores = stores[place.rank :: place.world]
         if dev.type == "cuda" and dev.index is None:
             dev = type(dev)("cuda", place.local_rank)
-    enc = load_encoder(backbone=backbone, encoder=encoder, weights=weights, seed=seed)
-    name, digest, _ = _identify(enc)
+    spec = _EncoderSpec(backbone, encoder, None if weights is None else str(weights), seed)
+    enc, name, _ = _built(spec)  # here first: a bad encoder fails before any store
     _warn_random(enc, name)
-    net = enc.module.to(dev).eval()
-    attrs = {**enc.attrs(), "weights_sha256": digest}
+    job = _FeaturesJob(spec, str(dev), int(batch_size), overwrite, export_dir)
+    if scheduler:
+        results = _on_cluster(scheduler, job, stores, progress=progress, name=name)
+    else:
+        bar = tqdm(
+            stores, desc=f"features {name}", unit="slide", disable=None if progress else True
+        )
+        results = [job(sp) for sp in bar]
     off_mpp: dict[float, list[str]] = {}
-    results = []
-    for sp in tqdm(
-        stores, desc=f"features {name}", unit="slide", disable=None if progress else True
-    ):
-        try:
-            g = open_store(sp, mode="r+")
-            n = int(g[COORDS].shape[0])
-            if overwrite or not has_complete_array(g, features_key(name)):
-                mpp = _store_mpp(g)
-                if enc.mpp and mpp and abs(mpp - enc.mpp) > _MPP_TOLERANCE * enc.mpp:
-                    off_mpp.setdefault(mpp, []).append(sp.stem)
-                write_features(
-                    g, name, _embed(sp, enc, net, device=dev, batch_size=batch_size), attrs
-                )
-                status = "computed"
-            else:
-                status = "skipped"
-            if export_dir is not None:
-                export_features(sp, name, export_dir, overwrite=overwrite)
-            results.append(FeatureResult(sp, status, n))
-        except (WSIPipelineError, OSError, ValueError, KeyError) as exc:
-            log.debug("features of %s failed", sp, exc_info=True)
-            results.append(FeatureResult(sp, "failed", error=_one_line(exc, sp)))
+    for r in results:
+        if r.off_mpp is not None:
+            off_mpp.setdefault(r.off_mpp, []).append(r.store.stem)
     for mpp, ids in sorted(off_mpp.items()):
         log.warning(
             "encoder %s expects patches at %g mpp; %d store(s) tiled at %g mpp (%s%s)",
@@ -566,6 +560,90 @@ def compute_features(
             ", ..." if len(ids) > 3 else "",
         )
     return FeaturesReport(name=name, dim=enc.dim, weights=enc.weights, results=results)
+
+
+@dataclass(frozen=True)
+class _EncoderSpec:
+    """What :func:`load_encoder` is called with: the key of a process's loaded encoder."""
+
+    backbone: str | None
+    encoder: str | None
+    weights: str | None
+    seed: int
+
+
+_LOADED: dict[_EncoderSpec, tuple[Encoder, str, dict[str, Any]]] = {}
+
+
+def _built(spec: _EncoderSpec) -> tuple[Encoder, str, dict[str, Any]]:
+    """The encoder of ``spec``, its extractor name and its store attributes, loaded once per
+    process (a dask worker embeds many stores with one load)."""
+    if spec not in _LOADED:
+        enc = load_encoder(
+            backbone=spec.backbone, encoder=spec.encoder, weights=spec.weights, seed=spec.seed
+        )
+        name, digest, _ = _identify(enc)
+        _LOADED.clear()  # one encoder held at a time
+        _LOADED[spec] = (enc, name, {**enc.attrs(), "weights_sha256": digest})
+    return _LOADED[spec]
+
+
+@dataclass(frozen=True)
+class _FeaturesJob:
+    """Embed one store (picklable: sent to dask workers as is)."""
+
+    spec: _EncoderSpec
+    device: str
+    batch_size: int
+    overwrite: bool
+    export_dir: str | os.PathLike | None
+
+    def __call__(self, sp: Path) -> FeatureResult:
+        import torch
+
+        enc, name, attrs = _built(self.spec)
+        dev = torch.device(self.device)
+        try:
+            g = open_store(sp, mode="r+")
+            n = int(g[COORDS].shape[0])
+            off_mpp = None
+            if self.overwrite or not has_complete_array(g, features_key(name)):
+                mpp = _store_mpp(g)
+                if enc.mpp and mpp and abs(mpp - enc.mpp) > _MPP_TOLERANCE * enc.mpp:
+                    off_mpp = mpp
+                net = enc.module.to(dev).eval()
+                feats = _embed(sp, enc, net, device=dev, batch_size=self.batch_size)
+                write_features(g, name, feats, attrs)
+                status = "computed"
+            else:
+                status = "skipped"
+            if self.export_dir is not None:
+                export_features(sp, name, self.export_dir, overwrite=self.overwrite)
+            return FeatureResult(sp, status, n, off_mpp=off_mpp)
+        except (WSIPipelineError, OSError, ValueError, KeyError) as exc:
+            log.debug("features of %s failed", sp, exc_info=True)
+            return FeatureResult(sp, "failed", error=_one_line(exc, sp))
+
+
+def _on_cluster(
+    address: str, job: _FeaturesJob, stores: Sequence[Path], *, progress: bool, name: str
+) -> list[FeatureResult]:
+    """``job`` over ``stores`` on the dask.distributed scheduler at ``address``, in order."""
+    from distributed import Client, as_completed
+    from tqdm.auto import tqdm
+
+    with Client(address) as client:
+        futures = client.map(job, list(stores), pure=False)
+        bar = tqdm(
+            total=len(futures),
+            desc=f"features {name}",
+            unit="slide",
+            disable=None if progress else True,
+        )
+        for _ in as_completed(futures):
+            bar.update(1)
+        bar.close()
+        return list(client.gather(futures))
 
 
 # ---------------------------------------------------------------------------------------------
