@@ -10,6 +10,7 @@ from wsi_pipeline.codecs import (
     EMPTY,
     JpegCodec,
     adobe_rgb_marker,
+    chunk_payload,
     decode_chunk,
     encode_chunk,
     index_nbytes,
@@ -25,11 +26,17 @@ def _gradient(size: int = 32) -> np.ndarray:
 
 
 def test_shard_round_trip() -> None:
+    """Each inner chunk is followed by its crc32c: a changed byte fails its read."""
     chunks = [b"abc", None, b"defgh"]
     data = shard_bytes(chunks, 4)
     idx = read_shard_index(data, 4)
-    assert idx[0].tolist() == [0, 3] and idx[2].tolist() == [3, 5]
+    assert idx[0].tolist() == [0, 7] and idx[2].tolist() == [7, 9]
     assert idx[1, 0] == EMPTY and idx[3, 0] == EMPTY
+    assert chunk_payload(data[0:7]) == b"abc" and chunk_payload(data[7:16]) == b"defgh"
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        chunk_payload(b"abd" + data[3:7])
+    with pytest.raises(ValueError, match="shorter than its checksum"):
+        chunk_payload(b"ab")
     with pytest.raises(ValueError, match="checksum"):
         read_shard_index(data[:-1] + bytes([data[-1] ^ 1]), 4)
     with pytest.raises(ValueError, match="shorter"):
@@ -38,8 +45,8 @@ def test_shard_round_trip() -> None:
 
 def test_shard_index_is_at_the_end() -> None:
     data = shard_bytes([b"abc", b"de"], 2)
-    assert len(data) == 5 + index_nbytes(2) and index_nbytes(2) == 2 * 16 + 4
-    assert read_shard_index(data[-index_nbytes(2) :], 2)[1].tolist() == [3, 2]
+    assert len(data) == 5 + 2 * 4 + index_nbytes(2) and index_nbytes(2) == 2 * 16 + 4
+    assert read_shard_index(data[-index_nbytes(2) :], 2)[1].tolist() == [7, 6]
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "zstd", "raw"])

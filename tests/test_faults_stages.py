@@ -224,3 +224,31 @@ def test_features_mode_predict_fails_only_the_damaged_stores(
     rows = {r["slide_id"]: r for r in read_predictions(out / runs.PREDICTIONS)}
     assert len(rows) == 8 and rows[BAD]["error"] and rows[torn]["error"]
     assert all(r["probability"] and not r["error"] for s, r in rows.items() if s not in (BAD, torn))
+
+
+def test_a_flipped_bit_inside_a_patch_fails_its_read(
+    small_cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Bit rot that still decodes: one bit flipped in the middle of a JPEG chunk gives a valid
+    JPEG of other pixels, but the chunk's crc32c fails the read, through PatchReader and through
+    zarr, so nothing trains or predicts on the changed pixels."""
+    import zarr
+
+    from wsi_pipeline.codecs import decode_chunk, read_shard_index
+
+    stores = shutil.copytree(small_cohort[0], tmp_path / "stores")
+    store = stores / f"{BAD}.zarr"
+    reader = PatchReader(store)
+    clean = reader.read([0])[0]
+    p = shard_path(store, 0)
+    data = bytearray(p.read_bytes())
+    off, nbytes = (int(v) for v in read_shard_index(bytes(data), reader.per_shard)[0])
+    data[off + nbytes // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+    changed = decode_chunk(bytes(data[off : off + nbytes - 4]), "jpeg", reader.shape_hwc)
+    assert not np.array_equal(changed, clean)  # the payload alone decodes, to other pixels
+    with pytest.raises(StoreError, match=r"patch 0 \(shard 0\) cannot be decoded \(chunk checksum"):
+        PatchReader(store).read([0])
+    with pytest.raises(Exception, match=r"(?i)checksum"):
+        zarr.open_group(store, mode="r")["patches"][0]
+    np.testing.assert_array_equal(PatchReader(store).read([1])[0], reader.read([1])[0])

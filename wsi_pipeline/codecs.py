@@ -8,8 +8,10 @@ installed.
 
 The tiler does not push patches one by one through zarr (about 1 ms per chunk of Python/async
 overhead, see docs/store.md): it encodes inner chunks itself and writes whole shards in the
-sharding codec's binary layout (:func:`shard_bytes`). Readers may use zarr or
-:func:`read_shard_index` + :func:`decode_chunk` directly.
+sharding codec's binary layout (:func:`shard_bytes`), each inner chunk followed by its crc32c
+(zarr's ``crc32c`` codec, the last of the inner codecs), so a chunk whose bytes changed on disk
+fails its read instead of decoding to other pixels. Readers may use zarr or
+:func:`read_shard_index` + :func:`chunk_payload` + :func:`decode_chunk` directly.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "ZSTD_LEVEL",
     "JpegCodec",
     "adobe_rgb_marker",
+    "chunk_payload",
     "decode_chunk",
     "encode_chunk",
     "index_nbytes",
@@ -120,8 +123,25 @@ def _crc32c(data: bytes) -> bytes:
     return struct.pack("<I", google_crc32c.value(data))
 
 
+def chunk_payload(data: bytes) -> bytes:
+    """The encoded chunk in an inner chunk's bytes as :func:`shard_bytes` writes them: all but
+    the last 4 bytes, which must be their crc32c (what zarr's ``crc32c`` codec checks).
+
+    Raises
+    ------
+    ValueError
+        A chunk shorter than its checksum, or whose checksum does not match (its bytes changed).
+    """
+    if len(data) < 4:
+        raise ValueError("chunk shorter than its checksum")
+    if _crc32c(data[:-4]) != data[-4:]:
+        raise ValueError("chunk checksum mismatch: its bytes changed on disk")
+    return data[:-4]
+
+
 def shard_bytes(chunks: list[bytes | None], chunks_per_shard: int) -> bytes:
-    """Build one shard in zarr's sharding layout (index at the end, ``bytes`` + ``crc32c``).
+    """Build one shard in zarr's sharding layout (index at the end, ``bytes`` + ``crc32c``), each
+    inner chunk followed by its crc32c.
 
     Parameters
     ----------
@@ -134,7 +154,8 @@ def shard_bytes(chunks: list[bytes | None], chunks_per_shard: int) -> bytes:
     Returns
     -------
     bytes
-        ``chunk bytes ... | index (chunks_per_shard x 2 uint64 LE) | crc32c of the index``.
+        ``chunk bytes + crc32c ... | index (chunks_per_shard x 2 uint64 LE) | crc32c of the
+        index``.
     """
     index = np.full((chunks_per_shard, 2), EMPTY, dtype="<u8")
     parts: list[bytes] = []
@@ -142,9 +163,10 @@ def shard_bytes(chunks: list[bytes | None], chunks_per_shard: int) -> bytes:
     for i, c in enumerate(chunks):
         if c is None:
             continue
-        index[i] = (offset, len(c))
+        index[i] = (offset, len(c) + 4)
         parts.append(c)
-        offset += len(c)
+        parts.append(_crc32c(c))
+        offset += len(c) + 4
     idx = index.tobytes()
     parts.append(idx)
     parts.append(_crc32c(idx))

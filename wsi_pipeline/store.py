@@ -22,6 +22,7 @@ from .codecs import (
     EMPTY,
     ZSTD_LEVEL,
     JpegCodec,
+    chunk_payload,
     decode_chunk,
     index_nbytes,
     read_shard_index,
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 #: Layout version written to ``attrs["wsi_pipeline"]["store_version"]``; bump on breaking change.
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: a crc32c after every inner chunk of patches
 
 # The store's keys (docs/store.md). Every module names arrays through these.
 PATCHES = "patches"  #: (N, T, T, 3) uint8, sharded, one patch per inner chunk
@@ -350,7 +351,8 @@ def create_patches_array(
     """Create the empty ``patches`` array, ``(n, tile_px, tile_px, 3)`` uint8.
 
     Shards hold ``patches_per_shard`` patches, one patch per inner chunk, encoded with ``codec``
-    (``"jpeg"``, ``"zstd"`` or ``"raw"``); missing patches read as white. The tiler fills the
+    (``"jpeg"``, ``"zstd"`` or ``"raw"``) and followed by its crc32c; missing patches read as
+    white. The tiler fills the
     shards with :func:`write_shard`.
 
     Returns
@@ -359,11 +361,11 @@ def create_patches_array(
     """
     zarr = _zarr()
     serializer: Any = "auto"
-    compressors: Any = None
+    compressors: list[Any] = [zarr.codecs.Crc32cCodec()]  # last: each chunk's checksum
     if codec == "jpeg":
         serializer = JpegCodec(quality=quality)
     elif codec == "zstd":
-        compressors = zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
+        compressors.insert(0, zarr.codecs.ZstdCodec(level=ZSTD_LEVEL))
     arr = group.create_array(
         PATCHES,
         shape=(n, tile_px, tile_px, 3),
@@ -558,7 +560,8 @@ def store_state(
     )
     if attrs.get("complete") is True:
         return DONE if same else STALE
-    return RESUME if same and _has_grid(p) else FRESH
+    current = (attrs.get("wsi_pipeline") or {}).get("store_version") == STORE_VERSION
+    return RESUME if same and current and _has_grid(p) else FRESH
 
 
 def _has_grid(path: Path) -> bool:
@@ -745,6 +748,16 @@ def unfinished_shards(
     )
 
 
+def _chunk_checksums(arr: Any) -> bool:
+    """Whether the inner chunks of the sharded array ``arr`` end with a crc32c (stores of
+    version 2 on; version 1 had none)."""
+    for codec in arr.metadata.to_dict().get("codecs", []):
+        if codec.get("name") == "sharding_indexed":
+            inner = codec.get("configuration", {}).get("codecs", [])
+            return bool(inner) and inner[-1].get("name") == "crc32c"
+    return False
+
+
 class PatchReader:
     """Random access to patches by reading inner chunks straight from the shard files.
 
@@ -765,6 +778,7 @@ class PatchReader:
         self.shape_hwc = (t, w, c)
         self.per_shard = int(arr.shards[0]) if arr.shards else self.n
         self.codec = str(arr.attrs.get("codec", "jpeg"))
+        self.checksums = _chunk_checksums(arr)
         self._indices: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -792,6 +806,8 @@ class PatchReader:
         try:
             if len(data) != nbytes:
                 raise ValueError(f"{len(data)} of {nbytes} bytes on disk")
+            if self.checksums:
+                data = chunk_payload(data)
             return decode_chunk(data, self.codec, self.shape_hwc)
         except (ValueError, RuntimeError) as exc:  # imagecodecs' errors are RuntimeErrors
             raise StoreError(
