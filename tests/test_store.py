@@ -77,6 +77,47 @@ def test_layout_keys(store: Path) -> None:
     assert np.array_equal(read_coords(store, 2, 5), g[COORDS][2:5])
 
 
+def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> None:
+    """A batch of attributes is one write of zarr.json (zarr's ``attrs.update`` writes it once
+    per key), with the same attributes in the same order."""
+    from wsi_pipeline import store as store_mod
+    from wsi_pipeline.specs import SlideMeta
+
+    writes: list[str] = []
+    orig = zarr.storage.LocalStore.set
+
+    async def counting_set(self, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(key)
+        return await orig(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
+    meta = SlideMeta(
+        path="s.svs",
+        file_size=1,
+        backend="openslide",
+        vendor=None,
+        width=10,
+        height=10,
+        level_dimensions=((10, 10),),
+        level_downsamples=(1.0,),
+    )
+    g = store_mod.create_store(tmp_path / "a.zarr", slide_id="a", meta=meta, tiling={"x": 1})
+    assert writes == ["zarr.json"]
+    assert list(g.attrs) == ["wsi_pipeline", "slide_id", "slide", "tiling", "complete"]
+    writes.clear()
+    attrs = {"downsample": 2.0, "method": "otsu", "params": {}, "tissue_fraction": 0.5}
+    arr = write_array(g, "m", np.ones((4, 4), bool), chunks=(4, 4), attrs=attrs)
+    assert writes == ["m/zarr.json", "m/c/0/0", "m/zarr.json"]  # metadata, data, attributes
+    assert dict(zarr.open_group(str(tmp_path / "a.zarr"))["m"].attrs) == attrs == dict(arr.attrs)
+    writes.clear()
+    store_mod.create_patches_array(
+        g, n=3, tile_px=8, codec="jpeg", quality=90, patches_per_shard=2, attrs={"mpp": 0.5}
+    )
+    assert writes == ["patches/zarr.json"]
+    p = zarr.open_group(str(tmp_path / "a.zarr"))[PATCHES]
+    assert dict(p.attrs) == {"codec": "jpeg", "quality": 90, "mpp": 0.5}
+
+
 def test_plain_zarr_reads_the_store_without_our_import(store: Path) -> None:
     """The wsi_jpeg codec is found through the installed entry point."""
     code = (

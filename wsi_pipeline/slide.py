@@ -371,7 +371,9 @@ class Slide:
             ds = max(ds, mpp / m.mpp)
         return max(ds, 1.0)
 
-    def read_thumbnail(self, downsample: float, *, strip_px: int = 2048) -> np.ndarray:
+    def read_thumbnail(
+        self, downsample: float, *, strip_px: int = 2048, source: Any = None
+    ) -> np.ndarray:
         """The whole slide at ``downsample`` level-0 px per pixel, built strip by strip.
 
         Parameters
@@ -380,6 +382,11 @@ class Slide:
             Level-0 pixels per thumbnail pixel (>= 1).
         strip_px : int
             Height of each strip read from the source level (bounds memory).
+        source : TiffLevel, optional
+            The source level (``best_level(downsample)``) opened straight from the file
+            (:func:`wsi_pipeline.tiffsrc.open_tiff_level`), whose decoded tiles equal the
+            reader's: strips are read from it, without the reader's ``read_region``. A strip it
+            cannot read is read through ``read_region`` (which names the failing region).
 
         Returns
         -------
@@ -396,7 +403,16 @@ class Slide:
         for r0 in range(0, th, rows):
             r1 = min(th, r0 + rows)
             sy0, sy1 = round(r0 * rel), round(r1 * rel)
-            strip = self.read_region((0, _level_to_l0(sy0, lds)), level, (sw, max(1, sy1 - sy0)))
+            strip = None
+            if source is not None:
+                try:  # white outside the level, like read_region
+                    strip = source.read(0, sy0, sw, max(1, sy1 - sy0))
+                except Exception:
+                    source = None  # the reader decides, and names the region if it fails too
+            if strip is None:
+                strip = self.read_region(
+                    (0, _level_to_l0(sy0, lds)), level, (sw, max(1, sy1 - sy0))
+                )
             out[r0:r1] = resize_rgb(strip, (tw, r1 - r0), box=True)
         return out
 

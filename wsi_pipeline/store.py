@@ -268,17 +268,15 @@ def create_store(
     p = Path(path)
     if p.exists():
         shutil.rmtree(p)
-    g = zarr.open_group(str(p), mode="w", zarr_format=3)
-    g.attrs.update(
-        {
-            "wsi_pipeline": {"store_version": STORE_VERSION, "package_version": __version__},
-            "slide_id": slide_id,
-            "slide": meta.to_dict(),
-            "tiling": tiling,
-            "complete": False,
-        }
-    )
-    return g
+    attrs = {
+        "wsi_pipeline": {"store_version": STORE_VERSION, "package_version": __version__},
+        "slide_id": slide_id,
+        "slide": meta.to_dict(),
+        "tiling": tiling,
+        "complete": False,
+    }
+    # created with its attributes: one write of zarr.json (``attrs.update`` writes it per key)
+    return zarr.open_group(str(p), mode="w", zarr_format=3, attributes=attrs)
 
 
 def write_mask(
@@ -376,8 +374,8 @@ def create_patches_array(
         compressors=compressors,
         fill_value=255,
         overwrite=True,
+        attributes={"codec": codec, "quality": quality, **(attrs or {})},
     )
-    arr.attrs.update({"codec": codec, "quality": quality, **(attrs or {})})
     return arr
 
 
@@ -599,8 +597,8 @@ def write_array(
     )
     if data.size:
         arr[...] = data
-    if attrs:
-        arr.attrs.update(attrs)
+    if attrs:  # after the data, in one write of zarr.json (``attrs.update`` writes it per key)
+        arr = arr.update_attributes(attrs)
     return arr
 
 
