@@ -130,6 +130,18 @@ def start_cli(args: list[str]) -> subprocess.Popen:
     )
 
 
+def run_cli(args: list[str], timeout: float = 600.0) -> subprocess.CompletedProcess:
+    """``python -m wsi_pipeline ARGS`` in a fresh process, as a user runs it (text output)."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_pipeline", *args],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def wait_until(
     ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 600.0
 ) -> None:

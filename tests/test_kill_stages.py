@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FAST, SMALL_PIPELINE, copy_run, start_cli, wait_until
+from helpers import FAST, SMALL_PIPELINE, copy_run, run_cli, start_cli, wait_until
 
 from wsi_pipeline import runs
 from wsi_pipeline.cli import main
@@ -172,17 +172,19 @@ def test_kill9_heatmap_then_rerun_finishes_the_batch(
 
 @pytest.fixture(scope="module")
 def clean_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of an uninterrupted run of the small pipeline file."""
+    """The output folder of an uninterrupted run of the small pipeline file (its own process,
+    like the killed one and its rerun: the same torch state in all three)."""
     out = tmp_path_factory.mktemp("clean_pipeline") / "out"
     path = out.parent / "p.yaml"
     path.write_text(yaml.safe_dump({**SMALL_PIPELINE, "out": str(out)}))
-    assert main(["run", str(path), "-q"]) == 0
+    done = run_cli(["run", str(path), "-q"])
+    assert done.returncode == 0, done.stderr
     return out
 
 
 @pytest.mark.parametrize("stage", ["train", "heatmap"])
 def test_kill9_run_then_rerun_equals_an_uninterrupted_run(
-    clean_pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
+    clean_pipeline: Path, tmp_path: Path, stage: str
 ) -> None:
     out = tmp_path / "out"
     path = tmp_path / "p.yaml"
@@ -197,9 +199,8 @@ def test_kill9_run_then_rerun_equals_an_uninterrupted_run(
     finally:
         kill(proc)
     assert proc.returncode == -signal.SIGKILL
-    capsys.readouterr()
-    assert main(["run", str(path), "-q"]) == 0
-    assert "Traceback" not in capsys.readouterr().err
+    again = run_cli(["run", str(path), "-q"])
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     report = json.loads((out / "report.json").read_text())
     assert not report["failed"]
     got = torch.load(out / "run" / runs.MODEL, weights_only=True)
