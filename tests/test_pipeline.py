@@ -288,3 +288,66 @@ def test_check_builds_the_model_and_device_the_stages_would(
     assert not (tmp_path / "o").exists()
     good = _write(tmp_path, {**SMALL, "out": str(tmp_path / "o")}, "good.yaml")
     assert main(["run", str(good), "--check"]) == 0
+
+
+PRETRAIN = {"epochs": 1, "batch_size": 16, "patches_per_epoch": 64, "device": "cpu"}
+
+
+def test_pretrain_stage_feeds_train_then_skips(tmp_path: Path) -> None:
+    """A ``pretrain:`` section runs SimCLR on the stores' patches before training, and the train
+    stage starts its backbone from those weights; a rerun skips both; new pretrain options make
+    new weights and train again."""
+    from wsi_pipeline.pretrain import pretrain
+
+    data = {**SMALL, "out": str(tmp_path / "out"), "pretrain": PRETRAIN}
+    data["stages"] = ["synth", "tile", "pretrain", "train"]
+    path = _write(tmp_path, data)
+    report = run_pipeline(path, progress=False)
+    assert [(s["stage"], s["status"]) for s in report["stages"]] == [
+        ("synth", "ran"),
+        ("tile", "ran"),
+        ("pretrain", "ran"),
+        ("train", "ran"),
+    ]
+    weights = tmp_path / "out" / "pretrain" / "backbone.pt"
+    made = json.loads(weights.with_name("backbone.pt.json").read_text())
+    assert made["epochs"] == 1 and made["config"]["batch_size"] == 16
+    saved = json.loads((tmp_path / "out" / "run" / runs.CONFIG).read_text())
+    assert saved["train"]["backbone_weights"] == str(weights)
+    again = run_pipeline(path, progress=False)
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * 4
+    # other pretrain options: the weights are made again, and the model trained again on them
+    _write(tmp_path, {**data, "pretrain": {**PRETRAIN, "lr": 1e-3}})
+    third = run_pipeline(path, progress=False)
+    assert {s["stage"]: s["status"] for s in third["stages"]} == {
+        "synth": "skipped",
+        "tile": "skipped",
+        "pretrain": "ran",
+        "train": "ran",
+    }
+    assert pretrain  # the stage's code is the command's (wsi_pipeline.pretrain.pretrain)
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "train", "message"),
+    [
+        ({"epochs": 0}, {}, r"pretrain: epochs must be >= 1"),
+        ({"backbone": "nosuch"}, {}, r"pretrain: .*unknown backbone 'nosuch'"),
+        ({"epochz": 1}, {}, r"unknown key 'pretrain\.epochz'"),
+        (
+            {"backbone": "resnet18"},
+            {},
+            r"'pretrain\.backbone' \(resnet18\) must be 'train\.backbone'",
+        ),
+        ({}, {"backbone_weights": "w.pt"}, r"'train\.backbone_weights' and a 'pretrain' section"),
+    ],
+)
+def test_check_validates_the_pretrain_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pretrain: dict, train: dict, message: str
+) -> None:
+    (tmp_path / "w.pt").write_bytes(b"")
+    data = {**SMALL, "out": str(tmp_path / "o"), "pretrain": pretrain}
+    data["train"] = {**SMALL["train"], **train}
+    assert main(["run", str(_write(tmp_path, data, "bad.yaml")), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err

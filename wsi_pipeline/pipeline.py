@@ -34,6 +34,7 @@ from .specs import (
     PREDICT_OPTIONS,
     TILE_OPTIONS,
     TRAIN_OPTIONS,
+    PretrainConfig,
     TilingSpec,
     TrainConfig,
     tiling_from_options,
@@ -45,7 +46,7 @@ __all__ = ["REPORT", "STAGES", "Pipeline", "load_options", "load_pipeline", "run
 
 log = logging.getLogger(__name__)
 
-STAGES = ("synth", "tile", "train", "predict", "evaluate", "heatmap")
+STAGES = ("synth", "tile", "pretrain", "train", "predict", "evaluate", "heatmap")
 REPORT = "report.json"  #: the run report, in the pipeline's output folder
 _TOP_KEYS = {"name", "version", "out", "slides", "labels", "run", "stages", *STAGES}
 
@@ -106,6 +107,8 @@ class Pipeline:
     stages: tuple[str, ...] = STAGES
     synth: dict[str, Any] | None = None
     tile: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] | None = None
+    pretrain_config: PretrainConfig | None = None
     train: dict[str, Any] | None = None
     predict: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] | None = None
@@ -118,6 +121,11 @@ class Pipeline:
     @property
     def stores(self) -> Path:
         return self.out / "stores"
+
+    @property
+    def pretrained(self) -> Path:
+        """The pretrain stage's weights file, which the train stage starts its backbone from."""
+        return self.out / "pretrain" / "backbone.pt"
 
     @property
     def run_dir(self) -> Path:
@@ -320,6 +328,37 @@ def _load_train(p: Pipeline, data: dict[str, Any], where: str) -> None:
     _check_model(p.train_config, where)
 
 
+def _load_pretrain(p: Pipeline, data: dict[str, Any], where: str) -> None:
+    """The pretrain section: PretrainConfig's fields, checked by PretrainConfig itself; the
+    train stage then starts from its weights (same backbone, no backbone_weights of its own)."""
+    from .models import get_backbone
+
+    p.pretrain = _stage_section(p, data, where, "pretrain")
+    if p.pretrain is None:
+        return
+    fields = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    _check_section(where, "pretrain", p.pretrain, _from_defaults(fields))
+    try:
+        p.pretrain_config = PretrainConfig(**p.pretrain)
+        get_backbone(p.pretrain_config.backbone)  # an unknown name lists the known ones
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: pretrain: {exc}") from None
+    train = data.get("train") if "train" in p.stages else None
+    if not isinstance(train, dict):
+        return  # no train stage, or a section that _load_train refuses
+    if train.get("backbone_weights") is not None:
+        raise ConfigError(
+            f"{where}: 'train.backbone_weights' and a 'pretrain' section both give the "
+            "backbone's weights; keep one"
+        )
+    backbone = train.get("backbone", TrainConfig.backbone)
+    if backbone != p.pretrain_config.backbone:
+        raise ConfigError(
+            f"{where}: 'pretrain.backbone' ({p.pretrain_config.backbone}) must be "
+            f"'train.backbone' ({backbone}): train starts from the pretrained weights"
+        )
+
+
 def _check_model(config: TrainConfig, where: str) -> None:
     """Build the model (and, in features mode, the encoder) the train stage will build, by the
     stage's own code: unknown model or backbone, a weights file that is missing, refused or does
@@ -480,6 +519,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     _load_synth(p, data, where)
     _load_paths(p, data, where)
     _load_tile(p, data, where)
+    _load_pretrain(p, data, where)  # before train: its weights are the pretrain stage's
     _load_train(p, data, where)
     p.predict = _section(where, data.get("predict"), "predict")
     _check_section(where, "predict", p.predict, _typed(PREDICT_OPTIONS))
@@ -527,6 +567,38 @@ def _tile_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     return _Outcome(status, outputs, failed=any(not r.ok for r in res))
 
 
+def _pretrain_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
+    """Self-supervised pretraining on the stores' patches into ``out/pretrain/backbone.pt``:
+    skipped when that file was made with these options from these stores, resumed from its
+    checkpoint after an interruption, started over when the options changed."""
+    import shutil
+
+    from .features import find_stores
+    from .pretrain import CONFIG as WORK_CONFIG
+    from .pretrain import pretrain, work_dir_for
+
+    config = p.pretrain_config or PretrainConfig()
+    out, work = p.pretrained, work_dir_for(p.pretrained)
+    stores = [str(s) for s in find_stores([p.stores])]
+    outputs = {"weights": str(out)}
+    try:
+        made = json.loads(out.with_name(out.name + ".json").read_text())
+    except (OSError, ValueError):
+        made = {}
+    if out.is_file() and made.get("config") == config.to_dict() and made.get("stores") == stores:
+        return _Outcome("skipped", outputs)
+    try:
+        saved = json.loads((work / WORK_CONFIG).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    resume = saved.get("config") == config.to_dict() and saved.get("stores") == stores
+    if not resume:  # other options or stores: what an earlier pretraining left goes
+        shutil.rmtree(work, ignore_errors=True)
+        out.unlink(missing_ok=True)
+    pretrain([p.stores], out, config, work=work, resume=resume, progress=progress)
+    return _Outcome("resumed" if resume else "ran", outputs)
+
+
 def _train_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     from .locks import run_lock
 
@@ -538,10 +610,20 @@ def _train_locked(p: Pipeline, *, progress: bool) -> _Outcome:
     from .training import train, train_folds
 
     config = p.train_config or TrainConfig()
+    if p.pretrain is not None:  # start from the pretrain stage's weights
+        config = dataclasses.replace(config, backbone_weights=str(p.pretrained))
     if p.folds:
         state = runs.cv_state(p.run_dir, config, p.folds)
     else:
         state = runs.run_state(p.run_dir, config)
+    model = p.run_dir / runs.MODEL
+    if (
+        state == "done"
+        and p.pretrain is not None
+        and model.is_file()
+        and p.pretrained.stat().st_mtime > model.stat().st_mtime
+    ):
+        state = "fresh"  # the same config, but the pretrained weights were made again since
     outputs = {"run": str(p.run_dir)}
     if state == "done":
         return _Outcome("skipped", outputs)
@@ -672,6 +754,7 @@ def _heatmap_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
 _STAGE_FNS: dict[str, Callable[..., _Outcome]] = {
     "synth": _synth_stage,
     "tile": _tile_stage,
+    "pretrain": _pretrain_stage,
     "train": _train_stage,
     "predict": _predict_stage,
     "evaluate": _evaluate_stage,
@@ -680,8 +763,15 @@ _STAGE_FNS: dict[str, Callable[..., _Outcome]] = {
 
 
 def _has_section(p: Pipeline, stage: str) -> bool:
-    """A stage that needs its section (synth, train, evaluate, heatmap) runs only with one."""
-    sections = {"synth": p.synth, "train": p.train, "evaluate": p.evaluate, "heatmap": p.heatmap}
+    """A stage that needs its section (synth, pretrain, train, evaluate, heatmap) runs only with
+    one."""
+    sections = {
+        "synth": p.synth,
+        "pretrain": p.pretrain,
+        "train": p.train,
+        "evaluate": p.evaluate,
+        "heatmap": p.heatmap,
+    }
     return sections.get(stage, {}) is not None
 
 
