@@ -214,3 +214,28 @@ def test_an_unfinished_store_is_skipped_with_one_line(
     assert res.weights is not None
     lines = [r.getMessage() for r in logged.records if "skipping" in r.getMessage()]
     assert len(lines) == 1 and str(bad) in lines[0] and "unfinished" in lines[0]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m wsi_pipeline pretrain`` on the CPU (gloo): the batches
+    of each epoch are split over the ranks, rank 0 alone writes the weights and the work
+    folder, and the weights load into the backbone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.pt"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "wsi_pipeline"]
+    cmd += ["pretrain", str(small_cohort[0]), "--out", str(out), "--epochs", "2", "-q"]
+    cmd += ["--batch-size", "16", "--patches-per-epoch", "64", "--crop-px", "32"]
+    cmd += ["--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    made = json.loads(out.with_name(out.name + ".json").read_text())
+    assert made["epochs"] == 2
+    history = json.loads((out.with_name(out.name + ".pretrain") / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1] and all(np.isfinite(h["loss"]) for h in history)
+    net, _ = get_backbone("smallcnn")
+    net.load_state_dict(_state(out))  # the backbone's own keys and shapes
