@@ -1,26 +1,22 @@
 """Tiling throughput and memory against the decode floor and the usual openslide loop.
 
 Measured side by side in one run, with the same number of worker processes for every row, on a
-synthetic slide (default 40,000 x 30,000 px at 0.25 mpp, ~30% tissue, 256-px JPEG tiles):
+synthetic slide (default 40,000 x 30,000 px at 0.25 mpp, ~30% tissue, 256-px JPEG tiles), per
+path -- aligned copy (level 0, the file's own tile grid), resampled x2 (0.5 mpp) and x4 (1.0
+mpp), overlap 50 %, zstd:
 
-1. decode floor   -- JPEG-decode just the file's own level-0 tiles that hold tissue;
-2. openslide loop -- one ``openslide.read_region`` per patch into numpy (CLAM-style datasets);
-3. our ``tile``   -- to a complete store (mask, grid, patches, manifest; default codec).
+1. decode floor   -- JPEG-decode just the file's own level-0 tiles under the path's patches;
+2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
+3. our ``tile``   -- to a complete store: with pre-started dask workers, ``--workers N`` with the
+   cluster start timed, and one process; for the resampled paths the mean absolute difference
+   of 300 stored patches from openslide + box resize (grey levels).
 
-Then the 0.5-mpp-from-0.25-mpp (resampled) case against the same two baselines, store bytes
-against the source's compressed bytes for the same tiles, and random single-patch reads from the
-store against openslide reads of the same patches. ``--big`` adds peak RSS tiling a
-100,000 x 60,000 slide.
-
-``--small N`` instead measures many small slides (a biopsy cohort: N slides of 4,000 x 3,000 px
-at 0.25 mpp, default 200, written once and kept in the work folder), in one process: our
-``tile_slides`` over the whole folder into a fresh output (slides/s, patches/s, peak RSS) against
-a CLAM-style openslide loop (open, thumbnail level for the mask, ``read_region`` of every tissue
-patch), and the fixed cost per slide: the run's time less the time spent on patch pixels
-(reading, encoding and writing the patches), over N, with its stages.
+Then store bytes against the source's compressed bytes for the same tiles, and random
+single-patch reads from the store against openslide reads of the same patches. ``--big`` adds
+peak RSS tiling a 100,000 x 60,000 slide; ``--small [N]`` (alone) the many-small-slides rows.
 
     python benchmarks/bench_tiling.py [--work bench-out/tiling] [--workers 2] [--big]
-    python benchmarks/bench_tiling.py --small [N]
+        [--width W --height H] [--small [N]]
 """
 
 from __future__ import annotations
@@ -60,13 +56,13 @@ def ensure_slide(work: Path, width: int, height: int, mpp: float = 0.25) -> Path
     return path
 
 
-def tissue_coords(slide: Path, tile_px: int, mpp: float | None) -> np.ndarray:
+def tissue_coords(slide: Path, tile_px: int, mpp: float | None, overlap_px: int = 0) -> np.ndarray:
     """The patches our tiler keeps (same mask and grid), without writing pixels."""
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.tiling import mask_slide, tile_grid, tiling_geometry
 
-    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
+    spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px)
     with open_slide(slide) as s:
         geo = tiling_geometry(s, spec)
         _, mask, ds = mask_slide(s, spec, geo)
@@ -139,13 +135,24 @@ def _noop(_: int) -> None:
 
 
 def run_case(
-    slide: Path, work: Path, *, workers: int, tile_px: int, mpp: float | None, label: str
+    slide: Path,
+    work: Path,
+    *,
+    workers: int,
+    tile_px: int,
+    mpp: float | None,
+    label: str,
+    overlap_px: int = 0,
+    codec: str = "jpeg",
 ) -> list[dict]:
+    """One path: the decode floor and the openslide loop over its patches, then our ``tile``
+    with pre-started dask workers, ``--workers N`` (start timed) and one process; for resampled
+    paths also the mean absolute difference of our patches from openslide + box resize."""
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import PATCHES, SlideStore
     from wsi_pipeline.tile_batch import tile_slides
 
-    coords = tissue_coords(slide, tile_px, mpp)
+    coords = tissue_coords(slide, tile_px, mpp, overlap_px)
     ds = 1 if mpp is None else round(mpp / 0.25)
     patch_l0 = tile_px * ds
     tiles = source_tiles(slide, coords, patch_l0)
@@ -184,10 +191,10 @@ def run_case(
     with tifffile.TiffFile(slide) as tf:
         counts = np.asarray(tf.pages[0].databytecounts)
     src_bytes = int(counts[tiles].sum())
-    spec = TilingSpec(tile_px=tile_px, mpp=mpp)
+    spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px, codec=codec)
 
     def ours(name: str, **kw) -> None:
-        out = work / f"stores_{label}"
+        out = work / _stores_name(label)
         shutil.rmtree(out, ignore_errors=True)
         with measured() as m:
             res = tile_slides([slide], out, spec=spec, progress=False, **kw)
@@ -213,10 +220,42 @@ def run_case(
         ours(f"wsi-pipeline tile, {workers} dask workers", scheduler=cluster.scheduler_address)
     ours(f"wsi-pipeline tile --workers {workers} (cluster start timed)", workers=workers)
     ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
+    if ds > 1:
+        rows[-1]["mad"] = _mad_from_openslide(slide, work / _stores_name(label), tile_px, ds)
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
         r["x_openslide"] = r["rate"] / os_rate
     return rows
+
+
+def _stores_name(label: str) -> str:
+    """The stores folder of a path's rows (``stores_aligned_copy``, ``stores_overlap_50pct``)."""
+    return "stores_" + label.replace(" ", "_").replace("%", "pct")
+
+
+def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: int, n: int = 300) -> float:
+    """Mean absolute difference (grey levels) of ``n`` stored patches from openslide
+    ``read_region`` at level 0 + box resize of the same regions, over the part of each patch
+    inside the slide (past its edge we pad white where openslide gives transparent black)."""
+    import openslide
+    from PIL import Image
+
+    from wsi_pipeline.store import SlideStore
+
+    st = SlideStore(stores / f"{slide.stem}.zarr")
+    idx = np.sort(np.random.default_rng(0).choice(st.n_patches, min(n, st.n_patches), False))
+    ours = st.reader().read(idx)
+    s = openslide.OpenSlide(str(slide))
+    width, height = s.dimensions
+    diffs = []
+    for k, (x, y) in enumerate(st.coords[idx]):
+        img = s.read_region((int(x), int(y)), 0, (tile_px * ds, tile_px * ds)).convert("RGB")
+        ref = np.asarray(img.resize((tile_px, tile_px), Image.Resampling.BOX), dtype=np.int16)
+        w = min(tile_px, (width - int(x)) // ds)
+        h = min(tile_px, (height - int(y)) // ds)
+        diffs.append(np.abs(ours[k][:h, :w].astype(np.int16) - ref[:h, :w]).mean())
+    s.close()
+    return float(np.mean(diffs))
 
 
 def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
@@ -224,7 +263,7 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
 
     from wsi_pipeline.store import PATCHES, SlideStore
 
-    st = SlideStore(work / "stores_native" / f"{slide.stem}.zarr")
+    st = SlideStore(work / _stores_name("aligned copy") / f"{slide.stem}.zarr")
     rng = np.random.default_rng(0)
     idx = rng.integers(0, st.n_patches, n)
     coords = st.coords[idx]
@@ -575,14 +614,21 @@ def main(argv: list[str] | None = None) -> int:
         ("peak_mb", "peak RSS MB", f1),
         ("bytes_ratio", "store/source bytes", f2),
         ("copied", "copied tiles", f1),
+        ("mad", "MAD vs openslide", f2),
     ]
     if args.only_big:
         big = {"case", "row", "n", "rate", "peak_mb"}  # the columns big_rss fills
         print(table(big_rss(args.work, args.workers), [c for c in columns if c[0] in big]))
         return 0
     slide = ensure_slide(args.work, args.width, args.height)
-    rows = run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=None, label="native")
-    rows += run_case(slide, args.work, workers=args.workers, tile_px=256, mpp=0.5, label="0.5mpp")
+    w = args.workers
+    rows = run_case(slide, args.work, workers=w, tile_px=256, mpp=None, label="aligned copy")
+    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=0.5, label="resampled x2")
+    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=1.0, label="resampled x4")
+    rows += run_case(
+        slide, args.work, workers=w, tile_px=256, mpp=None, overlap_px=128, label="overlap 50%"
+    )
+    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=None, codec="zstd", label="zstd")
     rows += random_reads(slide, args.work)
     if args.big:
         rows += big_rss(args.work, args.workers)
