@@ -218,3 +218,19 @@ def test_features_on_a_dask_scheduler_equal_the_serial_ones(
         want = zarr.open_group(p, mode="r")[key][...]
         got = zarr.open_group(spread / p.name, mode="r")[key][...]
         np.testing.assert_array_equal(got, want, err_msg=p.name)
+
+
+def test_a_weights_file_written_again_is_loaded_again(stores: list[Path], tmp_path: Path) -> None:
+    """The encoder is loaded once per process and kept for the next call, but a weights file
+    written again at the same path (pretraining again, in a notebook) is loaded again: its
+    features get the new weights' name, never the old encoder's."""
+    path = tmp_path / "w.pt"
+    names = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net, _ = get_backbone("smallcnn")
+        torch.save(net.state_dict(), path)
+        rep = compute_features(stores[:1], backbone="smallcnn", weights=path, progress=False)
+        assert rep.counts() == {"computed": 1}
+        names.append(rep.name)
+    assert names[0] != names[1]

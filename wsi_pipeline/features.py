@@ -534,7 +534,9 @@ def compute_features(
         stores = stores[place.rank :: place.world]
         if dev.type == "cuda" and dev.index is None:
             dev = type(dev)("cuda", place.local_rank)
-    spec = _EncoderSpec(backbone, encoder, None if weights is None else str(weights), seed)
+    spec = _EncoderSpec(
+        backbone, encoder, None if weights is None else str(weights), seed, _stamp(weights)
+    )
     enc, name, _ = _built(spec)  # here first: a bad encoder fails before any store
     _warn_random(enc, name)
     job = _FeaturesJob(spec, str(dev), int(batch_size), overwrite, export_dir)
@@ -564,12 +566,25 @@ def compute_features(
 
 @dataclass(frozen=True)
 class _EncoderSpec:
-    """What :func:`load_encoder` is called with: the key of a process's loaded encoder."""
+    """What :func:`load_encoder` is called with, and the weights file's size and mtime: the key
+    of a process's loaded encoder (a file written again since is loaded again)."""
 
     backbone: str | None
     encoder: str | None
     weights: str | None
     seed: int
+    stamp: tuple[int, int] | None = None
+
+
+def _stamp(weights: str | os.PathLike | None) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a weights file, or None (a name, a folder, no weights)."""
+    if weights is None:
+        return None
+    try:
+        st = os.stat(weights)
+    except OSError:
+        return None
+    return None if os.path.isdir(weights) else (st.st_size, st.st_mtime_ns)
 
 
 _LOADED: dict[_EncoderSpec, tuple[Encoder, str, dict[str, Any]]] = {}
