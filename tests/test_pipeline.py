@@ -245,7 +245,7 @@ def test_check_validates_synth_values_before_any_work(
         ({"mode": "bogus"}, r"'heatmap': heatmap mode must be one of"),
         ({"threshold": "high"}, r"'heatmap': threshold must be a number, not 'high'"),
         ({"which": "attention", "mode": "probability"}, r"attention weights are not probab"),
-        ({"combine": "max"}, r"'heatmap': combine must be one of min, mean, not 'max'"),
+        ({"combine": "max"}, r"'heatmap': combine must be one of tercile, min, mean, not 'max'"),
         ({"model_id": "abc"}, r"heatmap.*model_id"),
     ],
 )

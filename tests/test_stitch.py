@@ -1,5 +1,5 @@
-"""Stitching: the lowest score where patches overlap (the default) and exact area-weighted
-means, block independence, normalised smoothing, the memory bound on a gigapixel slide,
+"""Stitching: the lower tercile of the scores where patches overlap (the default), the lowest,
+and exact area-weighted means, block independence, normalised smoothing, the memory bound on a gigapixel slide,
 percentile ranks and display modes."""
 
 from __future__ import annotations
@@ -11,37 +11,67 @@ from wsi_pipeline import stitch
 from wsi_pipeline.errors import ConfigError
 
 
-def test_overlap_takes_the_lowest_score_by_default() -> None:
-    """Two patches with scores 0.2 and 1 overlapping by half: a pixel is only as abnormal as
-    the least abnormal patch over it, so the abnormal region is where only the second lies; a
-    pixel that a patch overlaps by a fraction takes its score too."""
+def test_overlap_takes_the_lowest_score_with_min() -> None:
+    """combine="min": two patches with scores 0.2 and 1 overlapping by half: a pixel is only as
+    abnormal as the least abnormal patch over it, so the abnormal region is where only the
+    second lies; a pixel that a patch overlaps by a fraction takes its score too. With 2
+    patches over a pixel the default (lower tercile) is the lowest too."""
     coords = np.array([[0, 0], [2, 0]])
-    values, coverage = stitch.stitch_scores(
-        coords, np.array([0.2, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1
-    )
-    np.testing.assert_allclose(values[0, :6], [0.2, 0.2, 0.2, 0.2, 1, 1], atol=1e-6)
-    assert np.isnan(values[:, 6:]).all()
-    np.testing.assert_allclose(coverage[0], [1, 1, 2, 2, 1, 1, 0, 0], atol=1e-6)
+    for combine in ("min", "tercile"):
+        values, coverage = stitch.stitch_scores(
+            coords, np.array([0.2, 1.0]), patch_l0=4, slide_wh=(8, 4), downsample=1, combine=combine
+        )
+        np.testing.assert_allclose(values[0, :6], [0.2, 0.2, 0.2, 0.2, 1, 1], atol=1e-6)
+        assert np.isnan(values[:, 6:]).all()
+        np.testing.assert_allclose(coverage[0], [1, 1, 2, 2, 1, 1, 0, 0], atol=1e-6)
     part, _ = stitch.stitch_scores(
-        np.array([[0, 0], [1, 0]]), np.array([1.0, 0.0]), patch_l0=2, slide_wh=(4, 2), downsample=2
+        np.array([[0, 0], [1, 0]]),
+        np.array([1.0, 0.0]),
+        patch_l0=2,
+        slide_wh=(4, 2),
+        downsample=2,
+        combine="min",
     )
     np.testing.assert_allclose(part[0], [0.0, 0.0], atol=1e-6)
-    with pytest.raises(ConfigError, match="combine must be one of min, mean, not 'max'"):
+    with pytest.raises(ConfigError, match="combine must be one of tercile, min, mean, not 'max'"):
         stitch.stitch_scores(
             coords, np.zeros(2), patch_l0=4, slide_wh=(8, 4), downsample=1, combine="max"
         )
 
 
-def test_without_overlap_min_and_mean_agree() -> None:
+def test_the_default_takes_the_second_lowest_of_four_patches() -> None:
+    """50 % overlap in both directions: 4 patches over each inner pixel. The default (lower
+    tercile) takes the second lowest of their scores, so one patch that missed a lesion does not
+    remove it, while two do; min takes the lowest, mean the average."""
+    coords = np.array([[0, 0], [2, 0], [0, 2], [2, 2]])  # 4 x 4 patches, stride 2
+    scores = np.array([0.1, 0.9, 0.8, 0.7])
+    kw = dict(patch_l0=4, slide_wh=(6, 6), downsample=1)
+    values, _ = stitch.stitch_scores(coords, scores, **kw)
+    assert values.shape == (6, 6)
+    assert values[3, 3] == pytest.approx(0.7)  # all 4 over it: the second lowest of 0.1..0.9
+    assert values[0, 0] == pytest.approx(0.1)  # one patch over it
+    assert values[0, 3] == pytest.approx(0.1)  # two (0.1, 0.9): the lower
+    low, _ = stitch.stitch_scores(coords, scores, combine="min", **kw)
+    mean, _ = stitch.stitch_scores(coords, scores, combine="mean", **kw)
+    assert low[3, 3] == pytest.approx(0.1) and mean[3, 3] == pytest.approx(0.625)
+    nine = np.array([[x, y] for y in (0, 1, 2) for x in (0, 1, 2)])  # 9 patches over (2, 2)
+    ranked, _ = stitch.stitch_scores(
+        nine, np.arange(9, dtype=float) / 10, patch_l0=3, slide_wh=(5, 5), downsample=1
+    )
+    assert ranked[2, 2] == pytest.approx(0.2)  # the third lowest of 9: (9 - 1) // 3 + 1 = 3
+
+
+def test_without_overlap_the_rules_agree() -> None:
     """Patches on a grid whose borders fall on heatmap pixel borders: the same map either way."""
     ys, xs = np.mgrid[0:1000:100, 0:1500:100]
     coords = np.column_stack([xs.ravel(), ys.ravel()])
     scores = np.random.default_rng(3).random(len(coords))
     kw = dict(patch_l0=100, slide_wh=(1500, 1000), downsample=10)
-    low, cov = stitch.stitch_scores(coords, scores, **kw)
-    mean, cov2 = stitch.stitch_scores(coords, scores, combine="mean", **kw)
-    np.testing.assert_allclose(low, mean, atol=1e-6)
-    np.testing.assert_array_equal(cov, cov2)
+    mean, cov = stitch.stitch_scores(coords, scores, combine="mean", **kw)
+    for combine in ("tercile", "min"):
+        got, cov2 = stitch.stitch_scores(coords, scores, combine=combine, **kw)
+        np.testing.assert_allclose(got, mean, atol=1e-6)
+        np.testing.assert_array_equal(cov, cov2)
 
 
 def test_overlap_is_averaged_exactly() -> None:

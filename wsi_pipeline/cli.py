@@ -896,8 +896,9 @@ def predict(
     type=click.Choice(list(COMBINE)),
     default=COMBINE[0],
     show_default=True,
-    help="Where patches overlap: a pixel takes the lowest score of the patches over it "
-    "(regions at the lesion), or their mean (smoother, wider by up to a patch).",
+    help="Where patches overlap: a pixel takes the lower tercile of the scores of the patches "
+    "over it (with 4 patches the second lowest: regions at the lesion), the lowest, or their "
+    "mean (smoother, wider by up to a patch).",
 )
 @click.option(
     "--cmap",

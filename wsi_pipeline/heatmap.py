@@ -433,7 +433,7 @@ def stitch_store(
         Blank the heatmap outside the store's tissue mask.
     block_px : int
         Stitching block side in heatmap pixels.
-    combine : {"min", "mean"}
+    combine : {"tercile", "min", "mean"}
         How the values of overlapping patches combine (:mod:`wsi_pipeline.stitch`).
 
     Returns
@@ -592,10 +592,11 @@ def export_heatmaps(
         Level-0 px per heatmap pixel; default the store thumbnail's.
     sigma_um : float
         Gaussian smoothing in µm (0: none; needs the slide's mpp).
-    combine : {"min", "mean"}
-        Where patches overlap: a pixel takes the lowest score of the patches over it (``"min"``,
-        regions at the lesion) or their area-weighted mean (``"mean"``, smoother and wider by
-        up to a patch); :mod:`wsi_pipeline.stitch`.
+    combine : {"tercile", "min", "mean"}
+        Where patches overlap: a pixel takes the lower tercile of the scores of the patches over
+        it (``"tercile"``: with 4 patches the second lowest; regions at the lesion), the lowest
+        (``"min"``) or their area-weighted mean (``"mean"``, smoother and wider by up to a
+        patch); :mod:`wsi_pipeline.stitch`.
     cmap : str
         Matplotlib colormap: ``"viridis"`` (perceptually uniform, colour-blind safe) unless asked
         otherwise (e.g. ``"jet"``).
