@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -205,10 +206,15 @@ def test_features_on_a_dask_scheduler_equal_the_serial_ones(
     (spread / "broken.zarr" / "zarr.json").write_text("{not json")
     rep = compute_features([serial], backbone="smallcnn", weights="none", progress=False)
     args = ["features", str(spread), "--backbone", "smallcnn", "--weights", "none", "-q"]
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        assert main([*args, "--scheduler", cluster.scheduler_address]) == 1
+    environ = dict(os.environ)
+    try:
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            assert main([*args, "--scheduler", cluster.scheduler_address]) == 1
+    finally:  # distributed leaves OMP_NUM_THREADS=1 (its pre-spawn environ) in this process
+        os.environ.clear()
+        os.environ.update(environ)
     captured = capsys.readouterr()
     errors = [x for x in captured.err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "broken.zarr" in errors[0], captured.err
