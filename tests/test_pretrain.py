@@ -239,3 +239,19 @@ def test_ddp_two_processes_gloo(small_cohort: tuple[Path, Path], tmp_path: Path)
     assert [h["epoch"] for h in history] == [0, 1] and all(np.isfinite(h["loss"]) for h in history)
     net, _ = get_backbone("smallcnn")
     net.load_state_dict(_state(out))  # the backbone's own keys and shapes
+
+
+def test_pretrain_state(small_cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    """What the pipeline's pretrain stage asks: fresh, then resume after an interrupted run
+    (same options and stores), done once the weights are written; other options: fresh."""
+    from wsi_pipeline.features import find_stores
+    from wsi_pipeline.pretrain import pretrain_state
+
+    out, stores = tmp_path / "w.pt", find_stores([small_cohort[0]])
+    assert pretrain_state(out, TINY, stores) == "fresh"
+    pretrain([small_cohort[0]], out, TINY, stop_after=1)
+    assert pretrain_state(out, TINY, stores) == "resume"
+    assert pretrain_state(out, replace(TINY, lr=1e-3), stores) == "fresh"
+    pretrain([small_cohort[0]], out, TINY, resume=True)
+    assert pretrain_state(out, TINY, stores) == "done"
+    assert pretrain_state(out, TINY, stores[:-1]) != "done"

@@ -574,24 +574,15 @@ def _pretrain_stage(p: Pipeline, *, progress: bool, debug: bool) -> _Outcome:
     import shutil
 
     from .features import find_stores
-    from .pretrain import CONFIG as WORK_CONFIG
-    from .pretrain import pretrain, work_dir_for
+    from .pretrain import pretrain, pretrain_state, work_dir_for
 
     config = p.pretrain_config or PretrainConfig()
     out, work = p.pretrained, work_dir_for(p.pretrained)
-    stores = [str(s) for s in find_stores([p.stores])]
     outputs = {"weights": str(out)}
-    try:
-        made = json.loads(out.with_name(out.name + ".json").read_text())
-    except (OSError, ValueError):
-        made = {}
-    if out.is_file() and made.get("config") == config.to_dict() and made.get("stores") == stores:
+    state = pretrain_state(out, config, find_stores([p.stores]))
+    if state == "done":
         return _Outcome("skipped", outputs)
-    try:
-        saved = json.loads((work / WORK_CONFIG).read_text())
-    except (OSError, ValueError):
-        saved = {}
-    resume = saved.get("config") == config.to_dict() and saved.get("stores") == stores
+    resume = state == "resume"
     if not resume:  # other options or stores: what an earlier pretraining left goes
         shutil.rmtree(work, ignore_errors=True)
         out.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ __all__ = [
     "augment",
     "nt_xent",
     "pretrain",
+    "pretrain_state",
     "work_dir_for",
 ]
 
@@ -327,17 +328,41 @@ def _restore_checkpoint(path: Path, parts: dict[str, Any], device: Any) -> tuple
     return epoch + 1, history
 
 
+def _made_with(path: Path) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """The ``config`` and ``stores`` recorded in a JSON file of a pretraining (the weights'
+    ``.json`` or the work folder's ``config.json``); Nones when unreadable."""
+    try:
+        saved = json.loads(path.read_text())
+        return dict(saved["config"]), list(saved["stores"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+def pretrain_state(
+    out: str | os.PathLike, config: PretrainConfig, stores: Sequence[str | os.PathLike]
+) -> str:
+    """Whether pretraining ``config`` on ``stores`` into ``out`` is ``"done"`` (the weights were
+    made so), can ``"resume"`` (its default work folder holds a checkpoint of the same options
+    and stores) or starts ``"fresh"``."""
+    out = Path(out)
+    want = (config.to_dict(), [str(s) for s in stores])
+    if out.is_file() and _made_with(out.with_name(out.name + ".json")) == want:
+        return "done"
+    work = work_dir_for(out)
+    return (
+        "resume" if (work / CHECKPOINT).is_file() and _made_with(work / CONFIG) == want else "fresh"
+    )
+
+
 def _check_resumable(work: Path, config: PretrainConfig, stores: Sequence[Path]) -> None:
     """Refuse to resume a checkpoint made with other options or stores (one line)."""
-    try:
-        saved = json.loads((work / CONFIG).read_text())
-        old_config, old_stores = dict(saved["config"]), list(saved["stores"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    old_config, old_stores = _made_with(work / CONFIG)
+    if old_config is None or old_stores is None:
         raise TrainingError(
-            f"cannot resume: {CONFIG} is missing or unreadable ({type(exc).__name__}); delete "
-            "the work folder to start again",
+            f"cannot resume: {CONFIG} is missing or unreadable; delete the work folder to start "
+            "again",
             path=work,
-        ) from None
+        )
     new = config.to_dict()
     diff = sorted(k for k in set(old_config) | set(new) if old_config.get(k) != new.get(k))
     if diff:
