@@ -96,7 +96,7 @@ def test_warmup_without_a_topk_instance_loss_says_it_does_nothing(logged) -> Non
     ):
         logged.clear()
         make_objective(config, ("0", "1"), None, device=cpu)
-        assert f"instance_warmup_epochs 10 has no effect ({why})" in logged.text
+        assert f"instance_warmup_epochs 15 has no effect ({why})" in logged.text
     logged.clear()
     make_objective(TrainConfig(), ("0", "1"), None, device=cpu)  # the defaults: it does something
     assert "no effect" not in logged.text

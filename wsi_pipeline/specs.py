@@ -363,7 +363,10 @@ class TrainConfig:
         label (naive MIL: the patches of a negative slide are all normal; those of a positive
         one share its label), before the top-``instance_k`` loss. Every lesion patch then
         gets a gradient from the first step, instead of only the few that a random model
-        happens to rank in its top ``k``.
+        happens to rank in its top ``k``. 15 of the 30 epochs: on morphology-only lesions the
+        naive phase may need more than 10 epochs to settle on them, and a top-k phase that
+        starts from a half-found detector (lesion-patch AUC ~0.8) locks onto other tissue
+        (``docs/notes/mil-stall-findings.md``, fifth fix).
     seed : int
     device : {"auto", "cpu", "cuda"}
     amp : bool
@@ -396,7 +399,7 @@ class TrainConfig:
     min_epochs: int = 5
     instance_weight: float = 0.6
     instance_k: int = 8
-    instance_warmup_epochs: int = 10
+    instance_warmup_epochs: int = 15
     seed: int = 0
     device: str = "auto"
     amp: bool = True
