@@ -252,7 +252,7 @@ def localisation(rows: list[dict], cohort_dir: Path, run: Path, run_id: str, den
 def meets_targets(res: dict) -> bool:
     """Every figure of :data:`TARGETS` reached."""
     return all(
-        res[k] is not None and (res[k] <= v if k == "neg_area_mean" else res[k] >= v)
+        res.get(k) is not None and (res[k] <= v if k in AT_MOST else res[k] >= v)
         for k, v in TARGETS.items()
     )
 
@@ -299,7 +299,18 @@ COHORTS = {
     "M7": (7, {"lesion_style": "morphology"}, "lesions that differ only in morphology"),
 }
 #: What every run must reach (issue: learning you can trust).
-TARGETS = {"auc": 0.95, "patch_auc": 0.95, "iou_mean": 0.6, "neg_area_mean": 0.01}
+#: Learning is visible, not selected: the last epoch's train loss at most 0.75 x ln 2 and the
+#: validation AUC of the last 3 epochs at least 0.95, as well as the figures of the kept model.
+TARGETS = {
+    "auc": 0.95,
+    "patch_auc": 0.95,
+    "iou_mean": 0.6,
+    "neg_area_mean": 0.01,
+    "loss_x_chance": 0.75,
+    "late_val_auc": 0.95,
+}
+#: The figures of :data:`TARGETS` (and of the summary) where lower is better.
+AT_MOST = frozenset({"neg_area_mean", "loss_x_chance"})
 
 
 def train_and_score(stores: Path, labels: Path, run: Path, config) -> dict:
@@ -467,7 +478,7 @@ def summary(rows: list[dict]) -> list[dict]:
         rec: dict = {"row": f"{name} ({len(rs)} runs)", "met": sum(r["met"] for r in rs)}
         for k in keys:
             v = np.array([r[k] for r in rs if r[k] is not None], dtype=float)
-            worst = v.max() if k in ("neg_area_mean", "loss_x_chance") else v.min()
+            worst = v.max() if k in AT_MOST else v.min()
             rec[k] = f"{v.mean():.3f} +- {v.std():.3f} (worst {worst:.3f})" if len(v) else None
         out.append(rec)
     return out
@@ -506,9 +517,7 @@ def print_study(study: list[dict], n_slides: int, cohorts: list[str]) -> None:
             ],
         )
     )
-    targets = ", ".join(
-        f"{k} {'<=' if k == 'neg_area_mean' else '>='} {v}" for k, v in TARGETS.items()
-    )
+    targets = ", ".join(f"{k} {'<=' if k in AT_MOST else '>='} {v}" for k, v in TARGETS.items())
     print(f"\nsummary: mean +- sd (worst run); targets met = runs meeting all of {targets}\n")
     print(
         table(
@@ -520,6 +529,7 @@ def print_study(study: list[dict], n_slides: int, cohorts: list[str]) -> None:
                 ("iou_mean", "heatmap IoU", str),
                 ("neg_area_mean", "neg. above thr.", str),
                 ("loss_x_chance", "last loss / ln 2", str),
+                ("late_val_auc", "val AUC last 3", str),
                 ("met", "targets met", str),
             ],
         )
@@ -576,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in json.loads(path.read_text())["study"]
         ]
         study.sort(key=lambda r: (list(COHORTS).index(r["cohort"]), r["seed"]))
+        for row in study:  # by this version's targets
+            row["met"] = meets_targets(row)
         print_study(
             study, args.slides, sorted({r["cohort"] for r in study}, key=list(COHORTS).index)
         )
