@@ -4,8 +4,9 @@ Measured in one run, on the demo's cohort (``pipelines/demo.yaml``: 40 slides of
 at 0.5 mpp, lesions 5% of the tissue, seed 5; 128-px patches at 1 µm/px):
 
 1. the wall time of ``wsi-pipeline pretrain`` (SimCLR, smallcnn) on every patch of the cohort;
-2. features-mode training (abmil on frozen features) with the pretrained backbone against the
-   same backbone randomly initialised, in the same run: held-out (val + test) slide AUC of each.
+2. features-mode training (train's default head on frozen features) with the pretrained backbone
+   against the same backbone randomly initialised, in the same run: held-out (val + test) slide
+   AUC of each.
 
     python benchmarks/bench_pretrain.py [--work bench-out/pretrain] [--epochs 8] [--crop-px 96]
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         r = train_and_score(stores, labels, args.work / f"run_{name.split()[0]}", cfg)
         rows.append({"row": f"features, smallcnn {name}", **r})
         print(f"  {rows[-1]['row']}: held-out AUC {r['auc']:.3f} (n={r['n']})", flush=True)
-    print(f"\nfeatures mode on the demo cohort ({args.slides} slides), abmil head\n")
+    model = TrainConfig(**head).model
+    print(f"\nfeatures mode on the demo cohort ({args.slides} slides), {model} head (train's)\n")
     print(
         table(
             rows,
