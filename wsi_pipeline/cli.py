@@ -1135,9 +1135,18 @@ def export(run_dir: Path, fmt: str, out: Path) -> None:
     help="A predictions.csv. [default: OUT_DIR/predictions/predictions.csv]",
 )
 @click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The run folder whose scores to draw: scores an earlier model of it wrote are not "
+    "drawn. [default: the folder predict recorded with the scores]",
+)
+@click.option(
     "--run-id",
     default=None,
-    help="Whose scores to draw. [default: that of the predictions, or the stores' only one]",
+    help="Whose scores to draw. [default: --run's name, else that of the predictions, or the "
+    "stores' only one]",
 )
 @click.option(
     "--dest",
@@ -1149,14 +1158,19 @@ def report(
     out_dir: Path,
     stores: Path | None,
     predictions: Path | None,
+    run_dir: Path | None,
     run_id: str | None,
     dest: Path | None,
 ) -> None:
     """One self-contained HTML page for the batch in OUT_DIR: status counts, timings, failures,
     and per slide the mask and tiles, prediction, heatmap and top patches (sortable)."""
     from .report import write_report
+    from .runs import run_id as run_id_rule
 
-    path = write_report(out_dir, stores=stores, predictions=predictions, run_id=run_id, dest=dest)
+    rid = run_id_rule(run_dir, run_id) if run_dir is not None else run_id
+    path = write_report(
+        out_dir, stores=stores, predictions=predictions, run_id=rid, run_dir=run_dir, dest=dest
+    )
     click.echo(f"report: {path}")
 
 
@@ -1210,6 +1224,7 @@ def view(
         list(stores),
         slide_ids=list(slides) or None,
         run_id=rid,
+        run_dir=run_dir,
         host=host,
         port=port,
         threshold=threshold,

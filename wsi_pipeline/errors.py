@@ -6,6 +6,7 @@ one-line message that names the file (or key) and the reason, so the CLI can pri
 
 from __future__ import annotations
 
+import errno
 import os
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "TilingError",
     "TrainingError",
     "WSIPipelineError",
+    "disk_full_message",
     "error_report",
+    "is_disk_full",
     "worker_message",
 ]
 
@@ -69,6 +72,18 @@ class ConfigError(WSIPipelineError):
 
 class TrainingError(WSIPipelineError):
     """Training or prediction cannot proceed with the given data or run folder."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an ``OSError`` saying the disk (or the user's quota) is full (``ENOSPC``,
+    ``EDQUOT``): a batch stops there instead of failing every slide after it."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(path: str | os.PathLike, done: int, total: int) -> str:
+    """The one line of a batch that a full disk stopped: ``"disk full writing <path>; stopped
+    after N of M slides"`` (``tile``, ``predict`` and ``heatmap`` say it alike)."""
+    return _one_line(f"disk full writing {os.fspath(path)}; stopped after {done} of {total} slides")
 
 
 def _one_line(text: str) -> str:

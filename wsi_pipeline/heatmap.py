@@ -65,6 +65,8 @@ TIFF and :func:`wsi_pipeline.viz.plot_heatmap` look the same.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -77,7 +79,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, StoreError, WSIPipelineError
+from .errors import ConfigError, StoreError, WSIPipelineError, disk_full_message, is_disk_full
 from .exports import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
@@ -88,6 +90,7 @@ from .exports import (
     write_pyramid_tiff,
 )
 from .heatmap_summary import heatmap_mpp, slide_summary
+from .locks import STAGE_WAIT_S, acquire, locked
 from .qupath import threshold_regions, write_tiles_geojson
 from .stitch import COMBINE, MODES, check_combine, display_values, stitch_scores
 from .store import (
@@ -104,6 +107,8 @@ __all__ = [
     "WHICH",
     "check_class",
     "check_options",
+    "check_scores_model",
+    "current_model_id",
     "export_heatmaps",
     "heatmaps",
     "overlay_colours",
@@ -384,6 +389,85 @@ def read_scores(
     return scores, pred
 
 
+def check_scores_model(
+    store: SlideStore, run_id: str, prediction: dict[str, Any], model_id: str | None
+) -> None:
+    """Refuse scores that another model than the run's current one wrote.
+
+    The one check of "are these scores the run's current model's?", used by ``heatmap``, the
+    batch report and the viewer: ``predict`` records :func:`wsi_pipeline.runs.model_id` of the
+    run folder with the scores; when the run folder was trained again since, its model differs.
+
+    Parameters
+    ----------
+    store : SlideStore
+        The store (named in the message).
+    run_id : str
+        The predict run of ``scores/<run_id>``.
+    prediction : dict
+        The attributes of ``scores/<run_id>`` (:func:`read_scores`).
+    model_id : str or None
+        The run's current model (:func:`current_model_id`); None: not checked.
+
+    Raises
+    ------
+    StoreError
+        ``"<store>: 'scores/<run>' was written by another model (...) than the run's current
+        one (...): the run was trained again since; rerun 'wsi-pipeline predict --run <run>'"``.
+        Scores of older versions record no model and are not refused.
+    """
+    made_by = prediction.get("model_id")
+    if model_id and made_by and made_by != model_id:  # stores of older versions record none
+        raise StoreError(
+            f"'{scores_key(run_id)}' was written by another model ({made_by}) than the run's "
+            f"current one ({model_id}): the run was trained again since; rerun "
+            f"'wsi-pipeline predict --run {run_id}'",
+            path=store.path,
+        )
+
+
+def current_model_id(
+    run_dir: str | os.PathLike | None, prediction: dict[str, Any] | None = None
+) -> str | None:
+    """The current model of the run whose scores are shown, for :func:`check_scores_model`.
+
+    Parameters
+    ----------
+    run_dir : path or None
+        The run folder, when the user named it.
+    prediction : dict, optional
+        The attributes of ``scores/<run_id>``: without ``run_dir``, the run folder ``predict``
+        recorded there (``run_dir``) is used while it is still a folder.
+
+    Returns
+    -------
+    str or None
+        :func:`wsi_pipeline.runs.model_id` of that folder; None when there is none to ask (the
+        scores cannot be checked).
+    """
+    from . import runs
+
+    folder = run_dir if run_dir is not None else (prediction or {}).get("run_dir")
+    if not folder or not Path(folder).is_dir():
+        return None
+    p = Path(folder).resolve()
+    stats = [
+        (q.stat().st_size, q.stat().st_mtime_ns)
+        for q in (p / runs.MODEL, p / runs.CALIBRATION)
+        if q.is_file()
+    ]
+    return _model_id_cached(str(p), tuple(stats))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_id_cached(folder: str, stats: tuple[tuple[int, int], ...]) -> str:
+    """:func:`wsi_pipeline.runs.model_id` of ``folder``, hashed again only when its files'
+    sizes or times change (a report or viewer asks once per slide)."""
+    from . import runs
+
+    return runs.model_id(folder)
+
+
 def _check_scores(store: SlideStore, key: str, run_id: str, which: str) -> None:
     """``key`` is in the store and finished, else the StoreError saying what to run."""
     if key not in store.group:
@@ -488,14 +572,7 @@ def _load(
     if store.n_patches == 0:
         raise StoreError("no patches in the store (no tissue); nothing to draw", path=store.path)
     scores, pred = read_scores(store, run_id, which, class_name)
-    made_by = pred.get("model_id")
-    if model_id and made_by and made_by != model_id:  # stores of older versions record none
-        raise StoreError(
-            f"'{scores_key(run_id)}' was written by another model ({made_by}) than the run's "
-            f"current one ({model_id}): the run was trained again since; rerun "
-            f"'wsi-pipeline predict --run {run_id}'",
-            path=store.path,
-        )
+    check_scores_model(store, run_id, pred, model_id)
     ds = float(downsample or store.thumbnail_downsample)
     if not ds > 0:
         raise ConfigError(f"downsample must be > 0, not {downsample!r}")
@@ -691,6 +768,7 @@ def _export(
     out.mkdir(parents=True, exist_ok=True)
     names = _file_names(store.slide_id, p["which"], p["class"], values_tiff=p["values_tiff"])
     paths = {k: out / v for k, v in names.items()}
+    paths["summary"].unlink(missing_ok=True)  # an export stopped half-way is never "finished"
     with _timed(seconds, "tiff"):
         _write_tiffs(slide, values, paths, lut=lut)
     with _timed(seconds, "png"):
@@ -915,10 +993,14 @@ def heatmaps(
         "options": options,
         "model_id": model_id,
     }
-    results = [
-        _batch_row(sp, Path(out_dir) / sp.stem, load=load, lut=lut, overwrite=overwrite)
-        for sp in stores  # out_dir/<the store's name: the sanitised slide id>
-    ]
+    results = []
+    for sp in stores:  # out_dir/<the store's name: the sanitised slide id>
+        folder = Path(out_dir) / sp.stem
+        try:
+            results.append(_batch_row(sp, folder, load=load, lut=lut, overwrite=overwrite))
+        except OSError as exc:  # a full disk (_batch_row records every other error)
+            where = exc.filename or folder
+            raise StoreError(disk_full_message(where, len(results), len(stores))) from exc
     results.sort(key=lambda r: r["slide_id"])
     return results
 
@@ -941,7 +1023,13 @@ def _batch_row(
         row.update(_export_or_skip(store_path, folder, load=load, lut=lut, overwrite=overwrite))
     except _UnknownClass:
         raise  # bad usage, the same for every slide of the run
-    except (WSIPipelineError, OSError, RuntimeError, ValueError) as exc:  # zarr codec errors
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise  # the batch stops (heatmaps)
+        msg = f"{store_path}: {exc}"
+        log.error("%s", " ".join(msg.split()))
+        row["error"] = " ".join(msg.split())
+    except (WSIPipelineError, RuntimeError, ValueError) as exc:  # zarr codec errors
         msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{store_path}: {exc}"
         if isinstance(exc, (RuntimeError, ValueError)):
             msg = f"{store_path}: cannot read its arrays ({exc}); the store is corrupt"
@@ -954,12 +1042,38 @@ def _batch_row(
 def _export_or_skip(
     store_path: Path, folder: Path, *, load: dict[str, Any], lut: np.ndarray, overwrite: bool
 ) -> dict[str, Any]:
-    """Open the store once; skip it (no patches, or already exported) or export it."""
+    """Open the store once; skip it (no patches, or already exported) or export it.
+
+    The slide's folder is locked while its files are written, and the store while its scores
+    are read (:data:`~wsi_pipeline.locks.STAGE_WAIT_S`): a second heatmap run into the same
+    folder waits and then finds the export finished; a ``predict`` writing the scores is waited
+    for, so a half-written array is never drawn.
+    """
     store = SlideStore(store_path)
     if store.n_patches == 0:
         return {"status": "skipped", "ok": True, "reason": "no patches"}
-    slide = _load(store, **load)
-    if not overwrite and (done := _finished(slide, folder)):
-        return {"status": "skipped", "ok": True, "reason": "already exported", "files": done}
-    paths = _export(slide, folder, lut=lut, png_max_px=_PNG_MAX_PX, block_px=_BLOCK_PX)
+    with locked(folder, wait_s=STAGE_WAIT_S, name=str(folder)):
+        with _reading(store_path):
+            slide = _load(store, **load)
+        if not overwrite and (done := _finished(slide, folder)):
+            return {"status": "skipped", "ok": True, "reason": "already exported", "files": done}
+        paths = _export(slide, folder, lut=lut, png_max_px=_PNG_MAX_PX, block_px=_BLOCK_PX)
     return {"status": "ok", "ok": True, "files": {k: str(v) for k, v in paths.items()}}
+
+
+@contextlib.contextmanager
+def _reading(store_path: Path) -> Iterator[None]:
+    """Hold the store's lock (:mod:`wsi_pipeline.locks`) while reading its scores, so that a
+    ``predict`` writing them is waited for; a store folder where no lock file can be written
+    (read-only, or full) has no writer to wait for and is read without one."""
+    lock = None
+    try:
+        lock = acquire(store_path, wait_s=STAGE_WAIT_S, name=str(store_path))
+    except OSError as exc:
+        if not (is_disk_full(exc) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

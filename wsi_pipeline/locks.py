@@ -8,6 +8,10 @@ Where
     merges its rows in. A training run folder ``<run>`` is locked by ``<run>.lock`` next to it
     (:func:`run_lock`) for the whole training, so a second ``train --out <run>`` (or a pipeline
     training into it) stops at once with one line instead of writing the same files.
+    ``predict`` holds a store's lock while it writes the store's scores, and ``heatmap`` while
+    it reads them; ``heatmap`` also locks each slide's output folder ``<out>/<slide_id>``
+    (``<out>/<slide_id>.lock``) while it writes that slide's files. Both wait
+    :data:`STAGE_WAIT_S` seconds for another holder (two runs on one folder take turns).
 
 What
     The lock file holds one JSON object: ``pid``, ``host``, ``started`` (ISO time),
@@ -49,6 +53,7 @@ from .errors import StoreError
 
 __all__ = [
     "LOCK_SUFFIX",
+    "STAGE_WAIT_S",
     "LockInfo",
     "StoreLock",
     "StoreLocked",
@@ -65,6 +70,9 @@ log = logging.getLogger(__name__)
 #: Appended to the locked path's name: ``<out>/<slide_id>.zarr`` -> ``<out>/<slide_id>.zarr.lock``.
 LOCK_SUFFIX = ".lock"
 _GRACE_S = 30.0  # an unparsable lock file (or a take-over lock) older than this is stale
+#: Seconds ``predict`` waits for a store, and ``heatmap`` for a store or a slide's heatmap
+#: folder, that another process is writing, before that slide fails with one line.
+STAGE_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -237,10 +245,12 @@ def _create(path: Path) -> LockInfo | None:
         body = {k: getattr(info, k) for k in ("pid", "host", "started", "proc_start", "token")}
         os.write(fd, (json.dumps(body) + "\n").encode())
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
             path.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a full disk names the lock file
         raise
     os.close(fd)
     return info

@@ -812,8 +812,10 @@ def _write_html_report(p: Pipeline) -> str | None:
 
     try:
         preds = p.predictions / runs.PREDICTIONS
-        rid = p.run_id if p.run_dir.is_dir() else None
-        return str(write_report(p.out, stores=p.stores, predictions=preds, run_id=rid))
+        found = p.run_dir.is_dir()
+        rid, run_dir = (p.run_id, p.run_dir) if found else (None, None)
+        page = write_report(p.out, stores=p.stores, predictions=preds, run_id=rid, run_dir=run_dir)
+        return str(page)
     except (WSIPipelineError, OSError) as exc:
         log.warning("report.html not written: %s", exc)
         return None

@@ -12,10 +12,20 @@ For each complete store: slide-level class probabilities and the predicted label
 - ``scores/<run_id>-attention`` (N,) float32, for heads with attention.
 
 Patches are embedded in chunks, so memory is bounded by the chunk and the (N, D) embeddings.
+
+Each store's scores are written under the store's lock (:mod:`wsi_pipeline.locks`, the lock
+file ``<store>.lock`` that ``tile`` also takes): a second ``predict`` (or a ``tile`` redoing the
+store) waits for it (:data:`~wsi_pipeline.locks.STAGE_WAIT_S`), so two runs never interleave
+their writes of one array; a store still locked after that fails its row with one line. A full
+disk stops the batch with ``"disk full writing <store>; stopped after N of M slides"``: the
+half-written scores of that store are removed (the store says "no scores": predict again),
+earlier stores keep theirs, and ``predictions.csv`` is replaced (atomically) only if there is
+room for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -29,7 +39,8 @@ import numpy as np
 
 from . import runs
 from .data import negative_class
-from .errors import StoreError, TrainingError, WSIPipelineError
+from .errors import StoreError, TrainingError, WSIPipelineError, disk_full_message, is_disk_full
+from .locks import STAGE_WAIT_S, StoreLocked, locked
 from .specs import tiling_mismatch
 from .store import (
     COORDS,
@@ -37,6 +48,7 @@ from .store import (
     list_stores,
     open_store,
     read_array,
+    remove_scores,
     write_class_scores,
     write_scores,
 )
@@ -166,7 +178,8 @@ def predict_store(
     features : str, optional
         Extractor name: read ``features/<features>`` instead of embedding the patches.
     run_dir : str
-        Recorded in the scores' attributes.
+        Recorded in the scores' attributes (``predict`` gives the absolute path, where the
+        report and the viewer find the run's current model).
     calibration : dict, optional
         The run's ``calibration.json``.
     group : zarr.Group, optional
@@ -370,7 +383,10 @@ def predict(
     Raises
     ------
     TrainingError
-        A missing or incompatible run folder.
+        A missing or incompatible run folder, or a full disk: ``"disk full writing <file>;
+        stopped after N of M slides"`` (the stores predicted before keep their scores; the
+        slide being written has none; ``predictions.csv`` lists the slides not reached when
+        there was room to write it, else it is the earlier file, untouched).
     """
     from tqdm.auto import tqdm
 
@@ -401,32 +417,81 @@ def predict(
         ]
         ready = [s for s in ready if s.path not in failed]
     t0 = time.time()
-    for st in tqdm(ready, desc="predict", unit="slide", disable=None if progress else True):
+    options = {
+        "classes": classes,
+        "run_id": rid,
+        "device": dev,
+        "amp": cfg.amp,
+        "channels_last": cfg.channels_last,
+        "chunk": chunk,
+        "features": features,
+        "run_dir": str(Path(run["dir"]).absolute()),
+        "calibration": run.get("calibration"),
+        "model_id": run["model_id"],
+    }
+    bar = tqdm(ready, desc="predict", unit="slide", disable=None if progress else True)
+    for i, st in enumerate(bar):
         try:
-            rows.append(
-                predict_store(
-                    model,
-                    st.path,
-                    classes=classes,
-                    run_id=rid,
-                    device=dev,
-                    amp=cfg.amp,
-                    channels_last=cfg.channels_last,
-                    chunk=chunk,
-                    features=features,
-                    run_dir=str(run["dir"]),
-                    calibration=run.get("calibration"),
-                    group=st.group,
-                    model_id=run["model_id"],
-                )
-            )
-        except (WSIPipelineError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, WSIPipelineError) else f"{st.path}: {exc}"
-            rows.append(Prediction(st.path.stem, run_id=rid, error=msg))
+            rows.append(_predict_locked(model, st, options))
+        except OSError as exc:
+            if not is_disk_full(exc):
+                rows.append(Prediction(st.path.stem, run_id=rid, error=f"{st.path}: {exc}"))
+                continue
+            where = exc.filename or st.path
+            _stop_disk_full(out, st, where, ready[i + 1 :], rows, classes, rid=rid, n=len(stores))
+        except WSIPipelineError as exc:
+            rows.append(Prediction(st.path.stem, run_id=rid, error=str(exc)))
     for r in rows:
         if r.error and not r.ok:
             log.error("%s", r.error)
     rows.sort(key=lambda r: r.slide_id)
-    write_predictions(out / runs.PREDICTIONS, rows, classes)
+    csv_path = out / runs.PREDICTIONS
+    try:
+        write_predictions(csv_path, rows, classes)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise TrainingError(disk_full_message(csv_path, len(rows), len(stores))) from exc
     log.info("predicted %d slide(s) in %.1f s", len(ready), time.time() - t0)
     return rows
+
+
+def _predict_locked(model: Any, st: _OpenStore, options: dict[str, Any]) -> Prediction:
+    """:func:`predict_store` under the store's lock (waiting for another writer of it)."""
+    try:
+        with locked(st.path, wait_s=STAGE_WAIT_S, name=str(st.path)):
+            try:
+                return predict_store(model, st.path, group=st.group, **options)
+            except OSError as exc:  # the old scores are gone: leave none half-written
+                if is_disk_full(exc):
+                    with contextlib.suppress(OSError, WSIPipelineError):
+                        remove_scores(st.group, options["run_id"])
+                raise
+    except StoreLocked as exc:
+        raise StoreLocked(
+            f"{exc}; not predicted: rerun predict when that run has ended", holder=exc.holder
+        ) from None
+
+
+def _stop_disk_full(
+    out: Path,
+    st: _OpenStore,
+    where: str | os.PathLike,
+    rest: Sequence[_OpenStore],
+    rows: list[Prediction],
+    classes: Sequence[str],
+    *,
+    rid: str,
+    n: int,
+) -> None:
+    """The disk filled up writing ``where`` (``st``'s scores or lock): record the slides not
+    reached in ``predictions.csv`` if there is room, and stop with one line."""
+    msg = disk_full_message(where, len(rows), n)
+    done = [
+        *rows,
+        Prediction(st.path.stem, run_id=rid, error=msg),
+        *(Prediction(s.path.stem, run_id=rid, error=f"not predicted: {msg}") for s in rest),
+    ]
+    with contextlib.suppress(OSError):
+        write_predictions(out / runs.PREDICTIONS, sorted(done, key=lambda r: r.slide_id), classes)
+    raise TrainingError(msg)

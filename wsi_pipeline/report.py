@@ -136,8 +136,19 @@ def _heatmap(store: Any, scores: np.ndarray) -> np.ndarray:
     return overlay_rgb(values, thumb, value_range=_RANGE, lut=lut)
 
 
-def slide_card(store_path: Path, run_id: str | None, card: SlideCard | None = None) -> SlideCard:
+def slide_card(
+    store_path: Path,
+    run_id: str | None,
+    card: SlideCard | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+) -> SlideCard:
     """Fill a slide's card from its store (a store that cannot be read says so in ``error``).
+
+    Scores are read and checked as ``heatmap`` reads them
+    (:func:`wsi_pipeline.heatmap.read_scores`, :func:`~wsi_pipeline.heatmap.check_scores_model`):
+    unfinished scores, or scores of an earlier model of a run trained again since, are not
+    drawn; the card says why (rerun predict) and shows no prediction.
 
     Parameters
     ----------
@@ -147,11 +158,15 @@ def slide_card(store_path: Path, run_id: str | None, card: SlideCard | None = No
         Whose ``scores/<run_id>`` to draw; None: no heatmap.
     card : SlideCard, optional
         A card already holding the manifest's and predictions' fields.
+    run_dir : path, optional
+        The run folder of ``run_id`` (its current model is checked against the scores'); default
+        the folder ``predict`` recorded with the scores, while it exists.
 
     Returns
     -------
     SlideCard
     """
+    from .heatmap import check_scores_model, current_model_id, read_scores
     from .store import SlideStore, score_runs, scores_key
 
     card = card or SlideCard(store_path.stem)
@@ -177,9 +192,13 @@ def slide_card(store_path: Path, run_id: str | None, card: SlideCard | None = No
             f"no heatmap: the store has no {key} (run 'wsi-pipeline predict' with that run)"
         )
         return card
-    arr = store.group[key]
-    scores = np.asarray(arr[...], np.float32)
-    attrs = dict(arr.attrs)
+    try:
+        scores, attrs = read_scores(store, run_id)
+        check_scores_model(store, run_id, attrs, current_model_id(run_dir, attrs))
+    except StoreError as exc:  # unfinished, torn, or another model's: not this run's result
+        card.heatmap_note = f"no heatmap: {exc}"
+        card.predicted, card.probability = "", None
+        return card
     if not card.predicted:
         card.predicted = str(attrs.get("predicted", ""))
     if card.probability is None and attrs.get("abnormal_probability") is not None:
@@ -227,7 +246,11 @@ def _pick_run_id(preds: list[dict[str, str]], stores: list[Path]) -> str | None:
 
 
 def _cards(
-    stores_dir: Path, preds: list[dict[str, str]], manifest: list[dict[str, str]], rid: str | None
+    stores_dir: Path,
+    preds: list[dict[str, str]],
+    manifest: list[dict[str, str]],
+    rid: str | None,
+    run_dir: str | os.PathLike | None = None,
 ) -> list[SlideCard]:
     from .store import store_path
 
@@ -254,7 +277,7 @@ def _cards(
             if not c.error and not sp.exists():
                 c.error = f"no store {sp}"
             continue
-        slide_card(sp, rid, c)
+        slide_card(sp, rid, c, run_dir=run_dir)
     return [cards[k] for k in sorted(cards)]
 
 
@@ -384,6 +407,7 @@ def write_report(
     stores: str | os.PathLike | None = None,
     predictions: str | os.PathLike | None = None,
     run_id: str | None = None,
+    run_dir: str | os.PathLike | None = None,
     dest: str | os.PathLike | None = None,
 ) -> Path:
     """Write the batch QC page.
@@ -401,6 +425,10 @@ def write_report(
     run_id : str, optional
         Whose scores to draw; default the run id of the predictions, else the one score run the
         stores share.
+    run_dir : path, optional
+        The run folder whose scores are drawn: scores that an earlier model of it wrote (it was
+        trained again since) are not drawn; default the folder ``predict`` recorded with each
+        store's scores, while it exists.
     dest : path, optional
         The page; default ``out_dir/report.html``.
 
@@ -441,7 +469,7 @@ def write_report(
     except (OSError, ValueError):
         pipeline_report = None
     t0 = time.time()
-    cards = _cards(sd, preds, manifest, rid)
+    cards = _cards(sd, preds, manifest, rid, run_dir)
     e = html.escape
     page = "\n".join(
         [

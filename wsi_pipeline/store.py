@@ -8,6 +8,7 @@ files.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -60,6 +61,7 @@ __all__ = [
     "patch_count",
     "read_array",
     "read_coords",
+    "remove_scores",
     "score_runs",
     "scores_key",
     "shard_is_done",
@@ -655,6 +657,17 @@ def write_scores(
     values = np.asarray(values, dtype=np.float32)
     key = scores_key(run_id, attention=attention)
     _write_marked(group, key, values, chunks=(65536,), attrs=attrs)
+
+
+def remove_scores(group: Any, run_id: str) -> None:
+    """Delete a run's ``scores/<run_id>``, ``-classes`` and ``-attention`` arrays, if present.
+
+    What ``predict`` does to a store whose scores it could not finish (a full disk), so that no
+    array of that run is left half-written or next to another model's arrays.
+    """
+    for key in (scores_key(run_id), class_scores_key(run_id), scores_key(run_id, attention=True)):
+        with contextlib.suppress(KeyError, FileNotFoundError):
+            del group[key]
 
 
 def write_class_scores(

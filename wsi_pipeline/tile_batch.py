@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import TilingError, WSIPipelineError
+from .errors import TilingError, WSIPipelineError, disk_full_message, is_disk_full
 from .locks import StoreLock, StoreLocked, acquire, locked
 from .slide import SLIDE_SUFFIXES, find_slides, slide_id_from_path
 from .specs import TilingSpec
@@ -215,11 +214,6 @@ class _DiskFull(Exception):
         self.slide = str(Path(slide).absolute())
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """An ``OSError`` saying the disk (or the user's quota) is full."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) -> TileResult:
     if isinstance(exc, WSIPipelineError):
         msg = str(exc)
@@ -395,10 +389,10 @@ def tile_slides(
                 scheduler,
             )
     except (_DiskFull, OSError) as exc:
-        if isinstance(exc, OSError) and not _is_disk_full(exc):
+        if isinstance(exc, OSError) and not is_disk_full(exc):
             raise
         where = exc.path if isinstance(exc, _DiskFull) else exc.filename or out
-        msg = f"disk full writing {where}; stopped after {len(results)} of {total} slides"
+        msg = disk_full_message(where, len(results), total)
         if isinstance(exc, _DiskFull):  # its row, if there is still room for it
             row = TileResult(exc.sid, exc.slide, "failed", 0, 0.0, msg)
             with contextlib.suppress(OSError, WSIPipelineError):
@@ -458,7 +452,7 @@ def _run_serial(
                             threads,
                         )
                 except Exception as exc:
-                    if _is_disk_full(exc):
+                    if is_disk_full(exc):
                         raise _DiskFull(store_path(out, sid), sid, path) from exc
                     res = _failure(sid, str(Path(path).absolute()), exc, t0, debug)
                 record(res)
@@ -539,7 +533,7 @@ def _run_dask(
                         if v[1] == sid:
                             g.cancel()
                             meta.pop(g)
-                if _is_disk_full(exc):
+                if is_disk_full(exc):
                     raise _DiskFull(store_path(out, sid), sid, path) from exc
                 done(_failure(sid, path, exc, t0, debug))
                 slides_bar.update(1)

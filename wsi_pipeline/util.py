@@ -57,7 +57,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
 
     A reader never sees a half-written file: either the old file (or none) or the new one.
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was; an
+    ``OSError`` that names no file (a failed ``write``, e.g. a full disk) or only the temporary
+    one is given ``path`` as its ``filename``, so its one line says which file could not be
+    written.
 
     Examples
     --------
@@ -70,6 +73,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, p)
+    except OSError as exc:
+        if exc.filename in (None, str(tmp)):
+            exc.filename = str(p)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

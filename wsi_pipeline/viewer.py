@@ -82,11 +82,16 @@ def find_openseadragon(folder: str | os.PathLike | None = None) -> Path:
 
 @dataclass
 class ViewerSlide:
-    """One slide the viewer serves: its store, its slide file and its scores' name."""
+    """One slide the viewer serves: its store, its slide file and its scores' name.
+
+    ``run_dir`` is the run folder of ``run_id`` (default: the one ``predict`` recorded with the
+    scores): scores that an earlier model of it wrote are not drawn (:meth:`scores_note`).
+    """
 
     slide_id: str
     store: Path
     run_id: str | None
+    run_dir: Path | None = None
 
     def __post_init__(self) -> None:
         from .store import SlideStore
@@ -145,7 +150,12 @@ class ViewerSlide:
         return buf.getvalue()
 
     def scores_note(self) -> str:
-        """Why there is no heatmap ("" when there is one)."""
+        """Why there is no heatmap ("" when there is one).
+
+        The scores are read and checked as ``heatmap`` reads them: unfinished ones, or those an
+        earlier model of a run trained again since wrote, are not drawn (rerun predict).
+        """
+        from .heatmap import check_scores_model, current_model_id, read_scores
         from .store import score_runs, scores_key
 
         if self.data.n_patches == 0:
@@ -157,17 +167,22 @@ class ViewerSlide:
                 f"no heatmap: the store has no {scores_key(self.run_id)} "
                 "(run 'wsi-pipeline predict' with that run)"
             )
+        try:
+            _, attrs = read_scores(self.data, self.run_id)
+            check_scores_model(self.data, self.run_id, attrs, current_model_id(self.run_dir, attrs))
+        except StoreError as exc:
+            return f"no heatmap: {exc}"
         return ""
 
     def values(self) -> np.ndarray:
         """The stitched scores on the thumbnail's grid (NaN outside tissue); made once."""
+        from .heatmap import read_scores
         from .stitch import stitch_scores
-        from .store import scores_key
 
         if self._values is not None:
             return self._values
 
-        scores = np.asarray(self.data.group[scores_key(str(self.run_id))][...], np.float32)
+        scores, _ = read_scores(self.data, str(self.run_id))
         values, _ = stitch_scores(
             self.data.coords,
             scores,
@@ -351,6 +366,7 @@ def make_server(
     *,
     slide_ids: Sequence[str] | None = None,
     run_id: str | None = None,
+    run_dir: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     threshold: float = 0.5,
@@ -366,6 +382,9 @@ def make_server(
         Only these slides (sanitised as store names are); default all.
     run_id : str, optional
         Whose scores to overlay.
+    run_dir : path, optional
+        The run folder of ``run_id``: scores an earlier model of it wrote (it was trained again
+        since) are not overlaid, the page says so; default the folder ``predict`` recorded.
     host, port : str, int
         Where to listen (port 0: any free port).
     threshold : float
@@ -392,7 +411,8 @@ def make_server(
             paths = [p for p in paths if p.stem in wanted]
         for p in paths:
             try:
-                slides.setdefault(p.stem, ViewerSlide(p.stem, p, run_id))
+                rd = None if run_dir is None else Path(run_dir)
+                slides.setdefault(p.stem, ViewerSlide(p.stem, p, run_id, rd))
             except StoreError as exc:
                 log.warning("view: %s", exc)
     if slide_ids is not None:
