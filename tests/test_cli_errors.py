@@ -36,6 +36,9 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "out_under_file.yaml").write_text(
         f"out: {d / 'afile' / 'sub'}\nslides: {d / 'empty'}\nstages: [tile]\ntile: {{mpp: 1.0}}\n"
     )
+    (d / "out_is_file.yaml").write_text(
+        f"out: {d / 'afile'}\nslides: {d / 'empty'}\nstages: [tile]\ntile: {{mpp: 1.0}}\n"
+    )
     return d
 
 
@@ -52,6 +55,16 @@ CASES = [
         "pipeline-out-under-file",
         ["run", "{bad}/out_under_file.yaml"],
         "{bad}/afile is a file, not a folder",
+    ),
+    (
+        "pipeline-out-under-file-check",
+        ["run", "{bad}/out_under_file.yaml", "--check"],
+        "{bad}/afile is a file, not a folder",
+    ),
+    (
+        "pipeline-out-is-file-check",
+        ["run", "{bad}/out_is_file.yaml", "--check"],
+        "it is a file, not a folder",
     ),
     (
         "labels-folder",

@@ -40,7 +40,7 @@ from .specs import (
     tiling_from_options,
     train_config_from_options,
 )
-from .util import atomic_write_json, input_file, output_dir
+from .util import atomic_write_json, check_output_path, input_file, output_dir
 
 __all__ = ["REPORT", "STAGES", "Pipeline", "load_options", "load_pipeline", "run_pipeline"]
 
@@ -257,6 +257,10 @@ def _load_top(data: dict[str, Any], where: str, path: str | os.PathLike) -> Pipe
     if "out" not in data:
         raise ConfigError(f"{where}: 'out' (the output folder) is required")
     _check_type(where, "out", data["out"], str)
+    try:
+        check_output_path(data["out"])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: 'out': {exc}") from None
     stages = data.get("stages", list(STAGES))
     if not isinstance(stages, list) or any(s not in STAGES for s in stages):
         raise ConfigError(f"{where}: 'stages' must be a list of {', '.join(STAGES)}")

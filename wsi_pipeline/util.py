@@ -28,6 +28,7 @@ __all__ = [
     "default_workers",
     "input_file",
     "json_ready",
+    "check_output_path",
     "output_dir",
     "resize_rgb",
     "sample_mask",
@@ -141,14 +142,29 @@ def output_dir(path: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        blocker = _file_in_the_way(out)
-        if blocker is None:
-            reason = exc.strerror or str(exc)
-        elif blocker == out:
-            reason = "it is a file, not a folder"
-        else:
-            reason = f"{blocker} is a file, not a folder"
-        raise ConfigError(f"output folder cannot be written ({reason})", path=out) from exc
+        check_output_path(out)  # a file in the way: say which
+        raise ConfigError(
+            f"output folder cannot be written ({exc.strerror or exc})", path=out
+        ) from exc
+    return out
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The part of :func:`output_dir`'s check that creates nothing (``run --check``): no regular
+    file stands where the output folder or one of its parents must be.
+
+    Raises
+    ------
+    ConfigError
+        ``"<path>: output folder cannot be written (<file> is a file, not a folder)"``.
+    """
+    out = Path(path)
+    blocker = _file_in_the_way(out)
+    if blocker is not None:
+        reason = "it is" if blocker == out else f"{blocker} is"
+        raise ConfigError(
+            f"output folder cannot be written ({reason} a file, not a folder)", path=out
+        )
     return out
 
 
