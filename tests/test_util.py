@@ -20,6 +20,7 @@ from wsi_pipeline.util import (
     resize_rgb,
     sample_mask,
     sanitize_id,
+    save_torch,
 )
 
 
@@ -74,6 +75,30 @@ def test_atomic_writers(tmp_path: Path) -> None:
     assert atomic_write_bytes(tmp_path / "b", b"\x00\x01").read_bytes() == b"\x00\x01"
     assert atomic_write_text(tmp_path / "t", "µm").read_text(encoding="utf-8") == "µm"
     assert _leftovers(tmp_path) == []
+
+
+def test_save_torch_gives_the_same_bytes_for_the_same_weights(tmp_path: Path) -> None:
+    """Saved by two writers (other temporary names), the same weights are the same bytes, so
+    ``runs.model_id`` names the model and not the write (a rerun after a kill is the same
+    model); loadable with ``weights_only``."""
+    import threading
+
+    import torch
+
+    from wsi_pipeline.runs import model_id
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_torch(state, tmp_path / "a" / "model.pt")
+    t = threading.Thread(target=save_torch, args=(state, tmp_path / "b" / "model.pt"))
+    t.start()
+    t.join()
+    a, b = (tmp_path / d / "model.pt" for d in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    assert model_id(tmp_path / "a") == model_id(tmp_path / "b")
+    assert torch.equal(torch.load(b, weights_only=True)["w"], state["w"])
+    assert _leftovers(tmp_path / "a") == [] and _leftovers(tmp_path / "b") == []
 
 
 def test_atomic_write_json_is_strict(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .errors import TrainingError
 from .specs import TrainConfig
-from .util import atomic_path
+from .util import save_torch
 
 __all__ = [
     "CLIP_NORM",
@@ -185,7 +185,6 @@ def save_checkpoint(path: Path, setup: Checkpointed, state: TrainState, *, epoch
     epoch : int
         The epoch just finished (0-based).
     """
-    import torch
 
     opt = setup.optim
     ckpt = {
@@ -198,8 +197,7 @@ def save_checkpoint(path: Path, setup: Checkpointed, state: TrainState, *, epoch
         "history": json.dumps(state.history),
         "best": json.dumps(state.best),
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)
 
 
 def restore_checkpoint(path: Path, setup: Checkpointed) -> TrainState:

@@ -43,7 +43,7 @@ from .store import (
     open_store,
     write_features,
 )
-from .util import atomic_path, output_dir, sanitize_id
+from .util import atomic_path, output_dir, sanitize_id, save_torch
 from .weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -346,7 +346,6 @@ def ensure_features(
     StoreError
         A store is unfinished or unreadable (without ``failed``).
     """
-    import torch
     from tqdm.auto import tqdm
 
     if weights is None and backbone is not None:
@@ -355,8 +354,7 @@ def ensure_features(
     name, digest, state = _identify(enc)
     _warn_random(enc, name)
     if run_dir is not None:
-        with atomic_path(run_dir / EXTRACTOR) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, run_dir / EXTRACTOR)
     net = enc.module.to(device).eval()
     attrs = {**enc.attrs(), "weights_sha256": digest}
 
@@ -733,8 +731,7 @@ def export_features(
             f.attrs["weights"] = str(arr.attrs.get("weights"))
             f.attrs["weights_sha256"] = str(digest)
             f.attrs["wsi_pipeline_version"] = __version__
-    with atomic_path(pt_path) as tmp:
-        torch.save(torch.from_numpy(feats), tmp)
+    save_torch(torch.from_numpy(feats), pt_path)
     return h5_path, pt_path
 
 

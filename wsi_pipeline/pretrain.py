@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, TrainingError, WSIPipelineError
 from .specs import PretrainConfig
-from .util import atomic_path, atomic_write_json, output_dir
+from .util import atomic_write_json, output_dir, save_torch
 
 __all__ = [
     "CHECKPOINT",
@@ -298,12 +298,10 @@ def _rng_state(device: Any) -> dict[str, Any]:
 def _save_checkpoint(
     path: Path, parts: dict[str, Any], epoch: int, history: list, device: Any
 ) -> None:
-    import torch
 
     ck = {k: v.state_dict() for k, v in parts.items()}
     ck.update(epoch=epoch, history=json.dumps(history), rng=_rng_state(device))
-    with atomic_path(path) as tmp:
-        torch.save(ck, tmp)
+    save_torch(ck, path)
 
 
 def _restore_checkpoint(path: Path, parts: dict[str, Any], device: Any) -> tuple[int, list]:
@@ -588,8 +586,7 @@ def pretrain(
         if done and dist_info.main:
             out.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
-            with atomic_path(out) as tmp:
-                torch.save(state, tmp)
+            save_torch(state, out)
             atomic_write_json(
                 out.with_name(out.name + ".json"),
                 {

@@ -80,7 +80,7 @@ from .train_report import (
     stall_warning,
     validation_warning,
 )
-from .util import atomic_path, output_dir
+from .util import output_dir, save_torch
 
 __all__ = [
     "TrainingSetup",
@@ -565,7 +565,6 @@ def end_epoch(
     bool
         Stop early (no better epoch in ``patience`` epochs, after ``min_epochs``).
     """
-    import torch
 
     config, run = setup.config, setup.run
     epoch = rec["epoch"]
@@ -594,8 +593,7 @@ def end_epoch(
             "loss": rec.get("val_loss", rec["train_loss"]),
             "by": _selected_by(rec, has_val=has_val),
         }
-        with atomic_path(run / runs.MODEL) as tmp:
-            torch.save(setup.model.state_dict(), tmp)
+        save_torch(setup.model.state_dict(), run / runs.MODEL)
         state.stale = 0
     else:
         state.stale += 1

@@ -33,6 +33,7 @@ __all__ = [
     "resize_rgb",
     "sample_mask",
     "sanitize_id",
+    "save_torch",
 ]
 
 
@@ -66,7 +67,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Examples
     --------
     >>> with atomic_path(out / "model.pt") as tmp:  # doctest: +SKIP
-    ...     torch.save(state, tmp)
+    ...     np.save(tmp, array)
     """
     p = Path(path)
     remove_dead_temporaries(p)
@@ -81,6 +82,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path`` through :func:`atomic_path`, byte-reproducible.
+
+    ``torch.save`` to a file name names the archive inside after that name, here the temporary
+    one (with a pid): the same weights would give other bytes on every run, and
+    :func:`wsi_pipeline.runs.model_id`, a hash of ``model.pt``, another model. Saved through an
+    open file, the archive is always named ``archive``.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
