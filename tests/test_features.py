@@ -180,6 +180,35 @@ def test_compute_features_goes_store_by_store(stores: list[Path], tmp_path: Path
         compute_features(stores, backbone="smallcnn", weights="none", batch_size=0)
 
 
+def test_features_take_the_store_lock(stores: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``features`` writes a store under its lock (as tile and predict do): it waits for
+    another writer, and a store still locked after the wait fails with one line while the
+    other store is written; nothing is written into the locked store."""
+    import threading
+
+    from wsi_pipeline.locks import acquire
+    from wsi_pipeline.store import has_complete_array, open_store
+
+    kw = {"backbone": "smallcnn", "weights": "none", "device": "cpu", "progress": False}
+    monkeypatch.setattr(features, "STAGE_WAIT_S", 0.3, raising=False)
+    lock = acquire(stores[1])
+    try:
+        rep = compute_features(stores, **kw)
+    finally:
+        lock.release()
+    assert [r.status for r in rep.results] == ["computed", "failed"]
+    err = rep.results[1].error
+    assert "locked by" in err and str(stores[1]) in err and "\n" not in err
+    assert not has_complete_array(open_store(stores[1]), features_key(rep.name))
+
+    monkeypatch.setattr(features, "STAGE_WAIT_S", 60.0, raising=False)
+    lock = acquire(stores[1])
+    threading.Timer(1.0, lock.release).start()  # the other writer ends while features waits
+    rep = compute_features(stores, **kw)
+    assert [r.status for r in rep.results] == ["skipped", "computed"]
+    assert has_complete_array(open_store(stores[1]), features_key(rep.name))
+
+
 def test_export_needs_complete_features(stores: list[Path], tmp_path: Path) -> None:
     with pytest.raises(
         StoreError, match=r"no complete 'features/nope'; run 'wsi-pipeline features'"

@@ -34,6 +34,7 @@ from .distributed import launch_place
 from .encoders import Encoder, build_preset, encoder_preset
 from .errors import ConfigError, StoreError, WSIPipelineError
 from .inference import store_embeddings
+from .locks import STAGE_WAIT_S, locked
 from .runs import EXTRACTOR
 from .store import (
     COORDS,
@@ -374,7 +375,7 @@ def ensure_features(
     for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
         try:
             feats = _embed(sp, enc, net, device=device, batch_size=batch_size)
-            write_features(open_store(sp, mode="r+"), name, feats, attrs)
+            _write_locked(sp, name, feats, attrs)
         except (StoreError, OSError) as exc:
             isolate(sp, exc)
     if todo:
@@ -434,6 +435,14 @@ class FeaturesReport:
         for r in self.results:
             out[r.status] = out.get(r.status, 0) + 1
         return out
+
+
+def _write_locked(store: Path, name: str, feats: np.ndarray, attrs: dict[str, Any]) -> None:
+    """:func:`~wsi_pipeline.store.write_features` under the store's lock (as ``tile`` and
+    ``predict`` write it), waiting for another writer of the store; still locked after
+    :data:`~wsi_pipeline.locks.STAGE_WAIT_S`: ``StoreLocked`` (a ``StoreError``, one line)."""
+    with locked(store, wait_s=STAGE_WAIT_S, name=str(store)):
+        write_features(open_store(store, mode="r+"), name, feats, attrs)
 
 
 def find_stores(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -626,7 +635,7 @@ class _FeaturesJob:
                     off_mpp = mpp
                 net = enc.module.to(dev).eval()
                 feats = _embed(sp, enc, net, device=dev, batch_size=self.batch_size)
-                write_features(g, name, feats, attrs)
+                _write_locked(sp, name, feats, attrs)
                 status = "computed"
             else:
                 status = "skipped"
@@ -816,8 +825,8 @@ def import_features(
                 )
             dim = int(feats.shape[1])
             attrs = {"backbone": None, "encoder": None, "weights": weights, "dim": dim}
-            write_features(
-                g,
+            _write_locked(
+                sp,
                 name,
                 feats.astype(FEATURES_DTYPE),
                 {**attrs, "imported_from": str(h5.absolute())},
