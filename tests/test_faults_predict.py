@@ -170,6 +170,35 @@ def test_view_does_not_overlay_an_earlier_models_scores(
         assert fetch(run_dir, "/regions/synth_000.geojson")[0] == 404
 
 
+def test_heatmap_does_not_draw_an_earlier_models_attention(
+    predicted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attention weights are checked as scores are, by the model that wrote them: a stale
+    ``-attention`` array next to the current model's scores (an earlier model's, left by a
+    predict of another head), or alone where the scores were removed, is refused in one line,
+    and the current model's is drawn."""
+    from wsi_pipeline.store import write_scores
+
+    out, run = predicted
+    stores = out / "stores"
+    made_by = {"synth_000": "0123456789abcdef", "synth_001": runs.model_id(run)}
+    made_by["synth_002"] = "feedbeef00000000"
+    for sid, model in made_by.items():
+        g = open_store(stores / f"{sid}.zarr", mode="r+")
+        n = int(g["coords"].shape[0])
+        attn = np.full(n, 1.0 / n, np.float32)
+        write_scores(g, RID, attn, {"run": RID, "model_id": model}, attention=True)
+    del open_store(stores / "synth_002.zarr", mode="r+")[scores_key(RID)]  # attention left
+    hm = tmp_path / "hm"
+    argv = ["heatmap", str(stores), "--run", str(run), "-o", str(hm), "--which", "attention"]
+    assert main([*argv, *(a for sid in made_by for a in ("--slide", sid))]) == 1
+    assert (hm / "synth_001" / "synth_001_attention_overlay.png").is_file()
+    assert sorted(p.name for p in hm.iterdir()) == ["synth_001"]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "ERROR" in ln]
+    assert len(err) == 2 and all("was written by another model" in ln for ln in err)
+    assert "synth_000.zarr" in err[0] and "synth_002.zarr" in err[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # two predict / heatmap processes on one folder
 # ---------------------------------------------------------------------------------------------

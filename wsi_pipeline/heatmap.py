@@ -357,7 +357,9 @@ def read_scores(
         One value per patch of the store.
     prediction : dict
         The attributes of ``scores/<run_id>`` (``predicted``, ``abnormal_probability``,
-        ``probabilities``, ``classes``, ...); empty if there are none.
+        ``probabilities``, ``classes``, ...); empty if there are none. Its ``model_id`` is
+        that of the array read (attention or class scores record their own), for
+        :func:`check_scores_model`.
 
     Raises
     ------
@@ -386,6 +388,9 @@ def read_scores(
         )
     pred_key = scores_key(run_id)  # the slide's prediction lives with the scores
     pred = dict(g[pred_key].attrs) if pred_key in g else {}
+    made_by = g[key].attrs.get("model_id")
+    if made_by:  # the model of the values drawn (an attention array may outlive its scores)
+        pred["model_id"] = made_by
     return scores, pred
 
 

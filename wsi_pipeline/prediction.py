@@ -228,6 +228,7 @@ def predict_store(
             "score": "per-patch probability of each class (columns in the order of 'classes') "
             "from the head's instance classifier",
             "calibration": attrs["patch_calibration"],
+            "model_id": attrs["model_id"],
         },
     )
     if out.attention is not None:
@@ -235,7 +236,11 @@ def predict_store(
             g,
             run_id,
             out.attention.float().cpu().numpy().astype(np.float32),
-            {"run": run_id, "score": "attention weight (sums to 1 over the slide)"},
+            {
+                "run": run_id,
+                "score": "attention weight (sums to 1 over the slide)",
+                "model_id": attrs["model_id"],
+            },
             attention=True,
         )
     return Prediction(sid, attrs["probabilities"], attrs["predicted"], n, run_id, "")
