@@ -3,9 +3,11 @@
 A small demo-like pipeline (``synth`` of a few tiny slides -> tile -> train -> predict ->
 heatmap) is run once cleanly as the reference. Then, until ``--kills`` runs were killed, a fresh
 ``wsi-pipeline run`` is started in an empty output folder and its whole process group is killed
-with SIGKILL after a delay drawn (fixed ``--seed``) uniformly over 95% of the reference's
-duration (a run that ends first injects nothing: another point is drawn, within that run's
-shorter duration); the pipeline is
+with SIGKILL after a delay drawn (fixed ``--seed``) over 95% of the reference's duration,
+stratified: the k-th kill falls uniformly within the k-th of ``--kills`` equal slices, so
+every stage longer than two slices (the short ``tile`` stage too) is hit (a run that ends
+first injects nothing: another point is drawn in that slice, of that run's shorter duration);
+the pipeline is
 rerun to completion and its outputs are compared with the reference:
 
 - the same set of files (``report.json``/``report.html``, TensorBoard logs and lock files
@@ -312,8 +314,10 @@ def main() -> int:
         rng = np.random.default_rng(args.seed)
         i, span = 0, ref_s
         while sum(r["killed"] for r in rows) < args.kills and i < 2 * args.kills:
-            # a run that ends before its kill point injects nothing: draw another point
-            delay = float(rng.uniform(0.0, 0.95 * span))
+            # the k-th kill in the k-th slice of the run (stratified: every stage is hit); a
+            # run that ends before its kill point injects nothing: draw another point
+            k = sum(r["killed"] for r in rows)
+            delay = float((k + rng.uniform()) / args.kills * 0.95 * span)
             shutil.rmtree(out, ignore_errors=True)
             log = work / f"kill_{i:02d}.log"
             t1 = time.perf_counter()
