@@ -6,7 +6,8 @@ at 0.5 mpp, lesions 5% of the tissue, seed 5; 128-px patches at 1 µm/px):
 1. the wall time of ``wsi-pipeline pretrain`` (SimCLR, smallcnn) on every patch of the cohort;
 2. features-mode training (train's default head on frozen features) with the pretrained backbone
    against the same backbone randomly initialised, in the same run: held-out (val + test) slide
-   AUC of each.
+   AUC of each, and the lesion-patch AUC of its per-patch scores on the held-out positives
+   (against the planted lesions).
 
     python benchmarks/bench_pretrain.py [--work bench-out/pretrain] [--epochs 8] [--crop-px 96]
 
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import cohort, train_and_score
+from bench_training import cohort, patch_auc, train_and_score
 from common import measured, table
 
 
@@ -101,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, w in (("pretrained (SimCLR)", str(weights)), ("random init", "none")):
         cfg = TrainConfig(**head, backbone_weights=w)
-        r = train_and_score(stores, labels, args.work / f"run_{name.split()[0]}", cfg)
+        run = args.work / f"run_{name.split()[0]}"
+        r = train_and_score(stores, labels, run, cfg)
+        r["patch_auc"] = patch_auc(stores, run, labels.parent, run.name)
         rows.append({"row": f"features, smallcnn {name}", **r})
-        print(f"  {rows[-1]['row']}: held-out AUC {r['auc']:.3f} (n={r['n']})", flush=True)
+        print(
+            f"  {rows[-1]['row']}: held-out AUC {r['auc']:.3f} (n={r['n']}), "
+            f"lesion-patch AUC {r['patch_auc']:.3f}",
+            flush=True,
+        )
     model = TrainConfig(**head).model
     print(f"\nfeatures mode on the demo cohort ({args.slides} slides), {model} head (train's)\n")
     print(
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("auc", "held-out AUC", lambda v: f"{v:.3f}"),
                 ("n", "n", str),
                 ("test_auc", "test AUC", lambda v: f"{v:.3f}"),
+                ("patch_auc", "lesion-patch AUC", lambda v: f"{v:.3f}"),
                 ("peak_mb", "peak RSS MB", lambda v: f"{v:,.0f}"),
             ],
         )
