@@ -1,7 +1,9 @@
 """Self-supervised pretraining on a cohort's own patches, and what it buys features mode.
 
-Measured in one run, on the demo's cohort (``pipelines/demo.yaml``: 40 slides of 8192 x 6144 px
-at 0.5 mpp, lesions 5% of the tissue, seed 5; 128-px patches at 1 µm/px):
+Measured in one run, on one of the training benchmark's cohorts (``--cohort``: T5, the demo's
+cohort of ``pipelines/demo.yaml``, 40 slides of 8192 x 6144 px at 0.5 mpp, lesions 5% of the
+tissue, seed 5; T8, another seed; M7, lesions that differ only in morphology; 128-px patches at
+1 µm/px):
 
 1. the wall time of ``wsi-pipeline pretrain`` (SimCLR, smallcnn) on every patch of the cohort;
 2. features-mode training (train's default head on frozen features) with the pretrained backbone
@@ -9,7 +11,8 @@ at 0.5 mpp, lesions 5% of the tissue, seed 5; 128-px patches at 1 µm/px):
    AUC of each, and the lesion-patch AUC of its per-patch scores on the held-out positives
    (against the planted lesions).
 
-    python benchmarks/bench_pretrain.py [--work bench-out/pretrain] [--epochs 8] [--crop-px 96]
+    python benchmarks/bench_pretrain.py [--cohort T5] [--work bench-out/pretrain] [--epochs 8]
+        [--crop-px 96]
 
 Targets (issue 13): features mode on the pretrained backbone >= 0.95 held-out AUC; pretraining
 the demo cohort within 15 minutes on 2 CPU cores.
@@ -22,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import cohort, patch_auc, train_and_score
+from bench_training import COHORTS, cohort, patch_auc, train_and_score
 from common import measured, table
 
 
@@ -34,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("bench-out/pretrain"))
     ap.add_argument("--slides", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=5, help="cohort seed (the demo's: 5)")
+    ap.add_argument(
+        "--cohort",
+        choices=sorted(COHORTS),
+        default="T5",
+        help="bench_training's cohort (T5: the demo's)",
+    )
     ap.add_argument("--epochs", type=int, default=8, help="pretraining epochs")
     ap.add_argument("--crop-px", type=int, default=96, help="side of the SimCLR views")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -42,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-epochs", type=int, default=25, help="features-mode training epochs")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    root = args.work / "demo"
+    root = args.work / args.cohort
     if (root / "cohort" / "labels.csv").is_file() and len(
         list((root / "stores").glob("*.zarr"))
     ) >= args.slides:
         stores, labels = root / "stores", root / "cohort" / "labels.csv"  # made by an earlier run
-        print(f"cohort demo: reusing {stores}", flush=True)
+        print(f"cohort {args.cohort}: reusing {stores}", flush=True)
     else:
-        stores, labels, _ = cohort(args.work, "demo", seed=args.seed, n=args.slides)
+        cseed, options, _ = COHORTS[args.cohort]
+        stores, labels, _ = cohort(args.work, args.cohort, seed=cseed, n=args.slides, **options)
 
-    weights = args.work / "smallcnn-simclr.pt"
+    weights = root / "smallcnn-simclr.pt"
     config = PretrainConfig(
         backbone="smallcnn",
         epochs=args.epochs,
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         patches_per_epoch=args.patches_per_epoch,
         device="cpu",
     )
-    work = args.work / "pretrain-work"
+    work = root / "pretrain-work"
     resume = (work / "checkpoint.pt").exists()
     with measured() as m:
         res = pretrain(
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, w in (("pretrained (SimCLR)", str(weights)), ("random init", "none")):
         cfg = TrainConfig(**head, backbone_weights=w)
-        run = args.work / f"run_{name.split()[0]}"
+        run = root / f"run_{name.split()[0]}"
         r = train_and_score(stores, labels, run, cfg)
         r["patch_auc"] = patch_auc(stores, run, labels.parent, run.name)
         rows.append({"row": f"features, smallcnn {name}", **r})
@@ -112,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     model = TrainConfig(**head).model
-    print(f"\nfeatures mode on the demo cohort ({args.slides} slides), {model} head (train's)\n")
+    about = COHORTS[args.cohort][2]
+    print(
+        f"\nfeatures mode on cohort {args.cohort} ({about}, {args.slides} slides), {model} head\n"
+    )
     print(
         table(
             rows,
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     atomic_write_json(
-        args.work / "results.json", {"pretrain": pre, "features": rows, "config": config.to_dict()}
+        root / "results.json", {"pretrain": pre, "features": rows, "config": config.to_dict()}
     )
     return 0
 
