@@ -3,7 +3,8 @@
 Measured side by side in one run, with the same number of worker processes for every row, on a
 synthetic slide (default 40,000 x 30,000 px at 0.25 mpp, ~30% tissue, 256-px JPEG tiles), per
 path -- aligned copy (level 0, the file's own tile grid), resampled x2 (0.5 mpp) and x4 (1.0
-mpp), overlap 50 %, zstd:
+mpp), overlap 50 %, zstd -- and on the real JPEG 2000 slide of the test data (TCGA, Aperio
+33005, level 0; its decode floor is OpenJPEG's through imagecodecs):
 
 1. decode floor   -- JPEG-decode just the file's own level-0 tiles under the path's patches;
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
@@ -87,6 +88,15 @@ def source_tiles(slide: Path, coords: np.ndarray, patch_l0: int) -> np.ndarray:
     return np.array(sorted(idx))
 
 
+#: TIFF compression codes of Aperio's JPEG 2000 tiles (YCbCr, RGB).
+JPEG2000 = (33003, 33005)
+#: A real JPEG 2000 slide (TCGA-HNSC, Aperio 33005, 4443 x 3567 px, no mpp) of the test data.
+TCGA_JP2K = (
+    Path(__file__).resolve().parents[2]
+    / "shared/testdata/slides/aperio/tcga-cr-7395-01a-01-ts1.svs"
+)
+
+
 def _decode_part(args: tuple[str, np.ndarray]) -> int:
     import imagecodecs
     import tifffile
@@ -95,11 +105,15 @@ def _decode_part(args: tuple[str, np.ndarray]) -> int:
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
         offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+        jpeg2000 = page.compression in JPEG2000
     fd = os.open(path, os.O_RDONLY)
     try:
         for i in tiles:
             data = os.pread(fd, counts[i], offsets[i])
-            imagecodecs.jpeg8_decode(data, tables=tables)
+            if jpeg2000:
+                imagecodecs.jpeg2k_decode(data)
+            else:
+                imagecodecs.jpeg8_decode(data, tables=tables)
     finally:
         os.close(fd)
     return len(tiles)
@@ -630,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=None, codec="zstd", label="zstd")
     rows += random_reads(slide, args.work)
+    if TCGA_JP2K.is_file():  # JPEG 2000: where the time goes, against openslide
+        rows += run_case(
+            TCGA_JP2K, args.work, workers=w, tile_px=256, mpp=None, label="JPEG 2000 (TCGA)"
+        )
     if args.big:
         rows += big_rss(args.work, args.workers)
     print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
