@@ -11,8 +11,11 @@ tissue, seed 5; T8, another seed; M7, lesions that differ only in morphology; 12
    AUC of each, and the lesion-patch AUC of its per-patch scores on the held-out positives
    (against the planted lesions).
 
-    python benchmarks/bench_pretrain.py [--cohort T5] [--work bench-out/pretrain] [--epochs 8]
-        [--crop-px 96]
+    python benchmarks/bench_pretrain.py [--cohort T5] [--work bench-out/pretrain] [--epochs E]
+        [--crop-px PX]
+
+Both steps use the defaults of ``wsi-pipeline pretrain`` and ``train --mode features`` (the
+settings a user gets) unless an option here overrides them.
 
 Targets (issue 13): features mode on the pretrained backbone >= 0.95 held-out AUC; pretraining
 the demo cohort within 15 minutes on 2 CPU cores.
@@ -43,11 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         default="T5",
         help="bench_training's cohort (T5: the demo's)",
     )
-    ap.add_argument("--epochs", type=int, default=8, help="pretraining epochs")
-    ap.add_argument("--crop-px", type=int, default=96, help="side of the SimCLR views")
-    ap.add_argument("--batch-size", type=int, default=128)
+    pre_default, train_default = PretrainConfig(), TrainConfig()
+    ap.add_argument("--epochs", type=int, default=pre_default.epochs, help="pretraining epochs")
+    ap.add_argument(
+        "--crop-px", type=int, default=None, help="side of the SimCLR views (default: the patch)"
+    )
+    ap.add_argument("--batch-size", type=int, default=pre_default.batch_size)
     ap.add_argument("--patches-per-epoch", type=int, default=None)
-    ap.add_argument("--head-epochs", type=int, default=25, help="features-mode training epochs")
+    ap.add_argument(
+        "--head-epochs",
+        type=int,
+        default=train_default.epochs,
+        help="features-mode training epochs (train's default)",
+    )
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     root = args.work / args.cohort
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     n_patches = sum(h["patches_per_s"] * h["seconds"] for h in res.history)
     pre = {
-        "row": f"pretrain smallcnn SimCLR, {len(res.history)} epochs, views {args.crop_px} px",
+        "row": f"pretrain smallcnn SimCLR, {len(res.history)} epochs, views "
+        f"{args.crop_px or 'patch-size'} px",
         "seconds": m["seconds"],
         "peak_mb": m["peak_mb"],
         "patches_per_s": n_patches / max(1e-9, sum(h["seconds"] for h in res.history)),
@@ -107,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     head = {"mode": "features", "backbone": "smallcnn", "epochs": args.head_epochs}
-    head["patience"] = args.head_epochs
     rows = []
     for name, w in (("pretrained (SimCLR)", str(weights)), ("random init", "none")):
         cfg = TrainConfig(**head, backbone_weights=w)
