@@ -14,7 +14,8 @@ mpp), overlap 50 %, zstd -- and on the real JPEG 2000 slide of the test data (TC
 
 Then store bytes against the source's compressed bytes for the same tiles, and random
 single-patch reads from the store against openslide reads of the same patches. ``--big`` adds
-peak RSS tiling a 100,000 x 60,000 slide; ``--small [N]`` (alone) the many-small-slides rows.
+peak RSS tiling a 100,000 x 60,000 slide on every path (``--only-big``: those rows alone);
+``--small [N]`` (alone) the many-small-slides rows.
 
     python benchmarks/bench_tiling.py [--work bench-out/tiling] [--workers 2] [--big]
         [--width W --height H] [--small [N]]
@@ -317,26 +318,42 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     ]
 
 
+#: The paths of the one table: label, target mpp (None: level 0), overlap px, codec.
+PATHS = (
+    ("aligned copy", None, 0, "jpeg"),
+    ("resampled x2", 0.5, 0, "jpeg"),
+    ("resampled x4", 1.0, 0, "jpeg"),
+    ("overlap 50%", None, 128, "jpeg"),
+    ("zstd", None, 0, "zstd"),
+)
+
+
 def big_rss(work: Path, workers: int) -> list[dict]:
+    """Peak RSS (and rate) of ``tile --workers N`` on a 100,000 x 60,000 slide, every path."""
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.tile_batch import tile_slides
 
     slide = ensure_slide(work, 100_000, 60_000)
     out = work / "stores_big"
-    shutil.rmtree(out, ignore_errors=True)
-    with measured() as m:
-        res = tile_slides(
-            [slide], out, spec=TilingSpec(tile_px=256), workers=workers, progress=False
+    rows = []
+    for label, mpp, overlap, codec in PATHS:
+        shutil.rmtree(out, ignore_errors=True)
+        spec = TilingSpec(tile_px=256, mpp=mpp, overlap_px=overlap, codec=codec)
+        with measured() as m:
+            res = tile_slides([slide], out, spec=spec, workers=workers, progress=False)
+        assert res[0].status == "ok", res[0].error
+        rows.append(
+            {
+                "case": f"100k x 60k, {label}",
+                "row": f"wsi-pipeline tile --workers {workers}",
+                "rate": res[0].n_patches / m["seconds"],
+                "peak_mb": m["peak_mb"],
+                "n": res[0].n_patches,
+            }
         )
-    return [
-        {
-            "case": "100k x 60k",
-            "row": f"wsi-pipeline tile (workers={workers})",
-            "rate": res[0].n_patches / m["seconds"],
-            "peak_mb": m["peak_mb"],
-            "n": res[0].n_patches,
-        }
-    ]
+        print(f"  {rows[-1]['case']}: peak RSS {m['peak_mb']:,.0f} MB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 SMALL_WH = (4000, 3000)
@@ -636,13 +653,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     slide = ensure_slide(args.work, args.width, args.height)
     w = args.workers
-    rows = run_case(slide, args.work, workers=w, tile_px=256, mpp=None, label="aligned copy")
-    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=0.5, label="resampled x2")
-    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=1.0, label="resampled x4")
-    rows += run_case(
-        slide, args.work, workers=w, tile_px=256, mpp=None, overlap_px=128, label="overlap 50%"
-    )
-    rows += run_case(slide, args.work, workers=w, tile_px=256, mpp=None, codec="zstd", label="zstd")
+    rows = []
+    for label, mpp, overlap, codec in PATHS:
+        rows += run_case(
+            slide,
+            args.work,
+            workers=w,
+            tile_px=256,
+            mpp=mpp,
+            overlap_px=overlap,
+            codec=codec,
+            label=label,
+        )
+        print(f"  {label}: done", flush=True)
     rows += random_reads(slide, args.work)
     if TCGA_JP2K.is_file():  # JPEG 2000: where the time goes, against openslide
         rows += run_case(
