@@ -568,14 +568,42 @@ def small_slides(work: Path, n: int) -> tuple[list[dict], list[dict]]:
     for r in rows:
         r["x_openslide"] = r["slides_s"] / rows[0]["slides_s"]
         r["x_fixed"] = r["fixed"] / rows[0]["fixed"]
+    return rows, _stage_rows(stages, m["seconds"], cpu, n)
+
+
+def _stage_rows(stages: _Stages, seconds: float, cpu: float, n: int) -> list[dict]:
+    """Per stage of a run of ``seconds`` (``cpu`` s of CPU) over ``n`` slides: exclusive wall
+    and CPU ms per slide and share of the run; what no stage took is "the rest"."""
     rest = "locks, manifest, batch (the rest)"
-    wall = {**stages.seconds, rest: m["seconds"] - sum(stages.seconds.values())}
+    wall = {**stages.seconds, rest: seconds - sum(stages.seconds.values())}
     cpus = {**stages.cpu, rest: cpu - sum(stages.cpu.values())}
-    stage_rows = [
-        {"stage": k, "ms": 1000 * v / n, "cpu_ms": 1000 * cpus[k] / n, "share": v / m["seconds"]}
+    return [
+        {"stage": k, "ms": 1000 * v / n, "cpu_ms": 1000 * cpus[k] / n, "share": v / seconds}
         for k, v in wall.items()
     ]
-    return rows, stage_rows
+
+
+def jpeg2000_stages(work: Path) -> list[dict]:
+    """Where the time of one-process ``tile`` goes on the JPEG 2000 slide, by stage."""
+    from wsi_pipeline.specs import TilingSpec
+    from wsi_pipeline.tile_batch import tile_slides
+
+    out = work / "stores_jpeg2000_stages"
+    shutil.rmtree(out, ignore_errors=True)
+    c0 = time.process_time()
+    with _tiler_stages() as stages, measured() as m:
+        res = tile_slides([TCGA_JP2K], out, spec=TilingSpec(tile_px=256), progress=False)
+    assert res[0].status == "ok", res[0].error
+    return _stage_rows(stages, m["seconds"], time.process_time() - c0, 1)
+
+
+#: Columns of a by-stage table (:func:`_stage_rows`).
+STAGE_COLUMNS = [
+    ("stage", "stage", str),
+    ("ms", "ms/slide", lambda v: f"{v:.1f}"),
+    ("cpu_ms", "CPU ms/slide", lambda v: f"{v:.1f}"),
+    ("share", "of run", lambda v: f"{100 * v:.0f}%"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -626,14 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             "this process's CPU time (wall time counts other processes' load too)."
         )
         print("\nour fixed cost per slide by stage (exclusive wall time):\n")
-        pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
-        stage_columns = [
-            ("stage", "stage", str),
-            ("ms", "ms/slide", lambda v: f"{v:.1f}"),
-            ("cpu_ms", "CPU ms/slide", lambda v: f"{v:.1f}"),
-            ("share", "of run", pct),
-        ]
-        print(table(stage_rows, stage_columns))
+        print(table(stage_rows, STAGE_COLUMNS))
         return 0
     columns = [
         ("case", "case", str),
@@ -675,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += big_rss(args.work, args.workers)
     print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
     print(table(rows, columns))
+    if TCGA_JP2K.is_file():
+        print(f"\nJPEG 2000 ({TCGA_JP2K.name}): our one-process tile by stage\n")
+        print(table(jpeg2000_stages(args.work), STAGE_COLUMNS))
     return 0
 
 
