@@ -14,6 +14,7 @@ from wsi_pipeline.errors import (
     TilingError,
     TrainingError,
     WSIPipelineError,
+    short_reason,
 )
 
 FAMILY = [ConfigError, SlideError, StoreError, TilingError, TrainingError]
@@ -54,3 +55,19 @@ def test_error_report_is_the_one_exit_status_rule(tmp_path: Path) -> None:
     msg, status = error_report(KeyError("x"))
     assert status == EXIT_FAILED and msg.startswith("internal error (KeyError: 'x')")
     assert "--debug" in msg and "\n" not in msg
+
+
+def test_short_reason_is_the_first_sentence_on_one_line() -> None:
+    torch_says = RuntimeError(
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. "
+        "This is an internal miniz error. If you are seeing this error, there is a\nhigh "
+        "likelihood that your checkpoint file is corrupted."
+    )
+    assert short_reason(torch_says) == (
+        "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+        "directory."
+    )
+    assert short_reason(KeyError("model")) == "KeyError: 'model'"
+    assert short_reason(ValueError("")) == "ValueError"
+    long = short_reason(OSError("x" * 500), limit=40)
+    assert long == "OSError: " + "x" * 39 + "…" and "\n" not in short_reason(OSError("a\nb"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import TrainingError
+from .errors import TrainingError, short_reason
 from .specs import TrainConfig
 from .util import save_torch
 
@@ -220,9 +220,8 @@ def restore_checkpoint(path: Path, setup: Checkpointed) -> TrainState:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         setup.model.load_state_dict(ck["model"])
     except Exception as exc:  # truncated, corrupt, not ours, or another model's checkpoint
-        reason = " ".join(str(exc).split())[:200]
         raise TrainingError(
-            f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: {reason}); "
+            f"{path}: cannot resume from this checkpoint ({short_reason(exc)}); "
             "train again without --resume"
         ) from exc
     setup.optim.optimizer.load_state_dict(ck["optimizer"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 __all__ = [
     "EXIT_FAILED",
@@ -22,6 +23,7 @@ __all__ = [
     "disk_full_message",
     "error_report",
     "is_disk_full",
+    "short_reason",
     "worker_message",
 ]
 
@@ -84,6 +86,17 @@ def disk_full_message(path: str | os.PathLike, done: int, total: int) -> str:
     """The one line of a batch that a full disk stopped: ``"disk full writing <path>; stopped
     after N of M slides"`` (``tile``, ``predict`` and ``heatmap`` say it alike)."""
     return _one_line(f"disk full writing {os.fspath(path)}; stopped after {done} of {total} slides")
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """What a library's exception says, for a one-line message: ``"<Type>: <first sentence>"``
+    on one line, at most ``limit`` characters of text (a truncated checkpoint's torch error
+    goes on about miniz for three more sentences)."""
+    text = _one_line(str(exc))
+    first = re.split(r"(?<=[.!?]) ", text, maxsplit=1)[0]
+    if len(first) > limit:
+        first = first[: limit - 1].rstrip() + "…"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _one_line(text: str) -> str:

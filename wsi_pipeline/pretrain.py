@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, TrainingError, WSIPipelineError
+from .errors import ConfigError, TrainingError, WSIPipelineError, short_reason
 from .specs import PretrainConfig
 from .util import atomic_write_json, output_dir, save_torch
 
@@ -314,9 +314,8 @@ def _restore_checkpoint(path: Path, parts: dict[str, Any], device: Any) -> tuple
         history = json.loads(ck["history"])
         epoch = int(ck["epoch"])
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:160]
         raise TrainingError(
-            f"cannot resume from this checkpoint ({type(exc).__name__}: {reason}); "
+            f"cannot resume from this checkpoint ({short_reason(exc)}); "
             "delete the work folder to start again",
             path=path,
         ) from None
