@@ -17,9 +17,10 @@ import openslide
 import pytest
 import tifffile
 
-from wsi_pipeline.codecs import adobe_rgb_marker
+from wsi_pipeline.codecs import adobe_rgb_marker, join_jpeg_tables
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tiffsrc import JPEG, TiffLevel, open_tiff_level
+from wsi_pipeline.tiffsrc import JPEG, TiffLevel, decode_jpeg_scaled, open_tiff_level
+from wsi_pipeline.tiffsrc import _decode_jpeg_scaled_public as decode_public
 
 CMU = "aperio/CMU-1-Small-Region.svs"
 
@@ -137,6 +138,29 @@ def test_scaled_decode_matches_full_decode_and_reduce(
         tiff.tile_w // 2,
     )
     assert not tiff.can_scale(3)
+
+
+@pytest.mark.parametrize("which", ["synth", "cmu"])
+def test_scaled_decode_is_pillows_draft_decode(which: str, synth_svs: str, testdata: Path) -> None:
+    """Driving Pillow's decoder directly gives exactly the pixels of ``Image.open`` + ``draft``
+    (YCbCr tiles with shared tables, and Aperio's RGB ones), at every scale; a truncated or
+    corrupt tile, or one of another size, is an OSError, never a partly filled patch."""
+    tiff, ref = _level(synth_svs if which == "synth" else str(testdata / CMU), 0)
+    ref.close()
+    n = len(tiff._offsets)
+    for i in (0, n // 2, n - 1):
+        jpeg = join_jpeg_tables(tiff.raw_tile(i), tiff._tables, rgb=tiff.rgb_jpeg)
+        for s in (1, 2, 4, 8):
+            size = (tiff.tile_w // s, tiff.tile_h // s)
+            got = decode_jpeg_scaled(jpeg, s, size)
+            assert got.shape == (size[1], size[0], 3)
+            assert np.array_equal(got, decode_public(jpeg, size))
+    for bad in (jpeg[: len(jpeg) // 2], jpeg[:2] + b"\x00" * (len(jpeg) - 2), b""):
+        with pytest.raises(OSError, match="JPEG tile does not decode at 1/2 scale"):
+            decode_jpeg_scaled(bad, 2, (tiff.tile_w // 2, tiff.tile_h // 2))
+    with pytest.raises(OSError, match="or another size"):
+        decode_jpeg_scaled(jpeg, 2, (tiff.tile_w // 4, tiff.tile_h // 4))
+    tiff.close()
 
 
 def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
