@@ -199,6 +199,29 @@ def test_heatmap_does_not_draw_an_earlier_models_attention(
     assert "synth_000.zarr" in err[0] and "synth_002.zarr" in err[1]
 
 
+def test_predict_leaves_no_earlier_models_array_behind(
+    predicted: tuple[Path, Path], small_cohort: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A predict replaces every array of its run in a store: the attention array an earlier
+    model with attention (``fast_run``'s abmil) wrote is removed when the run folder, trained
+    again with a head without attention (top-k), predicts the store again."""
+    from helpers import FAST
+
+    from wsi_pipeline.specs import TrainConfig
+    from wsi_pipeline.training import train
+
+    out, run = predicted
+    store = out / "stores" / "synth_000.zarr"
+    assert scores_key(RID, attention=True) in open_store(store)  # abmil's
+    cfg = TrainConfig(**{**FAST, "model": "topk"})
+    train(out / "stores", small_cohort[1], run, config=cfg, progress=False)
+    argv = ["predict", str(out / "stores"), "--run", str(run), "-o", str(tmp_path / "again")]
+    assert main([*argv, "--slide", "synth_000", "-q"]) == 0
+    g = open_store(store)
+    assert scores_key(RID, attention=True) not in g
+    assert g[scores_key(RID)].attrs["model_id"] == runs.model_id(run)
+
+
 # ---------------------------------------------------------------------------------------------
 # two predict / heatmap processes on one folder
 # ---------------------------------------------------------------------------------------------

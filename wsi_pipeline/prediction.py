@@ -216,6 +216,9 @@ def predict_store(
     neg = negative_class(classes)
     patch = apply_patch_calibration(out.patch_logits.float().cpu().numpy(), calibration)
     attrs = _score_attrs(run_id, run_dir, classes, neg, probs, calibration, model_id)
+    # the run's earlier arrays go first: none of an earlier model (e.g. the attention a head
+    # without attention would not overwrite) stays next to these
+    remove_scores(g, run_id)
     write_scores(g, run_id, (1.0 - patch[:, neg]).astype(np.float32), attrs)
     write_class_scores(
         g,
