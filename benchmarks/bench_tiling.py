@@ -273,6 +273,52 @@ def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: int, n: int
     return float(np.mean(diffs))
 
 
+def scaled_decode_costs(slide: Path, n: int = 2000) -> list[dict]:
+    """Wall time per tile of decoding ``n`` of the slide's larger (tissue) level-0 JPEG tiles
+    at 1/1, 1/2, 1/4 and 1/8 scale (``tiffsrc.decode_jpeg_scaled``, Pillow's libjpeg-turbo),
+    and of imagecodecs' full decode (the decode floor's), best of 3 passes each."""
+    import imagecodecs
+    import tifffile
+
+    from wsi_pipeline.codecs import join_jpeg_tables
+    from wsi_pipeline.tiffsrc import decode_jpeg_scaled
+
+    with tifffile.TiffFile(slide) as tf:
+        page = tf.pages[0]
+        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+        tw, th = page.tilewidth, page.tilelength
+    order = np.argsort(np.asarray(counts))[::-1][:n]
+    with open(slide, "rb") as fh:
+        jpegs = []
+        for i in order:
+            fh.seek(offsets[i])
+            jpegs.append(join_jpeg_tables(fh.read(counts[i]), tables, rgb=False))
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for j in jpegs:
+                fn(j)
+            times.append((time.perf_counter() - t0) / len(jpegs))
+        return min(times)
+
+    rows = [
+        {
+            "row": f"Pillow decode at 1/{s}",
+            "us": 1e6 * best(lambda j, s=s: decode_jpeg_scaled(j, s, (tw // s, th // s))),
+        }
+        for s in (1, 2, 4, 8)
+    ]
+    rows.append(
+        {"row": "imagecodecs full decode (floor)", "us": 1e6 * best(imagecodecs.jpeg8_decode)}
+    )
+    for r in rows:
+        r["x_full"] = r["us"] / rows[0]["us"]
+        r["x_floor"] = r["us"] / rows[-1]["us"]
+    return rows
+
+
 def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     import openslide
 
@@ -696,6 +742,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += big_rss(args.work, args.workers)
     print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
     print(table(rows, columns))
+    print("\nscaled JPEG decoding of the slide's 2,000 largest level-0 tiles, per tile\n")
+    decode_columns = [
+        ("row", "decode", str),
+        ("us", "µs/tile", lambda v: f"{v:.0f}"),
+        ("x_full", "x Pillow full decode", lambda v: f"{v:.2f}"),
+        ("x_floor", "x imagecodecs full decode", lambda v: f"{v:.2f}"),
+    ]
+    print(table(scaled_decode_costs(slide), decode_columns))
     if TCGA_JP2K.is_file():
         print(f"\nJPEG 2000 ({TCGA_JP2K.name}): our one-process tile by stage\n")
         print(table(jpeg2000_stages(args.work), STAGE_COLUMNS))
