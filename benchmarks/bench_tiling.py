@@ -155,8 +155,8 @@ def _pool_rate(fn, parts: list, workers: int) -> tuple[float, dict[str, float]]:
 
 def _noop(_: int) -> None:
     import imagecodecs  # noqa: F401
-    import simplejpeg  # noqa: F401
     import openslide  # noqa: F401
+    import simplejpeg  # noqa: F401
 
 
 def run_case(
