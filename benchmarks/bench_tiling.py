@@ -3,7 +3,8 @@
 Measured side by side in one run, with the same number of worker processes for every row, on a
 synthetic slide (default 40,000 x 30,000 px at 0.25 mpp, ~30% tissue, 256-px JPEG tiles), per
 path -- aligned copy (level 0, the file's own tile grid), resampled x2 (0.5 mpp) and x4 (1.0
-mpp), overlap 50 %, zstd -- and on the real JPEG 2000 slide of the test data (TCGA, Aperio
+mpp), the same two taking the slide for a 0.2527-mpp scan (TCGA's 40x: patches off the tile
+and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the real JPEG 2000 slide of the test data (TCGA, Aperio
 33005, level 0; its decode floor is OpenJPEG's through imagecodecs):
 
 1. decode floor   -- decode just the file's own level-0 tiles under the path's patches, at full
@@ -28,6 +29,7 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,14 +62,21 @@ def ensure_slide(work: Path, width: int, height: int, mpp: float = 0.25) -> Path
     return path
 
 
-def tissue_coords(slide: Path, tile_px: int, mpp: float | None, overlap_px: int = 0) -> np.ndarray:
-    """The patches our tiler keeps (same mask and grid), without writing pixels."""
+def tissue_coords(
+    slide: Path,
+    tile_px: int,
+    mpp: float | None,
+    overlap_px: int = 0,
+    scan_mpp: float | None = None,
+) -> np.ndarray:
+    """The patches our tiler keeps (same mask and grid), without writing pixels; ``scan_mpp``
+    stands in for the file's level-0 mpp (``tile --slide-mpp``)."""
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.tiling import mask_slide, tile_grid, tiling_geometry
 
     spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px)
-    with open_slide(slide) as s:
+    with open_slide(slide, mpp=scan_mpp) as s:
         geo = tiling_geometry(s, spec)
         _, mask, ds = mask_slide(s, spec, geo)
         coords, _ = tile_grid(s.meta, geo, spec, mask, ds)
@@ -174,17 +183,20 @@ def run_case(
     label: str,
     overlap_px: int = 0,
     codec: str = "jpeg",
+    scan_mpp: float | None = None,
 ) -> list[dict]:
     """One path: the decode floor and the openslide loop over its patches, then our ``tile``
     with pre-started dask workers, ``--workers N`` (start timed) and one process; for resampled
-    paths also the mean absolute difference of our patches from openslide + box resize."""
+    paths also the mean absolute difference of our patches from openslide + box resize.
+    ``scan_mpp`` replaces the slide's own 0.25 µm/px (``--slide-mpp``), as for a real scan's
+    0.2527: patches then do not line up with the file's tiles or their 1/2-scale grid."""
     from wsi_pipeline.specs import TilingSpec
     from wsi_pipeline.store import PATCHES, SlideStore
     from wsi_pipeline.tile_batch import tile_slides
 
-    coords = tissue_coords(slide, tile_px, mpp, overlap_px)
-    ds = 1 if mpp is None else round(mpp / 0.25)
-    patch_l0 = tile_px * ds
+    coords = tissue_coords(slide, tile_px, mpp, overlap_px, scan_mpp)
+    ds = 1.0 if mpp is None else mpp / (scan_mpp or 0.25)
+    patch_l0 = round(tile_px * ds)
     tiles = source_tiles(slide, coords, patch_l0)
     rows = []
     floor, mf = _pool_rate(
@@ -227,7 +239,7 @@ def run_case(
         out = work / _stores_name(label)
         shutil.rmtree(out, ignore_errors=True)
         with measured() as m:
-            res = tile_slides([slide], out, spec=spec, progress=False, **kw)
+            res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
         assert res[0].status == "ok", res[0].error
         st = SlideStore(out / f"{slide.stem}.zarr")
         store_bytes = sum(f.stat().st_size for f in (st.path / PATCHES).rglob("*") if f.is_file())
@@ -260,10 +272,10 @@ def run_case(
 
 def _stores_name(label: str) -> str:
     """The stores folder of a path's rows (``stores_aligned_copy``, ``stores_overlap_50pct``)."""
-    return "stores_" + label.replace(" ", "_").replace("%", "pct")
+    return "stores_" + re.sub(r"[^A-Za-z0-9]+", "_", label.replace("%", "pct")).strip("_")
 
 
-def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: int, n: int = 300) -> float:
+def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: int = 300) -> float:
     """Mean absolute difference (grey levels) of ``n`` stored patches from openslide
     ``read_region`` at level 0 + box resize of the same regions, over the part of each patch
     inside the slide (past its edge we pad white where openslide gives transparent black)."""
@@ -279,10 +291,11 @@ def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: int, n: int
     width, height = s.dimensions
     diffs = []
     for k, (x, y) in enumerate(st.coords[idx]):
-        img = s.read_region((int(x), int(y)), 0, (tile_px * ds, tile_px * ds)).convert("RGB")
+        rp = round(tile_px * ds)
+        img = s.read_region((int(x), int(y)), 0, (rp, rp)).convert("RGB")
         ref = np.asarray(img.resize((tile_px, tile_px), Image.Resampling.BOX), dtype=np.int16)
-        w = min(tile_px, (width - int(x)) // ds)
-        h = min(tile_px, (height - int(y)) // ds)
+        w = min(tile_px, int((width - int(x)) / ds))
+        h = min(tile_px, int((height - int(y)) / ds))
         diffs.append(np.abs(ours[k][:h, :w].astype(np.int16) - ref[:h, :w]).mean())
     s.close()
     return float(np.mean(diffs))
@@ -387,13 +400,17 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     ]
 
 
-#: The paths of the one table: label, target mpp (None: level 0), overlap px, codec.
+#: The paths of the one table: label, target mpp (None: level 0), overlap px, codec, and the
+#: level-0 mpp the slide is taken to have (None: its own 0.25; 0.2527 as in TCGA's 40x scans,
+#: whose patches at 0.5 or 1.0 µm/px line up with neither the tiles nor the pyramid levels).
 PATHS = (
-    ("aligned copy", None, 0, "jpeg"),
-    ("resampled x2", 0.5, 0, "jpeg"),
-    ("resampled x4", 1.0, 0, "jpeg"),
-    ("overlap 50%", None, 128, "jpeg"),
-    ("zstd", None, 0, "zstd"),
+    ("aligned copy", None, 0, "jpeg", None),
+    ("resampled x2", 0.5, 0, "jpeg", None),
+    ("resampled x2, 0.2527 scan", 0.5, 0, "jpeg", 0.2527),
+    ("resampled x4", 1.0, 0, "jpeg", None),
+    ("resampled x4, 0.2527 scan", 1.0, 0, "jpeg", 0.2527),
+    ("overlap 50%", None, 128, "jpeg", None),
+    ("zstd", None, 0, "zstd", None),
 )
 
 
@@ -405,11 +422,13 @@ def big_rss(work: Path, workers: int) -> list[dict]:
     slide = ensure_slide(work, 100_000, 60_000)
     out = work / "stores_big"
     rows = []
-    for label, mpp, overlap, codec in PATHS:
+    for label, mpp, overlap, codec, scan_mpp in PATHS:
         shutil.rmtree(out, ignore_errors=True)
         spec = TilingSpec(tile_px=256, mpp=mpp, overlap_px=overlap, codec=codec)
         with measured() as m:
-            res = tile_slides([slide], out, spec=spec, workers=workers, progress=False)
+            res = tile_slides(
+                [slide], out, spec=spec, workers=workers, progress=False, slide_mpp=scan_mpp
+            )
         assert res[0].status == "ok", res[0].error
         rows.append(
             {
@@ -744,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     slide = ensure_slide(args.work, args.width, args.height)
     w = args.workers
     rows = []
-    for label, mpp, overlap, codec in PATHS:
+    for label, mpp, overlap, codec, scan_mpp in PATHS:
         rows += run_case(
             slide,
             args.work,
@@ -754,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             overlap_px=overlap,
             codec=codec,
             label=label,
+            scan_mpp=scan_mpp,
         )
         print(f"  {label}: done", flush=True)
     rows += random_reads(slide, args.work)

@@ -193,7 +193,7 @@ def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Pa
         fh.write(b"\x00" * (n - 2))
     tiff = open_tiff_level(str(bad), 0, (2600, 2100))
     assert tiff is not None
-    with pytest.raises(Exception):  # noqa: B017 - Pillow's own error; the tiler names the region
+    with pytest.raises(OSError, match="does not decode at 1/2 scale"):  # the tiler names the region
         tiff.tile(5, 2)
     tiff.close()
 
@@ -222,3 +222,79 @@ def test_pickled_level_reads_raw_tiles(synth_svs: str) -> None:
     assert back.jpeg_tile(3) == tiff.jpeg_tile(3) and back.width == tiff.width
     back.close()
     tiff.close()
+
+
+class _Counting(TiffLevel):
+    """The same level, counting the tiles it decodes."""
+
+    decoded: list[tuple[int, int]]
+
+    def _decode_tile(self, index: int, scale: int) -> np.ndarray:
+        self.decoded.append((index, scale))
+        return super()._decode_tile(index, scale)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_threads_share_the_tile_cache(synth_svs: str, scale: int) -> None:
+    """Threads reading overlapping regions of one level decode each tile once between them
+    (no duplicate decode while another thread is decoding it) and get the pixels one thread
+    gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiff, ref = _level(synth_svs, 0)
+    ref.close()
+    tiff.__class__ = _Counting
+    tiff.decoded = []
+    side = 300 // scale  # patches straddling tile borders, half overlapping their neighbours
+    boxes = [
+        (x, y)
+        for y in range(0, 1700 // scale, side // 2)
+        for x in range(0, 2300 // scale, side // 2)
+    ]
+
+    def read(xy: tuple[int, int]) -> np.ndarray:
+        return tiff.read(xy[0], xy[1], side, side, scale=scale)
+
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(read, boxes))
+    assert len(tiff.decoded) == len(set(tiff.decoded)) == len(tiff._cache)
+    alone = open_tiff_level(synth_svs, 0, (2600, 2100))
+    assert alone is not None
+    for (x, y), arr in zip(boxes, got):
+        assert np.array_equal(arr, alone.read(x, y, side, side, scale=scale))
+    alone.close()
+    tiff.close()
+
+
+def test_a_tile_that_fails_fails_every_thread_waiting_for_it(
+    synth_svs: str, tmp_path: Path
+) -> None:
+    """A thread waiting for a tile another thread failed to decode tries it itself and fails
+    too (no hang, no half-filled cache entry)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tifffile.TiffFile(synth_svs) as tf:
+        off, n = int(tf.pages[0].dataoffsets[5]), int(tf.pages[0].databytecounts[5])
+    bad = tmp_path / "bad.svs"
+    shutil.copy(synth_svs, bad)
+    with open(bad, "r+b") as fh:
+        fh.seek(off + 2)
+        fh.write(b"\x00" * (n - 2))
+    tiff = open_tiff_level(str(bad), 0, (2600, 2100))
+    assert tiff is not None
+
+    def decode(_: int) -> str:
+        try:
+            tiff.tile(5)
+        except OSError as exc:
+            return str(exc)
+        return "decoded"
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(decode, range(8)))
+    assert all("does not decode" in r for r in results), results
+    assert (5, 1) not in (tiff._cache or {}) and not tiff._pending
+    back = pickle.loads(pickle.dumps(tiff))  # the lock and the waits do not travel
+    assert np.array_equal(back.tile(6), tiff.tile(6))
+    tiff.close()
+    back.close()

@@ -128,42 +128,61 @@ def test_tile_at_mpp_resamples_once(synth_dir: Path, tmp_path: Path) -> None:
             assert np.abs(got.astype(int) - ref).max() <= 1  # lossless store of the same pixels
 
 
-def test_scaled_decode_keeps_patches_and_pixels(synth_dir: Path, tmp_path: Path) -> None:
-    """Decoding JPEG tiles at 1/2 scale (0.5 -> 1.0 mpp) keeps exactly the same patches (coords
-    and tissue fractions) as full decoding, and pixels (stored losslessly) within 3 grey levels
-    of openslide + area resize."""
+@pytest.mark.parametrize(
+    ("scan_mpp", "target_mpp", "scale"),
+    [
+        (0.5, 1.0, 2),  # patches on the 1/2-scale grid (the synthetic benchmark slide's case)
+        (0.243, 0.5, 2),  # CAMELYON16-like scan: 2.06x, most patches start off that grid
+        (0.2527, 0.5, 2),  # TCGA-like 40x scan: 1.98x, decoded at 1/2 and enlarged ~1 %
+        (0.2527, 1.0, 4),  # 3.96x from level 0
+    ],
+)
+def test_scaled_decode_keeps_patches_and_pixels(
+    tmp_path: Path, scan_mpp: float, target_mpp: float, scale: int
+) -> None:
+    """Decoding JPEG tiles at 1/2 or 1/4 scale keeps exactly the same patches (coords and
+    tissue fractions) as full decoding, for every patch wherever it lies on the scaled grid,
+    and pixels (stored losslessly) within 3 grey levels of openslide + area resize and no more
+    than 1 worse than full decoding + Lanczos (measured: at most 2.7 and 0.5 worse), within 3
+    of the latter (measured: at most 2.9, for x4)."""
+    import openslide
     from PIL import Image
 
     from wsi_pipeline.tiffsrc import open_tiff_level
     from wsi_pipeline.tiling import SlidePlan, decode_scale, prepare_slide
 
+    slide = tmp_path / "scan.svs"
+    write_slide(slide, width=2600, height=1900, mpp=scan_mpp, seed=3, n_lesions=2)
     stores = {}
     for sd in (True, False):
-        spec = TilingSpec(tile_px=128, mpp=1.0, codec="zstd", scaled_decode=sd)
-        tile_slide(synth_dir / "pos.svs", tmp_path / str(sd), spec=spec)
-        stores[sd] = SlideStore(tmp_path / str(sd) / "pos.zarr")
-        plan = prepare_slide(synth_dir / "pos.svs", tmp_path / f"plan{sd}", spec=spec)
-        assert isinstance(plan, SlidePlan)
+        spec = TilingSpec(tile_px=128, mpp=target_mpp, codec="zstd", scaled_decode=sd)
+        tile_slide(slide, tmp_path / str(sd), spec=spec)
+        stores[sd] = SlideStore(tmp_path / str(sd) / "scan.zarr")
+        plan = prepare_slide(slide, tmp_path / f"plan{sd}", spec=spec)
+        assert isinstance(plan, SlidePlan) and plan.geometry.read_level == 0
         tiff = open_tiff_level(plan.path, 0, plan.level_wh)
-        assert tiff is not None and decode_scale(tiff, plan, 256, 512) == (2 if sd else 1)
-        assert decode_scale(tiff, plan, 255, 512) == 1  # off the 1/2-scale grid: full decode
+        assert tiff is not None and decode_scale(tiff, plan) == (scale if sd else 1)
         tiff.close()
     a, b = stores[True], stores[False]
     assert a.n_patches == b.n_patches > 10
     assert np.array_equal(a.coords, b.coords)
     assert np.array_equal(a.group[TISSUE_FRACTION][:], b.group[TISSUE_FRACTION][:])
+    patch_l0 = a.tiling["patch_l0"]
+    off_grid = (np.round(a.coords / 1.0) % scale != 0).any(axis=1).mean()
+    assert off_grid > 0.3 or float(patch_l0).is_integer()  # real scans: most start off the grid
     idx = list(range(0, a.n_patches, max(1, a.n_patches // 12)))
     pa, pb = a.reader().read(idx), b.reader().read(idx)
-    import openslide
-
-    with openslide.OpenSlide(str(synth_dir / "pos.svs")) as s:
+    rp = round(patch_l0)
+    with openslide.OpenSlide(str(slide)) as s:
         for k, i in enumerate(idx):
             x, y = (int(v) for v in a.coords[i])
-            ref = s.read_region((x, y), 0, (256, 256)).convert("RGB")
+            if x + rp > 2600 or y + rp > 1900:
+                continue  # past the edge openslide pads black, we pad white
+            ref = s.read_region((x, y), 0, (rp, rp)).convert("RGB")
             ref = np.asarray(ref.resize((128, 128), Image.Resampling.BOX)).astype(int)
             da, db = np.abs(pa[k].astype(int) - ref).mean(), np.abs(pb[k].astype(int) - ref).mean()
-            assert da <= 3.0 and da <= db + 0.5  # the DCT-domain decode: no worse than full
-            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 1.0
+            assert da <= 3.0 and da <= db + 1.0, (da, db)
+            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 3.0
 
 
 def test_overlap_and_edges(synth_dir: Path, tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_resize_rgb_size_is_width_height() -> None:
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8
     assert out[:, :14].max() == 0 and out[:, 16:].min() == 200  # exact 2x box average
     assert resize_rgb(img, (60, 40)) is img
-    odd = resize_rgb(img, (25, 17), box=True)
+    odd = resize_rgb(img, (25, 17), resample="area")
     assert odd.shape == (17, 25, 3)
 
 

@@ -643,7 +643,7 @@ def render_png(
     from matplotlib.figure import Figure
 
     v = _pool(values, max(1, math.ceil(max(values.shape) / max_px)))
-    bg = resize_rgb(thumb, (v.shape[1], v.shape[0]), box=True)
+    bg = resize_rgb(thumb, (v.shape[1], v.shape[0]), resample="area")
     rgb = overlay_rgb(v, bg, value_range=value_range, lut=lut)
     dpi = 100
     h, w = v.shape

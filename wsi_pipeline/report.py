@@ -80,7 +80,7 @@ def _shrink(rgb: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
     f = min(1.0, max_px / max(h, w))
     if f >= 1.0:
         return rgb, 1.0
-    return resize_rgb(rgb, (max(1, round(w * f)), max(1, round(h * f))), box=True), f
+    return resize_rgb(rgb, (max(1, round(w * f)), max(1, round(h * f))), resample="area"), f
 
 
 def _mask_and_grid(store: Any) -> np.ndarray:

@@ -413,7 +413,7 @@ class Slide:
                 strip = self.read_region(
                     (0, _level_to_l0(sy0, lds)), level, (sw, max(1, sy1 - sy0))
                 )
-            out[r0:r1] = resize_rgb(strip, (tw, r1 - r0), box=True)
+            out[r0:r1] = resize_rgb(strip, (tw, r1 - r0), resample="area")
         return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class TiffLevel:
     _decode: Any = field(repr=False)
     _fd: int = field(default=-1, repr=False)
     _cache: OrderedDict[tuple[int, int], np.ndarray] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _pending: dict[tuple[int, int], threading.Event] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     cache_tiles: int = 256
 
     @property
@@ -93,7 +98,9 @@ class TiffLevel:
     def raw_tile(self, index: int) -> bytes:
         """The tile's bytes as stored in the file."""
         if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with self._lock:
+                if self._fd < 0:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         off, n = int(self._offsets[index]), int(self._counts[index])
         if n == 0:
             return b""
@@ -117,7 +124,8 @@ class TiffLevel:
         )
 
     def tile(self, index: int, scale: int = 1) -> np.ndarray:
-        """Decoded tile ``(h, w, 3)`` uint8 (cached, LRU).
+        """Decoded tile ``(h, w, 3)`` uint8 (cached, LRU of :attr:`cache_tiles` tiles, shared
+        by the threads that read this level).
 
         ``scale`` > 1 decodes a JPEG tile at ``1/scale`` in the DCT domain
         (:meth:`can_scale`): ``(tile_h / scale, tile_w / scale)`` pixels, each about the mean of
@@ -125,13 +133,33 @@ class TiffLevel:
         :func:`decode_jpeg_scaled` at every scale (full JPEG tiles, not cropped at the level's
         edge), the others through tifffile.
         """
-        if self._cache is None:
-            self._cache = OrderedDict()
         key = (index, scale)
-        arr = self._cache.get(key)
-        if arr is not None:
-            self._cache.move_to_end(key)
-            return arr
+        while True:
+            with self._lock:  # threads share the cache; a tile is decoded by one of them
+                if self._cache is None:
+                    self._cache = OrderedDict()
+                arr = self._cache.get(key)
+                if arr is not None:
+                    self._cache.move_to_end(key)
+                    return arr
+                busy = self._pending.get(key)
+                if busy is None:
+                    done = self._pending[key] = threading.Event()
+                    break
+            busy.wait()  # another thread is decoding it; if that failed, decode it here
+        try:
+            arr = self._decode_tile(index, scale)
+            with self._lock:
+                self._cache[key] = arr
+                while len(self._cache) > self.cache_tiles:
+                    self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                del self._pending[key]
+            done.set()
+        return arr
+
+    def _decode_tile(self, index: int, scale: int) -> np.ndarray:
         if scale > 1 and not self.can_scale(scale):
             raise ValueError(f"tiles of {self.path} cannot be decoded at 1/{scale} scale")
         data = self.raw_tile(index)
@@ -139,14 +167,9 @@ class TiffLevel:
             raise OSError(f"tile {index} has no data")
         if self.compression == JPEG:
             jpeg = join_jpeg_tables(data, self._tables, rgb=self.rgb_jpeg)
-            arr = decode_jpeg_scaled(jpeg, scale, (self.tile_w // scale, self.tile_h // scale))
-        else:
-            arr, _, shape = self._decode(data, index, jpegtables=self._tables)
-            arr = np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
-        self._cache[key] = arr
-        if len(self._cache) > self.cache_tiles:
-            self._cache.popitem(last=False)
-        return arr
+            return decode_jpeg_scaled(jpeg, scale, (self.tile_w // scale, self.tile_h // scale))
+        arr, _, shape = self._decode(data, index, jpegtables=self._tables)
+        return np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
 
     def read(self, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
         """Region at this level, ``(h, w, 3)`` uint8, white outside the level.
@@ -178,8 +201,14 @@ class TiffLevel:
         d = dict(self.__dict__)
         d["_fd"] = -1
         d["_cache"] = None
+        del d["_lock"], d["_pending"]
         d["_decode"] = None
         return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+        self._pending = {}
 
 
 def decode_jpeg_scaled(jpeg: bytes, scale: int, size: tuple[int, int]) -> np.ndarray:

@@ -251,20 +251,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     return atomic_write_text(path, text + "\n")
 
 
-def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) -> np.ndarray:
+#: The filters of :func:`resize_rgb`.
+RESAMPLE = ("lanczos", "area", "bicubic")
+
+
+def resize_rgb(
+    arr: np.ndarray,
+    size_wh: tuple[int, int],
+    *,
+    resample: str = "lanczos",
+    src_box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
     """Resample an ``(H, W, 3)`` uint8 image to ``size_wh`` with one good-quality filter.
 
-    Integer shrink factors use exact box averaging (``PIL.Image.reduce``); other factors use
-    Lanczos (which low-pass filters when shrinking), or area averaging with ``box=True``
-    (no ringing; used for thumbnails). Equal sizes return the input.
+    Integer shrink factors of the whole image use exact box averaging (``PIL.Image.reduce``);
+    other factors the ``resample`` filter (Pillow's, which widen with the shrink factor, so all
+    of them low-pass filter when shrinking). Equal sizes return the input.
 
     Parameters
     ----------
     arr : (H, W, 3) uint8 ndarray
     size_wh : (int, int)
         Output ``(width, height)``.
-    box : bool
-        Area averaging instead of Lanczos for non-integer factors.
+    resample : {"lanczos", "area", "bicubic"}
+        Lanczos (3 lobes; ~2.6 ms for 528 -> 256 px), area averaging (no ringing; thumbnails)
+        or bicubic (~1.5x cheaper than Lanczos: for the small factors left after a DCT-domain
+        decode has done the shrinking).
+    src_box : (float, float, float, float), optional
+        The rectangle ``(x0, y0, x1, y1)`` of ``arr``, in (fractional) pixels, that is
+        resampled; default all of it.
 
     Returns
     -------
@@ -272,7 +287,17 @@ def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) 
     """
     from PIL import Image
 
+    filters = {
+        "lanczos": Image.Resampling.LANCZOS,
+        "area": Image.Resampling.BOX,
+        "bicubic": Image.Resampling.BICUBIC,
+    }
+    if resample not in filters:
+        raise ValueError(f"resample must be one of {RESAMPLE}, not {resample!r}")
     w, h = int(size_wh[0]), int(size_wh[1])
+    if src_box is not None and src_box != (0, 0, arr.shape[1], arr.shape[0]):
+        img = Image.fromarray(np.ascontiguousarray(arr))
+        return np.asarray(img.resize((w, h), filters[resample], box=src_box))
     if arr.shape[1] == w and arr.shape[0] == h:
         return arr
     img = Image.fromarray(np.ascontiguousarray(arr))
@@ -280,7 +305,7 @@ def resize_rgb(arr: np.ndarray, size_wh: tuple[int, int], *, box: bool = False) 
     if fx == fy and fx >= 1 and float(fx).is_integer():
         out = img.reduce(int(fx))
     else:
-        out = img.resize((w, h), Image.Resampling.BOX if box else Image.Resampling.LANCZOS)
+        out = img.resize((w, h), filters[resample])
     return np.asarray(out)
 
 
