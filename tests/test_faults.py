@@ -64,9 +64,13 @@ def tile(*args: str | Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # a full disk stops the batch, in one line, keeping what was written
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_disk_full_stops_the_batch_and_keeps_what_was_written(
-    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
 ) -> None:
+    """One process tiles slide after slide: a is kept, c never started. With 2 workers slides
+    are tiled side by side, so a and c may be unfinished when b's disk fills: whatever was
+    finished is kept, nothing unfinished claims to be complete, and the next run resumes."""
     out = tmp_path / "out"
     real_write_bytes = pathlib.Path.write_bytes
 
@@ -79,23 +83,30 @@ def test_disk_full_stops_the_batch_and_keeps_what_was_written(
         return real_write_bytes(self, data)
 
     with mock.patch.object(pathlib.Path, "write_bytes", full_disk):
-        code = tile(slides, "--out", out)
+        code = tile(slides, "--out", out, "--workers", workers)
     assert code == 1
-    assert err_lines(capsys) == [
-        f"error: disk full writing {out / 'b.zarr'}; stopped after 1 of 3 slides"
-    ]
     rows = {r["slide_id"]: r for r in manifest_rows(out)}
-    assert rows["a"]["status"] == "ok" and is_complete(out / "a.zarr")  # kept
+    finished = [s for s in "ac" if s in rows and rows[s]["status"] == "ok"]
+    assert err_lines(capsys) == [
+        f"error: disk full writing {out / 'b.zarr'}; stopped after {len(finished)} of 3 slides"
+    ]
+    if workers == "1":
+        assert finished == ["a"]
+        assert "c" not in rows and not (out / "c.zarr").exists()  # never started
+    assert all(is_complete(out / f"{s}.zarr") for s in finished)  # kept
+    assert all(not is_complete(out / f"{s}.zarr") for s in "ac" if s not in finished)
     assert rows["b"]["status"] == "failed" and "disk full" in rows["b"]["error"]
-    assert "c" not in rows and not (out / "c.zarr").exists()  # never started
     assert not is_complete(out / "b.zarr")
     assert leftovers(out) == []  # no half-written temporary file, no lock
-    # with room again, the next run finishes the job: a kept, b resumed, c done
-    n_a = SlideStore(out / "a.zarr").n_patches
-    assert tile(slides, "--out", out) == 0
+    # with room again, the next run finishes the job: finished slides kept, the others done
+    n = {s: SlideStore(out / f"{s}.zarr").n_patches for s in finished}
+    assert tile(slides, "--out", out, "--workers", workers) == 0
     rows = {r["slide_id"]: r for r in manifest_rows(out)}
-    assert rows["a"]["status"] == "skipped" and int(rows["a"]["n_patches"]) == n_a
-    assert rows["b"]["status"] == rows["c"]["status"] == "ok"
+    for s in "abc":
+        if s in n:
+            assert rows[s]["status"] == "skipped" and int(rows[s]["n_patches"]) == n[s]
+        else:
+            assert rows[s]["status"] == "ok"
     assert all(is_complete(out / f"{s}.zarr") for s in "abc") and leftovers(out) == []
 
 

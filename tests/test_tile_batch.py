@@ -219,8 +219,10 @@ def test_kill_mid_slide_then_rerun(synth_dir: Path, tmp_path: Path) -> None:
     deadline = time.time() + 120
     shard_dir = out / "b_big.zarr" / PATCHES / "c"
     while time.time() < deadline and proc.poll() is None:
-        if shard_dir.is_dir() and sum(1 for _ in shard_dir.iterdir()) >= 3:
-            break
+        # slides are tiled side by side (--workers: the cores): wait for the first to finish
+        if is_complete(out / "a_first.zarr") and shard_dir.is_dir():
+            if sum(1 for _ in shard_dir.iterdir()) >= 3:
+                break
         time.sleep(0.02)
     assert proc.poll() is None, "tiling finished before it could be killed; make the slide bigger"
     os.kill(proc.pid, signal.SIGKILL)

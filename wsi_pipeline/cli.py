@@ -218,8 +218,8 @@ def cli(ctx: click.Context) -> None:
     type=int,
     default=default_workers(),
     show_default=True,
-    help="Shards tiled at once, by threads of this process (default: this machine's cores); "
-    "1 = one at a time.",
+    help="Threads of this process tiling slides and their shards side by side (default: this "
+    "machine's cores); 1 = one slide, one shard at a time.",
 )
 @click.option(
     "--scheduler",

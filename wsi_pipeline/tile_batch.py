@@ -2,8 +2,10 @@
 batch of slides with its ``manifest.csv``.
 
 :func:`tile_slide` tiles one slide in this process. :func:`tile_slides` runs a batch: serially in
-this process (``workers=1``), or with dask.distributed (a ``LocalCluster`` of worker processes, or
-an existing cluster given by address), across slides and within large slides (one task per shard).
+this process (``workers=1``), with ``workers`` threads of this process, or with dask.distributed (a
+``LocalCluster`` of worker processes, or an existing cluster given by address); with threads or
+dask, across slides (up to twice as many slides as workers prepared ahead) and within large
+slides (one task per shard), by one driver (:func:`_drive`).
 It writes ``manifest.csv`` (:func:`write_manifest`) after each finished slide.
 
 What a batch does with trouble (each reported in one line; see README "Exit status"):
@@ -32,7 +34,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,29 +129,12 @@ def _locked_result(sid: str, path: str | os.PathLike, exc: StoreLocked, t0: floa
 
 
 def _extract_all(
-    plan: SlidePlan,
-    on_shard: Callable[[dict[str, int]], None] | None = None,
-    threads: int = 1,
+    plan: SlidePlan, on_shard: Callable[[dict[str, int]], None] | None = None
 ) -> TileResult:
     """Extract every unfinished shard of ``plan`` in this process, then finalise the store;
-    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written.
-
-    ``threads`` > 1 extracts that many shards at once in threads of this process: JPEG decode
-    and encode, resampling and file writes release the GIL, so the decode/encode-bound paths
-    use several cores without a process pool's start-up and pickling.
-    """
+    ``on_shard`` gets each shard's counts (``copied``, ``encoded``) as it is written."""
     stats = []
-    todo = list(plan.todo)
-    if threads > 1 and len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="wsi-tile") as ex:
-            for st in ex.map(lambda s: extract_shard(plan, s), todo):
-                stats.append(st)
-                if on_shard is not None:
-                    on_shard(st)
-        return finalize_slide(plan, stats)
-    for s in todo:
+    for s in plan.todo:
         stats.append(extract_shard(plan, s))
         if on_shard is not None:
             on_shard(stats[-1])
@@ -313,8 +298,9 @@ def tile_slides(
         Output folder: ``<slide_id>.zarr`` stores and ``manifest.csv``.
     spec : TilingSpec
     workers : int
-        Shards extracted at once, by threads of this process (1: one at a time); with
-        ``processes`` the worker processes of a dask ``LocalCluster`` instead.
+        Threads of this process tiling slides and their shards side by side (1: one slide, one
+        shard at a time); with ``processes`` the worker processes of a dask ``LocalCluster``
+        instead.
     scheduler : str, optional
         Address of a running dask.distributed scheduler (its workers must see the same files).
     processes : bool
@@ -363,31 +349,20 @@ def tile_slides(
     try:
         if results:
             write_manifest(out, results)
-        if scheduler is None and not processes:
-            if workers > 1:
-                log.debug(
-                    "--workers %d: shards extracted by %d threads in this process (no process "
-                    "cluster to start)",
-                    workers,
-                    workers,
-                )
-            _run_serial(
-                jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
-            )
-        else:
-            _run_dask(
-                jobs,
-                out,
-                spec,
-                overwrite,
-                slide_mpp,
-                backend,
-                progress,
-                debug,
-                record,
+        args = (jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
+        if scheduler is None and not processes and workers <= 1:
+            _run_serial(*args)
+        elif scheduler is None and not processes:
+            log.debug(
+                "--workers %d: slides and their shards tiled by %d threads in this process (no "
+                "process cluster to start)",
                 workers,
-                scheduler,
+                workers,
             )
+            with _ThreadClient(workers) as client:
+                _drive(client, *args, workers)
+        else:
+            _run_dask(*args, workers, scheduler)
     except (_DiskFull, OSError) as exc:
         if isinstance(exc, OSError) and not is_disk_full(exc):
             raise
@@ -419,9 +394,7 @@ def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     return slides_bar, patch_bar
 
 
-def _run_serial(
-    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, threads=1
-) -> None:
+def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
     slides_bar, patch_bar = _bars(progress, len(jobs))
     try:
         for sid, path in jobs:
@@ -447,9 +420,7 @@ def _run_serial(
                         patch_bar.reset(total=res.n_patches)
                         patch_bar.set_description(sid)
                         res = _extract_all(
-                            res,
-                            lambda st: patch_bar.update(st["copied"] + st["encoded"]),
-                            threads,
+                            res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
                         )
                 except Exception as exc:
                     if is_disk_full(exc):
@@ -465,7 +436,7 @@ def _run_serial(
 def _run_dask(
     jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers, scheduler
 ) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, LocalCluster
 
     cluster = None
     if scheduler:
@@ -480,6 +451,93 @@ def _run_dask(
             silence_logs=logging.ERROR if debug else logging.CRITICAL,  # failures: one line each
         )
         client = Client(cluster)
+    try:
+        _drive(
+            client, jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+        )
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class _ThreadClient:
+    """The part of a dask ``Client`` that :func:`_drive` uses, over a thread pool of this
+    process: ``submit``, ``as_completed`` with ``add``, ``scheduler_info``.
+
+    Tasks run in submission order (dask's ``key`` and ``pure`` are ignored), except that a task
+    of ``priority`` >= 20 (a slide's finalisation, a few small file writes) runs at once in the
+    calling thread, so a finished slide is marked complete without waiting behind the shards of
+    the slides after it."""
+
+    def __init__(self, workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .tissue import load_dependencies
+
+        load_dependencies()  # before threads make the first (lazy) imports side by side
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-tile")
+
+    def __enter__(self) -> _ThreadClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from concurrent.futures import Future
+
+        kwargs.pop("key", None)
+        kwargs.pop("pure", None)
+        if kwargs.pop("priority", 0) < 20:
+            return self.pool.submit(fn, *args, **kwargs)
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def scheduler_info(self) -> dict[str, Any]:
+        return {"workers": dict.fromkeys(range(self.workers))}
+
+    @staticmethod
+    def as_completed() -> _Completed:
+        return _Completed()
+
+
+class _Completed:
+    """``distributed.as_completed`` for ``concurrent.futures``: futures may be added while it
+    is iterated; it ends when every added future has been yielded."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.waiting = 0
+
+    def add(self, future: Any) -> None:
+        self.waiting += 1
+        future.add_done_callback(self.done.put)
+
+    def __iter__(self) -> Iterator[Any]:
+        while self.waiting:
+            future = self.done.get()
+            self.waiting -= 1
+            yield future
+
+
+def _drive(
+    client, jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers=2
+) -> None:
+    """Tile the batch through ``client``: a dask ``Client`` or a :class:`_ThreadClient`.
+
+    Up to twice as many slides as workers are prepared ahead; each prepared slide's shards are
+    submitted as tasks, and its store is finalised when the last is written. The driver (this
+    thread) holds each slide's store lock and writes its manifest row."""
+    from distributed import as_completed
+
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
@@ -496,7 +554,7 @@ def _run_dask(
         pending = list(jobs)
         meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
         state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
-        ac = as_completed()
+        ac = client.as_completed() if isinstance(client, _ThreadClient) else as_completed()
 
         def submit_prepares() -> None:
             while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
@@ -534,6 +592,9 @@ def _run_dask(
                             g.cancel()
                             meta.pop(g)
                 if is_disk_full(exc):
+                    for g, v in list(meta.items()):  # slides already finalised keep their rows
+                        if v[0] == "final" and g.done() and g.exception() is None:
+                            done(g.result())
                     raise _DiskFull(store_path(out, sid), sid, path) from exc
                 done(_failure(sid, path, exc, t0, debug))
                 slides_bar.update(1)
@@ -585,6 +646,3 @@ def _run_dask(
             lock.release()
         patch_bar.close()
         slides_bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .specs import MaskSpec
 from .util import input_file
 
-__all__ = ["load_user_mask", "rect_fractions", "rgb_to_hsv", "tissue_mask"]
+__all__ = ["load_dependencies", "load_user_mask", "rect_fractions", "rgb_to_hsv", "tissue_mask"]
 
 # hue range (0..1) of blue/green marker ink; H&E and DAB hues lie outside it
 _PEN_HUE = (0.22, 0.69)
@@ -45,6 +45,19 @@ def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
     hue = np.where(delta > 0, hue / 6.0, 0.0).astype(np.float32)
     return hue, sat, mx
+
+
+def load_dependencies() -> None:
+    """Import what :func:`tissue_mask` imports lazily, resolving scikit-image's lazily loaded
+    submodules. Call it before threads mask slides side by side: two threads making the first
+    access at once can find a half-initialised module (``partially initialized module
+    'skimage.morphology' has no attribute 'remove_small_holes'``)."""
+    from scipy import ndimage as ndi
+    from skimage import morphology
+    from skimage.filters import threshold_otsu
+
+    _ = (ndi.gaussian_filter, ndi.binary_opening, ndi.binary_dilation, threshold_otsu)
+    _ = (morphology.remove_small_holes, morphology.remove_small_objects)
 
 
 def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
