@@ -60,6 +60,24 @@ def load_dependencies() -> None:
     _ = (morphology.remove_small_holes, morphology.remove_small_objects)
 
 
+def _blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur (float32) of an ``(H, W, 3)`` image over its two spatial axes.
+
+    Filtered in arrays whose rows are 16 values longer than the image's: at power-of-two
+    widths (the 2,048-px thumbnails of slides without an mpp) the column pass otherwise thrashes
+    the CPU cache, 3x slower for the same values.
+    """
+    from scipy import ndimage as ndi
+
+    h, w, c = rgb.shape
+    padded = np.empty((h, w + 16, c), np.float32)
+    src = padded[:, :w]
+    src[...] = rgb
+    out = np.empty_like(padded)[:, :w]
+    ndi.gaussian_filter(src, sigma=(sigma, sigma, 0), output=out)
+    return out
+
+
 def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The largest of three channels, elementwise (``rgb.max(axis=2)``, ~8x faster)."""
     return np.maximum(np.maximum(r, g), b)
@@ -106,7 +124,7 @@ def tissue_mask(
     # smooth over a few cells first, so tissue is one region and single nuclei are no "ink",
     # whatever the thumbnail's scale
     sigma = 1.0 if mpp is None else max(1.0, _BLUR_UM / mpp)
-    rgb = ndi.gaussian_filter(thumb[..., :3].astype(np.float32), sigma=(sigma, sigma, 0))
+    rgb = _blur(thumb[..., :3], sigma)
     hue, sat, val = rgb_to_hsv(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
     # coloured: Otsu on saturation, kept between a floor (blank glass is never tissue) and a cap
     # (a crop that is all tissue must not be split in two by Otsu)
