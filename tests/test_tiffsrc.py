@@ -183,7 +183,8 @@ def test_scaled_decode_is_pillows_draft_decode(which: str, synth_svs: str, testd
     tiff.close()
 
 
-def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
+def _with_broken_tile_5(synth_svs: str, tmp_path: Path) -> TiffLevel:
+    """Level 0 of a copy of the slide whose tile 5 is zeroed after its first two bytes."""
     with tifffile.TiffFile(synth_svs) as tf:
         off, n = int(tf.pages[0].dataoffsets[5]), int(tf.pages[0].databytecounts[5])
     bad = tmp_path / "bad.svs"
@@ -193,6 +194,11 @@ def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Pa
         fh.write(b"\x00" * (n - 2))
     tiff = open_tiff_level(str(bad), 0, (2600, 2100))
     assert tiff is not None
+    return tiff
+
+
+def test_scaled_decode_of_a_broken_tile_is_an_error(synth_svs: str, tmp_path: Path) -> None:
+    tiff = _with_broken_tile_5(synth_svs, tmp_path)
     with pytest.raises(OSError, match="does not decode at 1/2 scale"):  # the tiler names the region
         tiff.tile(5, 2)
     tiff.close()
@@ -273,15 +279,7 @@ def test_a_tile_that_fails_fails_every_thread_waiting_for_it(
     too (no hang, no half-filled cache entry)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with tifffile.TiffFile(synth_svs) as tf:
-        off, n = int(tf.pages[0].dataoffsets[5]), int(tf.pages[0].databytecounts[5])
-    bad = tmp_path / "bad.svs"
-    shutil.copy(synth_svs, bad)
-    with open(bad, "r+b") as fh:
-        fh.seek(off + 2)
-        fh.write(b"\x00" * (n - 2))
-    tiff = open_tiff_level(str(bad), 0, (2600, 2100))
-    assert tiff is not None
+    tiff = _with_broken_tile_5(synth_svs, tmp_path)
 
     def decode(_: int) -> str:
         try:
