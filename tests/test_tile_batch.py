@@ -354,3 +354,27 @@ def test_a_failing_slide_is_one_line_with_workers(
     assert main([*args, "--workers", "2", "-q"]) == 1
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("ERROR: ") and "bad.svs" in err[0], err
+
+
+def test_decoded_tiles_do_not_outlive_their_slide(synth_dir: Path, tmp_path: Path) -> None:
+    """The tile cache of a slide's source level (shared by the threads of a process, up to
+    192 MB) is let go when the slide is finalised, and every one when a batch ends, so a
+    notebook that tiled a cohort holds none of it."""
+    from wsi_pipeline import tiling
+
+    spec = TilingSpec(tile_px=128, mpp=1.0)
+    plan = tiling.prepare_slide(synth_dir / "pos.svs", tmp_path / "one", spec=spec)
+    assert isinstance(plan, tiling.SlidePlan)
+    stats = [tiling.extract_shard(plan, s) for s in plan.todo]
+    (level,) = [t for k, t in tiling._SOURCES.tiffs.items() if k[0] == plan.path]
+    assert level is not None and level._cache  # decoded tiles, kept for the next shard
+    assert tiling.finalize_slide(plan, stats).status == "ok"
+    assert all(k[0] != plan.path for k in tiling._SOURCES.tiffs)
+    rows = tile_slides(
+        [synth_dir / "pos.svs", synth_dir / "neg.svs"],
+        tmp_path / "b",
+        spec=spec,
+        workers=2,
+        progress=False,
+    )
+    assert [r.status for r in rows] == ["ok", "ok"] and not tiling._SOURCES.tiffs

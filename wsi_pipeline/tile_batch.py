@@ -43,7 +43,14 @@ from .locks import StoreLock, StoreLocked, acquire, locked
 from .slide import SLIDE_SUFFIXES, find_slides, slide_id_from_path
 from .specs import TilingSpec
 from .store import store_path
-from .tiling import SlidePlan, TileResult, extract_shard, finalize_slide, prepare_slide
+from .tiling import (
+    SlidePlan,
+    TileResult,
+    extract_shard,
+    finalize_slide,
+    prepare_slide,
+    release_sources,
+)
 from .util import atomic_path, output_dir
 
 __all__ = [
@@ -373,6 +380,8 @@ def tile_slides(
             with contextlib.suppress(OSError, WSIPipelineError):
                 write_manifest(out, [*(r for r in results if r.slide_id == exc.sid), row])
         raise TilingError(msg) from exc
+    finally:
+        release_sources()  # no slide's decoded tiles outlive the batch in this process
     order = {sid: i for i, (sid, _) in enumerate(jobs)}
     return sorted(results, key=lambda r: order.get(r.slide_id, -1))
 

@@ -68,6 +68,7 @@ __all__ = [
     "finalize_slide",
     "mask_slide",
     "prepare_slide",
+    "release_sources",
     "tile_grid",
     "tiling_geometry",
 ]
@@ -540,6 +541,13 @@ class _Sources:
         slides.move_to_end(key)
         return None, slide
 
+    def forget(self, path: str | None = None) -> None:
+        """Let go of the TIFF levels of the slide at ``path`` (every slide: None), with their
+        decoded tiles; a thread still reading one keeps it until it is done."""
+        with self.lock:
+            for key in [k for k in self.tiffs if path is None or k[0] == path]:
+                del self.tiffs[key]
+
 
 def _cache_tiles(tiff: TiffLevel, plan: SlidePlan) -> int:
     """Decoded tiles a slide's source level keeps: those of two rows of patches (patches are
@@ -556,6 +564,12 @@ _SOURCES = _Sources()
 
 def _sources() -> _Sources:
     return _SOURCES
+
+
+def release_sources() -> None:
+    """Let go of every slide's open TIFF levels and decoded tiles in this process (the end of a
+    batch: a notebook that tiled a cohort keeps none of it)."""
+    _SOURCES.forget()
 
 
 def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
@@ -696,7 +710,9 @@ def _encode_patch(region: np.ndarray, spec: TilingSpec, box: Box | None = None) 
 
 
 def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> TileResult:
-    """Check every shard is on disk, then mark the store complete (written last)."""
+    """Check every shard is on disk, then mark the store complete (written last); this
+    process lets go of the slide's decoded tiles."""
+    _SOURCES.forget(plan.path)
     status = "ok" if plan.n_patches else "no_tissue"
     finish_store(
         plan.store,
