@@ -8,7 +8,7 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
 33005, level 0; its decode floor is OpenJPEG's through imagecodecs):
 
 1. decode floor   -- decode just the file's own level-0 tiles under the path's patches, at full
-   resolution, with the fastest decoder here (libjpeg-turbo through simplejpeg; OpenJPEG);
+   resolution, with the tiler's own decoder (libjpeg-turbo through simplejpeg; OpenJPEG);
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
 3. our ``tile``   -- to a complete store: with pre-started dask workers, ``--workers N`` with the
    cluster start timed, and one process; for the resampled paths the mean absolute difference
@@ -111,8 +111,8 @@ TCGA_JP2K = (
 
 def _decode_part(args: tuple[str, np.ndarray]) -> int:
     """Full-resolution decode of the given level-0 tiles: JPEG with libjpeg-turbo's TurboJPEG
-    API (simplejpeg, the fastest full decode here: imagecodecs' takes ~1.2x as long, see the
-    decode table), JPEG 2000 with OpenJPEG (imagecodecs)."""
+    API (simplejpeg, what the tiler decodes with; imagecodecs' libjpeg-turbo decode is as fast
+    in a steady state, see the decode table), JPEG 2000 with OpenJPEG (imagecodecs)."""
     import imagecodecs
     import simplejpeg
     import tifffile

@@ -215,9 +215,9 @@ def decode_jpeg_scaled(jpeg: bytes, scale: int, size: tuple[int, int]) -> np.nda
     """Decode a whole JPEG at ``1/scale`` in the DCT domain: ``(h, w, 3)`` uint8 RGB.
 
     libjpeg-turbo through simplejpeg (TurboJPEG, the GIL released while it decodes): at
-    ``scale=1`` the same pixels as imagecodecs' and tifffile's decode in about 3/4 of the time,
-    at 1/2, 1/4 and 1/8 the pixels of Pillow's ``draft`` decode (``benchmarks/bench_tiling.py``
-    prints the costs).
+    ``scale=1`` the same pixels as imagecodecs' and tifffile's decode at the same speed, at 1/2,
+    1/4 and 1/8 the pixels of Pillow's ``draft`` decode, in ~0.8, 0.74 and 0.67 of a full
+    decode's time (``benchmarks/bench_tiling.py`` prints the costs).
 
     Parameters
     ----------
