@@ -378,3 +378,35 @@ def test_decoded_tiles_do_not_outlive_their_slide(synth_dir: Path, tmp_path: Pat
         progress=False,
     )
     assert [r.status for r in rows] == ["ok", "ok"] and not tiling._SOURCES.tiffs
+
+
+def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path: Path) -> None:
+    """A slide of fewer shards than twice the workers has each shard extracted in parts side by
+    side (so every thread has work) and written whole: the very bytes of a one-shard-at-a-time
+    run, copied tiles and encoded patches alike."""
+    from wsi_pipeline.store import PATCHES
+    from wsi_pipeline.tile_batch import _parts_per_shard
+
+    assert _parts_per_shard(1, 2) == 4 and _parts_per_shard(3, 2) == 2
+    assert _parts_per_shard(4, 2) == 1 and _parts_per_shard(1, 8) == 8
+    assert _parts_per_shard(1, 1) == 1
+    for spec in (TilingSpec(tile_px=128, mpp=1.0), TilingSpec(tile_px=256, overlap_px=128)):
+        runs = {}
+        for workers in (1, 3):
+            out = tmp_path / f"{spec.tile_px}_{workers}"
+            (r,) = tile_slides(
+                [synth_dir / "pos.svs"], out, spec=spec, workers=workers, progress=False
+            )
+            assert r.status == "ok"
+            st = SlideStore(out / "pos.zarr")
+            runs[workers] = (
+                st.tiling.get("copied_source_tiles"),
+                sorted(
+                    (p.relative_to(st.path), p.read_bytes())
+                    for p in (st.path / PATCHES / "c").rglob("*")
+                    if p.is_file()
+                ),
+            )
+        n_shards = len(runs[1][1])
+        assert 0 < n_shards < 6  # so the 3-thread run split its shards into parts
+        assert runs[1] == runs[3]

@@ -50,6 +50,8 @@ from .tiling import (
     finalize_slide,
     prepare_slide,
     release_sources,
+    shard_part,
+    write_shard_parts,
 )
 from .util import atomic_path, output_dir
 
@@ -470,6 +472,14 @@ def _run_dask(
             cluster.close()
 
 
+def _parts_per_shard(n_shards: int, workers: int) -> int:
+    """Parts each shard of a slide is extracted in: 1, or as many as give every worker two
+    tasks when the slide has fewer shards than that (at most 8)."""
+    if workers <= 1 or n_shards >= 2 * workers:
+        return 1
+    return min(8, -(-2 * workers // max(1, n_shards)))
+
+
 class _ThreadClient:
     """The part of a dask ``Client`` that :func:`_drive` uses, over a thread pool of this
     process: ``submit``, ``as_completed`` with ``add``, ``scheduler_info``.
@@ -543,7 +553,9 @@ def _drive(
     """Tile the batch through ``client``: a dask ``Client`` or a :class:`_ThreadClient`.
 
     Up to twice as many slides as workers are prepared ahead; each prepared slide's shards are
-    submitted as tasks, and its store is finalised when the last is written. The driver (this
+    submitted as tasks, and its store is finalised when the last is written. With threads, a
+    slide of fewer shards than twice the workers has each shard extracted in parts side by side
+    (:func:`_parts_per_shard`) and written whole when its last part is in. The driver (this
     thread) holds each slide's store lock and writes its manifest row."""
     from distributed import as_completed
 
@@ -563,7 +575,9 @@ def _drive(
         pending = list(jobs)
         meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
         state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
-        ac = client.as_completed() if isinstance(client, _ThreadClient) else as_completed()
+        threads = isinstance(client, _ThreadClient)
+        ac = client.as_completed() if threads else as_completed()
+        split = workers if threads else 1  # dask: no parts (their chunks would travel twice)
 
         def submit_prepares() -> None:
             while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
@@ -591,7 +605,7 @@ def _drive(
 
         submit_prepares()
         for f in ac:
-            kind, sid, path, t0, _ = meta.pop(f)
+            kind, sid, path, t0, where = meta.pop(f)
             try:
                 res = f.result()
             except Exception as exc:
@@ -616,22 +630,42 @@ def _drive(
                 else:
                     patch_bar.total += res.n_patches
                     patch_bar.refresh()
-                    state[sid] = {"plan": res, "left": len(res.todo), "stats": []}
+                    n = _parts_per_shard(len(res.todo), split)
+                    state[sid] = {"plan": res, "left": len(res.todo), "stats": [], "parts": {}}
                     for s in res.todo:
-                        g = client.submit(
-                            extract_shard,
-                            res,
-                            s,
-                            priority=10,
-                            pure=False,
-                            key=f"shard-{sid}-{s}-{time.time_ns()}",
-                        )
-                        meta[g] = ("shard", sid, path, t0, res)
-                        ac.add(g)
+                        for p in range(n):  # n == 1: the whole shard in one task
+                            g = client.submit(
+                                extract_shard if n == 1 else shard_part,
+                                *((res, s) if n == 1 else (res, s, p, n)),
+                                priority=10,
+                                pure=False,
+                                key=f"shard-{sid}-{s}-{p}-{time.time_ns()}",
+                            )
+                            meta[g] = ("shard" if n == 1 else "part", sid, path, t0, (s, p, n))
+                            ac.add(g)
                     if not res.todo:
                         g = client.submit(finalize_slide, res, [], priority=20, pure=False)
                         meta[g] = ("final", sid, path, t0, res)
                         ac.add(g)
+            elif kind == "part":  # all parts of a shard in: write it
+                st = state.get(sid)
+                if st is None:
+                    continue
+                s, p, n = where
+                got = st["parts"].setdefault(s, {})
+                got[p] = res
+                if len(got) == n:
+                    del st["parts"][s]
+                    g = client.submit(
+                        write_shard_parts,
+                        st["plan"],
+                        s,
+                        [got[i] for i in range(n)],
+                        priority=15,
+                        pure=False,
+                    )
+                    meta[g] = ("shard", sid, path, t0, None)
+                    ac.add(g)
             elif kind == "shard":
                 st = state.get(sid)
                 if st is None:

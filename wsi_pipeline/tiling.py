@@ -69,8 +69,10 @@ __all__ = [
     "mask_slide",
     "prepare_slide",
     "release_sources",
+    "shard_part",
     "tile_grid",
     "tiling_geometry",
+    "write_shard_parts",
 ]
 
 log = logging.getLogger(__name__)
@@ -585,11 +587,21 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
     SlideError
         When the slide's pixels cannot be decoded (naming the region).
     """
+    return write_shard_parts(plan, shard, [shard_part(plan, shard, 0, 1)])
+
+
+def shard_part(plan: SlidePlan, shard: int, part: int, parts: int) -> tuple[list[bytes], int]:
+    """The encoded chunks of part ``part`` of ``parts`` (contiguous, in order) of one shard's
+    patches, and how many of them are source tiles copied as they are: a shard's parts may be
+    extracted side by side and written together (:func:`write_shard_parts`). Raises like
+    :func:`extract_shard`."""
     per = plan.spec.patches_per_shard
-    coords = read_coords(plan.store, shard * per, min(plan.n_patches, (shard + 1) * per))
+    lo, hi = shard * per, min(plan.n_patches, (shard + 1) * per)
+    bounds = np.linspace(lo, hi, parts + 1).round().astype(int)
+    coords = read_coords(plan.store, int(bounds[part]), int(bounds[part + 1]))
     tiff, slide = _sources().get(plan)
     copy_from = tiff if tiff is not None and _copyable(tiff, plan) else None
-    chunks: list[bytes | None] = []
+    chunks: list[bytes] = []
     copied = 0
     for x, y in coords:
         try:
@@ -604,11 +616,22 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
                 path=plan.path,
             ) from exc
         if read is None:
+            assert tile is not None
             chunks.append(tile)
             copied += 1
         else:
             chunks.append(_encode_patch(read[0], plan.spec, read[1]))
-    data = shard_bytes(chunks, per)
+    return chunks, copied
+
+
+def write_shard_parts(
+    plan: SlidePlan, shard: int, parts: Sequence[tuple[list[bytes], int]]
+) -> dict[str, int]:
+    """Write one shard from all its parts (:func:`shard_part`, in order); returns its counts
+    like :func:`extract_shard`."""
+    chunks: list[bytes | None] = [c for part, _ in parts for c in part]
+    copied = sum(n for _, n in parts)
+    data = shard_bytes(chunks, plan.spec.patches_per_shard)
     write_shard(plan.store, shard, data)
     return {"copied": copied, "encoded": len(chunks) - copied, "bytes": len(data)}
 
