@@ -309,8 +309,8 @@ def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: i
 def scaled_decode_costs(slide: Path, n: int = 2000) -> list[dict]:
     """Wall time per tile of decoding ``n`` of the slide's larger (tissue) level-0 JPEG tiles
     at 1/1, 1/2, 1/4 and 1/8 scale (``tiffsrc.decode_jpeg_scaled``: libjpeg-turbo through
-    simplejpeg, what the tiler decodes with), of Pillow's full decode, and of imagecodecs' full
-    decode (the decode floor's), best of 3 passes each."""
+    simplejpeg, what the tiler and the decode floor decode with), of Pillow's full decode, and of
+    imagecodecs' full decode, best of 3 passes each."""
     import imagecodecs
     import tifffile
     from PIL import Image
@@ -351,9 +351,7 @@ def scaled_decode_costs(slide: Path, n: int = 2000) -> list[dict]:
             "us": 1e6 * best(lambda j: np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))),
         }
     )
-    rows.append(
-        {"row": "imagecodecs full decode (floor)", "us": 1e6 * best(imagecodecs.jpeg8_decode)}
-    )
+    rows.append({"row": "imagecodecs full decode", "us": 1e6 * best(imagecodecs.jpeg8_decode)})
     for r in rows:
         r["x_full"] = r["us"] / rows[0]["us"]
         r["x_floor"] = r["us"] / rows[-1]["us"]
