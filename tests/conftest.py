@@ -30,6 +30,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def _environ_back() -> Iterator[None]:
+    """Each test leaves the environment as it found it: a dask ``LocalCluster`` started in a
+    test sets ``OMP_NUM_THREADS=1`` (and more) here, and a later test's training subprocess
+    then ran one thread and gave other floats than the in-process reference run."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     """The folder of real slides (``../shared/testdata/slides``)."""

@@ -284,7 +284,11 @@ def test_dask_local_cluster_matches_serial(synth_dir: Path, tmp_path: Path) -> N
     ]
     spec = TilingSpec(tile_px=128, patches_per_shard=32)
     serial = tile_slides(slides, tmp_path / "s", spec=spec, progress=False)
+    environ = dict(os.environ)
     par = tile_slides(slides, tmp_path / "p", spec=spec, workers=2, processes=True, progress=False)
+    # the cluster's nannies set OMP_NUM_THREADS=1 etc. here; they are taken back, or every later
+    # subprocess (a training from the same notebook) would run one thread
+    assert dict(os.environ) == environ
     assert [(r.slide_id, r.status, r.n_patches) for r in serial] == [
         (r.slide_id, r.status, r.n_patches) for r in par
     ]

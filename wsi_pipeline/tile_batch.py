@@ -450,6 +450,7 @@ def _run_dask(
     from distributed import Client, LocalCluster
 
     cluster = None
+    environ = dict(os.environ)  # distributed's nannies set OMP_NUM_THREADS=1 etc. in it
     if scheduler:
         client = Client(scheduler)
     else:
@@ -470,6 +471,19 @@ def _run_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+        _restore_environ(environ)
+
+
+def _restore_environ(environ: dict[str, str]) -> None:
+    """Put this process's environment back as it was: starting a ``LocalCluster`` leaves
+    ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ``OPENBLAS_NUM_THREADS=1`` and
+    ``MALLOC_TRIM_THRESHOLD_`` in it (distributed's ``nanny.pre-spawn-environ``), and every
+    later subprocess (a training started from the same notebook) would run one thread."""
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _parts_per_shard(n_shards: int, workers: int) -> int:
