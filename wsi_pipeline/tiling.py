@@ -601,12 +601,13 @@ def shard_part(plan: SlidePlan, shard: int, part: int, parts: int) -> tuple[list
     coords = read_coords(plan.store, int(bounds[part]), int(bounds[part + 1]))
     tiff, slide = _sources().get(plan)
     copy_from = tiff if tiff is not None and _copyable(tiff, plan) else None
+    scale = 1 if tiff is None else decode_scale(tiff, plan)  # the same for every patch
     chunks: list[bytes] = []
     copied = 0
     for x, y in coords:
         try:
             tile = None if copy_from is None else _source_tile(copy_from, plan, x, y)
-            read = None if tile is not None else _read_patch(tiff, slide, plan, x, y)
+            read = None if tile is not None else _read_patch(tiff, slide, plan, x, y, scale)
         except SlideError:
             raise
         except Exception as exc:
@@ -670,13 +671,13 @@ SCALE_SLACK = 0.98
 
 
 def _read_patch(
-    tiff: TiffLevel | None, slide: Slide | None, plan: SlidePlan, x: int, y: int
+    tiff: TiffLevel | None, slide: Slide | None, plan: SlidePlan, x: int, y: int, s: int = 1
 ) -> tuple[np.ndarray, Box | None]:
     """The source pixels of the patch at level-0 ``(x, y)``, read once at the read level, and
     the box inside them that the patch is resampled from.
 
-    When the patch is (about, :data:`SCALE_SLACK`) twice as coarse as the read level or more
-    and its tiles are JPEG, they are decoded at 1/2, 1/4 or 1/8 scale (:func:`decode_scale`):
+    With ``s`` > 1 (the slide's :func:`decode_scale`) the TIFF's JPEG tiles are decoded at
+    ``1/s`` scale:
     the region comes back that much smaller, covering the patch, and the box says where the
     patch lies in it to the fraction of a pixel (a patch need not start on the scaled grid);
     :func:`_encode_patch` finishes with one resample of that box.
@@ -686,7 +687,6 @@ def _read_patch(
     if tiff is not None:
         lds = geo.level_downsample
         lx, ly = round(x / lds), round(y / lds)
-        s = decode_scale(tiff, plan)
         if s == 1:
             return tiff.read(lx, ly, rp, rp), None
         x0, y0 = lx // s, ly // s

@@ -251,8 +251,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     return atomic_write_text(path, text + "\n")
 
 
-#: The filters of :func:`resize_rgb`.
-RESAMPLE = ("lanczos", "area", "bicubic")
+#: The filters of :func:`resize_rgb`, by the names of Pillow's ``Image.Resampling``.
+_FILTERS = {"lanczos": "LANCZOS", "area": "BOX", "bicubic": "BICUBIC"}
+RESAMPLE = tuple(_FILTERS)
 
 
 def resize_rgb(
@@ -287,17 +288,13 @@ def resize_rgb(
     """
     from PIL import Image
 
-    filters = {
-        "lanczos": Image.Resampling.LANCZOS,
-        "area": Image.Resampling.BOX,
-        "bicubic": Image.Resampling.BICUBIC,
-    }
-    if resample not in filters:
+    if resample not in _FILTERS:
         raise ValueError(f"resample must be one of {RESAMPLE}, not {resample!r}")
+    filt = Image.Resampling[_FILTERS[resample]]
     w, h = int(size_wh[0]), int(size_wh[1])
     if src_box is not None and src_box != (0, 0, arr.shape[1], arr.shape[0]):
         img = Image.fromarray(np.ascontiguousarray(arr))
-        return np.asarray(img.resize((w, h), filters[resample], box=src_box))
+        return np.asarray(img.resize((w, h), filt, box=src_box))
     if arr.shape[1] == w and arr.shape[0] == h:
         return arr
     img = Image.fromarray(np.ascontiguousarray(arr))
@@ -305,7 +302,7 @@ def resize_rgb(
     if fx == fy and fx >= 1 and float(fx).is_integer():
         out = img.reduce(int(fx))
     else:
-        out = img.resize((w, h), filters[resample])
+        out = img.resize((w, h), filt)
     return np.asarray(out)
 
 
