@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing as mp
 import os
 import re
@@ -252,6 +253,7 @@ def run_case(
                 "n": res[0].n_patches,
                 "bytes_ratio": store_bytes / src_bytes,
                 "copied": st.tiling.get("copied_source_tiles"),
+                "level": st.tiling["read_level"],
             }
         )
 
@@ -282,8 +284,10 @@ def _stores_name(label: str) -> str:
 
 def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: int = 300) -> float:
     """Mean absolute difference (grey levels) of ``n`` stored patches from openslide
-    ``read_region`` at level 0 + box resize of the same regions, over the part of each patch
-    inside the slide (past its edge we pad white where openslide gives transparent black)."""
+    ``read_region`` at level 0 + box resize of the same regions (each patch's exact box, its
+    side ``tile_px * ds`` level-0 px), over the part of each patch inside the slide (past its
+    edge we pad white where openslide gives transparent black). Patches read from a coarser
+    level (``read level`` > 0) differ also by that level's own difference from level 0."""
     import openslide
     from PIL import Image
 
@@ -296,9 +300,10 @@ def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: i
     width, height = s.dimensions
     diffs = []
     for k, (x, y) in enumerate(st.coords[idx]):
-        rp = round(tile_px * ds)
-        img = s.read_region((int(x), int(y)), 0, (rp, rp)).convert("RGB")
-        ref = np.asarray(img.resize((tile_px, tile_px), Image.Resampling.BOX), dtype=np.int16)
+        side = tile_px * ds
+        img = s.read_region((int(x), int(y)), 0, (math.ceil(side),) * 2).convert("RGB")
+        img = img.resize((tile_px, tile_px), Image.Resampling.BOX, box=(0, 0, side, side))
+        ref = np.asarray(img, dtype=np.int16)
         w = min(tile_px, int((width - int(x)) / ds))
         h = min(tile_px, int((height - int(y)) / ds))
         diffs.append(np.abs(ours[k][:h, :w].astype(np.int16) - ref[:h, :w]).mean())
@@ -792,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         ("peak_mb", "peak RSS MB", f1),
         ("bytes_ratio", "store/source bytes", f2),
         ("copied", "copied tiles", f1),
+        ("level", "read level", f1),
         ("mad", "MAD vs openslide", f2),
     ]
     if args.only_big:

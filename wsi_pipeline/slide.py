@@ -229,11 +229,13 @@ class Slide:
         return self._h
 
     # -- geometry ------------------------------------------------------------------------------
-    def best_level(self, downsample: float) -> int:
-        """The lowest-resolution level whose downsample is at most ``downsample`` (+0.5%)."""
+    def best_level(self, downsample: float, *, slack: float = 0.995) -> int:
+        """The lowest-resolution level whose downsample is at most ``downsample / slack``:
+        by default a level 0.5 % coarser than asked still counts (a pyramid's 2.001 for 2);
+        the tiler allows 2 % (:data:`wsi_pipeline.tiling.RESOLUTION_SLACK`)."""
         best = 0
         for i, d in enumerate(self.meta.level_downsamples):
-            if d <= downsample * 1.005 and d >= self.meta.level_downsamples[best]:
+            if d * slack <= downsample and d >= self.meta.level_downsamples[best]:
                 best = i
         return best
 

@@ -522,6 +522,7 @@ def store_state(
     *,
     file_size: int | None,
     slide_mpp: float | None,
+    read_level: int | None = None,
 ) -> str:
     """What tiling a slide into the store at ``path`` has to do: one of
     :data:`DONE`, :data:`RESUME`, :data:`STALE`, :data:`FRESH`.
@@ -540,6 +541,10 @@ def store_state(
         Size in bytes of the slide file now (``None`` if it cannot be read).
     slide_mpp : float or None
         The user's level-0 mpp for the slide, if any.
+    read_level : int, optional
+        The pyramid level the patches would be read from now, once the slide is open: an
+        unfinished store that was being read from another one (a release changed which level
+        counts as the resolution asked) is tiled afresh rather than finished from two levels.
 
     Returns
     -------
@@ -561,6 +566,8 @@ def store_state(
     if attrs.get("complete") is True:
         return DONE if same else STALE
     current = (attrs.get("wsi_pipeline") or {}).get("store_version") == STORE_VERSION
+    if read_level is not None and tiling.get("read_level") != read_level:
+        return FRESH
     return RESUME if same and current and _has_grid(p) else FRESH
 
 

@@ -58,7 +58,7 @@ from .util import resize_rgb
 
 __all__ = [
     "MAX_PX_PER_BYTE",
-    "SCALE_SLACK",
+    "RESOLUTION_SLACK",
     "Geometry",
     "SlidePlan",
     "TileResult",
@@ -78,6 +78,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least this many pixels
+
+#: How much finer than the patches a pyramid level (or a DCT-domain scale ``1/s`` of it) may be
+#: and still count as their resolution: a level up to 2 % coarser is read and enlarged by up to
+#: 2 % in the one resample. Real 40x scans are 0.2520-0.2527 µm/px, so their 10x level is
+#: 1.005-1.011 µm/px and 0.5 µm/px is 1.98x level 0: tiled at 1.0 or 0.5 µm/px they are read
+#: from that level or decoded at 1/2 (as the magnification-based tilers read them), not decoded
+#: in full from a level four times finer.
+RESOLUTION_SLACK = 0.98
 #: Most level-0 pixels per byte a TIFF-based slide file may claim. Real slides, even sparse or
 #: mostly blank ones, stay below ~100 (JPEG tiles of plain background); a header claiming more
 #: is corrupt or forged, and reading its thumbnail would decode billions of missing pixels.
@@ -222,7 +230,7 @@ def tiling_geometry(slide: Slide, spec: TilingSpec) -> Geometry:
             )
         ds = m.level_downsamples[level]
         target_mpp = mpp_at(m, ds)
-    read_level = slide.best_level(ds)
+    read_level = slide.best_level(ds, slack=RESOLUTION_SLACK)
     return Geometry(
         downsample=float(ds),
         target_mpp=target_mpp,
@@ -412,7 +420,12 @@ def prepare_slide(
             started=t0,
         )
         if state == RESUME:
-            return _resume_plan(plan)
+            level = geometry.read_level
+            size = _file_size(path)
+            now = store_state(store, spec, file_size=size, slide_mpp=slide_mpp, read_level=level)
+            if now == RESUME:
+                return _resume_plan(plan)
+            log.warning("%s: unfinished %s was read from another level; tiling again", path, store)
         thumb, mask, mask_ds = mask_slide(slide, spec, geometry)
         coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
     g = create_store(store, slide_id=sid, meta=meta, tiling=_tiling_attrs(plan))
@@ -664,10 +677,8 @@ def _source_tile(tiff: TiffLevel, plan: SlidePlan, x: int, y: int) -> bytes | No
 
 #: Box in region pixels, ``(x0, y0, x1, y1)``, that a patch is resampled from (None: all of it).
 Box = tuple[float, float, float, float]
-#: How much finer than ``s`` times the patch a level may be for a decode at ``1/s``: real 40x
-#: scans (0.2520-0.2527 µm/px) tiled at 0.5 µm/px are 1.98x coarser than level 0; decoded at
-#: 1/2, their patches are enlarged by ~1 % in the resample.
-SCALE_SLACK = 0.98
+#: Up to this shrink factor left for the one resample it is bicubic; beyond it, Lanczos.
+BICUBIC_MAX_FACTOR = 2.1
 
 
 def _read_patch(
@@ -676,22 +687,22 @@ def _read_patch(
     """The source pixels of the patch at level-0 ``(x, y)``, read once at the read level, and
     the box inside them that the patch is resampled from.
 
-    With ``s`` > 1 (the slide's :func:`decode_scale`) the TIFF's JPEG tiles are decoded at
-    ``1/s`` scale:
-    the region comes back that much smaller, covering the patch, and the box says where the
-    patch lies in it to the fraction of a pixel (a patch need not start on the scaled grid);
-    :func:`_encode_patch` finishes with one resample of that box.
+    A patch that is not resampled is read whole. A resampled one read from the TIFF level
+    comes with the box where it lies in the region, to the fraction of a pixel (a patch need not
+    start on the level's pixel grid); with ``s`` > 1 (the slide's :func:`decode_scale`) the
+    TIFF's JPEG tiles are decoded at ``1/s`` scale and the region comes back that much smaller.
+    :func:`_encode_patch` finishes with one resample of the box.
     """
     geo = plan.geometry
     rp = geo.read_px
     if tiff is not None:
         lds = geo.level_downsample
-        lx, ly = round(x / lds), round(y / lds)
-        if s == 1:
-            return tiff.read(lx, ly, rp, rp), None
-        x0, y0 = lx // s, ly // s
-        w, h = -(-(lx + rp) // s) - x0, -(-(ly + rp) // s) - y0
-        box = (lx / s - x0, ly / s - y0, (lx + rp) / s - x0, (ly + rp) / s - y0)
+        if not geo.resampled:
+            return tiff.read(round(x / lds), round(y / lds), rp, rp), None
+        fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
+        x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
+        w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
+        box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
         return tiff.read(x0, y0, w, h, scale=s), box
     assert (
         slide is not None
@@ -703,7 +714,7 @@ def decode_scale(tiff: TiffLevel, plan: SlidePlan) -> int:
     """The DCT-domain scale (1, 2, 4 or 8) the slide's patches are decoded at.
 
     The largest scale ``s`` at which the patch still spans at least ``tile_px`` pixels, within
-    :data:`SCALE_SLACK` (``read_px >= 0.98 * s * tile_px``); 1 (a full decode) when the patch
+    :data:`RESOLUTION_SLACK` (``read_px >= 0.98 * s * tile_px``); 1 (a full decode) when the patch
     is not about twice as coarse as the read level, when the tiles are not JPEG, or when
     ``plan.spec.scaled_decode`` is off. The same for every patch of a slide, wherever it lies
     on the scaled grid.
@@ -713,7 +724,7 @@ def decode_scale(tiff: TiffLevel, plan: SlidePlan) -> int:
         return 1
     read_px = geo.patch_l0 / geo.level_downsample
     for s in DCT_SCALES:
-        if read_px >= SCALE_SLACK * s * T and tiff.can_scale(s):
+        if read_px >= RESOLUTION_SLACK * s * T and tiff.can_scale(s):
             return s
     return 1
 
@@ -721,14 +732,13 @@ def decode_scale(tiff: TiffLevel, plan: SlidePlan) -> int:
 def _encode_patch(region: np.ndarray, spec: TilingSpec, box: Box | None = None) -> bytes:
     """Resample the source pixels (the ``box`` of them) once to the patch size, then encode.
 
-    After a DCT-domain decode (a ``box`` given) the factor left is small (0.98-2) and the
-    decode has done the low-pass filtering: bicubic then, 1.4x cheaper than Lanczos (0.64
-    against 0.91 ms a 256-px patch) and as close to openslide + area resize
-    (``tests/test_tiling.py``); otherwise Lanczos."""
+    When the factor left is small (at most :data:`BICUBIC_MAX_FACTOR`: after a DCT-domain
+    decode, which has done the low-pass filtering, or from a level within 2x of the patches)
+    the resample is bicubic, 1.4x cheaper than Lanczos (0.64 against 0.91 ms a 256-px patch)
+    and as close to openslide + area resize (``tests/test_tiling.py``); otherwise Lanczos."""
     T = spec.tile_px
-    patch = resize_rgb(
-        region, (T, T), src_box=box, resample="lanczos" if box is None else "bicubic"
-    )
+    small = box is not None and (box[2] - box[0]) / T <= BICUBIC_MAX_FACTOR
+    patch = resize_rgb(region, (T, T), src_box=box, resample="bicubic" if small else "lanczos")
     return encode_chunk(patch, spec.codec, quality=spec.jpeg_quality)
 
 
