@@ -97,6 +97,17 @@ CASES = [
         "output folder cannot be written",
     ),
     ("export-out", ["export", "{run}", "--out", "{bad}/afile/sub"], "is a file, not a folder"),
+    # not "predicted 0 of 0", exit 0
+    (
+        "predict-no-stores",
+        ["predict", "{bad}/empty", "--run", "{run}", "--out", "{bad}/p"],
+        "no stores (*.zarr) in",
+    ),
+    (
+        "heatmap-no-stores",
+        ["heatmap", "{bad}/empty", "--run", "{run}", "--out", "{bad}/h"],
+        "no stores (*.zarr) in",
+    ),
     (
         "report-dest",
         ["report", "{bad}/empty", "--dest", "{bad}/afile/r.html"],

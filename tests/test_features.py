@@ -157,10 +157,10 @@ def test_embed_store_resizes_and_normalises_like_the_encoder(stores: list[Path])
 
 
 def test_compute_features_goes_store_by_store(stores: list[Path], tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match=r"nowhere: no such store or folder of stores"):
+    with pytest.raises(ConfigError, match=r"nowhere: no such store or folder of stores"):
         find_stores([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(StoreError, match=r"no stores \(\*\.zarr\) in .*empty$"):
+    with pytest.raises(ConfigError, match=r"no stores \(\*\.zarr\) in .*empty$"):
         find_stores([tmp_path / "empty"])
     assert find_stores([stores[0].parent, stores[0]]) == sorted(stores[0].parent.glob("*.zarr"))
     rep = compute_features(

@@ -96,6 +96,9 @@ def test_predict_only_some_slides(
         progress=False,
     )
     assert [r.slide_id for r in rows] == ["synth_001"] and rows[0].run_id == "only"
+    # one store named by its path: that store (a store is no folder of stores)
+    one = predict(d / "synth_003.zarr", fast_run, tmp_path / "one", run_id="one", progress=False)
+    assert [(r.slide_id, r.ok) for r in one] == [("synth_003", True)]
     assert scores_key("only") in zarr.open_group(str(d / "synth_001.zarr"), mode="r")
     assert scores_key("only") not in zarr.open_group(str(d / "synth_000.zarr"), mode="r")
     # an unfinished store is an error row, not a crash

@@ -198,7 +198,9 @@ def test_pretrain_command(
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert "pretrained smallcnn (2 epochs" in capsys.readouterr().out and out.is_file()
-    assert main(["pretrain", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert (
+        main(["pretrain", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    )  # bad usage: no such store or folder
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
 

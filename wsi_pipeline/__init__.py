@@ -41,6 +41,7 @@ _LAZY = {
     "SlideStore": "store",
     "open_store": "store",
     "list_stores": "store",
+    "find_stores": "store",
     "PatchReader": "store",
     "write_cohort": "synth",
     "write_slide": "synth",

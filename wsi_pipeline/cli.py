@@ -815,7 +815,8 @@ def predict(
     slides: tuple[str, ...],
     allow_unfinished: bool,
 ) -> None:
-    """Predict every store in STORES: OUT/predictions.csv and per-patch scores in each store."""
+    """Predict every store in STORES (a folder of stores, or one store): OUT/predictions.csv
+    and per-patch scores in each store."""
     from .prediction import predict as run_predict
     from .runs import PREDICTIONS
 
@@ -935,8 +936,9 @@ def heatmap(
     slides: tuple[str, ...],
     overwrite: bool,
 ) -> None:
-    """Per slide in STORES: PNG overlay, overlay TIFF aligned with the slide, values TIFF,
-    GeoJSON regions and per-patch tiles for QuPath, and a JSON summary. By default the
+    """Per slide in STORES (a folder of stores, or one store): PNG overlay, overlay TIFF
+    aligned with the slide, values TIFF, GeoJSON regions and per-patch tiles for QuPath, and a
+    JSON summary. By default the
     per-patch abnormality probability; --class NAME draws one class's probability."""
     from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
     from .heatmap import check_options, heatmaps

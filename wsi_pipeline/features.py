@@ -39,8 +39,8 @@ from .runs import EXTRACTOR
 from .store import (
     COORDS,
     features_key,
+    find_stores,
     has_complete_array,
-    list_stores,
     open_store,
     write_features,
 )
@@ -64,7 +64,6 @@ __all__ = [
     "ensure_features",
     "export_features",
     "feature_stats",
-    "find_stores",
     "import_features",
     "load_encoder",
     "state_dict_digest",
@@ -443,27 +442,6 @@ def _write_locked(store: Path, name: str, feats: np.ndarray, attrs: dict[str, An
     :data:`~wsi_pipeline.locks.STAGE_WAIT_S`: ``StoreLocked`` (a ``StoreError``, one line)."""
     with locked(store, wait_s=STAGE_WAIT_S, name=str(store)):
         write_features(open_store(store, mode="r+"), name, feats, attrs)
-
-
-def find_stores(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Stores named by ``paths``: each a ``*.zarr`` store or a folder of stores; in order, once.
-
-    Raises
-    ------
-    StoreError
-        A path that does not exist; no store at all.
-    """
-    out: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if p.suffix == ".zarr" and p.is_dir():
-            out[p] = None
-        elif p.is_dir():
-            out.update(dict.fromkeys(list_stores(p)))
-        else:
-            raise StoreError("no such store or folder of stores", path=p)
-    if not out:
-        raise StoreError(f"no stores (*.zarr) in {', '.join(map(str, paths)) or 'no paths'}")
-    return list(out)
 
 
 def _one_line(exc: BaseException, store: Path) -> str:

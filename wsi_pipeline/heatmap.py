@@ -96,8 +96,8 @@ from .stitch import COMBINE, MODES, check_combine, display_values, stitch_scores
 from .store import (
     SlideStore,
     class_scores_key,
+    find_stores,
     has_complete_array,
-    list_stores,
     score_runs,
     scores_key,
 )
@@ -947,7 +947,8 @@ def heatmaps(
     overwrite: bool = False,
     model_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Export heatmaps of every store in ``store_dir`` into ``out_dir/<slide_id>/``.
+    """Export heatmaps of every store in ``store_dir`` (a folder of stores, or one store:
+    :func:`~wsi_pipeline.store.find_stores`) into ``out_dir/<slide_id>/``.
 
     Options are those of :func:`export_heatmaps` (``model_id``: a store whose scores another
     model of the run wrote fails with one line). A slide whose summary records the same
@@ -967,7 +968,7 @@ def heatmaps(
     Raises
     ------
     StoreError
-        ``store_dir`` is not a folder.
+        ``store_dir`` is neither a store nor a folder holding any (one line).
     ConfigError
         Bad options (checked before any slide), or a ``class_name`` that is not one of the
         run's classes (raised at the first store that names them, before any file is written).
@@ -986,7 +987,7 @@ def heatmaps(
         mask_tissue=True,
         combine=combine,
     )
-    stores = list_stores(store_dir, slide_ids=slide_ids)
+    stores = find_stores(store_dir, slide_ids=slide_ids)
     output_dir(out_dir)  # one line (bad usage) before any slide, not one failure per slide
     load = {
         "run_id": run_id,

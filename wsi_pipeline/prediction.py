@@ -45,7 +45,7 @@ from .specs import tiling_mismatch
 from .store import (
     COORDS,
     features_key,
-    list_stores,
+    find_stores,
     open_store,
     read_array,
     remove_scores,
@@ -367,7 +367,7 @@ def predict(
     Parameters
     ----------
     store_dir : path
-        Folder of stores.
+        Folder of stores, or one store (:func:`~wsi_pipeline.store.find_stores`).
     run_dir : path
         A training run folder.
     out_dir : path
@@ -390,6 +390,8 @@ def predict(
 
     Raises
     ------
+    StoreError
+        ``store_dir`` is neither a store nor a folder holding any (one line; never "0 of 0").
     TrainingError
         A missing or incompatible run folder, or a full disk: ``"disk full writing <file>;
         stopped after N of M slides"`` (the stores predicted before keep their scores; the
@@ -413,7 +415,7 @@ def predict(
     dev = resolve_device(device)
     model = load_model(run, device=dev)
     out = output_dir(out_dir)
-    stores = list_stores(store_dir, slide_ids=slide_ids)
+    stores = find_stores(store_dir, slide_ids=slide_ids)
     ready, rows = _open_ready(stores, run["tiling"], rid)
     features = None
     if cfg.mode == "features" and ready:

@@ -480,8 +480,8 @@ def pretrain(
     import torch
 
     from .distributed import distributed, launch_place, wrap_ddp
-    from .features import find_stores
     from .inference import to_device
+    from .store import find_stores
 
     config = config or PretrainConfig()
     t0 = time.perf_counter()

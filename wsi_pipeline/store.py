@@ -51,6 +51,7 @@ __all__ = [
     "create_patches_array",
     "create_store",
     "features_key",
+    "find_stores",
     "finish_store",
     "has_complete_array",
     "is_complete",
@@ -146,14 +147,55 @@ def list_stores(folder: str | os.PathLike, *, slide_ids: Sequence[str] | None = 
     if not p.is_dir():
         raise StoreError("no such folder of stores", path=p)
     found = sorted(q for q in p.iterdir() if q.suffix == ".zarr" and q.is_dir())
-    if slide_ids is None:
-        return found
+    return found if slide_ids is None else _select(found, slide_ids, str(p))
+
+
+def find_stores(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    slide_ids: Sequence[str] | None = None,
+) -> list[Path]:
+    """The stores a user named: each path a ``*.zarr`` store or a folder of stores
+    (:func:`list_stores`); in order, once. What every stage that takes stores from the command
+    line or a notebook reads them through.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+    slide_ids : sequence of str, optional
+        Only these slides (ids are sanitised as store names are).
+
+    Raises
+    ------
+    ConfigError
+        Bad usage, one line naming the paths, never an empty result: a path that is neither a
+        store nor a folder, no store at all (an empty folder, or a folder of slides given for
+        one of stores), a slide id in ``slide_ids`` that has no store among them.
+    """
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: dict[Path, None] = {}
+    for p in map(Path, given):
+        if p.suffix == ".zarr" and p.is_dir():
+            out[p] = None
+        elif p.is_dir():
+            out.update(dict.fromkeys(list_stores(p)))
+        else:
+            raise ConfigError(f"{p}: no such store or folder of stores")
+    where = ", ".join(map(str, given)) or "no paths"
+    if not out:
+        raise ConfigError(f"no stores (*.zarr) in {where}")
+    return list(out) if slide_ids is None else _select(list(out), slide_ids, where)
+
+
+def _select(found: list[Path], slide_ids: Sequence[str], where: str) -> list[Path]:
+    """The stores of ``slide_ids`` among ``found``, in ``found``'s order; ConfigError naming
+    the ids that have none."""
     by_id = {q.stem: q for q in found}
     wanted = [sanitize_id(s) for s in slide_ids]
     unknown = [s for s, w in zip(slide_ids, wanted) if w not in by_id]
     if unknown:
         shown = ", ".join(repr(s) for s in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise ConfigError(f"{p}: no store for slide id(s) {shown} ({len(found)} stores here)")
+        raise ConfigError(f"{where}: no store for slide id(s) {shown} ({len(found)} stores here)")
     keep = set(wanted)
     return [q for q in found if q.stem in keep]
 

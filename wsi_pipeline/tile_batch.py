@@ -569,10 +569,10 @@ def _drive(
     Up to twice as many slides as workers are prepared ahead; each prepared slide's shards are
     submitted as tasks, and its store is finalised when the last is written. With threads, a
     slide of fewer shards than twice the workers has each shard extracted in parts side by side
-    (:func:`_parts_per_shard`) and written whole when its last part is in. The driver (this
+    (:func:`_parts_per_shard`) and written whole when its last part is in; a slide whose
+    patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
+    since threads would only contend for the interpreter (debug log). The driver (this
     thread) holds each slide's store lock and writes its manifest row."""
-    from distributed import as_completed
-
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
@@ -590,7 +590,12 @@ def _drive(
         meta: dict[Any, tuple] = {}  # future -> (kind, sid, path, t0, plan)
         state: dict[str, dict] = {}  # sid -> {"plan", "left", "stats"}
         threads = isinstance(client, _ThreadClient)
-        ac = client.as_completed() if threads else as_completed()
+        if threads:  # no import of distributed (a quarter of a second) on this path
+            ac = client.as_completed()
+        else:
+            from distributed import as_completed
+
+            ac = as_completed()
         split = workers if threads else 1  # dask: no parts (their chunks would travel twice)
 
         def submit_prepares() -> None:
@@ -616,6 +621,18 @@ def _drive(
                 )
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)
+
+        def submit_shard(sid: str, path: str, t0: float, plan: SlidePlan, s: int, n: int) -> None:
+            for p in range(n):  # n == 1: the whole shard in one task
+                g = client.submit(
+                    extract_shard if n == 1 else shard_part,
+                    *((plan, s) if n == 1 else (plan, s, p, n)),
+                    priority=10,
+                    pure=False,
+                    key=f"shard-{sid}-{s}-{p}-{time.time_ns()}",
+                )
+                meta[g] = ("shard" if n == 1 else "part", sid, path, t0, (s, p, n))
+                ac.add(g)
 
         submit_prepares()
         for f in ac:
@@ -644,19 +661,22 @@ def _drive(
                 else:
                     patch_bar.total += res.n_patches
                     patch_bar.refresh()
-                    n = _parts_per_shard(len(res.todo), split)
-                    state[sid] = {"plan": res, "left": len(res.todo), "stats": [], "parts": {}}
-                    for s in res.todo:
-                        for p in range(n):  # n == 1: the whole shard in one task
-                            g = client.submit(
-                                extract_shard if n == 1 else shard_part,
-                                *((res, s) if n == 1 else (res, s, p, n)),
-                                priority=10,
-                                pure=False,
-                                key=f"shard-{sid}-{s}-{p}-{time.time_ns()}",
-                            )
-                            meta[g] = ("shard" if n == 1 else "part", sid, path, t0, (s, p, n))
-                            ac.add(g)
+                    # copied tiles are interpreter work: threads would only contend for the
+                    # GIL, so such a slide's shards go one at a time (other slides in parallel)
+                    chain = threads and split > 1 and res.copies
+                    n = 1 if chain else _parts_per_shard(len(res.todo), split)
+                    if chain:
+                        log.debug("%s: source tiles copied; its shards run one at a time", sid)
+                    todo = list(res.todo)
+                    state[sid] = {
+                        "plan": res,
+                        "left": len(todo),
+                        "stats": [],
+                        "parts": {},
+                        "queue": todo[1:] if chain else [],
+                    }
+                    for s in todo[:1] if chain else todo:
+                        submit_shard(sid, path, t0, res, s, n)
                     if not res.todo:
                         g = client.submit(finalize_slide, res, [], priority=20, pure=False)
                         meta[g] = ("final", sid, path, t0, res)
@@ -686,6 +706,8 @@ def _drive(
                     continue
                 st["stats"].append(res)
                 st["left"] -= 1
+                if st["queue"]:
+                    submit_shard(sid, path, t0, st["plan"], st["queue"].pop(0), 1)
                 patch_bar.update(res["copied"] + res["encoded"])
                 if st["left"] == 0:
                     g = client.submit(

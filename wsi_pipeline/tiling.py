@@ -176,6 +176,9 @@ class SlidePlan:
     slide_mpp: float | None = None
     backend: str = "auto"
     started: float = field(default_factory=time.time)
+    #: Every patch is a source tile copied as it is (no decode): shards are I/O and
+    #: interpreter work, which threads of one process only contend for.
+    copies: bool = False
 
     @property
     def n_shards(self) -> int:
@@ -431,7 +434,7 @@ def prepare_slide(
     g = create_store(store, slide_id=sid, meta=meta, tiling=_tiling_attrs(plan))
     write_mask(g, thumb, mask, downsample=mask_ds, spec=spec.mask)
     write_grid(g, coords, frac, spec)
-    plan = dataclasses.replace(plan, n_patches=len(coords))
+    plan = dataclasses.replace(plan, n_patches=len(coords), copies=_copies(plan))
     plan = dataclasses.replace(plan, todo=tuple(range(plan.n_shards)))
     if len(coords) == 0:
         return finalize_slide(plan)
@@ -486,7 +489,7 @@ def _resume_plan(plan: SlidePlan) -> SlidePlan:
     """The plan of an unfinished store: its patch count, and the shards still to write."""
     n = patch_count(plan.store)
     todo = unfinished_shards(plan.store, n, plan.spec.patches_per_shard)
-    plan = dataclasses.replace(plan, n_patches=n, todo=todo)
+    plan = dataclasses.replace(plan, n_patches=n, todo=todo, copies=_copies(plan))
     log.info(
         "%s: resuming unfinished store (%d of %d shards left)",
         plan.slide_id,
@@ -522,14 +525,10 @@ class _Sources:
         self.tiffs: OrderedDict[tuple, TiffLevel | None] = OrderedDict()
         self.local = threading.local()
 
-    def get(self, plan: SlidePlan) -> tuple[TiffLevel | None, Slide | None]:
-        key = (
-            plan.path,
-            plan.geometry.read_level,
-            plan.slide_mpp,
-            plan.backend,
-            os.stat(plan.path).st_mtime_ns,
-        )
+    def level(self, plan: SlidePlan) -> TiffLevel | None:
+        """The slide's read level straight from the file (shared by the threads), or None
+        when it cannot be read directly (:func:`open_tiff_level`)."""
+        key = _source_key(plan)
         with self.lock:
             if key in self.tiffs:
                 self.tiffs.move_to_end(key)
@@ -541,8 +540,14 @@ class _Sources:
                 self.tiffs[key] = tiff
                 while len(self.tiffs) > self.size:
                     self.tiffs.popitem(last=False)
+        return tiff
+
+    def get(self, plan: SlidePlan) -> tuple[TiffLevel | None, Slide | None]:
+        """The read level straight from the file, else this thread's open slide reader."""
+        tiff = self.level(plan)
         if tiff is not None:
             return tiff, None
+        key = _source_key(plan)
         slides = getattr(self.local, "slides", None)
         if slides is None:
             slides = self.local.slides = OrderedDict()
@@ -562,6 +567,12 @@ class _Sources:
         with self.lock:
             for key in [k for k in self.tiffs if path is None or k[0] == path]:
                 del self.tiffs[key]
+
+
+def _source_key(plan: SlidePlan) -> tuple:
+    """What identifies a slide's open source: its file (and mtime), level, mpp and reader."""
+    st = os.stat(plan.path)
+    return (plan.path, plan.geometry.read_level, plan.slide_mpp, plan.backend, st.st_mtime_ns)
 
 
 def _cache_tiles(tiff: TiffLevel, plan: SlidePlan) -> int:
@@ -648,6 +659,12 @@ def write_shard_parts(
     data = shard_bytes(chunks, plan.spec.patches_per_shard)
     write_shard(plan.store, shard, data)
     return {"copied": copied, "encoded": len(chunks) - copied, "bytes": len(data)}
+
+
+def _copies(plan: SlidePlan) -> bool:
+    """Whether the slide's patches are its own JPEG tiles, copied (:func:`_copyable`)."""
+    tiff = _sources().level(plan)
+    return tiff is not None and _copyable(tiff, plan)
 
 
 def _copyable(tiff: TiffLevel, plan: SlidePlan) -> bool:
