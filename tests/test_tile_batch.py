@@ -414,3 +414,35 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
         n_shards = len(runs[1][1])
         assert 0 < n_shards < 6  # so the 3-thread run split its shards into parts
         assert runs[1] == runs[3]
+
+
+def test_copied_tiles_go_one_shard_at_a_time(
+    synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide whose patches are all its own JPEG tiles, copied, is interpreter work that
+    threads only contend for: with ``workers=2`` its shards run one at a time (debug line) and
+    write what one process writes; a resampled slide is not chained."""
+    from wsi_pipeline.store import PATCHES
+    from wsi_pipeline.tiling import SlidePlan, prepare_slide
+
+    native = TilingSpec(tile_px=256, patches_per_shard=4)
+    plan = prepare_slide(synth_dir / "pos.svs", tmp_path / "plan", spec=native)
+    assert isinstance(plan, SlidePlan) and plan.copies and len(plan.todo) > 2
+    other = prepare_slide(synth_dir / "pos.svs", tmp_path / "plan2", spec=TilingSpec(mpp=1.0))
+    assert isinstance(other, SlidePlan) and not other.copies
+    runs = {}
+    for workers in (1, 2):
+        with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
+            caplog.clear()
+            (r,) = tile_slides(
+                [synth_dir / "pos.svs"], tmp_path / str(workers), spec=native, workers=workers
+            )
+        assert r.status == "ok"
+        chained = "source tiles copied; its shards run one at a time" in caplog.text
+        assert chained == (workers == 2)
+        st = SlideStore(tmp_path / str(workers) / "pos.zarr")
+        files = (st.path / PATCHES).rglob("*")
+        runs[workers] = sorted(
+            (p.relative_to(st.path), p.read_bytes()) for p in files if p.is_file()
+        )
+    assert runs[1] == runs[2]

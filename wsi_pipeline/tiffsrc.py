@@ -71,7 +71,7 @@ class TiffLevel:
     _fd: int = field(default=-1, repr=False)
     _cache: OrderedDict[tuple[int, int], np.ndarray] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _pending: dict[tuple[int, int], threading.Event] = field(
+    _pending: dict[tuple[int, int], threading.Lock] = field(
         default_factory=dict, repr=False, compare=False
     )
     cache_tiles: int = 256
@@ -143,20 +143,25 @@ class TiffLevel:
                     self._cache.move_to_end(key)
                     return arr
                 busy = self._pending.get(key)
-                if busy is None:
-                    done = self._pending[key] = threading.Event()
+                if busy is None:  # held while this thread decodes it (a Lock: cheaper than Event)
+                    done = self._pending[key] = threading.Lock()
+                    done.acquire()
                     break
-            busy.wait()  # another thread is decoding it; if that failed, decode it here
+            with busy:  # another thread is decoding it; if that failed, decode it here
+                pass
         try:
             arr = self._decode_tile(index, scale)
-            with self._lock:
-                self._cache[key] = arr
-                while len(self._cache) > self.cache_tiles:
-                    self._cache.popitem(last=False)
-        finally:
+        except BaseException:
             with self._lock:
                 del self._pending[key]
-            done.set()
+            done.release()
+            raise
+        with self._lock:
+            self._cache[key] = arr
+            while len(self._cache) > self.cache_tiles:
+                self._cache.popitem(last=False)
+            del self._pending[key]
+        done.release()
         return arr
 
     def _decode_tile(self, index: int, scale: int) -> np.ndarray:

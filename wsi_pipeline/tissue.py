@@ -31,20 +31,33 @@ _OD_MARGIN = 0.07  # optical density above the brightest 2% (the glass) that cou
 
 def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue, saturation and value in 0..1 (float32) of an ``(H, W, 3)`` uint8 image."""
+    r, g, b, mx, delta, sat = _sat_val(rgb)
+    return _hue(r, g, b, mx, delta), sat, mx
+
+
+def _sat_val(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Channels ``r, g, b`` in 0..1, value (their maximum), ``delta`` (max - min) and
+    saturation, float32, of an ``(..., 3)`` uint8 image."""
     # per channel: reductions over the last axis of an (H, W, 3) array are several times slower
     r, g, b = (rgb[..., c].astype(np.float32) / np.float32(255.0) for c in range(3))
     mx = _channel_max(r, g, b)
-    mn = np.minimum(np.minimum(r, g), b)
-    delta = mx - mn
+    delta = mx - np.minimum(np.minimum(r, g), b)
     sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+    return r, g, b, mx, delta, sat
+
+
+def _hue(
+    r: np.ndarray, g: np.ndarray, b: np.ndarray, mx: np.ndarray, delta: np.ndarray
+) -> np.ndarray:
+    """Hue in 0..1 (float32), elementwise, from :func:`_sat_val`'s arrays (any subset of
+    their elements gives the same values for it)."""
     safe = np.maximum(delta, 1e-6)
     hue = np.where(
         mx == r,
         ((g - b) / safe) % 6.0,
         np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
-    hue = np.where(delta > 0, hue / 6.0, 0.0).astype(np.float32)
-    return hue, sat, mx
+    return np.where(delta > 0, hue / 6.0, 0.0).astype(np.float32)
 
 
 def load_dependencies() -> None:
@@ -76,6 +89,16 @@ def _blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
     out = np.empty_like(padded)[:, :w]
     ndi.gaussian_filter(src, sigma=(sigma, sigma, 0), output=out)
     return out
+
+
+def _open3(mask: np.ndarray) -> np.ndarray:
+    """Binary opening by a 3 x 3 square, outside the image counting as background (the same
+    as ``ndi.binary_opening(mask, np.ones((3, 3)))``), by separable min and max filters:
+    ~1.5x faster."""
+    from scipy import ndimage as ndi
+
+    eroded = ndi.minimum_filter(mask.view(np.uint8), size=3, mode="constant", cval=0)
+    return ndi.maximum_filter(eroded, size=3, mode="constant", cval=0).view(bool)
 
 
 def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -125,7 +148,7 @@ def tissue_mask(
     # whatever the thumbnail's scale
     sigma = 1.0 if mpp is None else max(1.0, _BLUR_UM / mpp)
     rgb = _blur(thumb[..., :3], sigma)
-    hue, sat, val = rgb_to_hsv(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    r, g, b, val, delta, sat = _sat_val(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
     # coloured: Otsu on saturation, kept between a floor (blank glass is never tissue) and a cap
     # (a crop that is all tissue must not be split in two by Otsu)
     t = float(threshold_otsu(sat)) if sat.size > 16 and np.ptp(sat) > 0 else 1.0
@@ -134,13 +157,15 @@ def tissue_mask(
     od = -np.log((_channel_max(rgb[..., 0], rgb[..., 1], rgb[..., 2]) + 1.0) / 256.0)
     mask |= od > float(np.percentile(od, 2)) + _OD_MARGIN
     excluded = np.zeros_like(mask)
-    if spec.remove_pen:
-        pen = (hue >= _PEN_HUE[0]) & (hue <= _PEN_HUE[1]) & (sat >= _PEN_MIN_SAT)
+    if spec.remove_pen:  # hue only where saturated enough for ink (few pixels)
+        pen = sat >= _PEN_MIN_SAT
+        hue = _hue(r[pen], g[pen], b[pen], val[pen], delta[pen])
+        pen[pen] = (hue >= _PEN_HUE[0]) & (hue <= _PEN_HUE[1])
         excluded |= ndi.binary_dilation(pen, iterations=2)
     if spec.remove_dark:
         excluded |= val < _DARK_MAX_VALUE
     mask &= ~excluded
-    mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
+    mask = _open3(mask)
     hole_px = _um2_to_px(spec.max_hole_um2, mpp, mask.shape, 5e-5)
     obj_px = _um2_to_px(spec.min_object_um2, mpp, mask.shape, 2e-4)
     mask = morphology.remove_small_holes(mask, max_size=hole_px)
