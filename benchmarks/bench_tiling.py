@@ -10,9 +10,10 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
 1. decode floor   -- decode just the file's own level-0 tiles under the path's patches, at full
    resolution, with the tiler's own decoder (libjpeg-turbo through simplejpeg; OpenJPEG);
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
-3. our ``tile``   -- to a complete store: with pre-started dask workers, ``--workers N`` with the
-   cluster start timed, and one process; for the resampled paths the mean absolute difference
-   of 300 stored patches from openslide + box resize (grey levels).
+3. our ``tile``   -- to a complete store: one process, ``--workers N`` (threads of the one
+   process, nothing to start; each the best of two runs) and pre-started dask workers (last,
+   so that the cluster's shutdown runs beside no other row); for the resampled paths the mean
+   absolute difference of 300 stored patches from openslide + box resize (grey levels).
 
 Then store bytes against the source's compressed bytes for the same tiles, and random
 single-patch reads from the store against openslide reads of the same patches. ``--big`` adds
@@ -188,7 +189,7 @@ def run_case(
     scan_mpp: float | None = None,
 ) -> list[dict]:
     """One path: the decode floor and the openslide loop over its patches, then our ``tile``
-    with pre-started dask workers, ``--workers N`` (start timed) and one process; for resampled
+    in one process, with ``--workers N`` threads and with pre-started dask workers; for resampled
     paths also the mean absolute difference of our patches from openslide + box resize.
     ``scan_mpp`` replaces the slide's own 0.25 µm/px (``--slide-mpp``), as for a real scan's
     0.2527: patches then do not line up with the file's tiles or their 1/2-scale grid."""
@@ -237,12 +238,17 @@ def run_case(
     src_bytes = int(counts[tiles].sum())
     spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px, codec=codec)
 
-    def ours(name: str, **kw) -> None:
+    def ours(name: str, runs: int = 2, **kw) -> None:
         out = work / _stores_name(label)
-        shutil.rmtree(out, ignore_errors=True)
-        with measured() as m:
-            res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
-        assert res[0].status == "ok", res[0].error
+        best: dict = {"seconds": float("inf")}
+        for _ in range(runs):  # the best of ``runs``: a short run is at the mercy of noise
+            shutil.rmtree(out, ignore_errors=True)
+            with measured() as m:
+                res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
+            assert res[0].status == "ok", res[0].error
+            if m["seconds"] < best["seconds"]:
+                best = dict(m)
+        m = best
         st = SlideStore(out / f"{slide.stem}.zarr")
         store_bytes = sum(f.stat().st_size for f in (st.path / PATCHES).rglob("*") if f.is_file())
         rows.append(
@@ -263,15 +269,20 @@ def run_case(
     warm = work / (_stores_name(label) + "_warm")
     tile_slides([slide], warm, spec=spec, progress=False, slide_mpp=scan_mpp, workers=1)
     shutil.rmtree(warm, ignore_errors=True)
-    # like the baselines' pools, the workers are started outside the timing
-    with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        ours(f"wsi-pipeline tile, {workers} dask workers", scheduler=cluster.scheduler_address)
-    ours(f"wsi-pipeline tile --workers {workers} (cluster start timed)", workers=workers)
     ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
     if ds > 1:
         rows[-1]["mad"] = _mad_from_openslide(slide, work / _stores_name(label), tile_px, ds)
+    ours(f"wsi-pipeline tile --workers {workers} (threads, no cluster)", workers=workers)
+    # like the baselines' pools, the workers are started outside the timing; last, so that
+    # the cluster's shutdown does not run beside the other rows
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        ours(
+            f"wsi-pipeline tile, {workers} dask workers",
+            runs=1,
+            scheduler=cluster.scheduler_address,
+        )
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
         r["x_openslide"] = r["rate"] / os_rate

@@ -392,7 +392,7 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
     from wsi_pipeline.tile_batch import _parts_per_shard
 
     assert _parts_per_shard(1, 2) == 4 and _parts_per_shard(3, 2) == 2
-    assert _parts_per_shard(4, 2) == 1 and _parts_per_shard(1, 8) == 8
+    assert _parts_per_shard(4, 2) == 2 and _parts_per_shard(1, 8) == 8
     assert _parts_per_shard(1, 1) == 1
     for spec in (TilingSpec(tile_px=128, mpp=1.0), TilingSpec(tile_px=256, overlap_px=128)):
         runs = {}
@@ -428,8 +428,9 @@ def test_copied_tiles_go_one_shard_at_a_time(
     native = TilingSpec(tile_px=256, patches_per_shard=4)
     plan = prepare_slide(synth_dir / "pos.svs", tmp_path / "plan", spec=native)
     assert isinstance(plan, SlidePlan) and plan.copies and len(plan.todo) > 2
-    other = prepare_slide(synth_dir / "pos.svs", tmp_path / "plan2", spec=TilingSpec(mpp=1.0))
-    assert isinstance(other, SlidePlan) and not other.copies
+    for i, spec in enumerate((TilingSpec(mpp=1.0), TilingSpec(tile_px=256, overlap_px=128))):
+        other = prepare_slide(synth_dir / "pos.svs", tmp_path / f"plan{i}", spec=spec)
+        assert isinstance(other, SlidePlan) and not other.copies  # decoded (3 in 4 with overlap)
     runs = {}
     for workers in (1, 2):
         with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):

@@ -487,11 +487,13 @@ def _restore_environ(environ: dict[str, str]) -> None:
 
 
 def _parts_per_shard(n_shards: int, workers: int) -> int:
-    """Parts each shard of a slide is extracted in: 1, or as many as give every worker two
+    """Parts each shard of a slide is extracted in: 1 for one worker, else 2 (so that the
+    threads finish a slide together: the last wave leaves at most half a shard to one of
+    them; measured, x2 path: 1.50 -> 1.58x one process), or as many as give every worker two
     tasks when the slide has fewer shards than that (at most 8)."""
-    if workers <= 1 or n_shards >= 2 * workers:
+    if workers <= 1:
         return 1
-    return min(8, -(-2 * workers // max(1, n_shards)))
+    return min(8, max(2, -(-2 * workers // max(1, n_shards))))
 
 
 class _ThreadClient:
@@ -567,9 +569,9 @@ def _drive(
     """Tile the batch through ``client``: a dask ``Client`` or a :class:`_ThreadClient`.
 
     Up to twice as many slides as workers are prepared ahead; each prepared slide's shards are
-    submitted as tasks, and its store is finalised when the last is written. With threads, a
-    slide of fewer shards than twice the workers has each shard extracted in parts side by side
-    (:func:`_parts_per_shard`) and written whole when its last part is in; a slide whose
+    submitted as tasks, and its store is finalised when the last is written. With threads, each
+    shard is extracted in two or more parts side by side (:func:`_parts_per_shard`: more for a
+    slide of fewer shards than twice the workers) and written whole when its last part is in; a slide whose
     patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
     since threads would only contend for the interpreter (debug log). The driver (this
     thread) holds each slide's store lock and writes its manifest row."""
