@@ -393,6 +393,7 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
 
     assert _parts_per_shard(1, 2) == 4 and _parts_per_shard(3, 2) == 2
     assert _parts_per_shard(4, 2) == 2 and _parts_per_shard(1, 8) == 8
+    assert _parts_per_shard(15, 2) == 2 and _parts_per_shard(16, 2) == 1
     assert _parts_per_shard(1, 1) == 1
     for spec in (TilingSpec(tile_px=128, mpp=1.0), TilingSpec(tile_px=256, overlap_px=128)):
         runs = {}

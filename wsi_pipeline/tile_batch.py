@@ -487,13 +487,20 @@ def _restore_environ(environ: dict[str, str]) -> None:
 
 
 def _parts_per_shard(n_shards: int, workers: int) -> int:
-    """Parts each shard of a slide is extracted in: 1 for one worker, else 2 (so that the
-    threads finish a slide together: the last wave leaves at most half a shard to one of
-    them; measured, x2 path: 1.50 -> 1.58x one process), or as many as give every worker two
-    tasks when the slide has fewer shards than that (at most 8)."""
-    if workers <= 1:
+    """Parts each shard of a slide is extracted in, side by side: 1 for one worker or a slide
+    of many shards (8 per worker or more: threads that meet on the tiles of neighbouring parts
+    wait for each other, overlap path 1.61 -> 1.48x one process in two parts); 2 for a slide of
+    fewer (the threads then finish it together, the last wave leaving at most half a shard to
+    one of them: x2 path 1.50 -> 1.58x); as many as give every worker two tasks (at most 8)
+    for a slide of fewer shards than twice the workers."""
+    if workers <= 1 or n_shards >= 8 * workers:
         return 1
     return min(8, max(2, -(-2 * workers // max(1, n_shards))))
+
+
+#: Tasks of at least this dask priority run at once in the driver thread under
+#: :class:`_ThreadClient`: a shard's write from its parts (15), a slide's finalisation (20).
+INLINE_PRIORITY = 15
 
 
 class _ThreadClient:
@@ -501,9 +508,10 @@ class _ThreadClient:
     process: ``submit``, ``as_completed`` with ``add``, ``scheduler_info``.
 
     Tasks run in submission order (dask's ``key`` and ``pure`` are ignored), except that a task
-    of ``priority`` >= 20 (a slide's finalisation, a few small file writes) runs at once in the
-    calling thread, so a finished slide is marked complete without waiting behind the shards of
-    the slides after it."""
+    of ``priority`` >= :data:`INLINE_PRIORITY` runs at once in the calling thread: a shard is
+    written as soon as its last part is in (behind the queued parts its bytes would pile up in
+    memory: 1.2 GB on the zstd path), and a finished slide is marked complete without waiting
+    behind the shards of the slides after it."""
 
     def __init__(self, workers: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -525,7 +533,7 @@ class _ThreadClient:
 
         kwargs.pop("key", None)
         kwargs.pop("pure", None)
-        if kwargs.pop("priority", 0) < 20:
+        if kwargs.pop("priority", 0) < INLINE_PRIORITY:
             return self.pool.submit(fn, *args, **kwargs)
         future: Future[Any] = Future()
         try:
@@ -569,9 +577,9 @@ def _drive(
     """Tile the batch through ``client``: a dask ``Client`` or a :class:`_ThreadClient`.
 
     Up to twice as many slides as workers are prepared ahead; each prepared slide's shards are
-    submitted as tasks, and its store is finalised when the last is written. With threads, each
-    shard is extracted in two or more parts side by side (:func:`_parts_per_shard`: more for a
-    slide of fewer shards than twice the workers) and written whole when its last part is in; a slide whose
+    submitted as tasks, and its store is finalised when the last is written. With threads, the
+    shards of a slide of few of them are extracted in parts side by side
+    (:func:`_parts_per_shard`), each written whole when its last part is in; a slide whose
     patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
     since threads would only contend for the interpreter (debug log). The driver (this
     thread) holds each slide's store lock and writes its manifest row."""
