@@ -938,8 +938,8 @@ def heatmap(
 ) -> None:
     """Per slide in STORES (a folder of stores, or one store): PNG overlay, overlay TIFF
     aligned with the slide, values TIFF, GeoJSON regions and per-patch tiles for QuPath, and a
-    JSON summary. By default the
-    per-patch abnormality probability; --class NAME draws one class's probability."""
+    JSON summary. By default the per-patch abnormality probability; --class NAME draws one
+    class's probability."""
     from .exports import DEFAULT_ALPHA, DEFAULT_CMAP
     from .heatmap import check_options, heatmaps
     from .runs import LABELS, model_id, read_classes

@@ -967,10 +967,9 @@ def heatmaps(
 
     Raises
     ------
-    StoreError
-        ``store_dir`` is neither a store nor a folder holding any (one line).
     ConfigError
-        Bad options (checked before any slide), or a ``class_name`` that is not one of the
+        ``store_dir`` is neither a store nor a folder holding any (one line), bad options
+        (checked before any slide), or a ``class_name`` that is not one of the
         run's classes (raised at the first store that names them, before any file is written).
     """
     lut, options = _options(

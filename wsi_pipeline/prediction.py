@@ -390,8 +390,9 @@ def predict(
 
     Raises
     ------
-    StoreError
-        ``store_dir`` is neither a store nor a folder holding any (one line; never "0 of 0").
+    ConfigError
+        ``store_dir`` is neither a store nor a folder holding any, or a slide id has no store
+        (one line; never "0 of 0").
     TrainingError
         A missing or incompatible run folder, or a full disk: ``"disk full writing <file>;
         stopped after N of M slides"`` (the stores predicted before keep their scores; the

@@ -200,8 +200,8 @@ class TilingSpec:
         JPEG quality when patches are encoded.
     scaled_decode : bool
         When the patches are about twice as coarse as the pyramid level they are read from or
-        more (within 2 %, :data:`wsi_pipeline.tiling.RESOLUTION_SLACK`), decode the file's JPEG tiles
-        at 1/2, 1/4 or 1/8 scale in the DCT domain and finish with one small resample (less
+        more (within 2 %, :data:`wsi_pipeline.tiling.RESOLUTION_SLACK`), decode the file's JPEG
+        tiles at 1/2, 1/4 or 1/8 scale in the DCT domain and finish with one small resample (less
         work; within 3 grey levels of openslide + area resize). False always decodes at full
         resolution. Never changes which patches are kept.
     patches_per_shard : int

@@ -79,9 +79,9 @@ log = logging.getLogger(__name__)
 
 _MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least this many pixels
 
-#: How much finer than the patches a pyramid level (or a DCT-domain scale ``1/s`` of it) may be
-#: and still count as their resolution: a level up to 2 % coarser is read and enlarged by up to
-#: 2 % in the one resample. Real 40x scans are 0.2520-0.2527 µm/px, so their 10x level is
+#: A pyramid level (or a DCT-domain scale ``1/s`` of it) counts as the patches' resolution when
+#: it is at most 2 % coarser (``level downsample * RESOLUTION_SLACK <= patch downsample``); its
+#: pixels are then enlarged by up to 2 % in the one resample. Real 40x scans are 0.2520-0.2527 µm/px, so their 10x level is
 #: 1.005-1.011 µm/px and 0.5 µm/px is 1.98x level 0: tiled at 1.0 or 0.5 µm/px they are read
 #: from that level or decoded at 1/2 (as the magnification-based tilers read them), not decoded
 #: in full from a level four times finer.
@@ -525,10 +525,11 @@ class _Sources:
         self.tiffs: OrderedDict[tuple, TiffLevel | None] = OrderedDict()
         self.local = threading.local()
 
-    def level(self, plan: SlidePlan) -> TiffLevel | None:
+    def level(self, plan: SlidePlan, key: tuple | None = None) -> TiffLevel | None:
         """The slide's read level straight from the file (shared by the threads), or None
-        when it cannot be read directly (:func:`open_tiff_level`)."""
-        key = _source_key(plan)
+        when it cannot be read directly (:func:`open_tiff_level`); ``key``: its
+        :func:`_source_key`, when the caller has it."""
+        key = key or _source_key(plan)
         with self.lock:
             if key in self.tiffs:
                 self.tiffs.move_to_end(key)
@@ -544,10 +545,10 @@ class _Sources:
 
     def get(self, plan: SlidePlan) -> tuple[TiffLevel | None, Slide | None]:
         """The read level straight from the file, else this thread's open slide reader."""
-        tiff = self.level(plan)
+        key = _source_key(plan)
+        tiff = self.level(plan, key)
         if tiff is not None:
             return tiff, None
-        key = _source_key(plan)
         slides = getattr(self.local, "slides", None)
         if slides is None:
             slides = self.local.slides = OrderedDict()
