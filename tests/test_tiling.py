@@ -153,8 +153,9 @@ def test_scaled_decode_keeps_patches_and_pixels(
     """Decoding JPEG tiles at 1/2 or 1/4 scale keeps exactly the same patches (coords and
     tissue fractions) as full decoding, for every patch wherever it lies on the scaled grid,
     and pixels (stored losslessly) within 3 grey levels of openslide + area resize and no more
-    than 1 worse than full decoding + Lanczos (measured: at most 2.7 and 0.5 worse), within 3
-    of the latter (measured: at most 2.9, for x4)."""
+    than 1 worse than full decoding + Lanczos (measured: at most 2.7 and 0.5 worse), within 3.5
+    of the latter (measured: at most 3.2, for x4 at 1/4 scale + the bilinear warp; 2.4 with
+    bicubic, which is no closer to openslide: mean 1.06 against 1.12)."""
     import openslide
     from PIL import Image
 
@@ -195,7 +196,7 @@ def test_scaled_decode_keeps_patches_and_pixels(
             ref = np.asarray(ref).astype(int)
             da, db = np.abs(pa[k].astype(int) - ref).mean(), np.abs(pb[k].astype(int) - ref).mean()
             assert da <= 3.0 and da <= db + 1.0, (da, db)
-            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 3.0
+            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 3.5
 
 
 def test_a_level_within_two_percent_is_read(
@@ -230,7 +231,7 @@ def test_a_level_within_two_percent_is_read(
             x0, y0 = int(x) // 4, int(y) // 4
             ref = s.read_region((4 * x0, 4 * y0), 1, (66, 66)).convert("RGB")
             box = (x / 4 - x0, y / 4 - y0, x / 4 - x0 + side, y / 4 - y0 + side)
-            ref = np.asarray(ref.resize((64, 64), Image.Resampling.BICUBIC, box=box))
+            ref = np.asarray(ref.resize((64, 64), Image.Resampling.BILINEAR, box=box))
             assert np.abs(got[i].astype(int) - ref).mean() <= 0.5
 
     # an unfinished store of an older release, read from level 0: tiled again from level 1
