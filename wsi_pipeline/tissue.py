@@ -64,41 +64,65 @@ def load_dependencies() -> None:
     """Import what :func:`tissue_mask` imports lazily, resolving scikit-image's lazily loaded
     submodules. Call it before threads mask slides side by side: two threads making the first
     access at once can find a half-initialised module (``partially initialized module
-    'skimage.morphology' has no attribute 'remove_small_holes'``)."""
-    from scipy import ndimage as ndi
-    from skimage import morphology
+    'skimage.filters' has no attribute 'threshold_otsu'``)."""
+    import cv2
     from skimage.filters import threshold_otsu
 
-    _ = (ndi.gaussian_filter, ndi.binary_opening, ndi.binary_dilation, threshold_otsu)
-    _ = (morphology.remove_small_holes, morphology.remove_small_objects)
+    _ = (cv2.sepFilter2D, threshold_otsu)
 
 
 def _blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur (float32) of an ``(H, W, 3)`` image over its two spatial axes.
+    """Gaussian blur (float32) of an ``(H, W, 3)`` image over its two spatial axes: the kernel
+    and mirrored edges of ``scipy.ndimage.gaussian_filter`` (4 sigma, ``mode="reflect"``), run by
+    OpenCV (vectorised, on its own threads: 2 against 23 ms a 1,250 x 938 thumbnail; the same
+    values within float32 rounding)."""
+    import cv2
 
-    Filtered in arrays whose rows are 16 values longer than the image's: at power-of-two
-    widths (the 2,048-px thumbnails of slides without an mpp) the column pass otherwise thrashes
-    the CPU cache, 3x slower for the same values.
-    """
-    from scipy import ndimage as ndi
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    src = np.ascontiguousarray(rgb, dtype=np.float32)
+    return cv2.sepFilter2D(src, cv2.CV_32F, k, k, borderType=cv2.BORDER_REFLECT)
 
-    h, w, c = rgb.shape
-    padded = np.empty((h, w + 16, c), np.float32)
-    src = padded[:, :w]
-    src[...] = rgb
-    out = np.empty_like(padded)[:, :w]
-    ndi.gaussian_filter(src, sigma=(sigma, sigma, 0), output=out)
-    return out
+
+def _morph(mask: np.ndarray, op: str, shape: str = "square", iterations: int = 1) -> np.ndarray:
+    """Binary erosion or dilation of a bool mask by a 3 x 3 square or cross, outside the image
+    counting as background (``scipy.ndimage.binary_erosion`` / ``binary_dilation``, by OpenCV)."""
+    import cv2
+
+    kernel = cv2.getStructuringElement(
+        cv2.MORPH_RECT if shape == "square" else cv2.MORPH_CROSS, (3, 3)
+    )
+    fn = cv2.erode if op == "erode" else cv2.dilate
+    out = fn(
+        np.ascontiguousarray(mask).view(np.uint8),
+        kernel,
+        iterations=iterations,
+        borderType=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    return out.view(bool)
 
 
 def _open3(mask: np.ndarray) -> np.ndarray:
     """Binary opening by a 3 x 3 square, outside the image counting as background (the same
-    as ``ndi.binary_opening(mask, np.ones((3, 3)))``), by separable min and max filters:
-    ~1.5x faster."""
-    from scipy import ndimage as ndi
+    as ``ndi.binary_opening(mask, np.ones((3, 3)))``)."""
+    return _morph(_morph(mask, "erode"), "dilate")
 
-    eroded = ndi.minimum_filter(mask.view(np.uint8), size=3, mode="constant", cval=0)
-    return ndi.maximum_filter(eroded, size=3, mode="constant", cval=0).view(bool)
+
+def _remove_small(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` without its 4-connected components of at most ``max_size`` pixels (the same as
+    ``skimage.morphology.remove_small_objects(mask, max_size=max_size)``, by OpenCV's
+    labelling: 1 against 6 ms a 1,250 x 938 mask)."""
+    import cv2
+
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
+    small = stats[:, cv2.CC_STAT_AREA] <= max_size
+    small[0] = False  # the background
+    return mask & ~small[labels]
 
 
 def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -137,8 +161,6 @@ def tissue_mask(
     (H, W) bool ndarray
         True on tissue.
     """
-    from scipy import ndimage as ndi
-    from skimage import morphology
     from skimage.filters import threshold_otsu
 
     spec = spec or MaskSpec()
@@ -161,16 +183,16 @@ def tissue_mask(
         pen = sat >= _PEN_MIN_SAT
         hue = _hue(r[pen], g[pen], b[pen], val[pen], delta[pen])
         pen[pen] = (hue >= _PEN_HUE[0]) & (hue <= _PEN_HUE[1])
-        excluded |= ndi.binary_dilation(pen, iterations=2)
+        excluded |= _morph(pen, "dilate", "cross", iterations=2)
     if spec.remove_dark:
         excluded |= val < _DARK_MAX_VALUE
     mask &= ~excluded
     mask = _open3(mask)
     hole_px = _um2_to_px(spec.max_hole_um2, mpp, mask.shape, 5e-5)
     obj_px = _um2_to_px(spec.min_object_um2, mpp, mask.shape, 2e-4)
-    mask = morphology.remove_small_holes(mask, max_size=hole_px)
+    mask = ~_remove_small(~mask, hole_px)  # fill the holes (skimage's remove_small_holes)
     mask &= ~excluded  # hole filling must not bring ink back
-    mask = morphology.remove_small_objects(mask, max_size=obj_px)
+    mask = _remove_small(mask, obj_px)
     return mask.astype(bool)
 
 
@@ -263,17 +285,20 @@ def rect_fractions(mask: np.ndarray, rects_xywh: np.ndarray, *, downsample: floa
     (N,) float32 ndarray
     """
     rects = np.asarray(rects_xywh, dtype=np.float64).reshape(-1, 4)
-    if len(rects) == 0:
-        return np.zeros(0, np.float32)
+    if len(rects) == 0 or mask.size == 0:
+        return np.zeros(len(rects), np.float32)
+    import cv2
+
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    # the summed-area table, (h + 1, w + 1) with a zero first row and column (OpenCV's: exact
+    # counts, 8x faster than two numpy cumsums)
+    sat = cv2.integral(np.ascontiguousarray(mask, dtype=np.uint8), sdepth=cv2.CV_32S)
 
     def integral(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         x = np.clip(x, 0, w)
         y = np.clip(y, 0, h)
-        x0 = np.minimum(np.floor(x).astype(np.int64), w - 1) if w else np.zeros_like(x, np.int64)
-        y0 = np.minimum(np.floor(y).astype(np.int64), h - 1) if h else np.zeros_like(y, np.int64)
+        x0 = np.minimum(np.floor(x).astype(np.int64), w - 1)
+        y0 = np.minimum(np.floor(y).astype(np.int64), h - 1)
         fx, fy = x - x0, y - y0
         s00 = sat[y0, x0]
         s01 = sat[y0, x0 + 1]
