@@ -13,7 +13,9 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
 3. our ``tile``   -- to a complete store: one process, ``--workers N`` (threads of the one
    process, nothing to start; each the best of two runs) and pre-started dask workers (last,
    so that the cluster's shutdown runs beside no other row); for the resampled paths the mean
-   absolute difference of 300 stored patches from openslide + box resize (grey levels).
+   absolute difference of 300 stored patches from openslide at level 0 + box resize (grey
+   levels), and for those read from a coarser level also from openslide at that level (+ the
+   tiler's filter for the factor left: our reading and resampling alone).
 
 Then store bytes against the source's compressed bytes for the same tiles, and random
 single-patch reads from the store against openslide reads of the same patches. ``--big`` adds
@@ -271,7 +273,11 @@ def run_case(
     shutil.rmtree(warm, ignore_errors=True)
     ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
     if ds > 1:
-        rows[-1]["mad"] = _mad_from_openslide(slide, work / _stores_name(label), tile_px, ds)
+        stores = work / _stores_name(label)
+        rows[-1]["mad"] = _mad_from_openslide(slide, stores, tile_px, ds)
+        if rows[-1]["level"]:
+            level = rows[-1]["level"]
+            rows[-1]["mad_level"] = _mad_from_openslide(slide, stores, tile_px, ds, level=level)
     ours(f"wsi-pipeline tile --workers {workers} (threads, no cluster)", workers=workers)
     # like the baselines' pools, the workers are started outside the timing; last, so that
     # the cluster's shutdown does not run beside the other rows
@@ -294,12 +300,17 @@ def _stores_name(label: str) -> str:
     return "stores_" + re.sub(r"[^A-Za-z0-9]+", "_", label.replace("%", "pct")).strip("_")
 
 
-def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: int = 300) -> float:
+def _mad_from_openslide(
+    slide: Path, stores: Path, tile_px: int, ds: float, n: int = 300, level: int = 0
+) -> float:
     """Mean absolute difference (grey levels) of ``n`` stored patches from openslide
-    ``read_region`` at level 0 + box resize of the same regions (each patch's exact box, its
+    ``read_region`` at ``level`` + box resize of the same regions (each patch's exact box, its
     side ``tile_px * ds`` level-0 px), over the part of each patch inside the slide (past its
-    edge we pad white where openslide gives transparent black). Patches read from a coarser
-    level (``read level`` > 0) differ also by that level's own difference from level 0."""
+    edge we pad white where openslide gives transparent black). Against level 0, patches read
+    from a coarser level (``read level`` > 0) differ also by that level's own difference from
+    level 0. Against their read level (``level`` > 0) the resize is with the filter the tiler
+    takes for that factor (a box filter enlarging ~1 % replicates pixels): the difference is
+    then our reading and resampling alone."""
     import openslide
     from PIL import Image
 
@@ -310,11 +321,22 @@ def _mad_from_openslide(slide: Path, stores: Path, tile_px: int, ds: float, n: i
     ours = st.reader().read(idx)
     s = openslide.OpenSlide(str(slide))
     width, height = s.dimensions
+    lds = s.level_downsamples[level]
+    filt = Image.Resampling.BOX
+    if level:
+        from wsi_pipeline.tiling import BICUBIC_MAX_FACTOR, LINEAR_MAX_FACTOR
+
+        f = tile_px * ds / lds / tile_px
+        filt = Image.Resampling.BILINEAR if f <= LINEAR_MAX_FACTOR else Image.Resampling.BICUBIC
+        filt = filt if f <= BICUBIC_MAX_FACTOR else Image.Resampling.LANCZOS
     diffs = []
     for k, (x, y) in enumerate(st.coords[idx]):
-        side = tile_px * ds
-        img = s.read_region((int(x), int(y)), 0, (math.ceil(side),) * 2).convert("RGB")
-        img = img.resize((tile_px, tile_px), Image.Resampling.BOX, box=(0, 0, side, side))
+        side = tile_px * ds / lds  # in level pixels, from level pixel (lx, ly) on
+        lx, ly = int(x / lds), int(y / lds)
+        box = (x / lds - lx, y / lds - ly, x / lds - lx + side, y / lds - ly + side)
+        size = (math.ceil(box[2]), math.ceil(box[3]))
+        img = s.read_region((round(lx * lds), round(ly * lds)), level, size)
+        img = img.convert("RGB").resize((tile_px, tile_px), filt, box=box)
         ref = np.asarray(img, dtype=np.int16)
         w = min(tile_px, int((width - int(x)) / ds))
         h = min(tile_px, int((height - int(y)) / ds))
@@ -864,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
         ("copied", "copied tiles", f1),
         ("level", "read level", f1),
         ("mad", "MAD vs openslide", f2),
+        ("mad_level", "MAD vs openslide, read level", f2),
     ]
     if args.only_big:
         big = {"case", "row", "n", "rate", "peak_mb"}  # the columns big_rss fills
