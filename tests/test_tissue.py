@@ -106,6 +106,39 @@ def test_rect_fractions_exact() -> None:
     assert np.allclose(f, [0.25, 1.0, 1.0, 0.25, 0.0])
 
 
+def test_mask_kernels_equal_scipy_and_skimage() -> None:
+    """The OpenCV kernels of the mask give what scipy.ndimage and scikit-image give (the same
+    masks as before them): Gaussian blur with mirrored edges, 3 x 3 opening and cross dilation
+    with outside counting as background (so tissue touching the edge is eroded there), and
+    removal of 4-connected components of at most N pixels (diagonal neighbours are apart)."""
+    from scipy import ndimage as ndi
+    from skimage import morphology
+
+    from wsi_pipeline.tissue import _blur, _morph, _open3, _remove_small
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    for sigma in (1.0, 2.7):
+        want = ndi.gaussian_filter(img.astype(np.float32), sigma=(sigma, sigma, 0))
+        np.testing.assert_allclose(_blur(img, sigma), want, atol=1e-3)
+    mask = rng.random((61, 83)) > 0.45
+    mask[:, :3] = True  # tissue up to the edge
+    assert np.array_equal(_open3(mask), ndi.binary_opening(mask, np.ones((3, 3))))
+    assert not _morph(mask, "erode")[:, 0].any()  # outside is background
+    assert np.array_equal(
+        _morph(mask, "dilate", "cross", 2), ndi.binary_dilation(mask, iterations=2)
+    )
+    for n in (1, 3, 12):
+        assert np.array_equal(
+            _remove_small(mask, n), morphology.remove_small_objects(mask, max_size=n)
+        )
+        holes = morphology.remove_small_holes(mask, max_size=n)
+        assert np.array_equal(~_remove_small(~mask, n), holes)
+    diag = np.zeros((4, 4), bool)
+    diag[0, 0] = diag[1, 1] = True
+    assert not _remove_small(diag, 1).any()  # two single pixels, not one object of 2
+
+
 def test_rgb_to_hsv() -> None:
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8)
     hue, sat, val = rgb_to_hsv(rgb)
