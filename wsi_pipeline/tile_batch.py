@@ -150,9 +150,10 @@ def _extract_all(
     return finalize_slide(plan, stats)
 
 
-#: Environment of dask worker processes: one BLAS/OpenMP thread each (the workers are the
+#: Environment of dask worker processes: one OpenCV/BLAS/OpenMP thread each (the workers are the
 #: parallelism; nested thread pools only contend for the same cores).
 WORKER_ENV = {
+    "OPENCV_FOR_THREADS_NUM": "1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -521,12 +522,22 @@ class _ThreadClient:
         load_dependencies()  # before threads make the first (lazy) imports side by side
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-tile")
+        self._cv_threads: int | None = None
 
     def __enter__(self) -> _ThreadClient:
+        import cv2
+
+        # the pool's threads are the parallelism: OpenCV's own (the mask's blur) only contend
+        self._cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import cv2
+
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._cv_threads is not None:
+            cv2.setNumThreads(self._cv_threads)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from concurrent.futures import Future
