@@ -11,7 +11,7 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    resolution, with the tiler's own decoder (libjpeg-turbo through simplejpeg; OpenJPEG);
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
 3. our ``tile``   -- to a complete store: one process, ``--workers N`` (threads of the one
-   process, nothing to start; each the best of two runs) and pre-started dask workers (last,
+   process, nothing to start; each the best of three runs) and pre-started dask workers (last,
    so that the cluster's shutdown runs beside no other row); for the resampled paths the mean
    absolute difference of 300 stored patches from openslide at level 0 + box resize (grey
    levels), and for those read from a coarser level also from openslide at that level (+ the
@@ -240,7 +240,7 @@ def run_case(
     src_bytes = int(counts[tiles].sum())
     spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px, codec=codec)
 
-    def ours(name: str, runs: int = 2, **kw) -> None:
+    def ours(name: str, runs: int = 3, **kw) -> None:
         out = work / _stores_name(label)
         best: dict = {"seconds": float("inf")}
         for _ in range(runs):  # the best of ``runs``: a short run is at the mercy of noise
