@@ -324,11 +324,10 @@ def _mad_from_openslide(
     lds = s.level_downsamples[level]
     filt = Image.Resampling.BOX
     if level:
-        from wsi_pipeline.tiling import BICUBIC_MAX_FACTOR, LINEAR_MAX_FACTOR
+        from wsi_pipeline.tiling import resample_filter
 
-        f = tile_px * ds / lds / tile_px
-        filt = Image.Resampling.BILINEAR if f <= LINEAR_MAX_FACTOR else Image.Resampling.BICUBIC
-        filt = filt if f <= BICUBIC_MAX_FACTOR else Image.Resampling.LANCZOS
+        pillow = {"linear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}
+        filt = Image.Resampling[pillow[resample_filter(ds / lds)]]
     diffs = []
     for k, (x, y) in enumerate(st.coords[idx]):
         side = tile_px * ds / lds  # in level pixels, from level pixel (lx, ly) on

@@ -395,11 +395,10 @@ def _new_array(
 ) -> dict[str, Any]:
     """The ``create_array`` arguments of a small array of a new store, written whole with its
     data and attributes (every chunk, as :func:`write_array`: ``chunks`` clipped to the shape)."""
-    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
     return {
         "name": key,
         "data": data,
-        "chunks": chunks,
+        "chunks": _clip_chunks(chunks, data.shape),
         "attributes": attrs,
         "overwrite": True,
         "config": {"write_empty_chunks": True},
@@ -696,7 +695,7 @@ def write_array(
     ``chunks`` is clipped to the data's shape. Every chunk is written, even one that equals the
     fill value, so :func:`missing_chunks` can tell a whole array from a torn one.
     """
-    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, data.shape))
+    chunks = _clip_chunks(chunks, data.shape)
     arr = group.create_array(
         key,
         shape=data.shape,
@@ -712,6 +711,11 @@ def write_array(
     if attrs:  # after the data, in one write of zarr.json (``attrs.update`` writes it per key)
         arr = arr.update_attributes(attrs)
     return arr
+
+
+def _clip_chunks(chunks: tuple, shape: tuple) -> tuple:
+    """``chunks`` no larger than ``shape`` (and at least 1) along each axis."""
+    return tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
 
 
 def read_array(group: Any, key: str, store: str | os.PathLike, dtype: Any = None) -> np.ndarray:

@@ -69,6 +69,7 @@ __all__ = [
     "mask_slide",
     "prepare_slide",
     "release_sources",
+    "resample_filter",
     "shard_part",
     "tile_grid",
     "tiling_geometry",
@@ -81,10 +82,10 @@ _MIN_MASK_PX_PER_PATCH = 8  # the mask resolves each patch side into at least th
 
 #: A pyramid level (or a DCT-domain scale ``1/s`` of it) counts as the patches' resolution when
 #: it is at most 2 % coarser (``level downsample * RESOLUTION_SLACK <= patch downsample``); its
-#: pixels are then enlarged by up to 2 % in the one resample. Real 40x scans are 0.2520-0.2527 µm/px, so their 10x level is
-#: 1.005-1.011 µm/px and 0.5 µm/px is 1.98x level 0: tiled at 1.0 or 0.5 µm/px they are read
-#: from that level or decoded at 1/2 (as the magnification-based tilers read them), not decoded
-#: in full from a level four times finer.
+#: pixels are then enlarged by up to 2 % in the one resample. Real 40x scans are 0.2520-0.2527
+#: µm/px, so their 10x level is 1.005-1.011 µm/px and 0.5 µm/px is 1.98x level 0: tiled at 1.0
+#: or 0.5 µm/px they are read from that level or decoded at 1/2 (as the magnification-based
+#: tilers read them), not decoded in full from a level four times finer.
 RESOLUTION_SLACK = 0.98
 #: Most level-0 pixels per byte a TIFF-based slide file may claim. Real slides, even sparse or
 #: mostly blank ones, stay below ~100 (JPEG tiles of plain background); a header claiming more
@@ -767,12 +768,18 @@ def _encode_patch(region: np.ndarray, spec: TilingSpec, box: Box | None = None) 
     area resize as the next (``tests/test_tiling.py``)."""
     T = spec.tile_px
     factor = math.inf if box is None else (box[2] - box[0]) / T
-    if factor <= LINEAR_MAX_FACTOR:
-        resample = "linear"
-    else:
-        resample = "bicubic" if factor <= BICUBIC_MAX_FACTOR else "lanczos"
-    patch = resize_rgb(region, (T, T), src_box=box, resample=resample)
+    patch = resize_rgb(region, (T, T), src_box=box, resample=resample_filter(factor))
     return encode_chunk(patch, spec.codec, quality=spec.jpeg_quality)
+
+
+def resample_filter(factor: float) -> str:
+    """The :func:`~wsi_pipeline.util.resize_rgb` filter of the one resample that shrinks a
+    patch's source box by ``factor`` (< 1: enlarges it): ``"linear"`` up to
+    :data:`LINEAR_MAX_FACTOR`, ``"bicubic"`` up to :data:`BICUBIC_MAX_FACTOR`, else
+    ``"lanczos"``."""
+    if factor <= LINEAR_MAX_FACTOR:
+        return "linear"
+    return "bicubic" if factor <= BICUBIC_MAX_FACTOR else "lanczos"
 
 
 def finalize_slide(plan: SlidePlan, stats: Sequence[dict[str, int]] = ()) -> TileResult:
