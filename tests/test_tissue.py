@@ -139,6 +139,28 @@ def test_mask_kernels_equal_scipy_and_skimage() -> None:
     assert not _remove_small(diag, 1).any()  # two single pixels, not one object of 2
 
 
+def test_saturation_tables_and_otsu_equal_per_pixel() -> None:
+    """The mask's looked-up saturation and dark pixels, and its Otsu threshold from the counts
+    of each (max, min) code, are the per-pixel numbers and scikit-image's threshold of the
+    saturation image, to the bit (the same masks as computing them pixel by pixel)."""
+    from skimage.filters import threshold_otsu
+
+    from wsi_pipeline.tissue import _DARK_MAX_VALUE, _max_min_code, _otsu, _sat_val, _tables
+
+    rng = np.random.default_rng(1)
+    tissue = rng.normal((200, 120, 170), 30, (70, 90, 3))  # pink, with glass on one side
+    img = np.clip(np.concatenate([tissue, rng.normal(235, 4, (70, 40, 3))], axis=1), 0, 255)
+    img = img.astype(np.uint8)
+    _, _, _, val, _, sat = _sat_val(img)
+    code = _max_min_code(img)
+    sat_table, dark_table = _tables()
+    assert np.array_equal(sat_table.take(code), sat)
+    assert np.array_equal(dark_table.take(code >> 8), val < _DARK_MAX_VALUE)
+    assert _otsu(code, sat_table) == float(threshold_otsu(sat))
+    assert _otsu(code[:4, :4], sat_table) == 1.0  # 16 pixels: no threshold
+    assert _otsu(np.full((9, 9), code[0, 0]), sat_table) == 1.0  # one value
+
+
 def test_rgb_to_hsv() -> None:
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8)
     hue, sat, val = rgb_to_hsv(rgb)

@@ -144,6 +144,18 @@ def test_resize_rgb_size_is_width_height() -> None:
     assert odd.shape == (17, 25, 3)
 
 
+def test_resize_rgb_halving_is_pillows_reduce() -> None:
+    """Halving runs through OpenCV's area resize: the same pixels as Pillow's 2x2 reduce
+    (rounding included), on odd values and sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for h, w in ((2, 2), (38, 62), (1876, 2502)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out = resize_rgb(img, (w // 2, h // 2), resample="area")
+        np.testing.assert_array_equal(out, np.asarray(Image.fromarray(img).reduce(2)))
+
+
 def test_resize_rgb_linear_takes_the_exact_box() -> None:
     """The bilinear warp puts output pixels where Pillow's bilinear resize of the same
     fractional box does (OpenCV's pixel centres are on integers, Pillow's on halves): a box a

@@ -299,12 +299,40 @@ def tile_grid(
 def _mask_downsample(slide: Slide, spec: TilingSpec, geometry: Geometry) -> float:
     """Level-0 px per thumbnail pixel: the mask spec's ``thumb_mpp`` (without a slide mpp, a
     longest side of at most ``min(thumb_max_px, 2048)``), fine enough to resolve each patch side
-    into 8 mask pixels, but never a thumbnail longer than ``thumb_max_px``; at least 1."""
+    into 8 mask pixels, but never a thumbnail longer than ``thumb_max_px``; at least 1.
+
+    Within :data:`THUMB_SNAP` of it, a whole number of pixels of a pyramid level is taken instead
+    (:func:`_snap_to_level`): the thumbnail is then that level's exact box average, without a
+    fractional resample (5 against 19 ms from a 2,500 x 1,875 level; a 0.2527 µm/px scan's
+    8 µm/px is 31.66 level-0 px, 1.98 px of its 16x level: it becomes 2, 8.09 µm/px)."""
     m = slide.meta
     max_px = spec.mask.thumb_max_px if m.mpp is not None else min(spec.mask.thumb_max_px, 2048)
     ds = slide.thumbnail_downsample(max_px=max_px, mpp=spec.mask.thumb_mpp)
     ds = min(ds, geometry.patch_l0 / _MIN_MASK_PX_PER_PATCH)
-    return max(ds, max(m.width, m.height) / spec.mask.thumb_max_px, 1.0)
+    lo = max(max(m.width, m.height) / spec.mask.thumb_max_px, 1.0)
+    ds = max(ds, lo)
+    return _snap_to_level(slide, ds, lo, max(ds, geometry.patch_l0 / _MIN_MASK_PX_PER_PATCH))
+
+
+#: How far (relative) the thumbnail's downsample may move to a whole number of level pixels.
+THUMB_SNAP = 0.05
+
+
+def _snap_to_level(slide: Slide, ds: float, lo: float, hi: float) -> float:
+    """The downsample within :data:`THUMB_SNAP` of ``ds`` (and within ``[lo, hi]``) that is a
+    whole number of pixels of the level it is read from (``best_level``), from the coarsest
+    such level; ``ds`` itself when there is none."""
+    for level in sorted(range(len(slide.meta.level_downsamples)), reverse=True):
+        d = slide.meta.level_downsamples[level]
+        n = max(1, round(ds / d))
+        snapped = n * d
+        if (
+            abs(snapped / ds - 1.0) <= THUMB_SNAP
+            and lo <= snapped <= hi
+            and slide.best_level(snapped) == level
+        ):
+            return snapped
+    return ds
 
 
 def _thumbnail_source(slide: Slide, downsample: float) -> TiffLevel | None:

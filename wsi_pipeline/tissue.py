@@ -8,6 +8,7 @@ switched off. A user mask (PNG, or GeoJSON polygons in level-0 pixels) may repla
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -68,7 +69,7 @@ def load_dependencies() -> None:
     import cv2
     from skimage.filters import threshold_otsu
 
-    _ = (cv2.sepFilter2D, threshold_otsu)
+    _ = (cv2.sepFilter2D, threshold_otsu, _tables())
 
 
 def _blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
@@ -131,6 +132,39 @@ def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(r, g), b)
 
 
+def _max_min_code(rgb: np.ndarray) -> np.ndarray:
+    """``256 * max + min`` of the three channels of an ``(H, W, 3)`` uint8 image (uint16)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    return (mx << 8) | np.minimum(np.minimum(r, g), b)
+
+
+@functools.cache
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sat_val`'s saturation of every ``256 * max + min`` (float32, 65,536), and whether
+    a pixel of largest channel ``max`` is dark (value below ``_DARK_MAX_VALUE``; bool, 256):
+    the same numbers as computing them pixel by pixel, 2-3x faster."""
+    mx, mn = np.divmod(np.arange(65536), 256)
+    _, _, _, val, _, sat = _sat_val(np.stack([mx, mn, mn], axis=-1).astype(np.uint8))
+    sat = np.where(mn > mx, 0.0, sat).astype(np.float32)  # codes no pixel has
+    return sat, val[::256] < _DARK_MAX_VALUE
+
+
+def _otsu(code: np.ndarray, sat_table: np.ndarray) -> float:
+    """Otsu's threshold of the saturation image ``sat_table[code]`` (scikit-image's
+    ``threshold_otsu``, 256 bins over its range: the same histogram, from the counts of each
+    code rather than from every pixel); 1.0 for an image of one value or of 16 pixels or fewer."""
+    from skimage.filters import threshold_otsu
+
+    counts = np.bincount(code.ravel(), minlength=65536)
+    present = np.flatnonzero(counts)
+    values = sat_table[present]
+    if code.size <= 16 or values.min() == values.max():
+        return 1.0
+    hist, edges = np.histogram(values, bins=256, weights=counts[present])
+    return float(threshold_otsu(hist=(hist, (edges[:-1] + edges[1:]) / 2.0)))
+
+
 def _um2_to_px(um2: float, mpp: float | None, shape: tuple[int, int], frac: float) -> int:
     """An area in µm² as thumbnail pixels; without an mpp, ``frac`` of the thumbnail area."""
     if mpp is None:
@@ -162,8 +196,6 @@ def tissue_mask(
     (H, W) bool ndarray
         True on tissue.
     """
-    from skimage.filters import threshold_otsu
-
     spec = spec or MaskSpec()
     if thumb.ndim != 3 or thumb.shape[2] < 3:
         raise ConfigError(f"thumbnail must be (H, W, 3) RGB, not shape {thumb.shape}")
@@ -171,22 +203,26 @@ def tissue_mask(
     # whatever the thumbnail's scale
     sigma = 1.0 if mpp is None else max(1.0, _BLUR_UM / mpp)
     rgb = _blur(thumb[..., :3], sigma)
-    r, g, b, val, delta, sat = _sat_val(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    u8 = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    # saturation and value depend on a pixel's largest and smallest channel alone: looked up
+    code = _max_min_code(u8)
+    sat_table, dark_table = _tables()
+    sat = sat_table.take(code)
     # coloured: Otsu on saturation, kept between a floor (blank glass is never tissue) and a cap
     # (a crop that is all tissue must not be split in two by Otsu)
-    t = float(threshold_otsu(sat)) if sat.size > 16 and np.ptp(sat) > 0 else 1.0
-    mask = sat > float(np.clip(t, spec.min_saturation, _SAT_CAP))
+    mask = sat > float(np.clip(_otsu(code, sat_table), spec.min_saturation, _SAT_CAP))
     # or clearly darker than the glass (pale, unsaturated stains such as IHC counterstain)
     od = -np.log((_channel_max(rgb[..., 0], rgb[..., 1], rgb[..., 2]) + 1.0) / 256.0)
     mask |= od > float(np.percentile(od, 2)) + _OD_MARGIN
     excluded = np.zeros_like(mask)
     if spec.remove_pen:  # hue only where saturated enough for ink (few pixels)
         pen = sat >= _PEN_MIN_SAT
-        hue = _hue(r[pen], g[pen], b[pen], val[pen], delta[pen])
+        r, g, b, val, delta, _ = _sat_val(u8[pen])
+        hue = _hue(r, g, b, val, delta)
         pen[pen] = (hue >= _PEN_HUE[0]) & (hue <= _PEN_HUE[1])
         excluded |= _morph(pen, "dilate", "cross", iterations=2)
     if spec.remove_dark:
-        excluded |= val < _DARK_MAX_VALUE
+        excluded |= dark_table.take(code >> 8)
     mask &= ~excluded
     mask = _open3(mask)
     hole_px = _um2_to_px(spec.max_hole_um2, mpp, mask.shape, 5e-5)

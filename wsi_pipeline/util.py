@@ -266,7 +266,8 @@ def resize_rgb(
 ) -> np.ndarray:
     """Resample an ``(H, W, 3)`` uint8 image to ``size_wh`` with one good-quality filter.
 
-    Integer shrink factors of the whole image use exact box averaging (``PIL.Image.reduce``);
+    Integer shrink factors of the whole image use exact box averaging (``PIL.Image.reduce``;
+    by 2, OpenCV's area resize, which gives the same pixels);
     other factors the ``resample`` filter (Pillow's, which widen with the shrink factor, so all
     of them low-pass filter when shrinking). Equal sizes return the input.
 
@@ -302,8 +303,12 @@ def resize_rgb(
         return np.asarray(img.resize((w, h), filt, box=src_box))
     if arr.shape[1] == w and arr.shape[0] == h:
         return arr
-    img = Image.fromarray(np.ascontiguousarray(arr))
     fx, fy = arr.shape[1] / w, arr.shape[0] / h
+    if fx == fy == 2:  # OpenCV's 2x2 mean rounds like Pillow's reduce: the same pixels, 10x faster
+        import cv2
+
+        return cv2.resize(np.ascontiguousarray(arr), (w, h), interpolation=cv2.INTER_AREA)
+    img = Image.fromarray(np.ascontiguousarray(arr))
     if fx == fy and fx >= 1 and float(fx).is_integer():
         out = img.reduce(int(fx))
     else:
