@@ -89,6 +89,28 @@ def test_geometry_and_mask_of_a_slide(synth_dir: Path) -> None:
     assert 1.0 <= ds <= geo.patch_l0 / 8
 
 
+def test_mask_thumbnail_is_a_whole_number_of_level_pixels(tmp_path: Path) -> None:
+    """A 0.2527 µm/px scan's 8 µm/px thumbnail (31.66 level-0 px) is taken at 32: 8 x 8 pixels
+    of its 4x level, averaged exactly (Pillow's reduce of openslide's level); not when the
+    mask would then resolve a patch side into fewer than 8 pixels."""
+    import openslide
+    from PIL import Image
+
+    slide = tmp_path / "scan.svs"
+    write_slide(slide, width=4096, height=2560, mpp=0.2527, seed=2)
+    with open_slide(slide) as s:
+        assert s.meta.level_downsamples[1:] == pytest.approx((4.0,))
+        spec = TilingSpec(tile_px=256, mpp=0.5)
+        thumb, mask, ds = mask_slide(s, spec, tiling_geometry(s, spec))
+        fine = TilingSpec(tile_px=64, mpp=1.0)  # a patch is 253.3 level-0 px: 31.66 at most
+        _, _, ds_fine = mask_slide(s, fine, tiling_geometry(s, fine))
+    assert ds == 32.0 and thumb.shape == mask.shape + (3,) == (80, 128, 3)
+    assert ds_fine == pytest.approx(8.0 / 0.2527)
+    with openslide.OpenSlide(str(slide)) as o:
+        level = np.asarray(o.read_region((0, 0), 1, (1024, 640)).convert("RGB"))
+    np.testing.assert_array_equal(thumb, np.asarray(Image.fromarray(level).reduce(8)))
+
+
 def test_tile_native_copies_source_jpeg(synth_dir: Path, tmp_path: Path) -> None:
     r = tile_slide(synth_dir / "pos.svs", tmp_path, spec=TilingSpec(tile_px=256))
     assert r.status == "ok" and r.n_patches > 10
