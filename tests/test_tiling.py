@@ -104,7 +104,7 @@ def test_mask_thumbnail_is_a_whole_number_of_level_pixels(tmp_path: Path) -> Non
         thumb, mask, ds = mask_slide(s, spec, tiling_geometry(s, spec))
         fine = TilingSpec(tile_px=64, mpp=1.0)  # a patch is 253.3 level-0 px: 31.66 at most
         _, _, ds_fine = mask_slide(s, fine, tiling_geometry(s, fine))
-    assert ds == 32.0 and thumb.shape == mask.shape + (3,) == (80, 128, 3)
+    assert ds == 32.0 and thumb.shape == (*mask.shape, 3) == (80, 128, 3)
     assert ds_fine == pytest.approx(8.0 / 0.2527)
     with openslide.OpenSlide(str(slide)) as o:
         level = np.asarray(o.read_region((0, 0), 1, (1024, 640)).convert("RGB"))
