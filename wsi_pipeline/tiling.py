@@ -322,8 +322,7 @@ def _snap_to_level(slide: Slide, ds: float, lo: float, hi: float) -> float:
     """The downsample within :data:`THUMB_SNAP` of ``ds`` (and within ``[lo, hi]``) that is a
     whole number of pixels of the level it is read from (``best_level``), from the coarsest
     such level; ``ds`` itself when there is none."""
-    for level in sorted(range(len(slide.meta.level_downsamples)), reverse=True):
-        d = slide.meta.level_downsamples[level]
+    for level, d in reversed(list(enumerate(slide.meta.level_downsamples))):
         n = max(1, round(ds / d))
         snapped = n * d
         if (

@@ -63,9 +63,10 @@ def _hue(
 
 def load_dependencies() -> None:
     """Import what :func:`tissue_mask` imports lazily, resolving scikit-image's lazily loaded
-    submodules. Call it before threads mask slides side by side: two threads making the first
-    access at once can find a half-initialised module (``partially initialized module
-    'skimage.filters' has no attribute 'threshold_otsu'``)."""
+    submodules, and build its lookup tables (:func:`_tables`). Call it before threads mask
+    slides side by side: two threads making the first access at once can find a half-initialised
+    module (``partially initialized module 'skimage.filters' has no attribute
+    'threshold_otsu'``)."""
     import cv2
     from skimage.filters import threshold_otsu
 
@@ -135,8 +136,7 @@ def _channel_max(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _max_min_code(rgb: np.ndarray) -> np.ndarray:
     """``256 * max + min`` of the three channels of an ``(H, W, 3)`` uint8 image (uint16)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
-    return (mx << 8) | np.minimum(np.minimum(r, g), b)
+    return (_channel_max(r, g, b).astype(np.uint16) << 8) | np.minimum(np.minimum(r, g), b)
 
 
 @functools.cache
