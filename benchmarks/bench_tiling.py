@@ -623,14 +623,10 @@ def _tiler_stages() -> _Stages:
 
     return _Stages(
         {
-            "open + pixel check": [(tiling, "open_slide")],
+            "open": [(tiling, "open_slide")],
             "thumbnail + mask": [(tiling, "mask_slide")],
             "grid": [(tiling, "tile_grid")],
-            "store create (attrs, mask, grid)": [
-                (tiling, "create_store"),
-                (tiling, "write_mask"),
-                (tiling, "write_grid"),
-            ],
+            "store create (attrs, mask, grid)": [(tiling, "create_store")],
             "shard set-up (coords, source open)": [
                 (tiling, "read_coords"),
                 (tiling._Sources, "get"),

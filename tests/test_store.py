@@ -7,13 +7,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 
 from wsi_pipeline.errors import ConfigError, StoreError
-from wsi_pipeline.specs import TilingSpec
+from wsi_pipeline.specs import SlideMeta, TilingSpec
 from wsi_pipeline.store import (
     COORDS,
     DONE,
@@ -77,21 +78,8 @@ def test_layout_keys(store: Path) -> None:
     assert np.array_equal(read_coords(store, 2, 5), g[COORDS][2:5])
 
 
-def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> None:
-    """A batch of attributes is one write of zarr.json (zarr's ``attrs.update`` writes it once
-    per key), with the same attributes in the same order."""
-    from wsi_pipeline import store as store_mod
-    from wsi_pipeline.specs import SlideMeta
-
-    writes: list[str] = []
-    orig = zarr.storage.LocalStore.set
-
-    async def counting_set(self, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
-        writes.append(key)
-        return await orig(self, key, value, *args, **kwargs)
-
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
-    meta = SlideMeta(
+def _meta() -> SlideMeta:
+    return SlideMeta(
         path="s.svs",
         file_size=1,
         backend="openslide",
@@ -101,10 +89,25 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
         level_dimensions=((10, 10),),
         level_downsamples=(1.0,),
     )
-    g = store_mod.create_store(tmp_path / "a.zarr", slide_id="a", meta=meta, tiling={"x": 1})
-    assert writes == ["zarr.json"]
+
+
+def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> None:
+    """A batch of attributes is one write of zarr.json (zarr's ``attrs.update`` writes it once
+    per key), with the same attributes in the same order; a new store is written as plain
+    files, not through zarr's store (whose every file operation takes a thread of its own)."""
+    from wsi_pipeline import store as store_mod
+
+    writes: list[str] = []
+    orig = zarr.storage.LocalStore.set
+
+    async def counting_set(self, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(key)
+        return await orig(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
+    g = store_mod.create_store(tmp_path / "a.zarr", slide_id="a", meta=_meta(), tiling={"x": 1})
+    assert writes == [] and sorted(p.name for p in (tmp_path / "a.zarr").iterdir()) == ["zarr.json"]
     assert list(g.attrs) == ["wsi_pipeline", "slide_id", "slide", "tiling", "complete"]
-    writes.clear()
     attrs = {"downsample": 2.0, "method": "otsu", "params": {}, "tissue_fraction": 0.5}
     arr = write_array(g, "m", np.ones((4, 4), bool), chunks=(4, 4), attrs=attrs)
     assert writes == ["m/zarr.json", "m/c/0/0", "m/zarr.json"]  # metadata, data, attributes
@@ -116,6 +119,65 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
     assert writes == ["patches/zarr.json"]
     p = zarr.open_group(str(tmp_path / "a.zarr"))[PATCHES]
     assert dict(p.attrs) == {"codec": "jpeg", "quality": 90, "mpp": 0.5}
+    writes.clear()
+    store_mod.mark_complete(g, status="ok", n_patches=3)
+    assert writes == ["zarr.json"] and is_complete(tmp_path / "a.zarr")
+    assert zarr.open_group(str(tmp_path / "a.zarr")).attrs["tiling"] == {
+        "x": 1,
+        "status": "ok",
+        "n_patches": 3,
+    }
+
+
+def test_a_new_store_cut_short_is_never_resumed(tmp_path: Path, monkeypatch) -> None:
+    """A new store is written chunks first, then the arrays' metadata, then the group's: killed
+    after any of its files, it is tiled afresh, never resumed with an array short of its chunks
+    (coords reading as zeros)."""
+    import builtins
+
+    from wsi_pipeline import store as store_mod
+
+    spec = TilingSpec(tile_px=8, patches_per_shard=2)
+    coords = np.array([[0, 0], [8, 0], [0, 8]], np.int64)
+    tiling = {"spec": spec.to_dict(), "slide_mpp_override": None, "read_level": 0}
+    tiling |= {"mpp": 0.5, "downsample": 1.0}
+    thumb, mask = np.full((4, 5, 3), 200, np.uint8), np.ones((4, 5), bool)
+    arrays = [
+        *store_mod.mask_arrays(thumb, mask, downsample=4.0, spec=spec.mask),
+        *store_mod.grid_arrays(coords, np.ones(3, np.float32), spec, tiling),
+    ]
+
+    def create(path: Path) -> None:
+        store_mod.create_store(path, slide_id="a", meta=_meta(), tiling=tiling, arrays=arrays)
+
+    whole = tmp_path / "whole.zarr"
+    create(whole)
+    n_files = sum(1 for f in whole.rglob("*") if f.is_file())
+    assert store_state(whole, spec, file_size=1, slide_mpp=None) == RESUME
+    assert np.array_equal(read_coords(whole), coords)
+    assert store_problems(whole, 0, 2)[:1] == ["'coords' has shape (3, 2) (expected 0 patches)"]
+
+    def dying_open(k: int) -> Callable[..., Any]:
+        """``open`` that lets ``k`` files be written, then fails like a full disk."""
+        opened = 0
+
+        def fake(*args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal opened
+            if "w" in str(args[1] if len(args) > 1 else kwargs.get("mode", "r")):
+                opened += 1
+                if opened > k:
+                    raise OSError(28, "No space left on device")
+            return builtins.open(*args, **kwargs)
+
+        return fake
+
+    for k in range(n_files):
+        monkeypatch.setattr(store_mod, "open", dying_open(k), raising=False)
+        with pytest.raises(OSError):
+            create(tmp_path / f"cut{k}.zarr")
+        monkeypatch.undo()
+        state = store_state(tmp_path / f"cut{k}.zarr", spec, file_size=1, slide_mpp=None)
+        assert state == FRESH, (k, state)
 
 
 def test_plain_zarr_reads_the_store_without_our_import(store: Path) -> None:

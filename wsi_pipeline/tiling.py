@@ -42,14 +42,14 @@ from .store import (
     STALE,
     create_store,
     finish_store,
+    grid_arrays,
+    mask_arrays,
     patch_count,
     read_coords,
     store_path,
     store_state,
     tiling_attrs,
     unfinished_shards,
-    write_grid,
-    write_mask,
     write_shard,
 )
 from .tiffsrc import DCT_SCALES, JPEG, TiffLevel, open_tiff_level
@@ -433,7 +433,10 @@ def prepare_slide(
             path,
             store,
         )
-    with open_slide(path, mpp=slide_mpp, backend=backend) as slide:
+    # no pixel check at open (7 ms a slide, a quarter of a small slide's fixed cost): the
+    # thumbnail read decodes its level before anything is written, and every patch read or
+    # copied tile is checked (a tile that fails names the slide and the region, one line)
+    with open_slide(path, mpp=slide_mpp, backend=backend, check_pixels=False) as slide:
         meta = slide.meta
         check_claimed_size(meta)
         geometry = tiling_geometry(slide, spec)
@@ -459,9 +462,15 @@ def prepare_slide(
             log.warning("%s: unfinished %s was read from another level; tiling again", path, store)
         thumb, mask, mask_ds = mask_slide(slide, spec, geometry)
         coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
-    g = create_store(store, slide_id=sid, meta=meta, tiling=_tiling_attrs(plan))
-    write_mask(g, thumb, mask, downsample=mask_ds, spec=spec.mask)
-    write_grid(g, coords, frac, spec)
+    tiling = _tiling_attrs(plan)
+    arrays = mask_arrays(thumb, mask, downsample=mask_ds, spec=spec.mask)
+    create_store(
+        store,
+        slide_id=sid,
+        meta=meta,
+        tiling=tiling,
+        arrays=[*arrays, *grid_arrays(coords, frac, spec, tiling)],
+    )
     plan = dataclasses.replace(plan, n_patches=len(coords), copies=_copies(plan))
     plan = dataclasses.replace(plan, todo=tuple(range(plan.n_shards)))
     if len(coords) == 0:
