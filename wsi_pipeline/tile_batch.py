@@ -32,6 +32,7 @@ import contextlib
 import csv
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -504,6 +505,13 @@ def _parts_per_shard(n_shards: int, workers: int) -> int:
 INLINE_PRIORITY = 15
 
 
+#: The interpreter's thread switch interval while :class:`_ThreadClient` runs (Python's
+#: default: 5 ms): a thread woken by zarr's event loop or a finished task waits at most this
+#: long for one that holds the interpreter in Python code (a small slide's fixed cost is mostly
+#: that; restored after the batch).
+SWITCH_INTERVAL_S = 0.001
+
+
 class _ThreadClient:
     """The part of a dask ``Client`` that :func:`_drive` uses, over a thread pool of this
     process: ``submit``, ``as_completed`` with ``add``, ``scheduler_info``.
@@ -528,10 +536,15 @@ class _ThreadClient:
         # pool runs a call serially when another thread holds it, so two tiling threads warp
         # as fast as with it pinned to one (27 against 26 us a 256-px patch, 2 cores), while
         # the one slide being masked gets both cores (~8 ms of a 0.1 s prepare)
+        self.switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self.switch, SWITCH_INTERVAL_S))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            sys.setswitchinterval(self.switch)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from concurrent.futures import Future
