@@ -719,17 +719,33 @@ def small_slides(work: Path, n: int, workers: int = 2) -> tuple[list[dict], list
             fixed_os += f
             fixed_os_cpu += fc
     cpu_os = time.process_time() - c0
-    out = work / "stores_small"
-    shutil.rmtree(out, ignore_errors=True)
+    # ours with 1 and ``workers`` threads, alternately, twice each (best of two), each into a
+    # folder of its own removed only at the end: on a file system without a journal (this
+    # machine's), ext4 passes over the inodes freed in the last minutes when it makes new
+    # ones, so a run right after removing the other's 200 stores would pay for them
+    folders = [work / f"stores_small_{i}" for i in range(5)]
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+    best: dict[int, dict] = {}
+    for rep in range(2):
+        for w in (1, workers):
+            c0 = time.process_time()
+            with measured() as m:
+                res = tile_slides(
+                    [folder], folders[2 * rep + (w != 1)], spec=spec, workers=w, progress=False
+                )
+            cpu = time.process_time() - c0
+            assert len(res) == n and all(r.status == "ok" for r in res), res[:3]
+            if w not in best or m["seconds"] < best[w]["seconds"]:
+                best[w] = {**m, "cpu": cpu, "n": sum(r.n_patches for r in res)}
+    # the stages of our fixed cost: one more run, its functions timed
     c0 = time.process_time()
     with _tiler_stages() as stages, measured() as m:
-        res = tile_slides([folder], out, spec=spec, workers=1, progress=False)
+        res = tile_slides([folder], folders[4], spec=spec, workers=1, progress=False)
     cpu = time.process_time() - c0
-    bad = [r for r in res if r.status != "ok"]
-    assert len(res) == n and not bad, bad[:3]
-    n_ours = sum(r.n_patches for r in res)
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
     pixels = "patch pixels (read, encode, write)"
-    ours_fixed = (m["seconds"] - stages.seconds[pixels]) / n
     rows = [
         {
             "row": "openslide CLAM-style loop (open, thumbnail, mask, read_region)",
@@ -741,35 +757,22 @@ def small_slides(work: Path, n: int, workers: int = 2) -> tuple[list[dict], list
             "cpu_slide": cpu_os / n,
             "fixed_cpu": fixed_os_cpu / n,
             "peak_mb": mo["peak_mb"],
-        },
-        {
-            "row": "wsi-pipeline tile_slides --workers 1 (folder, fresh --out)",
-            "n": n_ours,
-            "slides_s": n / m["seconds"],
-            "rate": n_ours / m["seconds"],
-            "s_slide": m["seconds"] / n,
-            "fixed": ours_fixed,
-            "cpu_slide": cpu / n,
-            "fixed_cpu": (cpu - stages.cpu[pixels]) / n,
-            "peak_mb": m["peak_mb"],
-        },
-    ]
-    shutil.rmtree(out, ignore_errors=True)
-    c0 = time.process_time()
-    with measured() as mw:
-        res = tile_slides([folder], out, spec=spec, workers=workers, progress=False)
-    assert len(res) == n and all(r.status == "ok" for r in res)
-    rows.append(
-        {
-            "row": f"wsi-pipeline tile_slides --workers {workers} (folder, fresh --out)",
-            "n": sum(r.n_patches for r in res),
-            "slides_s": n / mw["seconds"],
-            "rate": sum(r.n_patches for r in res) / mw["seconds"],
-            "s_slide": mw["seconds"] / n,
-            "cpu_slide": (time.process_time() - c0) / n,
-            "peak_mb": mw["peak_mb"],
         }
-    )
+    ]
+    for w, b in best.items():
+        row = {
+            "row": f"wsi-pipeline tile_slides --workers {w} (folder, fresh --out; best of 2)",
+            "n": b["n"],
+            "slides_s": n / b["seconds"],
+            "rate": b["n"] / b["seconds"],
+            "s_slide": b["seconds"] / n,
+            "cpu_slide": b["cpu"] / n,
+            "peak_mb": b["peak_mb"],
+        }
+        if w == 1:  # from the timed run
+            row["fixed"] = (m["seconds"] - stages.seconds[pixels]) / n
+            row["fixed_cpu"] = (cpu - stages.cpu[pixels]) / n
+        rows.append(row)
     for r in rows:
         r["x_openslide"] = r["slides_s"] / rows[0]["slides_s"]
         if "fixed" in r:
@@ -863,8 +866,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\nfixed s/slide: the run's time less its time on patch pixels, over the slides "
             "(openslide: open, thumbnail level, mask, grid; ours: everything but reading, "
-            "encoding and writing patches). x openslide: slides/s over the baseline's. CPU: "
-            "this process's CPU time (wall time counts other processes' load too)."
+            "encoding and writing patches; from one more --workers 1 run with its stages "
+            "timed). x openslide: slides/s over the baseline's. CPU: this process's CPU time "
+            "(wall time counts other processes' load too). Our rows: best of two runs, taken "
+            "alternately, each into a folder of its own."
         )
         print("\nour fixed cost per slide by stage (exclusive wall time):\n")
         print(table(stage_rows, STAGE_COLUMNS))
