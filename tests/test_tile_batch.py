@@ -11,8 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -418,13 +420,13 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
 
 
 def test_copied_tiles_go_one_shard_at_a_time(
-    synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
     """A slide whose patches are all its own JPEG tiles, copied, is interpreter work that
-    threads only contend for: with ``workers=2`` its shards run one at a time (debug line) and
-    write what one process writes; a resampled slide is not chained."""
-    from wsi_pipeline.store import PATCHES
-    from wsi_pipeline.tiling import SlidePlan, prepare_slide
+    threads only contend for: with ``workers=2`` its shards run one at a time (debug line),
+    by the calling thread when the slide is alone in its batch, and write what one process
+    writes; a resampled slide is not chained."""
+    from wsi_pipeline.tiling import SlidePlan, extract_shard, prepare_slide
 
     native = TilingSpec(tile_px=256, patches_per_shard=4)
     plan = prepare_slide(synth_dir / "pos.svs", tmp_path / "plan", spec=native)
@@ -433,6 +435,13 @@ def test_copied_tiles_go_one_shard_at_a_time(
         other = prepare_slide(synth_dir / "pos.svs", tmp_path / f"plan{i}", spec=spec)
         assert isinstance(other, SlidePlan) and not other.copies  # decoded (3 in 4 with overlap)
     runs = {}
+    threads: list[str] = []
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return extract_shard(*args, **kwargs)
+
+    monkeypatch.setattr(tile_batch, "extract_shard", traced)
     for workers in (1, 2):
         with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
             caplog.clear()
@@ -442,9 +451,22 @@ def test_copied_tiles_go_one_shard_at_a_time(
         assert r.status == "ok"
         chained = "source tiles copied; its shards run one at a time" in caplog.text
         assert chained == (workers == 2)
+        # alone in its batch: nothing to run beside its shards, so this thread runs them
+        assert set(threads) == {threading.current_thread().name}
+        threads.clear()
         st = SlideStore(tmp_path / str(workers) / "pos.zarr")
         files = (st.path / PATCHES).rglob("*")
         runs[workers] = sorted(
             (p.relative_to(st.path), p.read_bytes()) for p in files if p.is_file()
         )
     assert runs[1] == runs[2]
+    # beside another slide, its shards go to the threads, one at a time
+    with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
+        caplog.clear()
+        res = tile_slides(
+            [synth_dir / "pos.svs", synth_dir / "neg.svs"], tmp_path / "two", spec=native, workers=2
+        )
+    assert [r.status for r in res] == ["ok", "ok"]
+    assert caplog.text.count("its shards run one at a time") == 2
+    assert caplog.text.count("in this thread (no other slide beside it)") <= 1
+    assert any(t.startswith("wsi-tile") for t in threads)

@@ -501,7 +501,8 @@ def _parts_per_shard(n_shards: int, workers: int) -> int:
 
 
 #: Tasks of at least this dask priority run at once in the driver thread under
-#: :class:`_ThreadClient`: a shard's write from its parts (15), a slide's finalisation (20).
+#: :class:`_ThreadClient`: a shard's write from its parts (15), a slide's finalisation (20),
+#: the copied shards of a slide alone in the batch (15: nothing to run beside them).
 INLINE_PRIORITY = 15
 
 
@@ -599,8 +600,9 @@ def _drive(
     shards of a slide of few of them are extracted in parts side by side
     (:func:`_parts_per_shard`), each written whole when its last part is in; a slide whose
     patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
-    since threads would only contend for the interpreter (debug log). The driver (this
-    thread) holds each slide's store lock and writes its manifest row."""
+    since threads would only contend for the interpreter (debug log), and by this thread when
+    no other slide is left beside it. The driver (this thread) holds each slide's store lock
+    and writes its manifest row."""
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
@@ -650,12 +652,14 @@ def _drive(
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)
 
-        def submit_shard(sid: str, path: str, t0: float, plan: SlidePlan, s: int, n: int) -> None:
+        def submit_shard(
+            sid: str, path: str, t0: float, plan: SlidePlan, s: int, n: int, priority: int = 10
+        ) -> None:
             for p in range(n):  # n == 1: the whole shard in one task
                 g = client.submit(
                     extract_shard if n == 1 else shard_part,
                     *((plan, s) if n == 1 else (plan, s, p, n)),
-                    priority=10,
+                    priority=priority,
                     pure=False,
                     key=f"shard-{sid}-{s}-{p}-{time.time_ns()}",
                 )
@@ -693,8 +697,14 @@ def _drive(
                     # GIL, so such a slide's shards go one at a time (other slides in parallel)
                     chain = threads and split > 1 and res.copies
                     n = 1 if chain else _parts_per_shard(len(res.todo), split)
+                    # ... and by this thread when no other slide is left to tile beside them
+                    alone = chain and not pending and not state and not meta
                     if chain:
-                        log.debug("%s: source tiles copied; its shards run one at a time", sid)
+                        log.debug(
+                            "%s: source tiles copied; its shards run one at a time%s",
+                            sid,
+                            " in this thread (no other slide beside it)" if alone else "",
+                        )
                     todo = list(res.todo)
                     state[sid] = {
                         "plan": res,
@@ -702,9 +712,10 @@ def _drive(
                         "stats": [],
                         "parts": {},
                         "queue": todo[1:] if chain else [],
+                        "priority": INLINE_PRIORITY if alone else 10,
                     }
                     for s in todo[:1] if chain else todo:
-                        submit_shard(sid, path, t0, res, s, n)
+                        submit_shard(sid, path, t0, res, s, n, state[sid]["priority"])
                     if not res.todo:
                         g = client.submit(finalize_slide, res, [], priority=20, pure=False)
                         meta[g] = ("final", sid, path, t0, res)
@@ -735,7 +746,7 @@ def _drive(
                 st["stats"].append(res)
                 st["left"] -= 1
                 if st["queue"]:
-                    submit_shard(sid, path, t0, st["plan"], st["queue"].pop(0), 1)
+                    submit_shard(sid, path, t0, st["plan"], st["queue"].pop(0), 1, st["priority"])
                 patch_bar.update(res["copied"] + res["encoded"])
                 if st["left"] == 0:
                     g = client.submit(
