@@ -424,8 +424,8 @@ def test_copied_tiles_go_one_shard_at_a_time(
 ) -> None:
     """A slide whose patches are all its own JPEG tiles, copied, is interpreter work that
     threads only contend for: with ``workers=2`` its shards run one at a time (debug line),
-    by the calling thread when the slide is alone in its batch, and write what one process
-    writes; a resampled slide is not chained."""
+    and the slide is prepared and its shards run by the calling thread when it is alone in its
+    batch, writing what one process writes; a resampled slide is not chained."""
     from wsi_pipeline.tiling import SlidePlan, extract_shard, prepare_slide
 
     native = TilingSpec(tile_px=256, patches_per_shard=4)
@@ -437,11 +437,15 @@ def test_copied_tiles_go_one_shard_at_a_time(
     runs = {}
     threads: list[str] = []
 
-    def traced(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return extract_shard(*args, **kwargs)
+    def traced(fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(tile_batch, "extract_shard", traced)
+        return run
+
+    monkeypatch.setattr(tile_batch, "extract_shard", traced(extract_shard))
+    monkeypatch.setattr(tile_batch, "prepare_slide", traced(prepare_slide))
     for workers in (1, 2):
         with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
             caplog.clear()
@@ -451,7 +455,8 @@ def test_copied_tiles_go_one_shard_at_a_time(
         assert r.status == "ok"
         chained = "source tiles copied; its shards run one at a time" in caplog.text
         assert chained == (workers == 2)
-        # alone in its batch: nothing to run beside its shards, so this thread runs them
+        # alone in its batch: nothing to run beside it, so this thread prepares it and runs
+        # its shards
         assert set(threads) == {threading.current_thread().name}
         threads.clear()
         st = SlideStore(tmp_path / str(workers) / "pos.zarr")

@@ -503,7 +503,7 @@ def _parts_per_shard(n_shards: int, workers: int) -> int:
 
 #: Tasks of at least this dask priority run at once in the driver thread under
 #: :class:`_ThreadClient`: a shard's write from its parts (15), a slide's finalisation (20),
-#: the copied shards of a slide alone in the batch (15: nothing to run beside them).
+#: the prepare and copied shards of a slide alone in the batch (nothing to run beside them).
 INLINE_PRIORITY = 15
 
 
@@ -628,6 +628,7 @@ def _drive(
 
             ac = as_completed()
         split = workers if threads else 1  # dask: no parts (their chunks would travel twice)
+        single = threads and len(jobs) == 1
 
         def submit_prepares() -> None:
             while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
@@ -649,6 +650,9 @@ def _drive(
                     backend=backend,
                     key=f"prepare-{sid}-{time.time_ns()}",
                     pure=False,
+                    # a slide alone in the batch: nothing to prepare beside it, so this thread
+                    # does (and a slide of copied tiles is then tiled as by one process)
+                    priority=INLINE_PRIORITY if single else 0,
                 )
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)
