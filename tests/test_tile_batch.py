@@ -107,7 +107,7 @@ def test_write_manifest_keeps_rows_of_an_older_layout(tmp_path: Path) -> None:
     ]
 
 
-def test_each_row_is_reported_and_written_as_it_finishes(synth_dir: Path, tmp_path: Path) -> None:
+def test_each_row_is_reported_and_written(synth_dir: Path, tmp_path: Path) -> None:
     seen: list[TileResult] = []
     out = tmp_path / "out"
     res = tile_slides(
@@ -475,3 +475,49 @@ def test_copied_tiles_go_one_shard_at_a_time(
     assert caplog.text.count("its shards run one at a time") == 2
     assert caplog.text.count("in this thread (no other slide beside it)") <= 1
     assert any(t.startswith("wsi-tile") for t in threads)
+
+
+def test_manifest_written_in_batches_and_when_stopped(
+    synth_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The manifest is rewritten at most every MANIFEST_EVERY_S seconds (each write reads and
+    rewrites the whole table), and once at the end; a batch stopped half-way (here by an
+    interrupt from the caller's callback) still leaves the rows of the slides it finished."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(synth_dir / "neg.svs", src / f"{name}.svs")
+    writes: list[list[str]] = []
+
+    def counted(out_dir: Any, rows: Any) -> Path:
+        rows = list(rows)
+        writes.append(sorted(r.slide_id for r in rows))
+        return write_manifest(out_dir, rows)
+
+    monkeypatch.setattr(tile_batch, "write_manifest", counted)
+    monkeypatch.setattr(tile_batch, "MANIFEST_EVERY_S", 3600.0)
+    spec = TilingSpec(tile_px=256)
+    res = tile_slides([src], tmp_path / "out", spec=spec, progress=False)
+    assert [r.status for r in res] == ["ok"] * 3
+    assert writes == [["a", "b", "c"]]  # one write for the batch
+    assert sorted(_manifest(tmp_path / "out")) == ["a", "b", "c"]
+
+    def stop_after_two(r: TileResult) -> None:
+        if len(done) == 1:
+            raise KeyboardInterrupt
+        done.append(r.slide_id)
+
+    for workers in (1, 2):
+        done: list[str] = []
+        out = tmp_path / f"stopped{workers}"
+        with pytest.raises(KeyboardInterrupt):
+            tile_slides(
+                [src], out, spec=spec, progress=False, workers=workers, on_result=stop_after_two
+            )
+        rows = _manifest(out)
+        assert len(rows) == 2 and all(r["status"] == "ok" for r in rows.values()), rows
+        assert all(is_complete(store_path(out, sid)) for sid in rows)
+    monkeypatch.setattr(tile_batch, "MANIFEST_EVERY_S", 0.0)
+    writes.clear()
+    tile_slides([src], tmp_path / "each", spec=spec, progress=False)
+    assert writes == [["a"], ["b"], ["c"]]  # every row at once when the interval is 0

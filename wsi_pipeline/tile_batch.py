@@ -6,7 +6,10 @@ this process (``workers=1``), with ``workers`` threads of this process, or with 
 ``LocalCluster`` of worker processes, or an existing cluster given by address); with threads or
 dask, across slides (up to twice as many slides as workers prepared ahead) and within large
 slides (one task per shard), by one driver (:func:`_drive`).
-It writes ``manifest.csv`` (:func:`write_manifest`) after each finished slide.
+It writes ``manifest.csv`` (:func:`write_manifest`) with the rows of the slides finished since
+its last write, at most every :data:`MANIFEST_EVERY_S` seconds, and at the end of the batch or
+when it stops (an error, an interrupt). A complete store is its slide's proof of being tiled: a
+row lost to a kill is that of a store the next run finds complete (``skipped``) or redoes.
 
 What a batch does with trouble (each reported in one line; see README "Exit status"):
 
@@ -74,6 +77,10 @@ MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("slide_id", "path", "status", "n_patches", "seconds", "error")
 #: Seconds a batch waits for a slide whose store another run holds locked before skipping it.
 LOCK_WAIT_S = 2.0
+#: Seconds between a batch's writes of the manifest (and at its end, or when it stops): each
+#: write reads and rewrites the whole table (6 ms at 2,000 rows, a third of a small slide's
+#: fixed cost), so a row per slide would grow quadratically with the cohort.
+MANIFEST_EVERY_S = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,9 +359,20 @@ def tile_slides(
     results += _odd_entries(slides, files)
     total = len(jobs) + len(results)
 
+    unsaved: set[str] = set()  # slide ids whose rows the manifest does not have yet
+    saved = [time.monotonic()]
+
+    def save() -> None:
+        if unsaved:
+            write_manifest(out, [x for x in results if x.slide_id in unsaved])
+            unsaved.clear()
+        saved[0] = time.monotonic()
+
     def record(r: TileResult) -> None:
         results.append(r)
-        write_manifest(out, [x for x in results if x.slide_id == r.slide_id])
+        unsaved.add(r.slide_id)
+        if time.monotonic() - saved[0] >= MANIFEST_EVERY_S:
+            save()
         if on_result is not None:
             on_result(r)
 
@@ -375,11 +393,14 @@ def tile_slides(
                 _drive(client, *args, workers)
         else:
             _run_dask(*args, workers, scheduler)
+        save()
     except (_DiskFull, OSError) as exc:
         if isinstance(exc, OSError) and not is_disk_full(exc):
             raise
         where = exc.path if isinstance(exc, _DiskFull) else exc.filename or out
         msg = disk_full_message(where, len(results), total)
+        with contextlib.suppress(OSError, WSIPipelineError):  # the rows so far, if there is room
+            save()
         if isinstance(exc, _DiskFull):  # its row, if there is still room for it
             row = TileResult(exc.sid, exc.slide, "failed", 0, 0.0, msg)
             with contextlib.suppress(OSError, WSIPipelineError):
@@ -387,6 +408,9 @@ def tile_slides(
         raise TilingError(msg) from exc
     finally:
         release_sources()  # no slide's decoded tiles outlive the batch in this process
+        if unsaved:  # stopped (an interrupt, an error): the rows of the slides done so far
+            with contextlib.suppress(Exception):
+                save()
     order = {sid: i for i, (sid, _) in enumerate(jobs)}
     return sorted(results, key=lambda r: order.get(r.slide_id, -1))
 
@@ -419,7 +443,7 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
                 record(_locked_result(sid, path, exc, t0))
                 slides_bar.update(1)
                 continue
-            with lock:  # held until the slide's manifest row is written
+            with lock:  # held until the slide's result is recorded
                 try:
                     res = prepare_slide(
                         path,
