@@ -574,7 +574,14 @@ def finish_store(
 
 def missing_chunks(array: Any) -> int:
     """How many chunks of a zarr array are not on disk (0 for a whole array)."""
-    return int(array.nchunks) - int(array.nchunks_initialized)
+    from zarr.core.sync import sync
+
+    return sync(_missing_chunks(array.async_array))
+
+
+async def _missing_chunks(arr: Any) -> int:
+    """:func:`missing_chunks` of an ``AsyncArray``."""
+    return int(arr.nchunks) - int(await arr.nchunks_initialized())
 
 
 def store_problems(path: str | os.PathLike, n_patches: int, patches_per_shard: int) -> list[str]:
@@ -656,7 +663,7 @@ def _array_facts(
         shape = tuple(int(v) for v in arr.shape)
         if key not in whole:
             return shape, 0, 0
-        return shape, int(arr.nchunks) - int(await arr.nchunks_initialized()), int(arr.nchunks)
+        return shape, await _missing_chunks(arr), int(arr.nchunks)
 
     async def all_facts() -> list[tuple[tuple[int, ...], int, int] | None]:
         return await asyncio.gather(*(one(k) for k in keys))

@@ -625,9 +625,9 @@ def _drive(
     shards of a slide of few of them are extracted in parts side by side
     (:func:`_parts_per_shard`), each written whole when its last part is in; a slide whose
     patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
-    since threads would only contend for the interpreter (debug log), and by this thread when
-    no other slide is left beside it. The driver (this thread) holds each slide's store lock
-    and writes its manifest row."""
+    since threads would only contend for the interpreter (debug log). A slide with no other
+    slide beside it (being tiled or left to tile) is prepared, and its copied shards run, by this
+    thread. The driver (this thread) holds each slide's store lock and records its result."""
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
@@ -652,7 +652,11 @@ def _drive(
 
             ac = as_completed()
         split = workers if threads else 1  # dask: no parts (their chunks would travel twice)
-        single = threads and len(jobs) == 1
+
+        def alone() -> bool:
+            """Nothing to run beside a slide's next task (threads): no other slide is being
+            tiled or left to tile, so this thread runs it (no handoff to the pool)."""
+            return threads and not pending and not state and not meta
 
         def submit_prepares() -> None:
             while pending and sum(1 for v in meta.values() if v[0] == "prep") + len(state) < window:
@@ -674,9 +678,8 @@ def _drive(
                     backend=backend,
                     key=f"prepare-{sid}-{time.time_ns()}",
                     pure=False,
-                    # a slide alone in the batch: nothing to prepare beside it, so this thread
-                    # does (and a slide of copied tiles is then tiled as by one process)
-                    priority=INLINE_PRIORITY if single else 0,
+                    # a lone slide of copied tiles is then tiled as by one process
+                    priority=INLINE_PRIORITY if alone() else 0,
                 )
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)
@@ -726,13 +729,12 @@ def _drive(
                     # GIL, so such a slide's shards go one at a time (other slides in parallel)
                     chain = threads and split > 1 and res.copies
                     n = 1 if chain else _parts_per_shard(len(res.todo), split)
-                    # ... and by this thread when no other slide is left to tile beside them
-                    alone = chain and not pending and not state and not meta
+                    inline = chain and alone()
                     if chain:
                         log.debug(
                             "%s: source tiles copied; its shards run one at a time%s",
                             sid,
-                            " in this thread (no other slide beside it)" if alone else "",
+                            " in this thread (no other slide beside it)" if inline else "",
                         )
                     todo = list(res.todo)
                     state[sid] = {
@@ -741,7 +743,7 @@ def _drive(
                         "stats": [],
                         "parts": {},
                         "queue": todo[1:] if chain else [],
-                        "priority": INLINE_PRIORITY if alone else 10,
+                        "priority": INLINE_PRIORITY if inline else 10,
                     }
                     for s in todo[:1] if chain else todo:
                         submit_shard(sid, path, t0, res, s, n, state[sid]["priority"])
