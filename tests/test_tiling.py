@@ -173,11 +173,12 @@ def test_scaled_decode_keeps_patches_and_pixels(
     tile_px: int,
 ) -> None:
     """Decoding JPEG tiles at 1/2 or 1/4 scale keeps exactly the same patches (coords and
-    tissue fractions) as full decoding, for every patch wherever it lies on the scaled grid,
-    and pixels (stored losslessly) within 3 grey levels of openslide + area resize and no more
-    than 1 worse than full decoding + Lanczos (measured: at most 2.7 and 0.5 worse), within 3.5
-    of the latter (measured: at most 3.2, for x4 at 1/4 scale + the bilinear warp; 2.4 with
-    bicubic, which is no closer to openslide: mean 1.06 against 1.12)."""
+    tissue fractions) as full decoding, for every patch wherever it lies on the scaled grid.
+    Its pixels (stored losslessly), over every patch: within 3 grey levels of openslide + area
+    resize on average (measured 0.6-1.4), each no more than 1 worse than full decoding + Lanczos
+    and at most 4 (measured: 3.8, a fine-textured patch of the x4 case at 1/4 scale + the
+    bilinear warp, where full decoding gives 2.8; 3.2 on the 0.243 scan), and within 3.5 of
+    full decoding."""
     import openslide
     from PIL import Image
 
@@ -204,11 +205,12 @@ def test_scaled_decode_keeps_patches_and_pixels(
     patch_l0 = a.tiling["patch_l0"]
     off_grid = (np.round(a.coords / 1.0) % scale != 0).any(axis=1).mean()
     assert off_grid > 0.3 or float(patch_l0).is_integer()  # real scans: most start off the grid
-    idx = list(range(0, a.n_patches, max(1, a.n_patches // 12)))
+    idx = list(range(a.n_patches))
     pa, pb = a.reader().read(idx), b.reader().read(idx)
     rp = math.ceil(patch_l0)  # read whole; the patch is its box of side patch_l0
+    mad = []
     with openslide.OpenSlide(str(slide)) as s:
-        for k, i in enumerate(idx):
+        for i in idx:
             x, y = (int(v) for v in a.coords[i])
             if x + rp > width or y + rp > height:
                 continue  # past the edge openslide pads black, we pad white
@@ -216,9 +218,11 @@ def test_scaled_decode_keeps_patches_and_pixels(
             box = (0, 0, patch_l0, patch_l0)
             ref = ref.resize((tile_px, tile_px), Image.Resampling.BOX, box=box)
             ref = np.asarray(ref).astype(int)
-            da, db = np.abs(pa[k].astype(int) - ref).mean(), np.abs(pb[k].astype(int) - ref).mean()
-            assert da <= 3.0 and da <= db + 1.0, (da, db)
-            assert np.abs(pa[k].astype(int) - pb[k]).mean() <= 3.5
+            da, db = np.abs(pa[i].astype(int) - ref).mean(), np.abs(pb[i].astype(int) - ref).mean()
+            assert da <= 4.0 and da <= db + 1.0, (i, da, db)
+            assert np.abs(pa[i].astype(int) - pb[i]).mean() <= 3.5
+            mad.append(da)
+    assert len(mad) >= 8 and np.mean(mad) <= 3.0
 
 
 def test_a_level_within_two_percent_is_read(

@@ -204,7 +204,7 @@ class TilingSpec:
         When the patches are about twice as coarse as the pyramid level they are read from or
         more (within 2 %, :data:`wsi_pipeline.tiling.RESOLUTION_SLACK`), decode the file's JPEG
         tiles at 1/2, 1/4 or 1/8 scale in the DCT domain and finish with one small resample (less
-        work; within 3 grey levels of openslide + area resize). False always decodes at full
+        work; within 3 grey levels of openslide + area resize on average). False always decodes at full
         resolution. Never changes which patches are kept.
     patches_per_shard : int
         Patches per shard file of the ``patches`` array.

@@ -428,11 +428,14 @@ def _new_array(
     key: str, data: np.ndarray, chunks: tuple, attrs: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The ``create_array`` arguments of a small array of a new store, written whole with its
-    data and attributes (every chunk, as :func:`write_array`: ``chunks`` clipped to the shape)."""
+    data and attributes (every chunk, as :func:`write_array`: ``chunks`` clipped to the shape),
+    compressed with zstd at :data:`ZSTD_LEVEL` (zarr's default level 3 took 5.4 against 1.7 ms
+    a 1,250 x 938 thumbnail, for 2 % fewer bytes)."""
     return {
         "name": key,
         "data": data,
         "chunks": _clip_chunks(chunks, data.shape),
+        "compressors": [_zarr().codecs.ZstdCodec(level=ZSTD_LEVEL)],
         "attributes": attrs,
         "overwrite": True,
         "config": {"write_empty_chunks": True},
