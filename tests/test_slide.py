@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -231,15 +232,24 @@ def test_thumbnail_from_the_file_s_own_tiles(testdata: Path, tmp_path: Path) -> 
                 src = _thumbnail_source(s, ds)
                 assert src is not None
                 fast = s.read_thumbnail(ds, strip_px=strip, source=src)
+                # half of each strip decoded by another thread: the same pixels
+                with ThreadPoolExecutor(2) as pool:
+                    halves = s.read_thumbnail(ds, strip_px=strip, source=src, pool=pool)
                 src.close()
                 assert np.array_equal(fast, s.read_thumbnail(ds, strip_px=strip))
+                assert np.array_equal(halves, fast)
 
     class Broken:
-        def read(self, *args: object) -> np.ndarray:
+        def read(self, *args: object, **kwargs: object) -> np.ndarray:
             raise OSError("tile 0 has no data")
 
     with open_slide(testdata / "aperio/CMU-1-Small-Region.svs") as s:
         got = s.read_thumbnail(8.0, source=Broken())
+        assert np.array_equal(got, s.read_thumbnail(8.0))
+        broken = Broken()
+        broken.tiles_across, broken.tile_w = 4, 64  # split in two: each half fails
+        with ThreadPoolExecutor(2) as pool:
+            got = s.read_thumbnail(8.0, source=broken, pool=pool)
         assert np.array_equal(got, s.read_thumbnail(8.0))
     # not a tiled TIFF level: no direct source, read_region as before
     with open_slide(testdata / "generic-tiff/kidney-48-5.tif") as s:

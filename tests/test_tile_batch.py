@@ -424,8 +424,9 @@ def test_copied_tiles_go_one_shard_at_a_time(
 ) -> None:
     """A slide whose patches are all its own JPEG tiles, copied, is interpreter work that
     threads only contend for: with ``workers=2`` its shards run one at a time (debug line),
-    and the slide is prepared and its shards run by the calling thread when it is alone in its
-    batch, writing what one process writes; a resampled slide is not chained."""
+    and the slide is prepared (the pool decoding half its thumbnail) and its shards run by the
+    calling thread when it is alone in its batch, writing what one process writes; a resampled
+    slide is not chained."""
     from wsi_pipeline.tiling import SlidePlan, extract_shard, prepare_slide
 
     native = TilingSpec(tile_px=256, patches_per_shard=4)
@@ -436,10 +437,13 @@ def test_copied_tiles_go_one_shard_at_a_time(
         assert isinstance(other, SlidePlan) and not other.copies  # decoded (3 in 4 with overlap)
     runs = {}
     threads: list[str] = []
+    pools: list[bool] = []
 
     def traced(fn: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
             threads.append(threading.current_thread().name)
+            if fn is prepare_slide:  # given the idle threads for its thumbnail?
+                pools.append(kwargs.get("pool") is not None)
             return fn(*args, **kwargs)
 
         return run
@@ -458,7 +462,9 @@ def test_copied_tiles_go_one_shard_at_a_time(
         # alone in its batch: nothing to run beside it, so this thread prepares it and runs
         # its shards
         assert set(threads) == {threading.current_thread().name}
+        assert pools == [workers == 2]  # and the pool's idle threads decode half its thumbnail
         threads.clear()
+        pools.clear()
         st = SlideStore(tmp_path / str(workers) / "pos.zarr")
         files = (st.path / PATCHES).rglob("*")
         runs[workers] = sorted(
@@ -475,6 +481,7 @@ def test_copied_tiles_go_one_shard_at_a_time(
     assert caplog.text.count("its shards run one at a time") == 2
     assert caplog.text.count("in this thread (no other slide beside it)") <= 1
     assert any(t.startswith("wsi-tile") for t in threads)
+    assert pools == [False, False]  # the threads are busy with the other slide
 
 
 def test_manifest_written_in_batches_and_when_stopped(

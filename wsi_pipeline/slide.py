@@ -17,13 +17,16 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import SlideError
 from .specs import SlideMeta
 from .util import resize_rgb, sanitize_id
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -374,7 +377,12 @@ class Slide:
         return max(ds, 1.0)
 
     def read_thumbnail(
-        self, downsample: float, *, strip_px: int = 2048, source: Any = None
+        self,
+        downsample: float,
+        *,
+        strip_px: int = 2048,
+        source: Any = None,
+        pool: Executor | None = None,
     ) -> np.ndarray:
         """The whole slide at ``downsample`` level-0 px per pixel, built strip by strip.
 
@@ -389,6 +397,10 @@ class Slide:
             (:func:`wsi_pipeline.tiffsrc.open_tiff_level`), whose decoded tiles equal the
             reader's: strips are read from it, without the reader's ``read_region``. A strip it
             cannot read is read through ``read_region`` (which names the failing region).
+        pool : Executor, optional
+            Idle threads: the left half of each strip read from ``source`` is decoded by one of
+            them while this thread decodes the right half (the same pixels; JPEG 2000 and
+            JPEG decoders release the interpreter).
 
         Returns
         -------
@@ -408,7 +420,7 @@ class Slide:
             strip = None
             if source is not None:
                 try:  # white outside the level, like read_region
-                    strip = source.read(0, sy0, sw, max(1, sy1 - sy0))
+                    strip = _read_strip(source, sy0, sw, max(1, sy1 - sy0), pool)
                 except Exception:
                     source = None  # the reader decides, and names the region if it fails too
             if strip is None:
@@ -417,6 +429,22 @@ class Slide:
                 )
             out[r0:r1] = resize_rgb(strip, (tw, r1 - r0), resample="area")
         return out
+
+
+def _read_strip(source: Any, y: int, w: int, h: int, pool: Executor | None) -> np.ndarray:
+    """Rows ``y .. y + h`` of ``source`` (a :class:`~wsi_pipeline.tiffsrc.TiffLevel`), ``w``
+    wide; with ``pool``, its left half (whole tile columns) decoded by the pool beside this
+    thread's right half."""
+    half = (getattr(source, "tiles_across", 0) // 2) * getattr(source, "tile_w", 0)
+    if pool is None or not 0 < half < w:
+        return source.read(0, y, w, h)
+    strip = np.empty((h, w, 3), np.uint8)
+    left = pool.submit(source.read, 0, y, half, h, out=strip[:, :half])
+    try:
+        source.read(half, y, w - half, h, out=strip[:, half:])
+    finally:
+        left.result()
+    return strip
 
 
 def open_slide(

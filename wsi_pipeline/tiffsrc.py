@@ -176,13 +176,19 @@ class TiffLevel:
         arr, _, shape = self._decode(data, index, jpegtables=self._tables)
         return np.asarray(arr).reshape(shape[1], shape[2], -1)[..., :3]
 
-    def read(self, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
+    def read(
+        self, x: int, y: int, w: int, h: int, scale: int = 1, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Region at this level, ``(h, w, 3)`` uint8, white outside the level.
 
         With ``scale`` > 1 the coordinates and sizes are those of the level shrunk ``scale``
-        times, and the tiles are decoded at that scale (:meth:`tile`).
+        times, and the tiles are decoded at that scale (:meth:`tile`). ``out``, if given, is
+        the ``(h, w, 3)`` uint8 array (or view) it is written into and returned.
         """
-        out = np.full((h, w, 3), 255, np.uint8)
+        if out is None:
+            out = np.full((h, w, 3), 255, np.uint8)
+        else:
+            out[...] = 255
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, -(-self.width // scale)), min(y + h, -(-self.height // scale))
         if x1 <= x0 or y1 <= y0:

@@ -627,7 +627,7 @@ def _drive(
     patches are all copied source tiles (``plan.copies``) has its shards run one at a time,
     since threads would only contend for the interpreter (debug log). A slide with no other
     slide beside it (being tiled or left to tile) is prepared, and its copied shards run, by this
-    thread. The driver (this thread) holds each slide's store lock and records its result."""
+    thread, the pool's idle threads decoding half of its thumbnail. The driver (this thread) holds each slide's store lock and records its result."""
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
@@ -667,6 +667,7 @@ def _drive(
                     done(_locked_result(sid, path, exc, time.time()))
                     slides_bar.update(1)
                     continue
+                lone = alone()
                 f = client.submit(
                     prepare_slide,
                     path,
@@ -676,10 +677,12 @@ def _drive(
                     slide_mpp=slide_mpp,
                     overwrite=overwrite,
                     backend=backend,
+                    # the pool's idle threads decode half of its thumbnail
+                    pool=client.pool if lone else None,
                     key=f"prepare-{sid}-{time.time_ns()}",
                     pure=False,
                     # a lone slide of copied tiles is then tiled as by one process
-                    priority=INLINE_PRIORITY if alone() else 0,
+                    priority=INLINE_PRIORITY if lone else 0,
                 )
                 meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
                 ac.add(f)

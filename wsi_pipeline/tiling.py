@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from .store import (
 from .tiffsrc import DCT_SCALES, JPEG, TiffLevel, open_tiff_level
 from .tissue import load_user_mask, rect_fractions, tissue_mask
 from .util import resize_rgb
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 __all__ = [
     "MAX_PX_PER_BYTE",
@@ -342,18 +345,18 @@ def _thumbnail_source(slide: Slide, downsample: float) -> TiffLevel | None:
     codecs) decode to the same pixels as openslide and tiffslide (NOTES.md;
     ``tests/test_slide.py``), without ``read_region``'s RGBA compositing, which costs several
     times the decode (~20 ms of a 1,000 x 750 JPEG level; 0.21 against 0.14 s for the JPEG
-    2000 level of the TCGA test slide). It keeps one row of decoded tiles (a strip's last row
-    is the next strip's first).
+    2000 level of the TCGA test slide). It keeps two rows of decoded tiles (a strip's last row
+    is the next strip's first; two threads reading it may each be a row ahead of the other).
     """
     level = slide.best_level(downsample)
     tiff = open_tiff_level(slide.path, level, slide.meta.level_dimensions[level])
     if tiff is not None:
-        tiff.cache_tiles = tiff.tiles_across
+        tiff.cache_tiles = 2 * tiff.tiles_across
     return tiff
 
 
 def mask_slide(
-    slide: Slide, spec: TilingSpec, geometry: Geometry
+    slide: Slide, spec: TilingSpec, geometry: Geometry, pool: Executor | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The thumbnail and tissue mask a slide is tiled with.
 
@@ -365,6 +368,9 @@ def mask_slide(
     geometry : Geometry
         The tiling's geometry on this slide: the thumbnail resolves each patch side into at
         least 8 mask pixels.
+    pool : Executor, optional
+        Idle threads that decode half of the thumbnail's tiles beside this one
+        (:meth:`Slide.read_thumbnail`).
 
     Returns
     -------
@@ -376,7 +382,7 @@ def mask_slide(
     mask_ds = _mask_downsample(slide, spec, geometry)
     source = _thumbnail_source(slide, mask_ds)
     try:
-        thumb = slide.read_thumbnail(mask_ds, source=source)
+        thumb = slide.read_thumbnail(mask_ds, source=source, pool=pool)
     finally:
         if source is not None:
             source.close()
@@ -399,10 +405,12 @@ def prepare_slide(
     slide_mpp: float | None = None,
     overwrite: bool = False,
     backend: str = "auto",
+    pool: Executor | None = None,
 ) -> SlidePlan | TileResult:
     """Open, mask and grid one slide and create (or resume) its store.
 
     What is done with an existing store is decided by :func:`wsi_pipeline.store.store_state`.
+    ``pool``: idle threads that decode half of the thumbnail beside this one (:func:`mask_slide`).
 
     Returns
     -------
@@ -460,7 +468,7 @@ def prepare_slide(
             if now == RESUME:
                 return _resume_plan(plan)
             log.warning("%s: unfinished %s was read from another level; tiling again", path, store)
-        thumb, mask, mask_ds = mask_slide(slide, spec, geometry)
+        thumb, mask, mask_ds = mask_slide(slide, spec, geometry, pool)
         coords, frac = tile_grid(meta, geometry, spec, mask, mask_ds)
     tiling = _tiling_attrs(plan)
     arrays = mask_arrays(thumb, mask, downsample=mask_ds, spec=spec.mask)
