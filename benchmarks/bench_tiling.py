@@ -11,8 +11,10 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    resolution, with the tiler's own decoder (libjpeg-turbo through simplejpeg; OpenJPEG);
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
 3. our ``tile``   -- to a complete store: one process, ``--workers N`` (threads of the one
-   process, nothing to start; each the best of three runs) and pre-started dask workers (last,
-   so that the cluster's shutdown runs beside no other row); for the resampled paths the mean
+   process, nothing to start; each the best of three runs, the two taken alternately) and
+   pre-started dask workers (last, so that the cluster's shutdown runs beside no other row),
+   each also as a multiple of one process; beside the threads row, the ceiling of N processes
+   on this machine for the path's own work (:func:`extraction_ceiling`); for the resampled paths the mean
    absolute difference of 300 stored patches from openslide at level 0 + box resize (grey
    levels), and for those read from a coarser level also from openslide at that level (+ the
    tiler's filter for the factor left: our reading and resampling alone).
@@ -39,6 +41,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -240,29 +243,31 @@ def run_case(
     src_bytes = int(counts[tiles].sum())
     spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px, codec=codec)
 
-    def ours(name: str, runs: int = 3, **kw) -> None:
+    def ours(name: str, best: dict, **kw) -> None:
+        """One timed run into the path's stores folder; ``best`` keeps the fastest run's
+        measure, result and store bytes."""
         out = work / _stores_name(label)
-        best: dict = {"seconds": float("inf")}
-        for _ in range(runs):  # the best of ``runs``: a short run is at the mercy of noise
-            shutil.rmtree(out, ignore_errors=True)
-            with measured() as m:
-                res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
-            assert res[0].status == "ok", res[0].error
-            if m["seconds"] < best["seconds"]:
-                best = dict(m)
-        m = best
-        st = SlideStore(out / f"{slide.stem}.zarr")
-        store_bytes = sum(f.stat().st_size for f in (st.path / PATCHES).rglob("*") if f.is_file())
+        shutil.rmtree(out, ignore_errors=True)
+        with measured() as m:
+            res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
+        assert res[0].status == "ok", res[0].error
+        if m["seconds"] < best.get("seconds", float("inf")):
+            st = SlideStore(out / f"{slide.stem}.zarr")
+            files = (st.path / PATCHES).rglob("*")
+            best.update(m, res=res[0], tiling=st.tiling, out=out)
+            best["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
+
+    def row(name: str, best: dict) -> None:
         rows.append(
             {
                 "case": label,
                 "row": name,
-                "rate": res[0].n_patches / m["seconds"],
-                "peak_mb": m["peak_mb"],
-                "n": res[0].n_patches,
-                "bytes_ratio": store_bytes / src_bytes,
-                "copied": st.tiling.get("copied_source_tiles"),
-                "level": st.tiling["read_level"],
+                "rate": best["res"].n_patches / best["seconds"],
+                "peak_mb": best["peak_mb"],
+                "n": best["res"].n_patches,
+                "bytes_ratio": best["bytes"] / src_bytes,
+                "copied": best["tiling"].get("copied_source_tiles"),
+                "level": best["tiling"]["read_level"],
             }
         )
 
@@ -271,28 +276,79 @@ def run_case(
     warm = work / (_stores_name(label) + "_warm")
     tile_slides([slide], warm, spec=spec, progress=False, slide_mpp=scan_mpp, workers=1)
     shutil.rmtree(warm, ignore_errors=True)
-    ours("wsi-pipeline tile --workers 1 (one process)", workers=1)
-    if ds > 1:
+    # one process and N threads taken alternately, the best of three each: a short run is at
+    # the mercy of noise, which then falls on both alike
+    one: dict = {}
+    threads: dict = {}
+    for _ in range(3):
+        ours("one", one, workers=1)
+        ours("threads", threads, workers=workers)
+    row("wsi-pipeline tile --workers 1 (one process)", one)
+    if ds > 1:  # the store of the last run (every run writes the same patches)
         stores = work / _stores_name(label)
         rows[-1]["mad"] = _mad_from_openslide(slide, stores, tile_px, ds)
         if rows[-1]["level"]:
             level = rows[-1]["level"]
             rows[-1]["mad_level"] = _mad_from_openslide(slide, stores, tile_px, ds, level=level)
-    ours(f"wsi-pipeline tile --workers {workers} (threads, no cluster)", workers=workers)
+    row(f"wsi-pipeline tile --workers {workers} (threads, no cluster)", threads)
+    rows[-1]["ceiling"] = extraction_ceiling(slide, work, spec, scan_mpp, workers)
     # like the baselines' pools, the workers are started outside the timing; last, so that
     # the cluster's shutdown does not run beside the other rows
     with LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
-        ours(
-            f"wsi-pipeline tile, {workers} dask workers",
-            runs=1,
-            scheduler=cluster.scheduler_address,
-        )
+        cluster_run: dict = {}
+        ours("dask", cluster_run, scheduler=cluster.scheduler_address)
+        row(f"wsi-pipeline tile, {workers} dask workers", cluster_run)
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
         r["x_openslide"] = r["rate"] / os_rate
+        if r["row"].startswith("wsi-pipeline"):
+            r["x_one"] = r["rate"] * one["seconds"] / one["res"].n_patches
     return rows
+
+
+def _extract_part(args: tuple) -> int:
+    """Extract one shard part of a prepared slide, without writing it; its patch count."""
+    from wsi_pipeline.tiling import shard_part
+
+    plan, task = args
+    return len(shard_part(plan, *task)[0])
+
+
+def extraction_ceiling(
+    slide: Path, work: Path, spec: Any, scan_mpp: float | None, workers: int
+) -> float:
+    """What ``workers`` processes reach on this machine on the path's own work: the slide's
+    shard parts, split as the thread client splits them, extracted (read, decoded, resampled,
+    encoded; not written) in one process and in ``workers`` spawned processes taking them in
+    turn -- nothing shared, no interpreter lock, none of the serial thumbnail, mask and store
+    steps. The ratio of the two times (best of two each, alternately): the ceiling that
+    ``--workers N`` threads, which have all three, are read against."""
+    import tempfile
+
+    from wsi_pipeline.tile_batch import _parts_per_shard
+    from wsi_pipeline.tiling import SlidePlan, prepare_slide, release_sources
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        plan = prepare_slide(slide, tmp, spec=spec, slide_mpp=scan_mpp)
+        assert isinstance(plan, SlidePlan)
+        n = _parts_per_shard(len(plan.todo), workers)
+        tasks = [(plan, (s, p, n)) for s in plan.todo for p in range(n)]
+        one = many = float("inf")
+        with mp.get_context("spawn").Pool(workers) as pool:
+            pool.map(_noop, range(workers))
+            for _ in range(2):
+                release_sources()
+                t = time.perf_counter()
+                for task in tasks:
+                    _extract_part(task)
+                one = min(one, time.perf_counter() - t)
+                t = time.perf_counter()
+                sum(pool.imap_unordered(_extract_part, tasks))
+                many = min(many, time.perf_counter() - t)
+        release_sources()
+    return one / many
 
 
 def _stores_name(label: str) -> str:
@@ -885,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         ("bytes_ratio", "store/source bytes", f2),
         ("copied", "copied tiles", f1),
         ("level", "read level", f1),
+        ("x_one", "x one process", f2),
+        ("ceiling", f"ceiling: extraction, {args.workers} processes / 1", f2),
         ("mad", "MAD vs openslide", f2),
         ("mad_level", "MAD vs openslide, read level", f2),
     ]
