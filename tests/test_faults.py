@@ -22,6 +22,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from wsi_pipeline import tile_batch
 from wsi_pipeline.cli import main
 from wsi_pipeline.locks import lock_path
 from wsi_pipeline.specs import TilingSpec
@@ -64,19 +65,44 @@ def tile(*args: str | Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # a full disk stops the batch, in one line, keeping what was written
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("workers", ["1", "2"])
+#: ``sitecustomize`` of the slide worker processes of a batch: b's store's disk is full there.
+FULL_DISK_SITE = """
+import errno, os, pathlib
+real_write_bytes = pathlib.Path.write_bytes
+def full_disk(self, data):
+    if "b.zarr" in self.parts and self.name.endswith(".tmp"):
+        real_write_bytes(self, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return real_write_bytes(self, data)
+pathlib.Path.write_bytes = full_disk
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2", "2 slide processes"])
 def test_disk_full_stops_the_batch_and_keeps_what_was_written(
-    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str, monkeypatch
 ) -> None:
     """One process tiles slide after slide: a is kept, c never started. With 2 workers slides
-    are tiled side by side, so a and c may be unfinished when b's disk fills: whatever was
-    finished is kept, nothing unfinished claims to be complete, and the next run resumes."""
+    are tiled side by side (by threads, or by worker processes when the batch is many small
+    slides), so a and c may be unfinished when b's disk fills: whatever was finished is kept,
+    nothing unfinished claims to be complete, and the next run resumes."""
     out = tmp_path / "out"
     real_write_bytes = pathlib.Path.write_bytes
+    processes = workers == "2 slide processes"
+    if processes:  # the worker processes' disk is full too (and they write every store)
+        monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", 1)
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(FULL_DISK_SITE)
+        path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+        monkeypatch.setenv("PYTHONPATH", path)
+        workers = "2"
 
     def full_disk(self: Path, data: bytes) -> int:
         """The filesystem of b's store is full: half the bytes land, then ENOSPC (what a
         real full disk does to a write); everything else writes normally."""
+        in_store = any(part.endswith(".zarr") for part in self.parts)
+        assert not (processes and in_store), "the worker processes write the stores"
         if "b.zarr" in self.parts and self.name.endswith(".tmp"):
             real_write_bytes(self, bytes(data)[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
@@ -84,6 +110,7 @@ def test_disk_full_stops_the_batch_and_keeps_what_was_written(
 
     with mock.patch.object(pathlib.Path, "write_bytes", full_disk):
         code = tile(slides, "--out", out, "--workers", workers)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # room again for the run below
     assert code == 1
     rows = {r["slide_id"]: r for r in manifest_rows(out)}
     finished = [s for s in "ac" if s in rows and rows[s]["status"] == "ok"]

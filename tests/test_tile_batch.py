@@ -22,7 +22,7 @@ import pytest
 from wsi_pipeline import tile_batch
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.locks import acquire, lock_path
+from wsi_pipeline.locks import acquire, lock_path, read_lock
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import PATCHES, SlideStore, is_complete, store_path
@@ -350,10 +350,14 @@ def test_scheduler_address(synth_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lane", ["threads", "slide processes"])
 def test_a_failing_slide_is_one_line_with_workers(
-    synth_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    synth_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch, lane: str
 ) -> None:
-    """No dask 'Compute Failed' block per failure, even from worker processes."""
+    """No dask 'Compute Failed' block per failure, even from worker processes; from the slide
+    processes of a batch of small slides, the line their worker logs, relayed."""
+    if lane == "slide processes":
+        monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", 1)
     bad = tmp_path / "bad.svs"
     bad.write_bytes(b"not a slide at all")
     args = ["tile", str(bad), str(synth_dir / "tiny.svs"), "--out", str(tmp_path / "o")]
@@ -528,3 +532,106 @@ def test_manifest_written_in_batches_and_when_stopped(
     writes.clear()
     tile_slides([src], tmp_path / "each", spec=spec, progress=False)
     assert writes == [["a"], ["b"], ["c"]]  # every row at once when the interval is 0
+
+
+def test_many_small_slides_are_tiled_by_processes(
+    synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """A batch of many small slide files is tiled by worker processes, each taking whole slides
+    (debug line): the same stores and rows as one process, a bad slide's one line relayed from
+    its worker. Too few slides per worker, or one big file, and it stays with threads."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        (src / f"s{i}.svs").symlink_to(synth_dir / ("pos.svs" if i % 2 else "neg.svs"))
+    (src / "bad.svs").write_bytes(b"not a slide at all")
+    monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", 3)  # 7 slides: enough for 2
+    spec = TilingSpec(tile_px=128, patches_per_shard=16)
+    lane = "2 processes, each tiling whole slides"
+    with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
+        two = tile_slides([src], tmp_path / "2", spec=spec, workers=2, progress=False)
+    assert lane in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "bad.svs" in errors[0] and "unsupported" in errors[0]
+    one = tile_slides([src], tmp_path / "1", spec=spec, workers=1, progress=False)
+    assert [(r.slide_id, r.status, r.n_patches, r.error) for r in two] == [
+        (r.slide_id, r.status, r.n_patches, r.error) for r in one
+    ]
+    assert sorted(r.status for r in two) == ["failed"] + ["ok"] * 6
+    assert sorted(_manifest(tmp_path / "2")) == sorted(r.slide_id for r in one)
+    files = sorted(
+        p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file()
+    )
+    patches = [f for f in files if PATCHES in f.parts]
+    assert len(patches) >= 6
+    for f in patches:
+        assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes()
+    assert all(is_complete(tmp_path / "2" / f"s{i}.zarr") for i in range(6))
+    # too few slides for two workers; or one file too big to count as small: threads
+    for per, big in ((4, 1 << 30), (3, (synth_dir / "pos.svs").stat().st_size - 1)):
+        monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", per)
+        monkeypatch.setattr(tile_batch, "SMALL_SLIDE_BYTES", big)
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
+            tile_slides([src], tmp_path / f"t{per}", spec=spec, workers=2, progress=False)
+        assert lane not in caplog.text and "threads in this process" in caplog.text
+
+
+def test_slide_processes_do_not_rerun_an_unguarded_script(synth_dir: Path, tmp_path: Path) -> None:
+    """A user's script that calls ``tile_slides`` at its top level, without an ``if __name__ ==
+    "__main__":`` guard, is run once: the slide worker processes are started without it."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import wsi_pipeline.tile_batch as tb\n"
+        "print('script ran', flush=True)\n"
+        "tb.SLIDES_PER_PROCESS = 1\n"
+        f"res = tb.tile_slides([{str(synth_dir / 'neg.svs')!r}, {str(synth_dir / 'tiny.svs')!r}],"
+        f" {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
+        "print(sorted(r.status for r in res), flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["script ran", "['ok', 'ok']"], proc.stdout + proc.stderr
+
+
+def test_a_slide_worker_that_dies_leaves_its_slides_to_threads(
+    synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """A slide worker process killed mid-batch (out of memory, a signal) stops no batch and
+    hangs none: one warning line, and the slides not done are tiled by this process's threads
+    (the one it was tiling resumed or redone), every store complete."""
+    import multiprocessing
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        (src / f"s{i}.svs").symlink_to(synth_dir / "pos.svs")
+    monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", 2)
+    killed: list[int] = []
+    out = tmp_path / "out"
+
+    def kill_a_worker(r: TileResult) -> None:
+        """After a slide's result: SIGKILL the worker holding a slide's lock (mid-slide)."""
+        holders = [info.pid for f in out.glob("*.lock") if (info := read_lock(f)) and info.pid]
+        workers = {p.pid for p in multiprocessing.active_children()}
+        if not killed and set(holders) & workers:
+            os.kill(sorted(set(holders) & workers)[0], signal.SIGKILL)
+            killed.extend(workers)
+
+    res = tile_slides(
+        [src], out, spec=TilingSpec(tile_px=128), workers=2, progress=False, on_result=kill_a_worker
+    )
+    assert killed
+    assert [r.status for r in res] == ["ok"] * 12
+    assert all(is_complete(out / f"s{i}.zarr") for i in range(12))
+    assert len(_manifest(out)) == 12
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "a tile worker process died" in warned[0] and "tiled in this process" in warned[0]
+    # the slides they were tiling (the pool ends the other worker too): their locks, left by
+    # the dead workers, taken over
+    takeovers = [w for w in warned[1:] if "no longer running" in w]
+    assert len(takeovers) == len(warned) - 1
+    assert all(any(f"of pid {pid} " in w for pid in killed) for w in takeovers)
+    assert len(warned) <= 3, warned
