@@ -233,6 +233,16 @@ def _failure(sid: str, path: str, exc: BaseException, t0: float, debug: bool) ->
     return TileResult(sid, path, "failed", 0, time.time() - t0, msg)
 
 
+def _failed_or_stop(
+    exc: Exception, out: Path, sid: str, path: str | os.PathLike, t0: float, debug: bool
+) -> TileResult:
+    """The ``failed`` row of a slide tiled in one piece that raised ``exc``; a full disk is
+    raised instead (:class:`_DiskFull`), which stops the batch."""
+    if is_disk_full(exc):
+        raise _DiskFull(store_path(out, sid), sid, path) from exc
+    return _failure(sid, str(Path(path).absolute()), exc, t0, debug)
+
+
 def _assign_ids(slides: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[TileResult]]:
     """Slide ids for a batch; later slides whose id is taken fail with a clear reason."""
     seen: dict[str, Path] = {}
@@ -479,9 +489,7 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
                             res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
                         )
                 except Exception as exc:
-                    if is_disk_full(exc):
-                        raise _DiskFull(store_path(out, sid), sid, path) from exc
-                    res = _failure(sid, str(Path(path).absolute()), exc, t0, debug)
+                    res = _failed_or_stop(exc, out, sid, path, t0, debug)
                 record(res)
             slides_bar.update(1)
     finally:
@@ -679,9 +687,7 @@ def _tile_in_process(
             backend=backend,
         )
     except Exception as exc:
-        if is_disk_full(exc):
-            raise _DiskFull(store_path(out, sid), sid, path) from exc
-        return _failure(sid, str(Path(path).absolute()), exc, t0, debug)
+        return _failed_or_stop(exc, out, sid, path, t0, debug)
     finally:
         release_sources()
 
