@@ -538,8 +538,9 @@ def test_many_small_slides_are_tiled_by_processes(
     synth_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
     """A batch of many small slide files is tiled by worker processes, each taking whole slides
-    (debug line): the same stores and rows as one process, a bad slide's one line relayed from
-    its worker. Too few slides per worker, or one big file, and it stays with threads."""
+    (debug line; one for every SLIDES_PER_PROCESS slides, up to the workers): the same stores
+    and rows as one process, a bad slide's one line relayed from its worker. Too few slides
+    for two, or one big file, and it stays with threads."""
     src = tmp_path / "in"
     src.mkdir()
     for i in range(6):
@@ -567,6 +568,12 @@ def test_many_small_slides_are_tiled_by_processes(
     for f in patches:
         assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes()
     assert all(is_complete(tmp_path / "2" / f"s{i}.zarr") for i in range(6))
+    # a process for every SLIDES_PER_PROCESS slides, not one for each of 4 workers
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="wsi_pipeline.tile_batch"):
+        four = tile_slides([src], tmp_path / "4", spec=spec, workers=4, progress=False)
+    assert "--workers 4: 7 slide files of at most 64 MB: 2 processes" in caplog.text
+    assert [r.status for r in four] == [r.status for r in one]
     # too few slides for two workers; or one file too big to count as small: threads
     for per, big in ((4, 1 << 30), (3, (synth_dir / "pos.svs").stat().st_size - 1)):
         monkeypatch.setattr(tile_batch, "SLIDES_PER_PROCESS", per)

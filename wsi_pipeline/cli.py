@@ -219,9 +219,9 @@ def cli(ctx: click.Context) -> None:
     default=default_workers(),
     show_default=True,
     help="Threads of this process tiling slides and their shards side by side (default: this "
-    "machine's cores); for a batch of many small slide files (32 or more per worker, each at "
-    "most 64 MB), N worker processes each tiling whole slides; 1 = one slide, one shard at a "
-    "time.",
+    "machine's cores); for a batch of small slide files (each at most 64 MB), a worker "
+    "process for every 32 of them, up to N, each tiling whole slides; 1 = one slide, one "
+    "shard at a time.",
 )
 @click.option(
     "--scheduler",

@@ -6,7 +6,7 @@ this process (``workers=1``), with ``workers`` threads of this process, or with 
 ``LocalCluster`` of worker processes, or an existing cluster given by address); with threads or
 dask, across slides (up to twice as many slides as workers prepared ahead) and within large
 slides (one task per shard), by one driver (:func:`_drive`); a batch of many small slide files
-(:func:`_small_slides`) by ``workers`` worker processes instead, each tiling whole slides
+(:func:`_slide_processes`) by worker processes instead, each tiling whole slides
 (:func:`_run_slide_processes`).
 It writes ``manifest.csv`` (:func:`write_manifest`) with the rows of the slides finished since
 its last write, at most every :data:`MANIFEST_EVERY_S` seconds, and at the end of the batch or
@@ -332,11 +332,12 @@ def tile_slides(
     spec : TilingSpec
     workers : int
         Threads of this process tiling slides and their shards side by side (1: one slide, one
-        shard at a time); for a batch of at least :data:`SLIDES_PER_PROCESS` slides per worker,
-        every file at most :data:`SMALL_SLIDE_BYTES`, ``workers`` processes each tiling whole
-        slides (a small slide's fixed cost is interpreter work, which threads take turns at; the
-        processes start without re-running the caller's ``__main__``); with ``processes`` the
-        worker processes of a dask ``LocalCluster`` instead.
+        shard at a time); for a batch of small slide files (each at most
+        :data:`SMALL_SLIDE_BYTES`), a process for every :data:`SLIDES_PER_PROCESS` of them, up
+        to ``workers``, each tiling whole slides (a small slide's fixed cost is interpreter
+        work, which threads take turns at; the processes start without re-running the caller's
+        ``__main__``); with ``processes`` the worker processes of a dask ``LocalCluster``
+        instead.
     scheduler : str, optional
         Address of a running dask.distributed scheduler (its workers must see the same files).
     processes : bool
@@ -400,16 +401,17 @@ def tile_slides(
         args = (jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
         if scheduler is None and not processes and workers <= 1:
             _run_serial(*args)
-        elif scheduler is None and not processes and _small_slides(jobs, workers):
+        elif scheduler is None and not processes and _slide_processes(jobs, workers) > 1:
+            n = _slide_processes(jobs, workers)
             log.debug(
                 "--workers %d: %d slide files of at most %d MB: %d processes, each tiling whole "
                 "slides (their fixed cost is interpreter work, which threads would take turns at)",
                 workers,
                 len(jobs),
                 SMALL_SLIDE_BYTES >> 20,
-                workers,
+                n,
             )
-            _run_slide_processes(*args, workers)
+            _run_slide_processes(*args, n)
         elif scheduler is None and not processes:
             log.debug(
                 "--workers %d: slides and their shards tiled by %d threads in this process (no "
@@ -497,10 +499,9 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
         slides_bar.close()
 
 
-#: A batch of at least this many slides per worker, all of them small files
-#: (:data:`SMALL_SLIDE_BYTES`), is tiled by worker processes taking whole slides
-#: (:func:`_run_slide_processes`): starting them costs ~0.2 s on 2 cores, which ~30 small slides
-#: earn back.
+#: A batch of small slide files (:data:`SMALL_SLIDE_BYTES`) gets a worker process for every
+#: this many of its slides, up to ``workers`` (:func:`_run_slide_processes`): starting them
+#: costs ~0.2 s on 2 cores, which ~30 small slides earn back.
 SLIDES_PER_PROCESS = 32
 #: The largest slide file counted small (a 4,000 x 3,000 px slide is ~1.2 MB, a 40,000 x 30,000
 #: one ~300 MB): a slide's fixed cost (open, thumbnail, mask, store, finalise: ~17 ms, mostly
@@ -508,15 +509,17 @@ SLIDES_PER_PROCESS = 32
 SMALL_SLIDE_BYTES = 64 << 20
 
 
-def _small_slides(jobs: Sequence[tuple[str, Path]], workers: int) -> bool:
-    """Whether a batch is many small slides (:data:`SLIDES_PER_PROCESS`,
-    :data:`SMALL_SLIDE_BYTES`): what worker processes, not threads, tile faster."""
-    if len(jobs) < SLIDES_PER_PROCESS * workers:
-        return False
+def _slide_processes(jobs: Sequence[tuple[str, Path]], workers: int) -> int:
+    """How many worker processes, each taking whole slides, tile a batch faster than threads:
+    one per :data:`SLIDES_PER_PROCESS` slides, at most ``workers``, when every file is small
+    (:data:`SMALL_SLIDE_BYTES`); 0 (threads) when a file is not, or cannot be read."""
+    n = min(workers, len(jobs) // SLIDES_PER_PROCESS)
+    if n < 2:
+        return 0
     try:
-        return all(Path(p).stat().st_size <= SMALL_SLIDE_BYTES for _, p in jobs)
+        return n if all(Path(p).stat().st_size <= SMALL_SLIDE_BYTES for _, p in jobs) else 0
     except OSError:  # a slide that cannot be read: its one-line failure comes from the threads
-        return False
+        return 0
 
 
 def _run_slide_processes(
