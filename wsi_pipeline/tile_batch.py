@@ -621,7 +621,10 @@ def _main_hidden() -> Iterator[None]:
     processes while bootstrapping). ``multiprocessing`` reads ``__spec__`` and ``__file__`` as
     a process starts."""
     main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main and k in main.__dict__}
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
     try:
         if "__spec__" in saved:
             main.__spec__ = None

@@ -120,9 +120,10 @@ def _remove_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     scikit-image's lazily loaded ``morphology`` module)."""
     import cv2
 
-    n, labels = cv2.connectedComponents(
+    n, found = cv2.connectedComponents(
         np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
     )
+    labels = np.asarray(found, np.int32)
     small = _counts(labels, n) <= max_size
     small[0] = False  # the background
     if not small.any():
@@ -178,7 +179,8 @@ def _pen_hue(rgb: np.ndarray) -> np.ndarray:
     hue: 8 against 50 ms for the million saturated pixels of a 2,048 x 1,645 H&E thumbnail)."""
     import cv2
 
-    hue = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL)[..., 0]
+    hsv = np.asarray(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL), np.uint8)
+    hue = hsv[..., 0]
     steps = np.arange(256) / 256.0
     return ((steps >= _PEN_HUE[0]) & (steps <= _PEN_HUE[1])).take(hue)
 
