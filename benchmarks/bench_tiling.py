@@ -340,6 +340,8 @@ def process_ceiling(
             t = time.perf_counter()
             pool.map(_tile_once, tasks, chunksize=1)
             together = min(together, time.perf_counter() - t)
+        pool.close()  # ended, not terminated: no semaphores left to the resource tracker
+        pool.join()
     return workers * one / together
 
 

@@ -42,6 +42,7 @@ from .store import (
     find_stores,
     has_complete_array,
     open_store,
+    remove_partial_writes,
     write_features,
 )
 from .util import atomic_path, output_dir, sanitize_id, save_torch
@@ -441,6 +442,7 @@ def _write_locked(store: Path, name: str, feats: np.ndarray, attrs: dict[str, An
     ``predict`` write it), waiting for another writer of the store; still locked after
     :data:`~wsi_pipeline.locks.STAGE_WAIT_S`: ``StoreLocked`` (a ``StoreError``, one line)."""
     with locked(store, wait_s=STAGE_WAIT_S, name=str(store)):
+        remove_partial_writes(store)  # left by a writer killed mid-write
         write_features(open_store(store, mode="r+"), name, feats, attrs)
 
 

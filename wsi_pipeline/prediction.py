@@ -48,6 +48,7 @@ from .store import (
     find_stores,
     open_store,
     read_array,
+    remove_partial_writes,
     remove_scores,
     write_class_scores,
     write_scores,
@@ -471,6 +472,7 @@ def _predict_locked(model: Any, st: _OpenStore, options: dict[str, Any]) -> Pred
     """:func:`predict_store` under the store's lock (waiting for another writer of it)."""
     try:
         with locked(st.path, wait_s=STAGE_WAIT_S, name=str(st.path)):
+            remove_partial_writes(st.path)  # left by a predict killed mid-write
             try:
                 return predict_store(model, st.path, group=st.group, **options)
             except OSError as exc:  # the old scores are gone: leave none half-written

@@ -64,6 +64,7 @@ __all__ = [
     "patch_count",
     "read_array",
     "read_coords",
+    "remove_partial_writes",
     "remove_scores",
     "score_runs",
     "scores_key",
@@ -836,6 +837,21 @@ def write_scores(
     values = np.asarray(values, dtype=np.float32)
     key = scores_key(run_id, attention=attention)
     _write_marked(group, key, values, chunks=(65536,), attrs=attrs)
+
+
+def remove_partial_writes(path: str | os.PathLike) -> int:
+    """Remove the files zarr-python's ``LocalStore`` leaves in a store when its writer is killed
+    between writing a key and renaming it into place (``<key>.<hex>.partial``); how many.
+
+    For a stage that adds arrays (features, predict), called while it holds the store's lock:
+    every writer of a store holds it, so no such file is being written by anyone else. Never
+    read by zarr, they are only litter, but litter a rerun should not leave behind."""
+    n = 0
+    for f in Path(path).rglob("*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            n += 1
+    return n
 
 
 def remove_scores(group: Any, run_id: str) -> None:
