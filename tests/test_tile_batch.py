@@ -642,3 +642,27 @@ def test_a_slide_worker_that_dies_leaves_its_slides_to_threads(
     assert len(takeovers) == len(warned) - 1
     assert all(any(f"of pid {pid} " in w for pid in killed) for w in takeovers)
     assert len(warned) <= 3, warned
+
+
+def _tile_in_a_daemon(src: str, out: str) -> list[str]:
+    """Run in a ``multiprocessing.Pool`` worker (a daemonic process): tile a batch that would
+    otherwise go to slide processes."""
+    tile_batch.SLIDES_PER_PROCESS = 1
+    return [r.status for r in tile_slides([src], out, workers=2, progress=False)]
+
+
+def test_a_daemonic_process_tiles_small_slides_with_threads(
+    synth_dir: Path, tmp_path: Path
+) -> None:
+    """Inside a ``multiprocessing.Pool`` worker, which may not start processes of its own, a
+    batch of small slides is tiled by threads instead of failing ("daemonic processes are not
+    allowed to have children")."""
+    import multiprocessing
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"s{i}.svs").symlink_to(synth_dir / "neg.svs")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.apply(_tile_in_a_daemon, (str(src), str(tmp_path / "out")))
+    assert got == ["ok"] * 3

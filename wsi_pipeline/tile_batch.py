@@ -512,9 +512,12 @@ SMALL_SLIDE_BYTES = 64 << 20
 def _slide_processes(jobs: Sequence[tuple[str, Path]], workers: int) -> int:
     """How many worker processes, each taking whole slides, tile a batch faster than threads:
     one per :data:`SLIDES_PER_PROCESS` slides, at most ``workers``, when every file is small
-    (:data:`SMALL_SLIDE_BYTES`); 0 (threads) when a file is not, or cannot be read."""
+    (:data:`SMALL_SLIDE_BYTES`); 0 (threads) when a file is not, or cannot be read, or when this
+    process may not have children (a daemonic one: a ``multiprocessing.Pool`` worker)."""
+    import multiprocessing as mp
+
     n = min(workers, len(jobs) // SLIDES_PER_PROCESS)
-    if n < 2:
+    if n < 2 or mp.current_process().daemon:
         return 0
     try:
         return n if all(Path(p).stat().st_size <= SMALL_SLIDE_BYTES for _, p in jobs) else 0
