@@ -535,23 +535,46 @@ def _run_slide_processes(
     OpenCV/BLAS/OpenMP thread (:data:`WORKER_ENV`) and no interrupt of its own. On a full disk
     or an interrupt the slides not started are cancelled and those being tiled finish theirs.
     A worker that dies (killed, out of memory) leaves the slides not yet done to the threads of
-    this process (one warning line); the slide it was tiling is resumed or redone there."""
+    this process (one warning line); the slide it was tiling is resumed or redone there. Where
+    no worker process can be started, the threads tile the batch (one warning line)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
     from logging.handlers import QueueListener
 
-    slides_bar, patch_bar = _bars(progress, len(jobs))
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    try:  # no POSIX semaphores here (some sandboxes): threads, as before
+        queue = ctx.Queue()
+        pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_process_init, initargs=(queue, _log_level())
+        )
+    except (OSError, NotImplementedError, ImportError) as exc:
+        log.warning(
+            "cannot start tile worker processes (%s); the slides are tiled by threads",
+            " ".join(str(exc).split()) or type(exc).__name__,
+        )
+        with _ThreadClient(workers) as client:
+            _drive(
+                client,
+                jobs,
+                out,
+                spec,
+                overwrite,
+                slide_mpp,
+                backend,
+                progress,
+                debug,
+                record,
+                workers,
+            )
+        return
+    slides_bar, patch_bar = _bars(progress, len(jobs))
     listener = QueueListener(queue, _Relay())
     listener.start()
     done: set[str] = set()
     broken = None
     try:
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_process_init, initargs=(queue, _log_level())
-        ) as pool:
+        with pool:
             try:
                 with _main_hidden():  # the workers start with the first submits
                     futures = [
