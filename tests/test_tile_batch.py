@@ -584,6 +584,28 @@ def test_many_small_slides_are_tiled_by_processes(
         assert lane not in caplog.text and "threads in this process" in caplog.text
 
 
+def _worker_threads_env(_: int) -> dict[str, str | None]:
+    import os as os_
+
+    return {k: os_.environ.get(k) for k in tile_batch.WORKER_ENV}
+
+
+def test_slide_processes_start_with_one_thread_each(monkeypatch) -> None:
+    """Worker processes start with OpenBLAS/OpenMP/OpenCV pinned to one thread (set before
+    their libraries load), and this process's environment is put back after."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        with tile_batch._worker_environ():
+            f = pool.submit(_worker_threads_env, 0)
+        assert f.result() == tile_batch.WORKER_ENV
+    assert dict(os.environ) == before
+
+
 def test_slide_processes_do_not_rerun_an_unguarded_script(synth_dir: Path, tmp_path: Path) -> None:
     """A user's script that calls ``tile_slides`` at its top level, without an ``if __name__ ==
     "__main__":`` guard, is run once: the slide worker processes are started without it."""

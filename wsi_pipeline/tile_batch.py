@@ -576,7 +576,7 @@ def _run_slide_processes(
     try:
         with pool:
             try:
-                with _main_hidden():  # the workers start with the first submits
+                with _main_hidden(), _worker_environ():  # they start with the first submits
                     futures = [
                         pool.submit(
                             _tile_in_process,
@@ -662,6 +662,19 @@ def _main_hidden() -> Iterator[None]:
             setattr(main, k, v)
 
 
+@contextlib.contextmanager
+def _worker_environ() -> Iterator[None]:
+    """Within it, processes start with one OpenCV/BLAS/OpenMP thread (:data:`WORKER_ENV`, read
+    by those libraries as they load in the new process); this process's environment is put back
+    after."""
+    environ = dict(os.environ)
+    os.environ.update(WORKER_ENV)
+    try:
+        yield
+    finally:
+        _restore_environ(environ)
+
+
 def _log_level() -> int:
     """The most verbose level any of this package's loggers logs at (what a worker process
     sends; :class:`_Relay` filters again by logger)."""
@@ -677,7 +690,6 @@ def _process_init(queue: Any, level: int) -> None:
     from logging.handlers import QueueHandler
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(WORKER_ENV)
     import cv2
 
     cv2.setNumThreads(1)
