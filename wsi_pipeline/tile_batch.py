@@ -419,8 +419,7 @@ def tile_slides(
                 workers,
                 workers,
             )
-            with _ThreadClient(workers) as client:
-                _drive(client, *args, workers)
+            _run_threads(*args, workers)
         else:
             _run_dask(*args, workers, scheduler)
         save()
@@ -553,20 +552,9 @@ def _run_slide_processes(
             "cannot start tile worker processes (%s); the slides are tiled by threads",
             " ".join(str(exc).split()) or type(exc).__name__,
         )
-        with _ThreadClient(workers) as client:
-            _drive(
-                client,
-                jobs,
-                out,
-                spec,
-                overwrite,
-                slide_mpp,
-                backend,
-                progress,
-                debug,
-                record,
-                workers,
-            )
+        _run_threads(
+            jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+        )
         return
     slides_bar, patch_bar = _bars(progress, len(jobs))
     listener = QueueListener(queue, _Relay())
@@ -623,20 +611,9 @@ def _run_slide_processes(
             " ".join(str(broken).split()) or type(broken).__name__,
             len(left),
         )
-        with _ThreadClient(workers) as client:
-            _drive(
-                client,
-                left,
-                out,
-                spec,
-                overwrite,
-                slide_mpp,
-                backend,
-                progress,
-                debug,
-                record,
-                workers,
-            )
+        _run_threads(
+            left, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+        )
 
 
 @contextlib.contextmanager
@@ -734,6 +711,16 @@ def _tile_in_process(
         return _failed_or_stop(exc, out, sid, path, t0, debug)
     finally:
         release_sources()
+
+
+def _run_threads(
+    jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+) -> None:
+    """Tile the batch with ``workers`` threads of this process (:class:`_ThreadClient`)."""
+    with _ThreadClient(workers) as client:
+        _drive(
+            client, jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
+        )
 
 
 def _run_dask(
