@@ -14,10 +14,10 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    process, nothing to start; each the best of three runs, the two taken alternately) and
    pre-started dask workers (last, so that the cluster's shutdown runs beside no other row),
    each also as a multiple of one process; beside the threads row, the ceiling of N processes
-   on this machine for the path's work, nothing shared (:func:`process_ceiling`); for the resampled paths the mean
-   absolute difference of 300 stored patches from openslide at level 0 + box resize (grey
-   levels), and for those read from a coarser level also from openslide at that level (+ the
-   tiler's filter for the factor left: our reading and resampling alone).
+   on this machine for the path's work, nothing shared (:func:`process_ceiling`); for the
+   resampled paths the mean absolute difference of 300 stored patches from openslide at level
+   0 + box resize (grey levels), and for those read from a coarser level also from openslide at
+   that level (+ the tiler's filter for the factor left: our reading and resampling alone).
 
 Then store bytes against the source's compressed bytes for the same tiles, and random
 single-patch reads from the store against openslide reads of the same patches. ``--big`` adds

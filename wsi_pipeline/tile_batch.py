@@ -399,10 +399,11 @@ def tile_slides(
         if results:
             write_manifest(out, results)
         args = (jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record)
-        if scheduler is None and not processes and workers <= 1:
+        local = scheduler is None and not processes
+        n = _slide_processes(jobs, workers) if local and workers > 1 else 0
+        if local and workers <= 1:
             _run_serial(*args)
-        elif scheduler is None and not processes and _slide_processes(jobs, workers) > 1:
-            n = _slide_processes(jobs, workers)
+        elif n:
             log.debug(
                 "--workers %d: %d slide files of at most %d MB: %d processes, each tiling whole "
                 "slides (their fixed cost is interpreter work, which threads would take turns at)",
@@ -412,7 +413,7 @@ def tile_slides(
                 n,
             )
             _run_slide_processes(*args, n)
-        elif scheduler is None and not processes:
+        elif local:
             log.debug(
                 "--workers %d: slides and their shards tiled by %d threads in this process (no "
                 "process cluster to start)",
@@ -595,8 +596,9 @@ def _run_slide_processes(
                         f.cancel()
                     for f in futures:
                         if not f.cancelled() and f.exception() is None:
-                            if f.result().slide_id not in done:
-                                record(f.result())
+                            res = f.result()
+                            if res.slide_id not in done:
+                                record(res)
                     raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -660,16 +662,14 @@ def _log_level() -> int:
 
 
 def _process_init(queue: Any, level: int) -> None:
-    """A slide worker process: one thread for OpenCV and the maths libraries, its log records
-    sent to the batch's process (:class:`_Relay`), and no interrupt of its own (the batch's
-    process stops it: a store being written is left unfinished, which the next run resumes)."""
+    """A slide worker process (started with one thread for OpenCV and the maths libraries,
+    :func:`_worker_environ`): its log records sent to the batch's process (:class:`_Relay`),
+    and no interrupt of its own (the batch's process stops it: a store being written is left
+    unfinished, which the next run resumes)."""
     import signal
     from logging.handlers import QueueHandler
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import cv2
-
-    cv2.setNumThreads(1)
     root = logging.getLogger()
     root.handlers[:] = [QueueHandler(queue)]
     logging.getLogger("wsi_pipeline").setLevel(level)
