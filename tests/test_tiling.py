@@ -14,6 +14,7 @@ import zarr
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import StoreError, TilingError
+from wsi_pipeline.locks import lock_path
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.specs import MaskSpec, TilingSpec
 from wsi_pipeline.store import (
@@ -387,10 +388,15 @@ def test_resume_after_partial_write(synth_dir: Path, tmp_path: Path) -> None:
     assert SlideStore(store).meta.file_size == slide2.stat().st_size
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("mpp", [None, 1.0])
-def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path, mpp: float | None) -> None:
-    """A file that opens but has a broken tile in the tissue fails with the region named: on
-    the copy path and on the resampled path (tiles decoded at 1/2 scale)."""
+def test_corrupt_tile_mid_slide(
+    synth_dir: Path, tmp_path: Path, mpp: float | None, workers: int, caplog
+) -> None:
+    """A file that opens but has a broken tile in the tissue fails with the region named, in
+    one line: on the copy path and on the resampled path (tiles decoded at 1/2 scale). With
+    two threads the slide's other tasks, running or queued when its first one failed, are let
+    go (the batch went down on them: ``KeyError``), and its store's lock with the last one."""
     import tifffile
 
     bad = tmp_path / "in" / "bad.svs"
@@ -406,11 +412,16 @@ def test_corrupt_tile_mid_slide(synth_dir: Path, tmp_path: Path, mpp: float | No
     with open(bad, "r+b") as fh:
         fh.seek(off + n - 40)
         fh.write(b"\x00" * 40)  # destroys the end of the tile, including its EOI marker
-    spec = TilingSpec(tile_px=256 if mpp is None else 128, mpp=mpp)
-    res = tile_slides([bad, synth_dir / "neg.svs"], tmp_path / "out", spec=spec, progress=False)
+    spec = TilingSpec(tile_px=256 if mpp is None else 128, mpp=mpp, patches_per_shard=16)
+    res = tile_slides(
+        [bad, synth_dir / "neg.svs"], tmp_path / "out", spec=spec, progress=False, workers=workers
+    )
     assert st_ok.status == "ok"
     assert res[0].status == "failed" and "cannot be decoded" in res[0].error
     assert mpp is not None or f"x={x} y={y}" in res[0].error
     assert "bad.svs" in res[0].error
     assert res[1].status == "ok"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [res[0].error]
+    assert not lock_path(tmp_path / "out" / "bad.zarr").exists()
     assert not is_complete(tmp_path / "out" / "bad.zarr")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import os
 import sys
@@ -883,13 +884,17 @@ def _drive(
     slides_bar, patch_bar = _bars(progress, len(jobs))
     locks: dict[str, StoreLock] = {}  # held by this (the driver) process while a slide is tiled
 
-    def done(r: TileResult) -> None:
+    def unlock(sid: str) -> None:
+        lock = locks.pop(sid, None)
+        if lock is not None:
+            lock.release()
+
+    def done(r: TileResult, release: bool = True) -> None:
         try:
             record(r)
         finally:
-            lock = locks.pop(r.slide_id, None)
-            if lock is not None:
-                lock.release()
+            if release:
+                unlock(r.slide_id)
 
     try:
         window = max(2, 2 * len(client.scheduler_info().get("workers", {})) or 2 * workers)
@@ -920,6 +925,8 @@ def _drive(
                     slides_bar.update(1)
                     continue
                 lone = alone()
+                t0 = time.time()
+                apath = str(Path(path).absolute())
                 f = client.submit(
                     prepare_slide,
                     path,
@@ -929,15 +936,55 @@ def _drive(
                     slide_mpp=slide_mpp,
                     overwrite=overwrite,
                     backend=backend,
-                    # the pool's idle threads decode half of its thumbnail
+                    # the pool's idle threads decode half of its thumbnail, then start on its
+                    # patches while this thread writes its store
                     pool=client.pool if lone else None,
+                    on_plan=(lambda p, sid=sid, a=apath, t=t0: start(sid, a, t, p, early=True))
+                    if lone
+                    else None,
                     key=f"prepare-{sid}-{time.time_ns()}",
                     pure=False,
                     # a lone slide of copied tiles is then tiled as by one process
                     priority=INLINE_PRIORITY if lone else 0,
                 )
-                meta[f] = ("prep", sid, str(Path(path).absolute()), time.time(), None)
+                meta[f] = ("prep", sid, apath, t0, None)
                 ac.add(f)
+
+        def start(sid: str, path: str, t0: float, plan: SlidePlan, early: bool = False) -> None:
+            """Submit the shards of a prepared slide. ``early``: from inside the prepare of a
+            lone slide (:func:`prepare_slide`'s ``on_plan``), before its store is written, and
+            only when its shards go in parts (this thread writes each shard once its parts are
+            in, after the prepare returns; a whole-shard task would write it itself)."""
+            # copied tiles are interpreter work: threads would only contend for the GIL, so
+            # such a slide's shards go one at a time (other slides in parallel)
+            chain = threads and split > 1 and plan.copies
+            n = 1 if chain else _parts_per_shard(len(plan.todo), split)
+            if early and (chain or n == 1):
+                return
+            inline = chain and alone()
+            if chain:
+                log.debug(
+                    "%s: source tiles copied; its shards run one at a time%s",
+                    sid,
+                    " in this thread (no other slide beside it)" if inline else "",
+                )
+            if not threads:  # a dask task reads its patches' coords from the store
+                plan = dataclasses.replace(plan, coords=None)
+            todo = list(plan.todo)
+            state[sid] = {
+                "plan": plan,
+                "left": len(todo),
+                "stats": [],
+                "parts": {},
+                "queue": todo[1:] if chain else [],
+                "priority": INLINE_PRIORITY if inline else 10,
+            }
+            for s in todo[:1] if chain else todo:
+                submit_shard(sid, path, t0, plan, s, n, state[sid]["priority"])
+            if not plan.todo:
+                g = client.submit(finalize_slide, plan, [], priority=20, pure=False)
+                meta[g] = ("final", sid, path, t0, plan)
+                ac.add(g)
 
         def submit_shard(
             sid: str, path: str, t0: float, plan: SlidePlan, s: int, n: int, priority: int = 10
@@ -955,21 +1002,33 @@ def _drive(
 
         submit_prepares()
         for f in ac:
-            kind, sid, path, t0, where = meta.pop(f)
+            entry = meta.pop(f, None)
+            if entry is None:  # a task of a slide that failed, cancelled or finished since
+                continue
+            kind, sid, path, t0, where = entry
+            if kind == "orphan":  # the last task of a failed slide still running lets it go
+                if not any(v[0] == "orphan" and v[1] == sid for v in meta.values()):
+                    unlock(sid)
+                continue
             try:
                 res = f.result()
             except Exception as exc:
+                running = False  # a task of this slide still runs in a thread of this process
                 if state.pop(sid, None) is not None:
                     for g, v in list(meta.items()):
                         if v[1] == sid:
-                            g.cancel()
-                            meta.pop(g)
+                            if not g.cancel() and threads and not g.done():
+                                meta[g] = ("orphan", *v[1:])  # may be writing a shard
+                                running = True
+                            else:
+                                meta.pop(g)
                 if is_disk_full(exc):
                     for g, v in list(meta.items()):  # slides already finalised keep their rows
                         if v[0] == "final" and g.done() and g.exception() is None:
                             done(g.result())
                     raise _DiskFull(store_path(out, sid), sid, path) from exc
-                done(_failure(sid, path, exc, t0, debug))
+                # its store's lock is held until those tasks end: one may be writing a shard
+                done(_failure(sid, path, exc, t0, debug), release=not running)
                 slides_bar.update(1)
                 submit_prepares()
                 continue
@@ -980,32 +1039,8 @@ def _drive(
                 else:
                     patch_bar.total += res.n_patches
                     patch_bar.refresh()
-                    # copied tiles are interpreter work: threads would only contend for the
-                    # GIL, so such a slide's shards go one at a time (other slides in parallel)
-                    chain = threads and split > 1 and res.copies
-                    n = 1 if chain else _parts_per_shard(len(res.todo), split)
-                    inline = chain and alone()
-                    if chain:
-                        log.debug(
-                            "%s: source tiles copied; its shards run one at a time%s",
-                            sid,
-                            " in this thread (no other slide beside it)" if inline else "",
-                        )
-                    todo = list(res.todo)
-                    state[sid] = {
-                        "plan": res,
-                        "left": len(todo),
-                        "stats": [],
-                        "parts": {},
-                        "queue": todo[1:] if chain else [],
-                        "priority": INLINE_PRIORITY if inline else 10,
-                    }
-                    for s in todo[:1] if chain else todo:
-                        submit_shard(sid, path, t0, res, s, n, state[sid]["priority"])
-                    if not res.todo:
-                        g = client.submit(finalize_slide, res, [], priority=20, pure=False)
-                        meta[g] = ("final", sid, path, t0, res)
-                        ac.add(g)
+                    if sid not in state:  # not started from inside its prepare
+                        start(sid, path, t0, res)
             elif kind == "part":  # all parts of a shard in: write it
                 st = state.get(sid)
                 if st is None:
