@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,55 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
         "status": "ok",
         "n_patches": 3,
     }
+
+
+def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path) -> None:
+    """create_store encodes the small arrays' chunks itself (zarr's codec pipeline takes each
+    through a thread): every file, edge chunks padded, is byte for byte the one zarr writes."""
+    import asyncio
+
+    from zarr.core.group import AsyncGroup
+    from zarr.core.sync import sync
+
+    from wsi_pipeline import store as store_mod
+
+    rng = np.random.default_rng(0)
+    spec = TilingSpec(tile_px=8, patches_per_shard=2)
+    tiling = {"spec": spec.to_dict(), "slide_mpp_override": None, "read_level": 0}
+    tiling |= {"mpp": 0.5, "downsample": 1.0}
+    thumb = rng.integers(0, 256, (600, 1100, 3), dtype=np.uint8)  # 2 x 3 chunks, edges padded
+    mask = rng.random((600, 1100)) > 0.5
+    coords = rng.integers(0, 10**6, (70000, 2))  # 2 chunks
+    frac = rng.random(70000).astype(np.float32)
+    arrays = [
+        *store_mod.mask_arrays(thumb, mask, downsample=4.0, spec=spec.mask),
+        *store_mod.grid_arrays(coords, frac, spec, tiling),
+    ]
+    store_mod.create_store(
+        tmp_path / "a.zarr", slide_id="a", meta=_meta(), tiling=tiling, arrays=arrays
+    )
+    ours = {
+        p.relative_to(tmp_path / "a.zarr").as_posix(): p.read_bytes()
+        for p in (tmp_path / "a.zarr").rglob("*")
+        if p.is_file()
+    }
+    attrs = json.loads(ours["zarr.json"])["attributes"]
+    docs: dict = {}
+
+    async def build() -> None:
+        g = await AsyncGroup.from_store(zarr.storage.MemoryStore(docs), attributes=attrs)
+        await asyncio.gather(*(g.create_array(**kw) for kw in arrays))
+
+    sync(build())
+    theirs = {k: v.to_bytes() for k, v in docs.items()}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 1 + 4 + 6 + 2 + 2 + 2 + 1
+    for key in theirs:
+        assert ours[key] == theirs[key], key
+    st = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    assert np.array_equal(st[THUMBNAIL][...], thumb) and np.array_equal(st[COORDS][...], coords)
+    assert np.array_equal(st[TISSUE_MASK][...], mask) and np.array_equal(
+        st[TISSUE_FRACTION][...], frac
+    )
 
 
 def test_a_new_store_cut_short_is_never_resumed(tmp_path: Path, monkeypatch) -> None:

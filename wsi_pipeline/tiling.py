@@ -724,8 +724,9 @@ def write_shard_parts(
 def _copies(plan: SlidePlan) -> bool:
     """Whether the slide's patches are its own JPEG tiles, copied (:func:`_copyable`), all but
     those reaching past its edge: not so with an overlap, where three in four are decoded."""
-    if plan.spec.stride_px != plan.spec.tile_px:
-        return False
+    spec = plan.spec
+    if spec.stride_px != spec.tile_px or spec.codec != "jpeg" or plan.geometry.resampled:
+        return False  # known without opening the file (the slide's first task opens it)
     tiff = _sources().level(plan)
     return tiff is not None and _copyable(tiff, plan)
 
