@@ -185,27 +185,32 @@ class TiffLevel:
         times, and the tiles are decoded at that scale (:meth:`tile`). ``out``, if given, is
         the ``(h, w, 3)`` uint8 array (or view) it is written into and returned.
         """
+        lw, lh = -(-self.width // scale), -(-self.height // scale)
+        # JPEG tiles decode whole (decode_jpeg_scaled), so a request inside the level is covered
+        whole = self.compression == JPEG and x >= 0 and y >= 0 and x + w <= lw and y + h <= lh
         if out is None:
-            out = np.full((h, w, 3), 255, np.uint8)
-        else:
+            out = np.empty((h, w, 3), np.uint8) if whole else np.full((h, w, 3), 255, np.uint8)
+        elif not whole:
             out[...] = 255
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, -(-self.width // scale)), min(y + h, -(-self.height // scale))
+        x1, y1 = min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return out
         tw, th = self.tile_w // scale, self.tile_h // scale
+        across = self.tiles_across
         for ty in range(y0 // th, (y1 - 1) // th + 1):
+            ty0 = ty * th
+            ay0 = max(y0, ty0)
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                t = self.tile(ty * self.tiles_across + tx, scale)
+                t = self.tile(ty * across + tx, scale)
                 # overlap of tile and request, in level coordinates
-                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
-                ax1 = min(x1, tx * tw + t.shape[1])
-                ay1 = min(y1, ty * th + t.shape[0])
-                if ax1 <= ax0 or ay1 <= ay0:
-                    continue
-                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = t[
-                    ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
-                ]
+                tx0 = tx * tw
+                ax0 = max(x0, tx0)
+                ax1, ay1 = min(x1, tx0 + t.shape[1]), min(y1, ty0 + t.shape[0])
+                if ax1 > ax0 and ay1 > ay0:
+                    out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = t[
+                        ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0
+                    ]
         return out
 
     def __getstate__(self) -> dict[str, Any]:

@@ -290,19 +290,20 @@ def resize_rgb(
     -------
     (height, width, 3) uint8 ndarray
     """
-    from PIL import Image
-
     if resample not in _FILTERS:
         raise ValueError(f"resample must be one of {RESAMPLE}, not {resample!r}")
-    filt = Image.Resampling[_FILTERS[resample]]
     w, h = int(size_wh[0]), int(size_wh[1])
     if resample == "linear":
         return _warp_linear(arr, (w, h), src_box or (0, 0, arr.shape[1], arr.shape[0]))
-    if src_box is not None and src_box != (0, 0, arr.shape[1], arr.shape[0]):
+    whole = src_box is None or src_box == (0, 0, arr.shape[1], arr.shape[0])
+    if whole and arr.shape[1] == w and arr.shape[0] == h:
+        return arr  # before importing Pillow: every patch of the overlap path comes here
+    from PIL import Image
+
+    filt = Image.Resampling[_FILTERS[resample]]
+    if not whole:
         img = Image.fromarray(np.ascontiguousarray(arr))
         return np.asarray(img.resize((w, h), filt, box=src_box))
-    if arr.shape[1] == w and arr.shape[0] == h:
-        return arr
     fx, fy = arr.shape[1] / w, arr.shape[0] / h
     if fx == fy == 2:  # OpenCV's 2x2 mean rounds like Pillow's reduce: the same pixels, 10x faster
         import cv2
