@@ -209,6 +209,26 @@ def test_features_take_the_store_lock(stores: list[Path], monkeypatch: pytest.Mo
     assert has_complete_array(open_store(stores[1]), features_key(rep.name))
 
 
+def test_a_rerun_clears_what_a_killed_features_left_half_written(stores: list[Path]) -> None:
+    """A writer killed between zarr-python's write of a key and its rename leaves
+    ``<key>.<hex>.partial`` files in the store (``bench_faults.py`` found them after a killed
+    predict). zarr never reads them; ``features`` writing the store, under its lock, removes
+    them, and writes the same features as a store without them."""
+    kw = {"backbone": "smallcnn", "weights": "none", "device": "cpu", "progress": False}
+    rep = compute_features(stores[:1], **kw)
+    key = features_key(rep.name)
+    before = zarr.open_group(str(stores[0]), mode="r")[key][...]
+    litter = [stores[0] / "zarr.964207fa6b344bb5a452cf743e88049d.partial"]
+    litter.append(stores[0] / "features" / "zarr.1456db2cf1a5410e80b9e8d46b3cb4ef.partial")
+    for f in litter:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b'{"zarr_format": 3, "node_type": "gr')  # cut short
+    again = compute_features(stores[:1], overwrite=True, **kw)
+    assert again.counts() == {"computed": 1}
+    assert not [f for f in stores[0].rglob("*.partial")]
+    np.testing.assert_array_equal(zarr.open_group(str(stores[0]), mode="r")[key][...], before)
+
+
 def test_export_needs_complete_features(stores: list[Path], tmp_path: Path) -> None:
     with pytest.raises(
         StoreError, match=r"no complete 'features/nope'; run 'wsi-pipeline features'"
