@@ -137,6 +137,43 @@ def test_disk_full_stops_the_batch_and_keeps_what_was_written(
     assert all(is_complete(out / f"{s}.zarr") for s in "abc") and leftovers(out) == []
 
 
+def test_disk_full_creating_a_lone_slides_store_while_its_patches_are_read(
+    slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """With two threads, a slide alone in the batch has its patches read by the pool while this
+    thread writes its store: a full disk there stops the batch in one line, as anywhere else,
+    with no store claiming to be complete and no lock or temporary file left; with room again
+    the rerun tiles it."""
+    import builtins
+
+    from wsi_pipeline import store as store_mod
+
+    started: list[str] = []
+    real_part = tile_batch.shard_part
+
+    def part(plan, *args):  # type: ignore[no-untyped-def]
+        started.append(plan.slide_id)
+        return real_part(plan, *args)
+
+    def full_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "w" in mode and "b.zarr" in str(file):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(tile_batch, "shard_part", part)
+    monkeypatch.setattr(store_mod, "open", full_open, raising=False)
+    out = tmp_path / "out"
+    assert tile(slides / "b.svs", "--out", out, "--workers", "2", "--mpp", "1.0") == 1
+    assert started and set(started) == {"b"}  # its patches were being read already
+    assert err_lines(capsys) == [
+        f"error: disk full writing {out / 'b.zarr'}; stopped after 0 of 1 slides"
+    ]
+    assert not is_complete(out / "b.zarr") and leftovers(out) == []
+    monkeypatch.undo()
+    assert tile(slides / "b.svs", "--out", out, "--workers", "2", "--mpp", "1.0") == 0
+    assert is_complete(out / "b.zarr") and leftovers(out) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # per-slide faults: one line and one row each; the batch goes on
 # ---------------------------------------------------------------------------------------------
