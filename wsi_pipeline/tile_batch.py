@@ -809,6 +809,8 @@ class _ThreadClient:
         load_dependencies()  # before threads make the first (lazy) imports side by side
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-tile")
+        for _ in range(workers):  # started now, not when the first slide's thumbnail needs one
+            self.pool.submit(time.sleep, 0.001)
 
     def __enter__(self) -> _ThreadClient:
         # OpenCV keeps its own threads (the mask's blur and morphology, the patch warp): its
