@@ -352,7 +352,7 @@ def create_store(
 
     # built in memory, then written as plain files: a LocalStore would send each of its ~40
     # file operations through a thread of its own (9.5 against 3.5 ms a store, 2 cores); the
-    # small arrays' chunks encoded here (7.0 against 4.0 ms a store of a 1,250 x 938 thumbnail)
+    # small arrays' chunks encoded here (5.9 against 7.4 ms a store of a 1,250 x 938 thumbnail)
     group = sync(build())
     _write_keys(p, {**chunks, **{k: v.to_bytes() for k, v in docs.items()}})
     return zarr.Group(AsyncGroup(group.metadata, StorePath(zarr.storage.LocalStore(str(p)))))
@@ -630,8 +630,7 @@ def store_problems(path: str | os.PathLike, n_patches: int, patches_per_shard: i
     """What keeps a store being written from being complete; empty when it is whole.
 
     Read from the store's files (its ``zarr.json`` documents, which chunk files exist, the
-    shards' indexes), not through zarr: 0.3 against 2.5 ms a store, a sixth of a small slide's
-    fixed cost.
+    shards' indexes), not through zarr: 0.2 against 2.5 ms for the benchmark slide's store.
 
     Parameters
     ----------
