@@ -390,6 +390,54 @@ def test_decoded_tiles_do_not_outlive_their_slide(synth_dir: Path, tmp_path: Pat
     assert [r.status for r in rows] == ["ok", "ok"] and not tiling._SOURCES.tiffs
 
 
+def test_a_failed_slide_keeps_its_lock_while_its_other_task_runs(
+    synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """With two threads, one part of a slide fails while another part of it is still running:
+    the slide's failed row is recorded at once, in one line, and its store's lock is held until
+    the running part ends (a whole-shard task may be writing a shard then); the batch ends with
+    no lock left."""
+    from wsi_pipeline.errors import SlideError
+
+    running, recorded = threading.Event(), threading.Event()
+    real = tile_batch.shard_part
+    calls: list[int] = []
+    out = tmp_path / "out"
+    store = store_path(out, "pos")
+    held: list[bool] = []
+
+    def part(plan, shard, p, n):  # type: ignore[no-untyped-def]
+        calls.append(p)
+        if p == 0:  # the task still running when another part fails
+            running.set()
+            assert recorded.wait(30)  # the slide's failed row is in
+            gone = time.monotonic() + 0.5
+            while lock_path(store).exists() and time.monotonic() < gone:
+                time.sleep(0.01)
+            held.append(lock_path(store).exists())
+            return real(plan, shard, p, n)
+        assert running.wait(30)
+        raise SlideError("tiles cannot be decoded (test)", path=plan.path)
+
+    def on_result(r: Any) -> None:
+        recorded.set()
+
+    monkeypatch.setattr(tile_batch, "shard_part", part)
+    (r,) = tile_slides(
+        [synth_dir / "pos.svs"],
+        out,
+        spec=TilingSpec(tile_px=128, mpp=1.0),
+        workers=2,
+        progress=False,
+        on_result=on_result,
+    )
+    assert r.status == "failed" and "tiles cannot be decoded (test)" in r.error
+    assert held == [True]  # the running part still had the slide's lock
+    assert not lock_path(store).exists() and not is_complete(store)
+    errors = [x.getMessage() for x in caplog.records if x.levelname == "ERROR"]
+    assert 0 in calls and len(errors) == 1  # one line, whichever parts failed
+
+
 def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path: Path) -> None:
     """A slide of fewer shards than twice the workers has each shard extracted in parts side by
     side (so every thread has work) and written whole: the very bytes of a one-shard-at-a-time
