@@ -61,7 +61,6 @@ __all__ = [
     "list_stores",
     "mark_complete",
     "mask_arrays",
-    "missing_chunks",
     "open_store",
     "patch_count",
     "read_array",
@@ -614,18 +613,6 @@ def finish_store(
     mark_complete(group, status=status, n_patches=n_patches, **attrs)
 
 
-def missing_chunks(array: Any) -> int:
-    """How many chunks of a zarr array are not on disk (0 for a whole array)."""
-    from zarr.core.sync import sync
-
-    return sync(_missing_chunks(array.async_array))
-
-
-async def _missing_chunks(arr: Any) -> int:
-    """:func:`missing_chunks` of an ``AsyncArray``."""
-    return int(arr.nchunks) - int(await arr.nchunks_initialized())
-
-
 def store_problems(path: str | os.PathLike, n_patches: int, patches_per_shard: int) -> list[str]:
     """What keeps a store being written from being complete; empty when it is whole.
 
@@ -795,7 +782,7 @@ def write_array(
     """Write ``data`` as array ``key`` of ``group`` (replacing it), then its attributes.
 
     ``chunks`` is clipped to the data's shape. Every chunk is written, even one that equals the
-    fill value, so :func:`missing_chunks` can tell a whole array from a torn one.
+    fill value, so :func:`store_problems` can tell a whole array from a torn one.
     """
     chunks = _clip_chunks(chunks, data.shape)
     arr = group.create_array(
