@@ -296,3 +296,58 @@ def test_a_tile_that_fails_fails_every_thread_waiting_for_it(
     assert np.array_equal(back.tile(6), tiff.tile(6))
     tiff.close()
     back.close()
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_a_view_from_the_band_is_the_region_read(synth_svs: str, scale: int) -> None:
+    """:meth:`TiffLevel.read_view` gives the pixels :meth:`TiffLevel.read` gives, whichever
+    way a thread moves along a row of patches (right, left, jumping), from row to row and
+    between threads (each has its own band); a request not inside the level gives None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiff, ref = _level(synth_svs, 0)
+    ref.close()
+    lw, lh = -(-tiff.width // scale), -(-tiff.height // scale)
+    side = 253 // scale  # straddles tile borders, off the tile grid
+    rows = [(y, side) for y in range(3, lh - side, 197 // scale)]
+    xs = list(range(1, lw - side, side))
+    order = xs + xs[::-1] + xs[::3] + xs[::-2]  # right, left, jumping both ways
+
+    def read_rows(_: int) -> int:
+        n = 0
+        for y, h in rows:
+            for x in order:
+                view = tiff.read_view(x, y, side, h, scale=scale)
+                assert view is not None and view.shape == (h, side, 3)
+                assert np.array_equal(view, tiff.read(x, y, side, h, scale=scale)), (x, y)
+                n += 1
+        return n
+
+    with ThreadPoolExecutor(2) as ex:
+        assert sum(ex.map(read_rows, range(2))) == 2 * len(rows) * len(order)
+    assert tiff.read_view(-1, 0, 10, 10, scale=scale) is None
+    assert tiff.read_view(lw - 5, 0, 10, 10, scale=scale) is None
+    assert tiff.read_view(0, lh - 5, 10, 10, scale=scale) is None
+    back = pickle.loads(pickle.dumps(tiff))  # the band does not travel
+    assert np.array_equal(back.read_view(5, 7, 40, 30), tiff.read(5, 7, 40, 30))
+    back.close()
+    tiff.close()
+
+
+def test_a_view_with_a_broken_tile_fails_and_the_band_is_not_left_half_filled(
+    synth_svs: str, tmp_path: Path
+) -> None:
+    """A request that needs a tile that fails to decode raises like :meth:`TiffLevel.read`,
+    and the column it was filling is filled again by the next request (not taken as read)."""
+    tiff = _with_broken_tile_5(synth_svs, tmp_path)
+    tw = tiff.tile_w
+    with pytest.raises(OSError, match="does not decode"):
+        tiff.read_view(5 * tw - 100, 10, 200, 300)  # columns 4 and 5 of tile rows 0, 1
+    good = open_tiff_level(synth_svs, 0, (2600, 2100))
+    assert good is not None
+    tiff._decode_tile = good._decode_tile  # type: ignore[method-assign]  # mended
+    view = tiff.read_view(5 * tw - 100, 10, 200, 300)
+    assert view is not None
+    assert np.array_equal(view, good.read(5 * tw - 100, 10, 200, 300))
+    tiff.close()
+    good.close()

@@ -406,7 +406,7 @@ def test_a_failed_slide_keeps_its_lock_while_its_other_task_runs(
     store = store_path(out, "pos")
     held: list[bool] = []
 
-    def part(plan, shard, p, n):  # type: ignore[no-untyped-def]
+    def part(plan, shard, p, n, meet):  # type: ignore[no-untyped-def]
         calls.append(p)
         if p == 0:  # the task still running when another part fails
             running.set()
@@ -415,7 +415,7 @@ def test_a_failed_slide_keeps_its_lock_while_its_other_task_runs(
             while lock_path(store).exists() and time.monotonic() < gone:
                 time.sleep(0.01)
             held.append(lock_path(store).exists())
-            return real(plan, shard, p, n)
+            return real(plan, shard, p, n, meet)
         assert running.wait(30)
         raise SlideError("tiles cannot be decoded (test)", path=plan.path)
 
@@ -445,13 +445,14 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
     from wsi_pipeline.store import PATCHES
     from wsi_pipeline.tile_batch import _parts_per_shard
 
-    assert _parts_per_shard(1, 2) == 4 and _parts_per_shard(3, 2) == 2
+    assert _parts_per_shard(1, 2) == 2 and _parts_per_shard(3, 2) == 2
+    assert _parts_per_shard(1, 3) == 4 and _parts_per_shard(2, 8) == 4
     assert _parts_per_shard(4, 2) == 2 and _parts_per_shard(1, 8) == 8
     assert _parts_per_shard(15, 2) == 2 and _parts_per_shard(16, 2) == 1
     assert _parts_per_shard(1, 1) == 1
     for spec in (TilingSpec(tile_px=128, mpp=1.0), TilingSpec(tile_px=256, overlap_px=128)):
         runs = {}
-        for workers in (1, 3):
+        for workers in (1, 2, 3):
             out = tmp_path / f"{spec.tile_px}_{workers}"
             (r,) = tile_slides(
                 [synth_dir / "pos.svs"], out, spec=spec, workers=workers, progress=False
@@ -468,7 +469,7 @@ def test_shards_extracted_in_parts_are_the_same_bytes(synth_dir: Path, tmp_path:
             )
         n_shards = len(runs[1][1])
         assert 0 < n_shards < 6  # so the 3-thread run split its shards into parts
-        assert runs[1] == runs[3]
+        assert runs[1] == runs[2] == runs[3]
 
 
 def test_copied_tiles_go_one_shard_at_a_time(
@@ -761,3 +762,44 @@ def test_no_worker_processes_here_means_threads(
         "cannot start tile worker processes ([Errno 38] Function not implemented); "
         "the slides are tiled by threads"
     ]
+
+
+def test_two_ends_of_a_range_share_its_patches_and_meet_once() -> None:
+    """Parts that share a range (:class:`~wsi_pipeline.tiling.MeetingRange`) take its patches
+    from the front and the back, each once, until they meet; a shard whose range one end took
+    whole is in without the other's part (it is written at once, not kept in memory until
+    that part comes back); the slide's parts go out first-front, last-back, in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_pipeline.tile_batch import _part_order, _shard_in
+    from wsi_pipeline.tiling import MeetingRange
+
+    meet = MeetingRange(10, 5010)
+
+    def take(front: bool) -> list[int]:
+        got: list[int] = []
+        while (i := meet.take(front)) is not None:
+            got.append(i)
+        return got
+
+    with ThreadPoolExecutor(2) as ex:
+        front, back = ex.map(take, (True, False))
+    assert front == list(range(10, 10 + len(front)))  # each end contiguous, in its order
+    assert back == list(range(5009, 5009 - len(back), -1))
+    assert sorted(front + back) == list(range(10, 5010))  # every patch once
+    assert not meet.taken_all(front=True) or not back
+
+    alone = MeetingRange(0, 3)
+    assert [alone.take(True) for _ in range(4)] == [0, 1, 2, None]
+    assert alone.taken_all(front=True) and not alone.taken_all(front=False)
+    assert _shard_in([alone], {0: "front"}) and not _shard_in([alone], {1: "back"})
+    split = MeetingRange(0, 4)
+    assert split.take(True) == 0 and split.take(False) == 3
+    assert split.take(True) == 1 and split.take(False) == 2 and split.take(True) is None
+    assert not _shard_in([split], {0: "front"}) and _shard_in([split], {0: "f", 1: "b"})
+    stopped = MeetingRange(0, 9)
+    stopped.stop()  # the other end failed
+    assert stopped.take(True) is None and stopped.take(False) is None
+
+    assert _part_order([0, 1, 2], 2) == [(0, 0), (2, 1), (1, 0), (1, 1), (2, 0), (0, 1)]
+    assert _part_order([4], 4) == [(4, 0), (4, 3), (4, 2), (4, 1)]

@@ -174,6 +174,12 @@ def test_resize_rgb_linear_takes_the_exact_box() -> None:
     off = (box[0] + 0.33, box[1], box[2] + 0.33, box[3])
     moved = np.asarray(Image.fromarray(img).resize((102, 100), Image.Resampling.BILINEAR, box=off))
     assert np.abs(out.astype(int) - moved).mean() > 3 * mad
+    # rows of a wider image (a view, as from a band of tiles) warp where they lie, the same
+    wide = np.zeros((120, 200, 3), np.uint8)
+    wide[:, 37:157] = img
+    view = wide[:, 37:157]
+    assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(resize_rgb(view, (102, 100), resample="linear", src_box=box), out)
 
 
 def test_sample_mask_maps_through_level0() -> None:

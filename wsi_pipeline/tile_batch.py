@@ -51,10 +51,12 @@ from .slide import SLIDE_SUFFIXES, find_slides, slide_id_from_path
 from .specs import TilingSpec
 from .store import store_path
 from .tiling import (
+    MeetingRange,
     SlidePlan,
     TileResult,
     extract_shard,
     finalize_slide,
+    meeting_ranges,
     prepare_slide,
     release_sources,
     shard_part,
@@ -767,15 +769,41 @@ def _restore_environ(environ: dict[str, str]) -> None:
 
 
 def _parts_per_shard(n_shards: int, workers: int) -> int:
-    """Parts each shard of a slide is extracted in, side by side: 1 for one worker or a slide
-    of many shards (8 per worker or more: threads that meet on the tiles of neighbouring parts
-    wait for each other, overlap path 1.61 -> 1.48x one process in two parts); 2 for a slide of
-    fewer (the threads then finish it together, the last wave leaving at most half a shard to
-    one of them: x2 path 1.50 -> 1.58x); as many as give every worker two tasks (at most 8)
-    for a slide of fewer shards than twice the workers."""
+    """Parts each shard of a slide is extracted in, side by side, by threads: 1 for one worker
+    or a slide of many shards (8 per worker or more: a whole shard a task); for a slide of
+    fewer, two for each of its ranges (:func:`~wsi_pipeline.tiling.meeting_ranges`), which are
+    as many as give every two workers one (at most 4 a shard): one part takes the range's
+    patches from the front, the other from the back, until they meet, so that the threads
+    finish the slide together (:func:`_part_order`)."""
     if workers <= 1 or n_shards >= 8 * workers:
         return 1
-    return min(8, max(2, -(-2 * workers // max(1, n_shards))))
+    return 2 * min(4, max(1, -(-workers // (2 * max(1, n_shards)))))
+
+
+def _part_order(todo: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """``(shard, part)`` in the order the ``n`` parts of each shard of ``todo`` are submitted
+    (the threads take them in turn): the front part of the slide's first range
+    (:func:`~wsi_pipeline.tiling.meeting_ranges`), the back part of its last, the front of the
+    second, the back of the one before the last, ... Two threads walk the slide from its two
+    ends, each through neighbouring patches (the tiles of one range's edge are still cached for
+    the next), and meet once; a thread left without a range of its own joins one being
+    extracted, from its other end."""
+    ranges = [(s, k) for s in todo for k in range(n // 2)]
+    order: list[tuple[int, int]] = []
+    for (s, k), (t, j) in zip(ranges, reversed(ranges)):
+        order += [(s, 2 * k), (t, 2 * j + 1)]
+    return order
+
+
+def _shard_in(meets: Sequence[MeetingRange], got: dict[int, Any]) -> bool:
+    """Whether every patch of a shard is in ``got`` (its parts come back, by part number):
+    each of its ``meets`` has both its parts back, or one that took all of it."""
+    return all(
+        (2 * k in got and 2 * k + 1 in got)
+        or (2 * k in got and m.taken_all(front=True))
+        or (2 * k + 1 in got and m.taken_all(front=False))
+        for k, m in enumerate(meets)
+    )
 
 
 #: Tasks of at least this dask priority run at once in the driver thread under
@@ -977,30 +1005,35 @@ def _drive(
                 "plan": plan,
                 "left": len(todo),
                 "stats": [],
-                "parts": {},
+                "parts": {},  # shard -> {part: its chunks}, until the shard is written
+                "written": set(),
+                "meets": {s: meeting_ranges(plan, s, n) for s in todo} if n > 1 else {},
                 "queue": todo[1:] if chain else [],
                 "priority": INLINE_PRIORITY if inline else 10,
             }
-            for s in todo[:1] if chain else todo:
-                submit_shard(sid, path, t0, plan, s, n, state[sid]["priority"])
+            if n > 1:
+                for s, p in _part_order(todo, n):
+                    meet = state[sid]["meets"][s][p // 2]
+                    submit(sid, path, t0, shard_part, (plan, s, p, n, meet), ("part", (s, p, n)))
+            else:
+                for s in todo[:1] if chain else todo:
+                    submit(sid, path, t0, extract_shard, (plan, s), ("shard", None))
             if not plan.todo:
                 g = client.submit(finalize_slide, plan, [], priority=20, pure=False)
                 meta[g] = ("final", sid, path, t0, plan)
                 ac.add(g)
 
-        def submit_shard(
-            sid: str, path: str, t0: float, plan: SlidePlan, s: int, n: int, priority: int = 10
-        ) -> None:
-            for p in range(n):  # n == 1: the whole shard in one task
-                g = client.submit(
-                    extract_shard if n == 1 else shard_part,
-                    *((plan, s) if n == 1 else (plan, s, p, n)),
-                    priority=priority,
-                    pure=False,
-                    key=f"shard-{sid}-{s}-{p}-{time.time_ns()}",
-                )
-                meta[g] = ("shard" if n == 1 else "part", sid, path, t0, (s, p, n))
-                ac.add(g)
+        def submit(sid: str, path: str, t0: float, fn: Callable, args: tuple, kind: tuple) -> None:
+            """Submit one task of a slide's shards (a whole shard or a part of one)."""
+            g = client.submit(
+                fn,
+                *args,
+                priority=state[sid]["priority"],
+                pure=False,
+                key=f"{kind[0]}-{sid}-{args[1]}-{time.time_ns()}",
+            )
+            meta[g] = (kind[0], sid, path, t0, kind[1])
+            ac.add(g)
 
         submit_prepares()
         for f in ac:
@@ -1043,20 +1076,23 @@ def _drive(
                     patch_bar.refresh()
                     if sid not in state:  # not started from inside its prepare
                         start(sid, path, t0, res)
-            elif kind == "part":  # all parts of a shard in: write it
+            elif kind == "part":  # all patches of a shard in: write it
                 st = state.get(sid)
                 if st is None:
                     continue
                 s, p, n = where
+                if s in st["written"]:  # the other end of its ranges had taken them all
+                    continue
                 got = st["parts"].setdefault(s, {})
                 got[p] = res
-                if len(got) == n:
+                if _shard_in(st["meets"][s], got):
                     del st["parts"][s]
+                    st["written"].add(s)
                     g = client.submit(
                         write_shard_parts,
                         st["plan"],
                         s,
-                        [got[i] for i in range(n)],
+                        [got.get(i, ([], 0)) for i in range(n)],
                         priority=15,
                         pure=False,
                     )
@@ -1069,7 +1105,14 @@ def _drive(
                 st["stats"].append(res)
                 st["left"] -= 1
                 if st["queue"]:
-                    submit_shard(sid, path, t0, st["plan"], st["queue"].pop(0), 1, st["priority"])
+                    submit(
+                        sid,
+                        path,
+                        t0,
+                        extract_shard,
+                        (st["plan"], st["queue"].pop(0)),
+                        ("shard", None),
+                    )
                 patch_bar.update(res["copied"] + res["encoded"])
                 if st["left"] == 0:
                     g = client.submit(

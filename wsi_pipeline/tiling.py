@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ __all__ = [
     "MAX_PX_PER_BYTE",
     "RESOLUTION_SLACK",
     "Geometry",
+    "MeetingRange",
     "SlidePlan",
     "TileResult",
     "check_claimed_size",
@@ -70,6 +71,7 @@ __all__ = [
     "extract_shard",
     "finalize_slide",
     "mask_slide",
+    "meeting_ranges",
     "prepare_slide",
     "release_sources",
     "resample_filter",
@@ -673,28 +675,95 @@ def extract_shard(plan: SlidePlan, shard: int) -> dict[str, int]:
     return write_shard_parts(plan, shard, [shard_part(plan, shard, 0, 1)])
 
 
-def shard_part(plan: SlidePlan, shard: int, part: int, parts: int) -> tuple[list[bytes], int]:
-    """The encoded chunks of part ``part`` of ``parts`` (contiguous, in order) of one shard's
-    patches, and how many of them are source tiles copied as they are: a shard's parts may be
-    extracted side by side and written together (:func:`write_shard_parts`). Raises like
-    :func:`extract_shard`."""
+class MeetingRange:
+    """Patches ``lo .. hi - 1`` of a shard that two threads extract from either end until they
+    meet (:func:`shard_part`'s ``meet``): whatever each patch costs, neither is left alone with
+    the rest of it (fixed halves left one thread 13 ms alone at the end of a 0.13 s slide, its
+    half needing 10 % more tile decodes). Each thread moves row by row, so the two share only
+    the tiles where they meet."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.bounds = (lo, hi)
+        self.lo, self.hi = lo, hi
+        self._lock = threading.Lock()
+
+    def take(self, front: bool) -> int | None:
+        """The next patch from the front (or the back), None once the two ends have met."""
+        with self._lock:
+            if self.lo >= self.hi:
+                return None
+            if front:
+                self.lo += 1
+                return self.lo - 1
+            self.hi -= 1
+            return self.hi
+
+    def taken_all(self, front: bool) -> bool:
+        """Whether the front (or the back) alone has taken every patch of the range: the other
+        end has taken none and will take none."""
+        with self._lock:
+            a, b = self.bounds
+            return self.lo >= self.hi and (self.hi == b if front else self.lo == a)
+
+    def stop(self) -> None:
+        """Leave nothing more to take (the other end failed: its slide is lost)."""
+        with self._lock:
+            self.hi = self.lo
+
+
+def _part_bounds(plan: SlidePlan, shard: int, part: int, parts: int) -> tuple[int, int]:
+    """Patches ``a .. b - 1``: part ``part`` of ``parts`` contiguous, nearly equal parts of a
+    shard."""
     per = plan.spec.patches_per_shard
     lo, hi = shard * per, min(plan.n_patches, (shard + 1) * per)
     bounds = np.linspace(lo, hi, parts + 1).round().astype(int)
-    a, b = int(bounds[part]), int(bounds[part + 1])
+    return int(bounds[part]), int(bounds[part + 1])
+
+
+def meeting_ranges(plan: SlidePlan, shard: int, parts: int) -> list[MeetingRange]:
+    """The ranges that a shard's ``parts`` (even) share in pairs: parts ``2k`` and ``2k + 1``
+    extract range ``k`` (of ``parts // 2`` equal ones) from its front and its back
+    (:func:`shard_part`)."""
+    return [MeetingRange(*_part_bounds(plan, shard, k, parts // 2)) for k in range(parts // 2)]
+
+
+def shard_part(
+    plan: SlidePlan, shard: int, part: int, parts: int, meet: MeetingRange | None = None
+) -> tuple[list[bytes], int]:
+    """The encoded chunks of part ``part`` of ``parts`` (contiguous, in order) of one shard's
+    patches, and how many of them are source tiles copied as they are: a shard's parts may be
+    extracted side by side and written together (:func:`write_shard_parts`). Raises like
+    :func:`extract_shard`.
+
+    With ``meet`` (threads of one process, ``parts`` even; :func:`meeting_ranges`), part ``2k``
+    takes patches from the front of the pair's range and part ``2k + 1`` from its back until
+    they meet, so the pair's chunks, in part order, are still the range's in order.
+    """
+    if meet is None:
+        a, b = _part_bounds(plan, shard, part, parts)
+    else:
+        a, b = meet.bounds
     coords = plan.coords[a:b] if plan.coords is not None else read_coords(plan.store, a, b)
+    front = part % 2 == 0
+    order: Iterator[int | None] = (
+        iter(range(a, b)) if meet is None else iter(lambda: meet.take(front), None)
+    )
     tiff, slide = _sources().get(plan)
     copy_from = tiff if tiff is not None and _copyable(tiff, plan) else None
     scale = 1 if tiff is None else decode_scale(tiff, plan)  # the same for every patch
     chunks: list[bytes] = []
     copied = 0
-    for x, y in coords:
+    for i in order:
+        assert i is not None
+        x, y = coords[i - a]
         try:
             tile = None if copy_from is None else _source_tile(copy_from, plan, x, y)
             read = None if tile is not None else _read_patch(tiff, slide, plan, x, y, scale)
-        except SlideError:
-            raise
         except Exception as exc:
+            if meet is not None:
+                meet.stop()
+            if isinstance(exc, SlideError):
+                raise
             raise SlideError(
                 f"tiles cannot be decoded at level {plan.geometry.read_level} near x={x} y={y}: "
                 f"{' '.join(str(exc).split()) or type(exc).__name__}",
@@ -706,6 +775,8 @@ def shard_part(plan: SlidePlan, shard: int, part: int, parts: int) -> tuple[list
             copied += 1
         else:
             chunks.append(_encode_patch(read[0], plan.spec, read[1]))
+    if meet is not None and not front:
+        chunks.reverse()  # taken from the back
     return chunks, copied
 
 
@@ -791,7 +862,8 @@ def _read_patch(
         x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
         w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
         box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
-        return tiff.read(x0, y0, w, h, scale=s), box
+        region = tiff.read_view(x0, y0, w, h, scale=s)
+        return (tiff.read(x0, y0, w, h, scale=s) if region is None else region), box
     assert (
         slide is not None
     )  # the source cache opens the slide when the TIFF cannot be read directly

@@ -329,9 +329,13 @@ def _warp_linear(
     # OpenCV puts pixel centres on integers, Pillow on halves
     m = np.array([[rx, 0, box[0] + 0.5 * rx - 0.5], [0, ry, box[1] + 0.5 * ry - 0.5]])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    return cv2.warpAffine(
-        np.ascontiguousarray(arr), m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE
+    # rows of a larger image (a view into a band of tiles) are warped where they lie: a copy
+    # would hand the interpreter over to the other threads once more a patch
+    rows_whole = arr.strides[-1] == arr.itemsize and (
+        arr.ndim == 2 or arr.strides[1] == arr.shape[2] * arr.itemsize
     )
+    src = arr if rows_whole else np.ascontiguousarray(arr)
+    return cv2.warpAffine(src, m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
 def sample_mask(
