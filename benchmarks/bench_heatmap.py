@@ -140,7 +140,7 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         patches_per_shard=256,
         attrs={},
     )  # empty: never read
-    mark_complete(g, status="ok", n_patches=len(coords))
+    mark_complete(path, status="ok", n_patches=len(coords))
     write_scores(
         g,
         RUN,

@@ -120,13 +120,23 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
     p = zarr.open_group(str(tmp_path / "a.zarr"))[PATCHES]
     assert dict(p.attrs) == {"codec": "jpeg", "quality": 90, "mpp": 0.5}
     writes.clear()
-    store_mod.mark_complete(g, status="ok", n_patches=3)
-    assert writes == ["zarr.json"] and is_complete(tmp_path / "a.zarr")
+    twin = zarr.open_group(str(tmp_path / "a.zarr"), mode="r+")
+    zarr_doc = twin.update_attributes({"tiling": {"x": 1, "status": "ok", "n_patches": 3}})
+    zarr_doc.update_attributes({"complete": True})
+    zarr_bytes = (tmp_path / "a.zarr" / "zarr.json").read_bytes()
+    g.update_attributes({"complete": False, "tiling": {"x": 1}})  # as it was
+    writes.clear()
+    store_mod.mark_complete(tmp_path / "a.zarr", status="ok", n_patches=3)
+    assert writes == [] and is_complete(tmp_path / "a.zarr")  # written as a plain file
+    # the document zarr's update_attributes writes, byte for byte
+    assert (tmp_path / "a.zarr" / "zarr.json").read_bytes() == zarr_bytes
     assert zarr.open_group(str(tmp_path / "a.zarr")).attrs["tiling"] == {
         "x": 1,
         "status": "ok",
         "n_patches": 3,
     }
+    with pytest.raises(StoreError, match="not a group"):
+        store_mod.mark_complete(tmp_path / "a.zarr" / "m")
 
 
 def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path) -> None:
@@ -389,6 +399,18 @@ def test_finish_store_refuses_missing_or_misshapen_arrays(
     with pytest.raises(StoreError, match=message):
         finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
     assert not is_complete(store_copy)
+
+
+def test_finish_store_refuses_a_group_document_that_is_not_json(store_copy: Path) -> None:
+    """The group's zarr.json torn (half written by a crash, or damaged) between the shards and
+    the finish: one error naming the store, nothing marked complete, the file left as found."""
+    n = _unfinish(store_copy)
+    doc = store_copy / "zarr.json"
+    torn = doc.read_bytes()[:100]
+    doc.write_bytes(torn)
+    with pytest.raises(StoreError, match=r"s\.zarr: unreadable store \(JSONDecodeError\)"):
+        finish_store(store_copy, status="ok", n_patches=n, patches_per_shard=8)
+    assert doc.read_bytes() == torn and not is_complete(store_copy)
 
 
 def test_finish_store_refuses_a_wrong_patch_count(store_copy: Path) -> None:
