@@ -803,3 +803,30 @@ def test_two_ends_of_a_range_share_its_patches_and_meet_once() -> None:
 
     assert _part_order([0, 1, 2], 2) == [(0, 0), (2, 1), (1, 0), (1, 1), (2, 0), (0, 1)]
     assert _part_order([4], 4) == [(4, 0), (4, 3), (4, 2), (4, 1)]
+
+
+def test_opencv_runs_one_thread_while_tiling_threads_run(
+    synth_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """OpenCV's own pool is pinned to one thread while the tiling threads warp patches (each
+    warping over every core, they wait for each other), and given back its count after."""
+    import cv2
+
+    seen: list[int] = []
+    real = tile_batch.shard_part
+
+    def part(*args):  # type: ignore[no-untyped-def]
+        seen.append(cv2.getNumThreads())
+        return real(*args)
+
+    monkeypatch.setattr(tile_batch, "shard_part", part)
+    before = cv2.getNumThreads()
+    (r,) = tile_slides(
+        [synth_dir / "pos.svs"],
+        tmp_path / "out",
+        spec=TilingSpec(tile_px=128, mpp=1.0),
+        workers=2,
+        progress=False,
+    )
+    assert r.status == "ok" and seen and set(seen) == {1}
+    assert cv2.getNumThreads() == before
