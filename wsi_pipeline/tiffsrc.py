@@ -233,7 +233,7 @@ class TiffLevel:
         band = self._local.__dict__.get("band")
         key = (scale, y, h)
         if band is None or band.key != key or tx0 < band.tx or tx1 >= band.tx + band.cols:
-            cols = max(BAND_TILES, tx1 - tx0 + 1)
+            cols = max(min(BAND_TILES, BAND_BYTES // (h * tw * 3)), tx1 - tx0 + 1)
             if band is not None and band.key == key and tx0 >= band.tx:
                 start = tx0  # moving right along the row
             elif band is not None and band.key == key:
@@ -271,8 +271,11 @@ class TiffLevel:
         self._local = threading.local()
 
 
-#: Tile columns a thread's band of decoded tiles spans at least (:meth:`TiffLevel.read_view`).
+#: Tile columns a thread's band of decoded pixels spans (:meth:`TiffLevel.read_view`), at
+#: most :data:`BAND_BYTES` of them (and at least a request's): 3 MB for 256-px patches of
+#: 256-px tiles.
 BAND_TILES = 16
+BAND_BYTES = 16 * 2**20
 
 
 @dataclass

@@ -850,7 +850,9 @@ def _read_patch(
     comes with the box where it lies in the region, to the fraction of a pixel (a patch need not
     start on the level's pixel grid); with ``s`` > 1 (the slide's :func:`decode_scale`) the
     TIFF's JPEG tiles are decoded at ``1/s`` scale and the region comes back that much smaller.
-    :func:`_encode_patch` finishes with one resample of the box.
+    :func:`_encode_patch` finishes with one resample of the box. A resampled region read from
+    a JPEG level is a view into this thread's band of decoded pixels
+    (:meth:`~wsi_pipeline.tiffsrc.TiffLevel.read_view`), good until its next read.
     """
     geo = plan.geometry
     rp = geo.read_px
