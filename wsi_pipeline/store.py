@@ -569,14 +569,33 @@ def mark_complete(path: str | os.PathLike, **attrs: Any) -> None:
     finished slide's 2.5 ms opening the group through its event loop.
     """
     doc_path = Path(path) / "zarr.json"
-    doc = json.loads(doc_path.read_bytes())
-    if doc.get("node_type") != "group":
-        raise StoreError("zarr.json is not a group's", path=path)
+    try:
+        doc = _group_doc(path)
+    except json.JSONDecodeError:
+        raise  # finish_store names it: "unreadable store (JSONDecodeError)"
+    except ValueError as exc:
+        raise StoreError(str(exc), path=path) from exc
     attributes = doc.setdefault("attributes", {})
     tiling = dict(attributes.get("tiling", {}))
     tiling.update(attrs)
     attributes.update({"tiling": tiling, "complete": True})
     atomic_write_bytes(doc_path, json.dumps(doc, indent=2, allow_nan=True).encode())
+
+
+def _group_doc(path: str | os.PathLike) -> dict[str, Any]:
+    """The store's group document (its ``zarr.json``, parsed).
+
+    Raises
+    ------
+    OSError
+        It cannot be read.
+    ValueError
+        It is not JSON (``json.JSONDecodeError``), or not a zarr group's.
+    """
+    doc = json.loads((Path(path) / "zarr.json").read_bytes())
+    if not isinstance(doc, dict) or doc.get("node_type") != "group":
+        raise ValueError("zarr.json is not a group's")
+    return doc
 
 
 def finish_store(
@@ -646,9 +665,7 @@ def store_problems(path: str | os.PathLike, n_patches: int, patches_per_shard: i
     """
     p = Path(path)
     try:
-        doc = json.loads((p / "zarr.json").read_bytes())
-        if not isinstance(doc, dict) or doc.get("node_type") != "group":
-            raise ValueError("not a zarr group")
+        _group_doc(p)
     except (OSError, ValueError) as exc:
         return [f"unreadable store ({type(exc).__name__})"]
     n = int(n_patches)

@@ -187,8 +187,7 @@ class TiffLevel:
         the ``(h, w, 3)`` uint8 array (or view) it is written into and returned.
         """
         lw, lh = -(-self.width // scale), -(-self.height // scale)
-        # JPEG tiles decode whole (decode_jpeg_scaled), so a request inside the level is covered
-        whole = self.compression == JPEG and x >= 0 and y >= 0 and x + w <= lw and y + h <= lh
+        whole = self._inside_jpeg(x, y, w, h, scale)
         if out is None:
             out = np.empty((h, w, 3), np.uint8) if whole else np.full((h, w, 3), 255, np.uint8)
         elif not whole:
@@ -214,6 +213,12 @@ class TiffLevel:
                     ]
         return out
 
+    def _inside_jpeg(self, x: int, y: int, w: int, h: int, scale: int) -> bool:
+        """Whether a request lies inside a JPEG level: its decoded tiles (whole, through
+        :func:`decode_jpeg_scaled`) then cover it, with no white padding."""
+        lw, lh = -(-self.width // scale), -(-self.height // scale)
+        return self.compression == JPEG and x >= 0 and y >= 0 and x + w <= lw and y + h <= lh
+
     def read_view(self, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray | None:
         """Region at this level like :meth:`read`, as a view into this thread's band of
         decoded pixels (valid until this thread's next call), or None when the request is not
@@ -225,8 +230,7 @@ class TiffLevel:
         2 x 2 block of tiles was four copies, and a tenth of two threads' time; here it is
         about two, one per tile row of the column it brings in.
         """
-        lw, lh = -(-self.width // scale), -(-self.height // scale)
-        if self.compression != JPEG or x < 0 or y < 0 or x + w > lw or y + h > lh:
+        if not self._inside_jpeg(x, y, w, h, scale):
             return None
         tw, th = self.tile_w // scale, self.tile_h // scale
         tx0, tx1 = x // tw, (x + w - 1) // tw

@@ -1013,8 +1013,7 @@ def _drive(
                 "plan": plan,
                 "left": len(todo),
                 "stats": [],
-                "parts": {},  # shard -> {part: its chunks}, until the shard is written
-                "written": set(),
+                "parts": {s: {} for s in todo},  # shard -> {part: its chunks}, until written
                 "meets": {s: meeting_ranges(plan, s, n) for s in todo} if n > 1 else {},
                 "queue": todo[1:] if chain else [],
                 "priority": INLINE_PRIORITY if inline else 10,
@@ -1089,13 +1088,12 @@ def _drive(
                 if st is None:
                     continue
                 s, p, n = where
-                if s in st["written"]:  # the other end of its ranges had taken them all
+                got = st["parts"].get(s)
+                if got is None:  # written: the other end of its ranges had taken them all
                     continue
-                got = st["parts"].setdefault(s, {})
                 got[p] = res
                 if _shard_in(st["meets"][s], got):
                     del st["parts"][s]
-                    st["written"].add(s)
                     g = client.submit(
                         write_shard_parts,
                         st["plan"],

@@ -753,28 +753,31 @@ def shard_part(
     scale = 1 if tiff is None else decode_scale(tiff, plan)  # the same for every patch
     chunks: list[bytes] = []
     copied = 0
-    for i in order:
-        assert i is not None
-        x, y = coords[i - a]
-        try:
-            tile = None if copy_from is None else _source_tile(copy_from, plan, x, y)
-            read = None if tile is not None else _read_patch(tiff, slide, plan, x, y, scale)
-        except Exception as exc:
-            if meet is not None:
-                meet.stop()
-            if isinstance(exc, SlideError):
+    try:
+        for i in order:
+            assert i is not None
+            x, y = coords[i - a]
+            try:
+                tile = None if copy_from is None else _source_tile(copy_from, plan, x, y)
+                read = None if tile is not None else _read_patch(tiff, slide, plan, x, y, scale)
+            except SlideError:
                 raise
-            raise SlideError(
-                f"tiles cannot be decoded at level {plan.geometry.read_level} near x={x} y={y}: "
-                f"{' '.join(str(exc).split()) or type(exc).__name__}",
-                path=plan.path,
-            ) from exc
-        if read is None:
-            assert tile is not None
-            chunks.append(tile)
-            copied += 1
-        else:
-            chunks.append(_encode_patch(read[0], plan.spec, read[1]))
+            except Exception as exc:
+                raise SlideError(
+                    f"tiles cannot be decoded at level {plan.geometry.read_level} near "
+                    f"x={x} y={y}: {' '.join(str(exc).split()) or type(exc).__name__}",
+                    path=plan.path,
+                ) from exc
+            if read is None:
+                assert tile is not None
+                chunks.append(tile)
+                copied += 1
+            else:
+                chunks.append(_encode_patch(read[0], plan.spec, read[1]))
+    except BaseException:
+        if meet is not None:
+            meet.stop()  # the slide is lost: the other end takes no more of it
+        raise
     if meet is not None and not front:
         chunks.reverse()  # taken from the back
     return chunks, copied
