@@ -69,6 +69,7 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         create_store,
         is_complete,
         mark_complete,
+        open_store,
         write_array,
         write_scores,
     )
@@ -126,7 +127,11 @@ def make_store(work: Path, *, width: int, height: int, mpp: float, seed: int) ->
         "overlap_px": overlap_px,
         "tissue_threshold": 0.25,
     }
-    g = create_store(path, slide_id="bench_slide", meta=meta, tiling=tiling)
+    g = open_store(
+        create_store(path, slide_id="bench_slide", meta=meta, tiling=tiling),
+        require_complete=False,
+        mode="r+",
+    )
     for key, data in ((THUMBNAIL, thumb), (TISSUE_MASK, tissue)):
         write_array(g, key, data, chunks=data.shape, attrs={"downsample": float(mds)})
     for key, data in ((COORDS, coords), (TISSUE_FRACTION, tfrac.astype(np.float32))):

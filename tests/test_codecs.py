@@ -8,7 +8,6 @@ import pytest
 from wsi_pipeline.codecs import (
     CODEC_NAME,
     EMPTY,
-    JpegCodec,
     adobe_rgb_marker,
     chunk_payload,
     decode_chunk,
@@ -18,6 +17,7 @@ from wsi_pipeline.codecs import (
     read_shard_index,
     shard_bytes,
 )
+from wsi_pipeline.zarr_jpeg import JpegCodec
 
 
 def _gradient(size: int = 32) -> np.ndarray:
@@ -84,6 +84,10 @@ def test_jpeg_codec_config_round_trip() -> None:
     d = codec.to_dict()
     assert d == {"name": CODEC_NAME, "configuration": {"quality": 77}}
     assert JpegCodec.from_dict(d).quality == 77
+    # the name the zarr.codecs entry point of installs before it moved gives
+    from wsi_pipeline import codecs
+
+    assert codecs.JpegCodec is JpegCodec
 
 
 def test_jpeg_codec_in_zarr(tmp_path) -> None:

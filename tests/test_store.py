@@ -105,7 +105,8 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
         return await orig(self, key, value, *args, **kwargs)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
-    g = store_mod.create_store(tmp_path / "a.zarr", slide_id="a", meta=_meta(), tiling={"x": 1})
+    path = store_mod.create_store(tmp_path / "a.zarr", slide_id="a", meta=_meta(), tiling={"x": 1})
+    g = store_mod.open_store(path, require_complete=False, mode="r+")
     assert writes == [] and sorted(p.name for p in (tmp_path / "a.zarr").iterdir()) == ["zarr.json"]
     assert list(g.attrs) == ["wsi_pipeline", "slide_id", "slide", "tiling", "complete"]
     attrs = {"downsample": 2.0, "method": "otsu", "params": {}, "tissue_fraction": 0.5}
@@ -139,9 +140,11 @@ def test_attributes_written_in_one_write_each(tmp_path: Path, monkeypatch) -> No
         store_mod.mark_complete(tmp_path / "a.zarr" / "m")
 
 
-def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path) -> None:
-    """create_store encodes the small arrays' chunks itself (zarr's codec pipeline takes each
-    through a thread): every file, edge chunks padded, is byte for byte the one zarr writes."""
+@pytest.mark.parametrize("codec", ["jpeg", "zstd", "raw"])
+def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path, codec: str) -> None:
+    """create_store writes a store without zarr (a third of a second to import in every tiling
+    process): every file, edge chunks padded, and every ``zarr.json`` (the patches' for each
+    codec) is byte for byte the one zarr writes, and the tiler's process never imports zarr."""
     import asyncio
 
     from zarr.core.group import AsyncGroup
@@ -150,7 +153,7 @@ def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path) -> None:
     from wsi_pipeline import store as store_mod
 
     rng = np.random.default_rng(0)
-    spec = TilingSpec(tile_px=8, patches_per_shard=2)
+    spec = TilingSpec(tile_px=8, patches_per_shard=2, codec=codec)
     tiling = {"spec": spec.to_dict(), "slide_mpp_override": None, "read_level": 0}
     tiling |= {"mpp": 0.5, "downsample": 1.0}
     thumb = rng.integers(0, 256, (600, 1100, 3), dtype=np.uint8)  # 2 x 3 chunks, edges padded
@@ -174,7 +177,7 @@ def test_a_new_store_is_the_files_zarr_writes(tmp_path: Path) -> None:
 
     async def build() -> None:
         g = await AsyncGroup.from_store(zarr.storage.MemoryStore(docs), attributes=attrs)
-        await asyncio.gather(*(g.create_array(**kw) for kw in arrays))
+        await asyncio.gather(*(g.create_array(**store_mod._zarr_kwargs(kw)) for kw in arrays))
 
     sync(build())
     theirs = {k: v.to_bytes() for k, v in docs.items()}

@@ -25,7 +25,7 @@ from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.locks import acquire, lock_path, read_lock
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.specs import TilingSpec
-from wsi_pipeline.store import PATCHES, SlideStore, is_complete, store_path
+from wsi_pipeline.store import PATCHES, SlideStore, is_complete, open_store, store_path
 from wsi_pipeline.synth import write_slide
 from wsi_pipeline.tile_batch import (
     MANIFEST,
@@ -672,6 +672,38 @@ def test_slide_processes_do_not_rerun_an_unguarded_script(synth_dir: Path, tmp_p
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["script ran", "['ok', 'ok']"], proc.stdout + proc.stderr
+
+
+def test_tiling_never_imports_zarr(synth_dir: Path, tmp_path: Path) -> None:
+    """A tiling process writes, resumes and skips stores without importing zarr (a third of a
+    second of every ``tile`` process and worker; ``store.create_store`` writes the bytes zarr
+    would), one process or threads, native or resampled; the stores then read through zarr."""
+    out = tmp_path / "out"
+    slides = [str(synth_dir / "neg.svs"), str(synth_dir / "tiny.svs")]
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from wsi_pipeline.specs import TilingSpec\n"
+        "from wsi_pipeline.tile_batch import tile_slides\n"
+        "runs = [(1, None, True), (2, 1.0, True), (2, 1.0, False)]\n"
+        "for workers, mpp, fresh in runs:\n"
+        f"    res = tile_slides({slides!r}, {str(out)!r}, spec=TilingSpec(mpp=mpp),\n"
+        "                      workers=workers, progress=False, overwrite=fresh)\n"
+        "    print(sorted(r.status for r in res), 'zarr' in sys.modules, flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "['ok', 'ok'] False",
+        "['no_tissue', 'ok'] False",  # tiny: no patch of 256 µm
+        "['skipped', 'skipped'] False",
+    ], proc.stdout + proc.stderr
+    st = SlideStore(store_path(out, "neg"))
+    through_zarr = open_store(store_path(out, "neg"))[PATCHES][0]
+    assert st.n_patches > 0 and np.array_equal(st.reader().read([0])[0], through_zarr)
+    assert SlideStore(store_path(out, "tiny")).n_patches == 0
 
 
 def test_a_slide_worker_that_dies_leaves_its_slides_to_threads(

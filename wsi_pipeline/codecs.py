@@ -1,10 +1,10 @@
-"""Patch codecs: a zarr v3 JPEG codec, and the byte-level helpers the tiler uses to build shards.
+"""Patch codecs: the byte-level helpers the tiler uses to encode patches and build shards.
 
-``wsi_jpeg`` is a zarr v3 array-to-bytes codec storing each ``(1, T, T, 3)`` uint8 chunk as one
-standalone baseline JPEG (any JPEG decoder reads a chunk on its own). It is registered with zarr
-on import of this module and through the ``zarr.codecs`` entry point, so plain
-``zarr.open_group(...)["patches"][i]`` decodes patches in any process that has wsi-pipeline
-installed.
+The patches' inner chunks are one standalone baseline JPEG each (codec ``wsi_jpeg``, a zarr v3
+array-to-bytes codec: :mod:`wsi_pipeline.zarr_jpeg`, registered with zarr on its import and
+through the ``zarr.codecs`` entry point, so plain ``zarr.open_group(...)["patches"][i]`` decodes
+patches in any process that has wsi-pipeline installed), zstd or raw bytes. This module does not
+import zarr: the tiler writes its stores without it.
 
 The tiler does not push patches one by one through zarr (about 1 ms per chunk of Python/async
 overhead, see docs/store.md): it encodes inner chunks itself and writes whole shards in the
@@ -17,23 +17,14 @@ fails its read instead of decoding to other pixels. Readers may use zarr or
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from zarr.core.array_spec import ArraySpec
-    from zarr.core.buffer import Buffer, NDBuffer
-
-from zarr.abc.codec import ArrayBytesCodec
-from zarr.registry import register_codec
 
 __all__ = [
     "CODEC_NAME",
     "EMPTY",
     "ZSTD_LEVEL",
-    "JpegCodec",
     "adobe_rgb_marker",
     "chunk_payload",
     "decode_chunk",
@@ -201,49 +192,12 @@ def read_shard_index(data_tail: bytes, chunks_per_shard: int) -> np.ndarray:
     return np.frombuffer(idx, dtype="<u8").reshape(chunks_per_shard, 2)
 
 
-@dataclass(frozen=True)
-class JpegCodec(ArrayBytesCodec):
-    """zarr v3 array->bytes codec: a uint8 ``(..., H, W, 3)`` chunk as one baseline JPEG.
+def __getattr__(name: str) -> Any:
+    """``JpegCodec``, the zarr codec (:mod:`wsi_pipeline.zarr_jpeg`), imported with zarr on first
+    use: this module is the tiler's, which never imports zarr (a third of a second a process).
+    The name stays here for the ``zarr.codecs`` entry point of installs made before it moved."""
+    if name == "JpegCodec":
+        from .zarr_jpeg import JpegCodec
 
-    Configuration: ``quality`` (1..100) used when zarr itself encodes a chunk.
-    """
-
-    is_fixed_size = False
-    quality: int = 90
-
-    def __init__(self, *, quality: int = 90) -> None:
-        object.__setattr__(self, "quality", int(quality))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JpegCodec:
-        config = data.get("configuration") or {}
-        return cls(**config)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
-
-    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        import imagecodecs
-
-        arr = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
-        # zarr's NDArrayLike protocol (all() -> bool) does not match numpy 2's ndarray stubs.
-        out = arr.reshape(chunk_spec.shape)
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)  # type: ignore[arg-type]
-
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        arr = np.asarray(chunk_array.as_ndarray_like())
-        h, w, c = arr.shape[-3:]
-        data = encode_chunk(arr.reshape(h, w, c), "jpeg", quality=self.quality)
-        return chunk_spec.prototype.buffer.from_bytes(data)
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
-
-    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
-        raise NotImplementedError("JPEG output size is data dependent")
-
-
-register_codec(CODEC_NAME, JpegCodec)
+        return JpegCodec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

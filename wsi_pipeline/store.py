@@ -22,9 +22,9 @@ import numpy as np
 
 from . import __version__
 from .codecs import (
+    CODEC_NAME,
     EMPTY,
     ZSTD_LEVEL,
-    JpegCodec,
     chunk_payload,
     decode_chunk,
     index_nbytes,
@@ -203,19 +203,25 @@ def _select(found: list[Path], slide_ids: Sequence[str], where: str) -> list[Pat
 
 
 def _zarr() -> Any:
+    """zarr, with the patches' ``wsi_jpeg`` codec registered (:mod:`wsi_pipeline.zarr_jpeg`)."""
     import zarr
+
+    from . import zarr_jpeg  # noqa: F401  (registers the codec)
 
     return zarr
 
 
 def _read_attrs(path: Path) -> dict[str, Any]:
-    """Group attributes, or StoreError for a missing/unreadable store."""
-    zarr = _zarr()
+    """Group attributes (read from the group's ``zarr.json``, without zarr: the tiler asks this
+    of every slide's store), or StoreError for a missing/unreadable store."""
     if not (path / "zarr.json").is_file():
         raise StoreError("no zarr store here; run 'wsi-pipeline tile' first", path=path)
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception as exc:
+        attrs = _group_doc(path).get("attributes", {})
+        if not isinstance(attrs, dict):
+            raise ValueError("its attributes are not a mapping")
+        return attrs
+    except (OSError, ValueError) as exc:
         raise StoreError(f"unreadable store ({type(exc).__name__}: {exc})", path=path) from exc
 
 
@@ -293,8 +299,12 @@ def create_store(
     meta: SlideMeta,
     tiling: dict[str, Any],
     arrays: Sequence[dict[str, Any]] = (),
-) -> Any:
+) -> Path:
     """Create (or recreate) an empty store with ``complete: false``.
+
+    Written as plain files, without zarr (whose import is a third of a second of every tiling
+    process): the arrays' chunks and ``zarr.json`` documents are the bytes zarr writes for them
+    (``tests/test_store.py`` compares every file with zarr's own).
 
     Parameters
     ----------
@@ -307,20 +317,13 @@ def create_store(
     tiling : dict
         Written to ``attrs["tiling"]`` (see :func:`tiling_attrs`).
     arrays : sequence of dict
-        Arrays to create with it (:func:`mask_arrays`, :func:`grid_arrays`): the group and all
-        of them in one call into zarr's event loop (the tiler's fixed cost per slide).
+        Arrays to create with it (:func:`mask_arrays`, :func:`grid_arrays`).
 
     Returns
     -------
-    zarr.Group
+    Path
+        The store (:func:`open_store` with ``require_complete=False`` opens it with zarr).
     """
-    import asyncio
-
-    zarr = _zarr()
-    from zarr.core.group import AsyncGroup
-    from zarr.core.sync import sync
-    from zarr.storage import StorePath
-
     p = Path(path)
     if p.exists():
         shutil.rmtree(p)
@@ -331,43 +334,113 @@ def create_store(
         "tiling": tiling,
         "complete": False,
     }
-    docs: dict[str, Any] = {}
-    chunks: dict[str, bytes] = {}
-    empty = []  # metadata only: zarr's codec pipeline would take each chunk through a thread
-    for kw in arrays:
-        if "data" in kw:
-            kw = dict(kw)
-            data = np.asarray(kw.pop("data"))
-            kw |= {"shape": data.shape, "dtype": data.dtype}
-            chunks |= _chunk_files(kw["name"], data, kw["chunks"], kw["compressors"])
-        empty.append(kw)
-
-    async def build() -> Any:
-        group = await AsyncGroup.from_store(
-            zarr.storage.MemoryStore(docs), attributes=attrs, zarr_format=3
-        )
-        await asyncio.gather(*(group.create_array(**kw) for kw in empty))
-        return group
-
-    # built in memory, then written as plain files: a LocalStore would send each of its ~40
-    # file operations through a thread of its own (9.5 against 3.5 ms a store, 2 cores); the
-    # small arrays' chunks encoded here (5.9 against 7.4 ms a store of a 1,250 x 938 thumbnail)
-    group = sync(build())
-    _write_keys(p, {**chunks, **{k: v.to_bytes() for k, v in docs.items()}})
-    return zarr.Group(AsyncGroup(group.metadata, StorePath(zarr.storage.LocalStore(str(p)))))
+    files: dict[str, bytes] = {}
+    for spec in arrays:
+        if "data" in spec:
+            files |= _chunk_files(spec["name"], np.asarray(spec["data"]), spec["chunks"])
+        files[f"{spec['name']}/zarr.json"] = _json_bytes(_array_doc(spec))
+    files["zarr.json"] = _json_bytes({"attributes": attrs, "zarr_format": 3, "node_type": "group"})
+    _write_keys(p, files)
+    return p
 
 
-def _chunk_files(
-    name: str, data: np.ndarray, chunk_shape: tuple, compressors: Sequence[Any]
-) -> dict[str, bytes]:
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    """A ``zarr.json`` document as zarr writes it (``json.dumps``, its indent of 2)."""
+    return json.dumps(doc, indent=2, allow_nan=True).encode()
+
+
+def _array_doc(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ``zarr.json`` document of an array of a new store (:func:`_new_array`,
+    :func:`_patches_array`): the one zarr writes for :func:`_zarr_kwargs` of it."""
+    if "data" in spec:  # a small array, written whole
+        data = np.asarray(spec["data"])
+        shape, dtype, chunks, fill = data.shape, data.dtype, spec["chunks"], 0
+        codecs = [_bytes_codec(dtype), _ZSTD_DOC]
+    else:  # the patches, sharded
+        shape, dtype, chunks, fill = spec["shape"], np.dtype(np.uint8), spec["shards"], 255
+        inner: list[dict[str, Any]] = [_bytes_codec(dtype)]
+        if spec["codec"] == "jpeg":
+            inner = [{"name": CODEC_NAME, "configuration": {"quality": spec["quality"]}}]
+        elif spec["codec"] == "zstd":
+            inner.append(_ZSTD_DOC)
+        sharding = {
+            "chunk_shape": list(spec["chunks"]),
+            "codecs": [*inner, {"name": "crc32c"}],
+            "index_codecs": [_bytes_codec(np.dtype("<u8")), {"name": "crc32c"}],
+            "index_location": "end",
+        }
+        codecs = [{"name": "sharding_indexed", "configuration": sharding}]
+    return {
+        "shape": [int(n) for n in shape],
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": dtype.type(fill).item(),
+        "codecs": codecs,
+        "attributes": spec.get("attributes") or {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+#: zarr's ``ZstdCodec(level=ZSTD_LEVEL)`` in a ``zarr.json`` document.
+_ZSTD_DOC = {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}}
+
+
+def _bytes_codec(dtype: np.dtype) -> dict[str, Any]:
+    """zarr's ``bytes`` codec for ``dtype`` (little-endian; no endianness for single bytes)."""
+    if dtype.itemsize == 1:
+        return {"name": "bytes"}
+    return {"name": "bytes", "configuration": {"endian": "little"}}
+
+
+def _zarr_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """zarr's ``create_array`` arguments for an array of a new store (:func:`_new_array`,
+    :func:`_patches_array`): what :func:`create_patches_array` creates through zarr, and what
+    the tests create to compare :func:`create_store`'s files with."""
+    zarr = _zarr()
+    zstd = zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
+    if "data" in spec:  # zarr writes the chunks too
+        return {
+            "name": spec["name"],
+            "data": np.asarray(spec["data"]),
+            "chunks": spec["chunks"],
+            "compressors": [zstd],
+            "attributes": spec.get("attributes"),
+            "overwrite": True,
+            "config": {"write_empty_chunks": True},
+        }
+    from .zarr_jpeg import JpegCodec
+
+    serializer: Any = "auto"
+    compressors: list[Any] = [zarr.codecs.Crc32cCodec()]  # last: each chunk's checksum
+    if spec["codec"] == "jpeg":
+        serializer = JpegCodec(quality=spec["quality"])
+    elif spec["codec"] == "zstd":
+        compressors.insert(0, zstd)
+    return {
+        "name": spec["name"],
+        "shape": spec["shape"],
+        "dtype": "uint8",
+        "shards": spec["shards"],
+        "chunks": spec["chunks"],
+        "serializer": serializer,
+        "compressors": compressors,
+        "fill_value": 255,
+        "overwrite": True,
+        "attributes": spec.get("attributes"),
+    }
+
+
+def _chunk_files(name: str, data: np.ndarray, chunk_shape: tuple) -> dict[str, bytes]:
     """The chunk files of array ``name`` holding ``data`` whole, as zarr writes them (keys
     ``<name>/c/i/j``; each chunk full-size, padded with the fill value 0 past the array's edge;
-    C-order little-endian bytes, then ``compressors``, zarr's ``ZstdCodec`` alone):
+    C-order little-endian bytes, then zarr's ``ZstdCodec`` at :data:`ZSTD_LEVEL`):
     ``tests/test_store.py`` checks them byte for byte against zarr's own."""
     from numcodecs import Zstd
 
-    (zstd,) = compressors
-    codec = Zstd(level=zstd.level, checksum=zstd.checksum)
+    codec = Zstd(level=ZSTD_LEVEL, checksum=False)
     dtype = data.dtype.newbyteorder("<")
     grid = [range(math.ceil(n / c)) for n, c in zip(data.shape, chunk_shape, strict=True)]
     out: dict[str, bytes] = {}
@@ -465,18 +538,15 @@ def grid_arrays(
 def _new_array(
     key: str, data: np.ndarray, chunks: tuple, attrs: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """The ``create_array`` arguments of a small array of a new store, written whole with its
-    data and attributes (every chunk, as :func:`write_array`: ``chunks`` clipped to the shape),
+    """A small array of a new store (:func:`create_store`), written whole with its data and
+    attributes (every chunk, as :func:`write_array`: ``chunks`` clipped to the shape),
     compressed with zstd at :data:`ZSTD_LEVEL` (zarr's default level 3 took 5.4 against 1.7 ms
     a 1,250 x 938 thumbnail, for 2 % fewer bytes)."""
     return {
         "name": key,
         "data": data,
         "chunks": _clip_chunks(chunks, data.shape),
-        "compressors": [_zarr().codecs.ZstdCodec(level=ZSTD_LEVEL)],
         "attributes": attrs,
-        "overwrite": True,
-        "config": {"write_empty_chunks": True},
     }
 
 
@@ -490,7 +560,8 @@ def create_patches_array(
     patches_per_shard: int,
     attrs: dict[str, Any] | None = None,
 ) -> Any:
-    """Create the empty ``patches`` array, ``(n, tile_px, tile_px, 3)`` uint8.
+    """Create the empty ``patches`` array, ``(n, tile_px, tile_px, 3)`` uint8, in an open store
+    group (zarr).
 
     Shards hold ``patches_per_shard`` patches, one patch per inner chunk, encoded with ``codec``
     (``"jpeg"``, ``"zstd"`` or ``"raw"``) and followed by its crc32c; missing patches read as
@@ -502,13 +573,15 @@ def create_patches_array(
     zarr.Array
     """
     return group.create_array(
-        **_patches_array(
-            n=n,
-            tile_px=tile_px,
-            codec=codec,
-            quality=quality,
-            patches_per_shard=patches_per_shard,
-            attrs=attrs,
+        **_zarr_kwargs(
+            _patches_array(
+                n=n,
+                tile_px=tile_px,
+                codec=codec,
+                quality=quality,
+                patches_per_shard=patches_per_shard,
+                attrs=attrs,
+            )
         )
     )
 
@@ -522,24 +595,15 @@ def _patches_array(
     patches_per_shard: int,
     attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``create_array`` arguments of :func:`create_patches_array`."""
-    zarr = _zarr()
-    serializer: Any = "auto"
-    compressors: list[Any] = [zarr.codecs.Crc32cCodec()]  # last: each chunk's checksum
-    if codec == "jpeg":
-        serializer = JpegCodec(quality=quality)
-    elif codec == "zstd":
-        compressors.insert(0, zarr.codecs.ZstdCodec(level=ZSTD_LEVEL))
+    """The ``patches`` array of a new store (:func:`create_store`,
+    :func:`create_patches_array`)."""
     return {
         "name": PATCHES,
         "shape": (n, tile_px, tile_px, 3),
-        "dtype": "uint8",
         "shards": (patches_per_shard, tile_px, tile_px, 3),
         "chunks": (1, tile_px, tile_px, 3),
-        "serializer": serializer,
-        "compressors": compressors,
-        "fill_value": 255,
-        "overwrite": True,
+        "codec": codec,
+        "quality": quality,
         "attributes": {"codec": codec, "quality": quality, **(attrs or {})},
     }
 
@@ -556,8 +620,12 @@ def read_coords(path: str | os.PathLike, start: int = 0, stop: int | None = None
 
 
 def patch_count(path: str | os.PathLike) -> int:
-    """Number of patches (rows of ``coords``) of a store, complete or not."""
-    return int(_zarr().open_group(str(path), mode="r")[COORDS].shape[0])
+    """Number of patches (rows of ``coords``) of a store, complete or not (from its
+    ``zarr.json``)."""
+    facts = _array_facts(Path(path) / COORDS, whole=False)
+    if facts is None or not facts[0]:
+        raise StoreError(f"no readable {COORDS!r} array", path=path)
+    return facts[0][0]
 
 
 def mark_complete(path: str | os.PathLike, **attrs: Any) -> None:
@@ -593,8 +661,8 @@ def _group_doc(path: str | os.PathLike) -> dict[str, Any]:
         It is not JSON (``json.JSONDecodeError``), or not a zarr group's.
     """
     doc = json.loads((Path(path) / "zarr.json").read_bytes())
-    if not isinstance(doc, dict) or doc.get("node_type") != "group":
-        raise ValueError("zarr.json is not a group's")
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
+        raise ValueError("zarr.json is not a group's (zarr v3)")
     return doc
 
 
@@ -792,11 +860,7 @@ def store_state(
 
 def _has_grid(path: Path) -> bool:
     """True when an unfinished store got as far as its grid and (empty) patches array."""
-    try:
-        g = _zarr().open_group(str(path), mode="r")
-        return all(key in g for key in (COORDS, TISSUE_FRACTION, PATCHES))
-    except Exception:
-        return False
+    return all(_array_facts(path / key, whole=False) for key in (COORDS, TISSUE_FRACTION, PATCHES))
 
 
 # --------------------------------------------------------------------------------------------
