@@ -647,7 +647,7 @@ def mark_complete(path: str | os.PathLike, **attrs: Any) -> None:
     tiling = dict(attributes.get("tiling", {}))
     tiling.update(attrs)
     attributes.update({"tiling": tiling, "complete": True})
-    atomic_write_bytes(doc_path, json.dumps(doc, indent=2, allow_nan=True).encode())
+    atomic_write_bytes(doc_path, _json_bytes(doc))
 
 
 def _group_doc(path: str | os.PathLike) -> dict[str, Any]:
