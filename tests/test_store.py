@@ -457,3 +457,18 @@ def test_predict_and_heatmap_refuse_an_unknown_slide_id(
         assert main([*args, "--slide", "no_such_slide", "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no store for slide id(s) 'no_such_slide'" in err[0]
+
+
+def test_store_documents_read_without_zarr_name_what_is_wrong(store_copy: Path) -> None:
+    """The tiler reads a store's group and ``coords`` documents as JSON (no zarr): a ``coords``
+    document gone gives one line naming the store, and a group document whose attributes are
+    not a mapping is an unreadable store (tiled afresh), not a plausible empty one."""
+    assert patch_count(store_copy) > 0
+    (store_copy / COORDS / "zarr.json").unlink()
+    with pytest.raises(StoreError, match="no readable 'coords' array") as err:
+        patch_count(store_copy)
+    assert str(store_copy) in str(err.value) and "\n" not in str(err.value)
+    doc = json.loads((store_copy / "zarr.json").read_text())
+    (store_copy / "zarr.json").write_text(json.dumps({**doc, "attributes": [1, 2]}))
+    assert not is_complete(store_copy)
+    assert store_state(store_copy, SPEC, file_size=1, slide_mpp=None) == FRESH
