@@ -313,3 +313,40 @@ def test_find_slides(testdata: Path, tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     shutil.copy(testdata / "SOURCES.md", f)
     assert find_slides([f]) == ([f], [])
+
+
+def test_tifffile_complaints_stay_with_their_thread(testdata: Path, tmp_path: Path) -> None:
+    """tifffile logs a broken IFD chain on one process-wide logger. What one thread's file logs
+    must not be read as another's (a good slide was failed as 'truncated' when a truncated one
+    was opened beside it), nor be lost while another thread parses a file quietly
+    (:func:`~wsi_pipeline.tiffsrc.open_tiff_level`)."""
+    import threading
+
+    from wsi_pipeline.tiffsrc import open_tiff_level
+
+    data = (testdata / "aperio/CMU-1-Small-Region.svs").read_bytes()
+    cut = tmp_path / "cut.tif"  # tiffslide opens it, and tifffile logs its broken chain
+    cut.write_bytes(data[: int(len(data) * 0.8)])  # its pyramid cut short
+    good = testdata / "generic-tiff/kidney-48-5.tif"
+    with open_slide(good) as s:
+        wh = s.meta.level_dimensions[0]
+    stop = threading.Event()
+
+    def open_cut() -> None:
+        while not stop.is_set():
+            with pytest.raises(SlideError, match=r"cut\.tif: truncated or corrupt TIFF \(invalid"):
+                open_slide(cut, backend="tiffslide")
+
+    def parse_quietly() -> None:
+        while not stop.is_set():
+            open_tiff_level(str(good), 0, wh)
+
+    with ThreadPoolExecutor(2) as pool:
+        others = [pool.submit(open_cut), pool.submit(parse_quietly)]
+        try:
+            for _ in range(200):
+                open_slide(good, backend="tiffslide").close()
+        finally:
+            stop.set()
+        for f in others:
+            f.result()

@@ -587,19 +587,16 @@ def _meta(
 def _open_tiffslide(p: Path, spath: str, size: int) -> Slide:
     import tiffslide
 
-    tiff_log = _CollectLog()
-    logging.getLogger("tifffile").addHandler(tiff_log)
+    from .tiffsrc import tifffile_complaints
+
+    with warnings.catch_warnings(), tifffile_complaints() as complaints:
+        warnings.simplefilter("ignore")
+        h = tiffslide.TiffSlide(str(p))
+        props = dict(h.properties)
+        tf = h.ts_tifffile
+        series = tf.series[int(props.get("tiffslide.series-index") or 0)]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            h = tiffslide.TiffSlide(str(p))
-            props = dict(h.properties)
-            tf = h.ts_tifffile
-            series = tf.series[int(props.get("tiffslide.series-index") or 0)]
-    finally:
-        logging.getLogger("tifffile").removeHandler(tiff_log)
-    try:
-        _check_tiff_integrity(series, size, tiff_log.messages)
+        _check_tiff_integrity(series, size, complaints)
         _check_brightfield(series)
     except Exception:
         h.close()
@@ -608,17 +605,6 @@ def _open_tiffslide(p: Path, spath: str, size: int) -> Slide:
     if vendor is None:
         vendor = "ome" if tf.is_ome else "qptiff" if tf.is_qpi else "generic-tiff"
     return Slide(h, _meta(h, props, "tiffslide", vendor, spath, size))
-
-
-class _CollectLog(logging.Handler):
-    """Collects tifffile's complaints (it logs, rather than raises, on broken IFD chains)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def _check_tiff_integrity(series: Any, size: int, complaints: list[str]) -> None:

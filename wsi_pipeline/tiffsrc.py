@@ -12,12 +12,14 @@ YCbCr, 33003), get ``None`` from :func:`open_tiff_level` and are read through th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,14 @@ import numpy as np
 
 from .codecs import join_jpeg_tables
 
-__all__ = ["DCT_SCALES", "JPEG", "TiffLevel", "decode_jpeg_scaled", "open_tiff_level"]
+__all__ = [
+    "DCT_SCALES",
+    "JPEG",
+    "TiffLevel",
+    "decode_jpeg_scaled",
+    "open_tiff_level",
+    "tifffile_complaints",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,45 @@ _DECODABLE = {1, 5, 7, 8, 32946, 33005, 34712, 50000, 50001}
 DCT_SCALES = (8, 4, 2)
 _PHOTOMETRIC_RGB = 2
 _PHOTOMETRIC_YCBCR = 6
+
+
+class _ThreadComplaints(logging.Filter):
+    """The filter on tifffile's logger: collects the warnings of the threads inside
+    :func:`tifffile_complaints` (each its own) and holds back those of its quiet ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: dict[int, tuple[list[str], bool]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mine = self.threads.get(record.thread or 0)
+        if mine is None:
+            return True
+        if record.levelno >= logging.WARNING:
+            mine[0].append(record.getMessage())
+        return not mine[1]
+
+
+_COMPLAINTS = _ThreadComplaints()
+logging.getLogger("tifffile").addFilter(_COMPLAINTS)
+
+
+@contextlib.contextmanager
+def tifffile_complaints(*, quiet: bool = False) -> Iterator[list[str]]:
+    """The warnings tifffile logs in this thread inside the block (it logs, rather than
+    raises, on a broken IFD chain); with ``quiet``, kept from the logging handlers too.
+
+    tifffile's logger is the process's: a file another thread opens at the same time neither
+    lends this thread its complaints nor loses its own (a good slide was failed as truncated
+    when a truncated one was opened beside it).
+    """
+    key = threading.get_ident()
+    messages: list[str] = []
+    _COMPLAINTS.threads[key] = (messages, quiet)
+    try:
+        yield messages
+    finally:
+        del _COMPLAINTS.threads[key]
 
 
 @dataclass
@@ -353,34 +401,30 @@ def open_tiff_level(path: str, level: int, expected_wh: tuple[int, int]) -> Tiff
         with open(path, "rb") as fh:
             if fh.read(2) not in (b"II", b"MM"):
                 return None
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tifffile_complaints(quiet=True):
             warnings.simplefilter("ignore")
-            logging.getLogger("tifffile").disabled = True
-            try:
-                with tifffile.TiffFile(path) as tf:
-                    series = tf.series[0]
-                    if level >= len(series.levels):
-                        return None
-                    page = series.levels[level].keyframe
-                    if not page.is_tiled or page.planarconfig != 1:
-                        return None
-                    if (int(page.imagewidth), int(page.imagelength)) != tuple(expected_wh):
-                        return None
-                    if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
-                        return None
-                    if int(page.imagedepth) != 1 or int(page.compression) not in _DECODABLE:
-                        return None
-                    # load lazily-read attributes before any file access of ours (NOTES.md)
-                    offsets = np.asarray(page.dataoffsets, np.int64)
-                    counts = np.asarray(page.databytecounts, np.int64)
-                    tables = page.jpegtables
-                    decode = page.decode
-                    comp = int(page.compression)
-                    photometric = int(page.photometric)
-                    tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
-                    width, height = int(page.imagewidth), int(page.imagelength)
-            finally:
-                logging.getLogger("tifffile").disabled = False
+            with tifffile.TiffFile(path) as tf:
+                series = tf.series[0]
+                if level >= len(series.levels):
+                    return None
+                page = series.levels[level].keyframe
+                if not page.is_tiled or page.planarconfig != 1:
+                    return None
+                if (int(page.imagewidth), int(page.imagelength)) != tuple(expected_wh):
+                    return None
+                if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
+                    return None
+                if int(page.imagedepth) != 1 or int(page.compression) not in _DECODABLE:
+                    return None
+                # load lazily-read attributes before any file access of ours (NOTES.md)
+                offsets = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                tables = page.jpegtables
+                decode = page.decode
+                comp = int(page.compression)
+                photometric = int(page.photometric)
+                tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+                width, height = int(page.imagewidth), int(page.imagelength)
     except Exception as exc:  # not a TIFF we can take apart: the slide reader will do
         log.debug("%s: no direct TIFF access (%s)", path, exc)
         return None
