@@ -24,11 +24,13 @@ Then store bytes against the source's compressed bytes for the same tiles, and r
 single-patch reads from the store against openslide reads of the same patches. ``--big`` adds
 peak RSS tiling a 100,000 x 60,000 slide on every path, and ``--workers N`` against one process
 there (``--only-big``: those rows alone);
-``--small [N]`` (alone) the many-small-slides rows; ``--cohort K`` (default 4; 0: none) ``--workers
+``--small [N]`` (alone) the many-small-slides rows; ``--cli [REPS]`` (alone) ``wsi-pipeline tile``
+as a user runs it, a fresh process per run, per path (best and median of REPS, default 5) and
+its fixed cost; ``--cohort K`` (default 4; 0: none) ``--workers
 N`` against one process on a cohort of K such slides, per path.
 
     python benchmarks/bench_tiling.py [--work bench-out/tiling] [--workers 2] [--big]
-        [--width W --height H] [--small [N]]
+        [--width W --height H] [--small [N]] [--cli [REPS]]
 """
 
 from __future__ import annotations
@@ -567,10 +569,7 @@ def big_rss(work: Path, workers: int) -> list[dict]:
     out = work / "stores_big"
     rows = []
     for label, mpp, overlap, codec, scan_mpp in PATHS:
-        cmd = [sys.executable, "-m", "wsi_pipeline", "tile", str(slide), "--out", str(out)]
-        cmd += ["--tile-size", "256", "--overlap", str(overlap), "--codec", codec, "-q"]
-        cmd += [] if mpp is None else ["--mpp", str(mpp)]
-        cmd += [] if scan_mpp is None else ["--slide-mpp", str(scan_mpp)]
+        cmd = _tile_cmd(slide, out, mpp, overlap, codec, scan_mpp)
         best = {1: float("inf"), workers: float("inf")}
         peak = 0
         for _ in range(2):
@@ -591,6 +590,67 @@ def big_rss(work: Path, workers: int) -> list[dict]:
             }
         )
         print(f"  {rows[-1]['case']}: peak RSS {peak / 2**20:,.0f} MB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def _tile_cmd(
+    slide: Path, out: Path, mpp: float | None, overlap: int, codec: str, scan_mpp: float | None
+) -> list[str]:
+    """The ``wsi-pipeline tile`` command line of one path (:data:`PATHS`), 256-px patches."""
+    cmd = [sys.executable, "-m", "wsi_pipeline", "tile", str(slide), "--out", str(out)]
+    cmd += ["--tile-size", "256", "--overlap", str(overlap), "--codec", codec, "-q"]
+    cmd += [] if mpp is None else ["--mpp", str(mpp)]
+    return cmd + ([] if scan_mpp is None else ["--slide-mpp", str(scan_mpp)])
+
+
+def cli_rows(slide: Path, work: Path, workers: int, reps: int) -> list[dict]:
+    """``wsi-pipeline tile`` as a user runs it, a fresh process each time (start, imports and
+    exit included), on the benchmark slide: per path, ``--workers 1`` and ``--workers N``
+    taken alternately ``reps`` times each, best and median, into a fresh ``--out`` each time;
+    and the CLI's fixed cost, a run whose store is already complete (skipped)."""
+    from wsi_pipeline.store import SlideStore
+
+    out = work / "stores_cli"
+    rows = []
+    for label, mpp, overlap, codec, scan_mpp in PATHS:
+        cmd = _tile_cmd(slide, out, mpp, overlap, codec, scan_mpp)
+        shutil.rmtree(out, ignore_errors=True)
+        _cli_run([*cmd, "--workers", "1"])  # the page cache and first-use costs, untimed
+        times: dict[int, list[float]] = {1: [], workers: []}
+        peak = 0
+        for _ in range(reps):
+            for n in (1, workers):
+                shutil.rmtree(out, ignore_errors=True)
+                seconds, rss = _cli_run([*cmd, "--workers", str(n)])
+                times[n].append(seconds)
+                peak = max(peak, rss)
+        n_patches = SlideStore(out / f"{slide.stem}.zarr").n_patches
+        best = {k: min(v) for k, v in times.items()}
+        median = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append(
+            {
+                "case": label,
+                "n": n_patches,
+                "best1": best[1],
+                "median1": median[1],
+                "best": best[workers],
+                "median": median[workers],
+                "x_one": best[1] / best[workers],
+                "x_one_median": median[1] / median[workers],
+                "peak_mb": peak / 2**20,
+            }
+        )
+        print(f"  {label}: done", flush=True)
+    # the fixed cost of a CLI run: the last path's store is complete, so the slide is skipped
+    skip = [_cli_run([*cmd, "--workers", "1"])[0] for _ in range(reps)]
+    rows.append(
+        {
+            "case": "a complete store, skipped (start, imports, exit)",
+            "best1": min(skip),
+            "median1": float(np.median(skip)),
+        }
+    )
     shutil.rmtree(out, ignore_errors=True)
     return rows
 
@@ -912,6 +972,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only the many-small-slides rows: N slides of 4,000 x 3,000 px (default 200)",
     )
     ap.add_argument(
+        "--cli",
+        type=int,
+        nargs="?",
+        const=5,
+        metavar="REPS",
+        help="only the CLI rows: a fresh tile process per run, --workers 1 and N, REPS runs each",
+    )
+    ap.add_argument(
         "--cohort",
         type=int,
         default=4,
@@ -973,6 +1041,24 @@ def main(argv: list[str] | None = None) -> int:
         ("mad", "MAD vs openslide", f2),
         ("mad_level", "MAD vs openslide, read level", f2),
     ]
+    if args.cli:
+        slide = ensure_slide(args.work, args.width, args.height)
+        w = args.workers
+        cli_columns = [
+            ("case", "path", str),
+            ("n", "patches", f1),
+            ("best1", "--workers 1: best s", f2),
+            ("median1", "median s", f2),
+            ("best", f"--workers {w}: best s", f2),
+            ("median", "median s", f2),
+            ("x_one", f"{w} / 1, best", f2),
+            ("x_one_median", f"{w} / 1, median", f2),
+            ("peak_mb", "peak RSS MB", f1),
+        ]
+        rows = cli_rows(slide, args.work, w, args.cli)
+        print(f"\nwsi-pipeline tile on {slide.name}, a fresh CLI process each run, {args.cli} runs")
+        print(table(rows, cli_columns))
+        return 0
     if args.only_big:
         big = {"case", "row", "n", "rate", "peak_mb", "x_one"}  # the columns big_rss fills
         print(table(big_rss(args.work, args.workers), [c for c in columns if c[0] in big]))

@@ -45,7 +45,7 @@ from .store import (
     remove_partial_writes,
     write_features,
 )
-from .util import atomic_path, output_dir, sanitize_id, save_torch
+from .util import atomic_path, output_dir, progress_bar, sanitize_id, save_torch
 from .weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -347,8 +347,6 @@ def ensure_features(
     StoreError
         A store is unfinished or unreadable (without ``failed``).
     """
-    from tqdm.auto import tqdm
-
     if weights is None and backbone is not None:
         weights = NO_WEIGHTS
     enc = load_encoder(backbone=backbone, encoder=encoder, weights=weights, seed=seed)
@@ -372,7 +370,9 @@ def ensure_features(
                 todo.append(sp)
         except StoreError as exc:
             isolate(sp, exc)
-    for sp in tqdm(todo, desc=f"features {name}", unit="slide", disable=None if progress else True):
+    for sp in progress_bar(
+        todo, desc=f"features {name}", unit="slide", disable=None if progress else True
+    ):
         try:
             feats = _embed(sp, enc, net, device=device, batch_size=batch_size)
             _write_locked(sp, name, feats, attrs)
@@ -506,8 +506,6 @@ def compute_features(
     ConfigError, TrainingError
         The encoder cannot be built (nothing was written).
     """
-    from tqdm.auto import tqdm
-
     from .inference import resolve_device
 
     if int(batch_size) < 1:
@@ -530,7 +528,7 @@ def compute_features(
     if scheduler:
         results = _on_cluster(scheduler, job, stores, progress=progress, name=name)
     else:
-        bar = tqdm(
+        bar = progress_bar(
             stores, desc=f"features {name}", unit="slide", disable=None if progress else True
         )
         results = [job(sp) for sp in bar]
@@ -632,11 +630,10 @@ def _on_cluster(
 ) -> list[FeatureResult]:
     """``job`` over ``stores`` on the dask.distributed scheduler at ``address``, in order."""
     from distributed import Client, as_completed
-    from tqdm.auto import tqdm
 
     with Client(address) as client:
         futures = client.map(job, list(stores), pure=False)
-        bar = tqdm(
+        bar = progress_bar(
             total=len(futures),
             desc=f"features {name}",
             unit="slide",
@@ -755,8 +752,6 @@ def import_features(
         ``imported``, ``skipped`` (complete already) or ``failed`` per store (no file, other
         coords, not such a file).
     """
-    from tqdm.auto import tqdm
-
     if not name or sanitize_id(name) != name:
         raise ConfigError(f"extractor name must be letters, digits and ._- only, got {name!r}")
     folder = Path(h5_dir)
@@ -765,7 +760,7 @@ def import_features(
     h5py = _h5py()
     results = []
     dim = 0
-    for sp in tqdm(
+    for sp in progress_bar(
         find_stores(paths), desc=f"import {name}", unit="slide", disable=None if progress else True
     ):
         try:

@@ -53,7 +53,7 @@ from .store import (
     write_class_scores,
     write_scores,
 )
-from .util import atomic_path, output_dir
+from .util import atomic_path, output_dir, progress_bar
 
 __all__ = ["Prediction", "predict", "predict_store", "read_predictions", "write_predictions"]
 
@@ -400,8 +400,6 @@ def predict(
         slide being written has none; ``predictions.csv`` lists the slides not reached when
         there was room to write it, else it is the earlier file, untouched).
     """
-    from tqdm.auto import tqdm
-
     from .inference import load_model, resolve_device
 
     run = runs.load_run(run_dir, allow_unfinished=allow_unfinished)
@@ -441,7 +439,7 @@ def predict(
         "calibration": run.get("calibration"),
         "model_id": run["model_id"],
     }
-    bar = tqdm(ready, desc="predict", unit="slide", disable=None if progress else True)
+    bar = progress_bar(ready, desc="predict", unit="slide", disable=None if progress else True)
     for i, st in enumerate(bar):
         try:
             rows.append(_predict_locked(model, st, options))

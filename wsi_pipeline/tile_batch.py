@@ -62,7 +62,7 @@ from .tiling import (
     shard_part,
     write_shard_parts,
 )
-from .util import atomic_path, output_dir
+from .util import atomic_path, output_dir, progress_bar
 
 __all__ = [
     "LOCK_WAIT_S",
@@ -449,12 +449,10 @@ def tile_slides(
 
 
 def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
-    from tqdm.auto import tqdm
-
-    slides_bar = tqdm(
+    slides_bar = progress_bar(
         total=n_slides, desc="slides", unit="slide", disable=None if progress else True, position=0
     )
-    patch_bar = tqdm(
+    patch_bar = progress_bar(
         total=0,
         desc="patches",
         unit="patch",

@@ -80,7 +80,7 @@ from .train_report import (
     stall_warning,
     validation_warning,
 )
-from .util import output_dir, save_torch
+from .util import output_dir, progress_bar, save_torch
 
 __all__ = [
     "TrainingSetup",
@@ -466,8 +466,6 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
         The epoch's record so far: ``epoch``, ``train_loss`` (mean over this rank's steps) and
         ``lr`` (after the epoch's last step).
     """
-    from tqdm.auto import tqdm
-
     config, dist_info, device = setup.config, setup.dist, setup.device
     train_set = setup.bags["train"]
     setup.model.train()
@@ -485,7 +483,7 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
     per_step = min(config.slides_per_step, len(mine))  # the order holds whole steps only
     objective = epoch_objective(setup.objective, config, epoch)
     losses = []
-    bar = tqdm(
+    bar = progress_bar(
         total=len(mine),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="bag",
