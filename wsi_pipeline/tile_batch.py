@@ -347,7 +347,8 @@ def tile_slides(
         Start a dask ``LocalCluster`` of ``workers`` processes (one BLAS/OpenMP thread each,
         :data:`WORKER_ENV`) instead of threads; its start-up and shutdown (~0.9 s on 2 cores,
         imports included) and the scheduler's round trips per task are only earned by large
-        decode/encode-bound batches (200 small slides: 5.5 s, against 3.3 s in one process).
+        decode/encode-bound batches (``benchmarks/bench_tiling.py`` measures them against one
+        process).
     overwrite : bool
         Redo complete stores.
     slide_mpp : float, optional
@@ -501,9 +502,12 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
 
 
 #: A batch of small slide files (:data:`SMALL_SLIDE_BYTES`) gets a worker process for every
-#: this many of its slides, up to ``workers`` (:func:`_run_slide_processes`): starting them
-#: costs ~0.2 s on 2 cores, which ~30 small slides earn back.
-SLIDES_PER_PROCESS = 32
+#: this many of its slides, up to ``workers`` (:func:`_run_slide_processes`). Measured on 2
+#: cores with 4,000 x 3,000 px slides (level 0 and 0.5 mpp): two threads tile them 1.4-1.7x
+#: as fast as one, two processes up to 1.6-2.0x, but starting them costs 0.4-0.6 s, so they
+#: pass the threads only from ~130 slides (64: threads 1.57x, processes 1.42x; 200: 1.48x
+#: and 1.59x at level 0, 1.71x and 2.03x at 0.5 mpp).
+SLIDES_PER_PROCESS = 64
 #: The largest slide file counted small (a 4,000 x 3,000 px slide is ~1.2 MB, a 40,000 x 30,000
 #: one ~300 MB): a slide's fixed cost (open, thumbnail, mask, store, finalise: ~17 ms, mostly
 #: interpreter work) is then most of its time, and it has at most a few shards to split.
