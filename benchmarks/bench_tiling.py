@@ -656,14 +656,14 @@ def cli_rows(slide: Path, work: Path, workers: int, reps: int) -> list[dict]:
 
 
 def _cli_run(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd`` (one BLAS/OpenMP thread): its seconds and its peak RSS in bytes, sampled
-    every 50 ms."""
+    """Run ``cmd`` (one BLAS/OpenMP thread; its summary line on stdout dropped): its seconds
+    and its peak RSS in bytes, sampled every 50 ms."""
     import subprocess
 
     import psutil
 
     t0 = time.perf_counter()
-    proc = psutil.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = psutil.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
         try:

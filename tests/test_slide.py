@@ -350,3 +350,31 @@ def test_tifffile_complaints_stay_with_their_thread(testdata: Path, tmp_path: Pa
             stop.set()
         for f in others:
             f.result()
+
+
+def test_slides_opened_by_threads_leave_the_warning_filters_alone(testdata: Path) -> None:
+    """Opening slides in two threads at once (a threaded tile batch) must not change the
+    process's warning filters: ``warnings.catch_warnings`` around the opens left them ignoring
+    every warning in about half of such batches (the user's notebook then saw none)."""
+    import warnings
+
+    from wsi_pipeline.tiffsrc import open_tiff_level
+
+    good = testdata / "generic-tiff/kidney-48-5.tif"
+    with open_slide(good) as s:
+        wh = s.meta.level_dimensions[0]
+    before = list(warnings.filters)
+
+    def opens() -> None:
+        for _ in range(5):
+            open_slide(good, backend="tiffslide").close()
+
+    def parses() -> None:
+        for _ in range(5):
+            open_tiff_level(str(good), 0, wh)
+
+    for _ in range(20):
+        with ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(opens), pool.submit(parses)]:
+                f.result()
+        assert warnings.filters == before

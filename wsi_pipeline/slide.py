@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -589,8 +588,9 @@ def _open_tiffslide(p: Path, spath: str, size: int) -> Slide:
 
     from .tiffsrc import tifffile_complaints
 
-    with warnings.catch_warnings(), tifffile_complaints() as complaints:
-        warnings.simplefilter("ignore")
+    # no warnings.catch_warnings here: it swaps the process's filters, and two threads
+    # opening slides at once left them ignoring every warning
+    with tifffile_complaints() as complaints:
         h = tiffslide.TiffSlide(str(p))
         props = dict(h.properties)
         tf = h.ts_tifffile

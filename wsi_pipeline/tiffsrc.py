@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -401,30 +400,28 @@ def open_tiff_level(path: str, level: int, expected_wh: tuple[int, int]) -> Tiff
         with open(path, "rb") as fh:
             if fh.read(2) not in (b"II", b"MM"):
                 return None
-        with warnings.catch_warnings(), tifffile_complaints(quiet=True):
-            warnings.simplefilter("ignore")
-            with tifffile.TiffFile(path) as tf:
-                series = tf.series[0]
-                if level >= len(series.levels):
-                    return None
-                page = series.levels[level].keyframe
-                if not page.is_tiled or page.planarconfig != 1:
-                    return None
-                if (int(page.imagewidth), int(page.imagelength)) != tuple(expected_wh):
-                    return None
-                if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
-                    return None
-                if int(page.imagedepth) != 1 or int(page.compression) not in _DECODABLE:
-                    return None
-                # load lazily-read attributes before any file access of ours (NOTES.md)
-                offsets = np.asarray(page.dataoffsets, np.int64)
-                counts = np.asarray(page.databytecounts, np.int64)
-                tables = page.jpegtables
-                decode = page.decode
-                comp = int(page.compression)
-                photometric = int(page.photometric)
-                tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
-                width, height = int(page.imagewidth), int(page.imagelength)
+        with tifffile_complaints(quiet=True), tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            if level >= len(series.levels):
+                return None
+            page = series.levels[level].keyframe
+            if not page.is_tiled or page.planarconfig != 1:
+                return None
+            if (int(page.imagewidth), int(page.imagelength)) != tuple(expected_wh):
+                return None
+            if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
+                return None
+            if int(page.imagedepth) != 1 or int(page.compression) not in _DECODABLE:
+                return None
+            # load lazily-read attributes before any file access of ours (NOTES.md)
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+            tables = page.jpegtables
+            decode = page.decode
+            comp = int(page.compression)
+            photometric = int(page.photometric)
+            tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+            width, height = int(page.imagewidth), int(page.imagelength)
     except Exception as exc:  # not a TIFF we can take apart: the slide reader will do
         log.debug("%s: no direct TIFF access (%s)", path, exc)
         return None
