@@ -351,3 +351,41 @@ def test_a_view_with_a_broken_tile_fails_and_the_band_is_not_left_half_filled(
     assert np.array_equal(view, good.read(5 * tw - 100, 10, 200, 300))
     tiff.close()
     good.close()
+
+
+def test_tifffile_complaints_are_this_threads_nested_or_not() -> None:
+    """What tifffile logs inside ``tifffile_complaints`` is collected in the thread that logs
+    it (also with ``logging.logThreads`` off), an inner block's also reaching the outer one;
+    quiet blocks keep it from the handlers, and other threads' records pass."""
+    import logging
+    import threading
+
+    from wsi_pipeline.tiffsrc import tifffile_complaints
+
+    log_ = logging.getLogger("tifffile")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    log_.addHandler(keep)
+    threads_flag = logging.logThreads
+    try:
+        logging.logThreads = False
+        with tifffile_complaints() as outer:
+            log_.warning("outer")
+            with tifffile_complaints(quiet=True) as inner:
+                log_.warning("inner")
+                other = threading.Thread(target=log_.warning, args=("other thread",))
+                other.start()
+                other.join()
+            log_.warning("after")
+        log_.warning("outside")
+    finally:
+        logging.logThreads = threads_flag
+        log_.removeHandler(keep)
+    assert inner == ["inner"]
+    assert outer == ["outer", "inner", "after"]
+    assert seen == ["outer", "other thread", "after", "outside"]

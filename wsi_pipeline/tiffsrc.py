@@ -56,7 +56,9 @@ class _ThreadComplaints(logging.Filter):
         self.threads: dict[int, tuple[list[str], bool]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        mine = self.threads.get(record.thread or 0)
+        # a logger's filters run in the thread that logs (record.thread is None when
+        # logging.logThreads is off)
+        mine = self.threads.get(threading.get_ident())
         if mine is None:
             return True
         if record.levelno >= logging.WARNING:
@@ -79,11 +81,16 @@ def tifffile_complaints(*, quiet: bool = False) -> Iterator[list[str]]:
     """
     key = threading.get_ident()
     messages: list[str] = []
+    outer = _COMPLAINTS.threads.get(key)  # a block inside another one of this thread
     _COMPLAINTS.threads[key] = (messages, quiet)
     try:
         yield messages
     finally:
-        del _COMPLAINTS.threads[key]
+        if outer is None:
+            del _COMPLAINTS.threads[key]
+        else:
+            _COMPLAINTS.threads[key] = outer
+            outer[0].extend(messages)
 
 
 @dataclass
