@@ -282,14 +282,11 @@ class TiffLevel:
         request (a row of patches shares its rows), each column copied in once from its decoded
         tiles. Every copy hands the interpreter to the other threads and back: a patch from a
         2 x 2 block of tiles was four copies, and a tenth of two threads' time; here it is
-        about two, one per tile row of the column it brings in. A request that is exactly one
-        tile is that decoded tile itself (cached, shared: never written to), with no copy.
+        about two, one per tile row of the column it brings in.
         """
         if not self._inside_jpeg(x, y, w, h, scale):
             return None
         tw, th = self.tile_w // scale, self.tile_h // scale
-        if (w, h) == (tw, th) and x % tw == 0 and y % th == 0:
-            return self.tile((y // th) * self.tiles_across + x // tw, scale)
         tx0, tx1 = x // tw, (x + w - 1) // tw
         band = self._local.__dict__.get("band")
         key = (scale, y, h)

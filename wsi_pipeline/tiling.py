@@ -853,24 +853,20 @@ def _read_patch(
     comes with the box where it lies in the region, to the fraction of a pixel (a patch need not
     start on the level's pixel grid); with ``s`` > 1 (the slide's :func:`decode_scale`) the
     TIFF's JPEG tiles are decoded at ``1/s`` scale and the region comes back that much smaller.
-    :func:`_encode_patch` finishes with one resample of the box. A region read from a JPEG
-    level is a view into this thread's band of decoded pixels, or a decoded tile itself
-    (:meth:`~wsi_pipeline.tiffsrc.TiffLevel.read_view`), good until its next read: overlapping
-    patches then cost about one copy of a tile's rows per tile column, not up to four copies
-    each.
+    :func:`_encode_patch` finishes with one resample of the box. A resampled region read from
+    a JPEG level is a view into this thread's band of decoded pixels
+    (:meth:`~wsi_pipeline.tiffsrc.TiffLevel.read_view`), good until its next read.
     """
     geo = plan.geometry
     rp = geo.read_px
     if tiff is not None:
         lds = geo.level_downsample
-        box: Box | None = None
         if not geo.resampled:
-            x0, y0, w, h = round(x / lds), round(y / lds), rp, rp
-        else:
-            fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
-            x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
-            w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
-            box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
+            return tiff.read(round(x / lds), round(y / lds), rp, rp), None
+        fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
+        x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
+        w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
+        box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
         region = tiff.read_view(x0, y0, w, h, scale=s)
         return (tiff.read(x0, y0, w, h, scale=s) if region is None else region), box
     assert (
