@@ -370,9 +370,7 @@ def ensure_features(
                 todo.append(sp)
         except StoreError as exc:
             isolate(sp, exc)
-    for sp in progress_bar(
-        todo, desc=f"features {name}", unit="slide", disable=None if progress else True
-    ):
+    for sp in progress_bar(todo, desc=f"features {name}", unit="slide", progress=progress):
         try:
             feats = _embed(sp, enc, net, device=device, batch_size=batch_size)
             _write_locked(sp, name, feats, attrs)
@@ -528,9 +526,7 @@ def compute_features(
     if scheduler:
         results = _on_cluster(scheduler, job, stores, progress=progress, name=name)
     else:
-        bar = progress_bar(
-            stores, desc=f"features {name}", unit="slide", disable=None if progress else True
-        )
+        bar = progress_bar(stores, desc=f"features {name}", unit="slide", progress=progress)
         results = [job(sp) for sp in bar]
     off_mpp: dict[float, list[str]] = {}
     for r in results:
@@ -637,7 +633,7 @@ def _on_cluster(
             total=len(futures),
             desc=f"features {name}",
             unit="slide",
-            disable=None if progress else True,
+            progress=progress,
         )
         for _ in as_completed(futures):
             bar.update(1)
@@ -761,7 +757,7 @@ def import_features(
     results = []
     dim = 0
     for sp in progress_bar(
-        find_stores(paths), desc=f"import {name}", unit="slide", disable=None if progress else True
+        find_stores(paths), desc=f"import {name}", unit="slide", progress=progress
     ):
         try:
             g = open_store(sp, mode="r+")

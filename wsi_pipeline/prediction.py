@@ -439,7 +439,7 @@ def predict(
         "calibration": run.get("calibration"),
         "model_id": run["model_id"],
     }
-    bar = progress_bar(ready, desc="predict", unit="slide", disable=None if progress else True)
+    bar = progress_bar(ready, desc="predict", unit="slide", progress=progress)
     for i, st in enumerate(bar):
         try:
             rows.append(_predict_locked(model, st, options))

@@ -451,13 +451,13 @@ def tile_slides(
 
 def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     slides_bar = progress_bar(
-        total=n_slides, desc="slides", unit="slide", disable=None if progress else True, position=0
+        total=n_slides, desc="slides", unit="slide", progress=progress, position=0
     )
     patch_bar = progress_bar(
         total=0,
         desc="patches",
         unit="patch",
-        disable=None if progress else True,
+        progress=progress,
         position=1,
         leave=False,
     )

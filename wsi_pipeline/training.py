@@ -487,7 +487,7 @@ def train_one_epoch(setup: TrainingSetup, epoch: int, *, progress: bool = True) 
         total=len(mine),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="bag",
-        disable=None if progress else True,
+        progress=progress,
         leave=False,
     )
     xs: list[Any] = []

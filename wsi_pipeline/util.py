@@ -373,14 +373,15 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def progress_bar(*args: Any, **kwargs: Any) -> Any:
+def progress_bar(*args: Any, progress: bool = True, **kwargs: Any) -> Any:
     """A tqdm progress bar: ``tqdm.auto``'s in a Jupyter kernel (a widget), ``tqdm.std``'s
     elsewhere -- the one ``tqdm.auto`` picks there, without its import of asyncio (~25 ms of
-    every CLI process)."""
+    every CLI process). With ``progress`` it shows where tqdm can draw it (not when output is
+    not a terminal); without, never. The other arguments are tqdm's."""
     import sys
 
     if "ipykernel.zmqshell" in sys.modules or "IPython.utils._process_emscripten" in sys.modules:
         from tqdm.auto import tqdm
     else:
         from tqdm.std import tqdm
-    return tqdm(*args, **kwargs)
+    return tqdm(*args, disable=None if progress else True, **kwargs)
