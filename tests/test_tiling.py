@@ -289,6 +289,31 @@ def test_overlap_and_edges(synth_dir: Path, tmp_path: Path) -> None:
     assert set(np.unique(np.diff(np.unique(c[:, 0])))) == {128}
 
 
+def test_patches_read_at_their_level_are_its_pixels(tmp_path: Path) -> None:
+    """Patches read at their level without resampling (an overlap; zstd, lossless) are the
+    level's pixels at their coordinates: inside the level views of the thread's band of decoded
+    tiles, at its right and bottom edges (the slide is no multiple of the tile) padded white,
+    in one thread and in two."""
+    from wsi_pipeline.tiffsrc import open_tiff_level
+
+    path = tmp_path / "odd.svs"
+    write_slide(path, width=1000, height=740, mpp=0.5, seed=11, tissue_fraction=0.9)
+    spec = TilingSpec(
+        tile_px=128, overlap_px=64, codec="zstd", min_tissue=0.0, patches_per_shard=16
+    )
+    tiff = open_tiff_level(str(path), 0, (1000, 740))
+    assert tiff is not None and tiff.compression == 7  # JPEG tiles, read directly
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        (r,) = tile_slides([path], out, spec=spec, workers=workers, progress=False)
+        st = SlideStore(out / "odd.zarr")
+        coords, got = st.coords, st.reader().read(np.arange(st.n_patches))
+        assert r.status == "ok" and len(coords) > 100
+        assert coords[:, 0].max() + 128 > 1000 and coords[:, 1].max() + 128 > 740  # edges in
+        for (x, y), patch in zip(coords.tolist(), got):
+            assert np.array_equal(patch, tiff.read(x, y, 128, 128)), (workers, x, y)
+
+
 def test_no_tissue_store_is_complete_and_empty(synth_dir: Path, tmp_path: Path) -> None:
     r = tile_slide(synth_dir / "blank.svs", tmp_path)
     assert r.status == "no_tissue" and r.n_patches == 0

@@ -86,7 +86,7 @@ def encode_chunk(patch: np.ndarray, codec: str, *, quality: int = 90) -> bytes:
     if codec == "zstd":
         from numcodecs import Zstd
 
-        return bytes(Zstd(level=ZSTD_LEVEL).encode(np.ascontiguousarray(patch).tobytes()))
+        return bytes(Zstd(level=ZSTD_LEVEL).encode(np.ascontiguousarray(patch)))
     if codec == "raw":
         return np.ascontiguousarray(patch).tobytes()
     raise ValueError(f"unknown patch codec {codec!r}")

@@ -743,7 +743,10 @@ def shard_part(
         a, b = _part_bounds(plan, shard, part, parts)
     else:
         a, b = meet.bounds
-    coords = plan.coords[a:b] if plan.coords is not None else read_coords(plan.store, a, b)
+    rows = plan.coords[a:b] if plan.coords is not None else read_coords(plan.store, a, b)
+    # Python ints: the per-patch arithmetic below on numpy scalars was a fifth of the time
+    # two threads held the interpreter on the overlap path (py-spy --gil)
+    coords: list[list[int]] = rows.tolist()
     front = part % 2 == 0
     order: Iterator[int | None] = (
         iter(range(a, b)) if meet is None else iter(lambda: meet.take(front), None)
@@ -853,16 +856,21 @@ def _read_patch(
     comes with the box where it lies in the region, to the fraction of a pixel (a patch need not
     start on the level's pixel grid); with ``s`` > 1 (the slide's :func:`decode_scale`) the
     TIFF's JPEG tiles are decoded at ``1/s`` scale and the region comes back that much smaller.
-    :func:`_encode_patch` finishes with one resample of the box. A resampled region read from
-    a JPEG level is a view into this thread's band of decoded pixels
-    (:meth:`~wsi_pipeline.tiffsrc.TiffLevel.read_view`), good until its next read.
+    :func:`_encode_patch` finishes with one resample of the box. A region inside a JPEG level,
+    resampled or not, is a view into this thread's band of decoded pixels
+    (:meth:`~wsi_pipeline.tiffsrc.TiffLevel.read_view`), good until its next read: a patch
+    assembled from its 2-4 tiles instead was four small copies, each handing the interpreter
+    to the other threads and back, and two threads doing them ran slower than one (0.76-0.87x,
+    the overlap path's tiles all cached).
     """
     geo = plan.geometry
     rp = geo.read_px
     if tiff is not None:
         lds = geo.level_downsample
         if not geo.resampled:
-            return tiff.read(round(x / lds), round(y / lds), rp, rp), None
+            lx, ly = round(x / lds), round(y / lds)
+            region = tiff.read_view(lx, ly, rp, rp)
+            return (tiff.read(lx, ly, rp, rp) if region is None else region), None
         fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
         x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
         w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
