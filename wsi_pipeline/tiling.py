@@ -18,6 +18,7 @@ Running them, one slide under its store's lock or a batch with dask and ``manife
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -126,12 +127,12 @@ class Geometry:
     patch_l0: float
     stride_l0: float
 
-    @property
+    @functools.cached_property  # asked for every patch
     def read_px(self) -> int:
         """Patch side in pixels at the read level (before the one resample)."""
         return max(1, round(self.patch_l0 / self.level_downsample))
 
-    @property
+    @functools.cached_property
     def resampled(self) -> bool:
         return abs(self.downsample / self.level_downsample - 1.0) > 1e-3
 
@@ -911,6 +912,8 @@ def _encode_patch(region: np.ndarray, spec: TilingSpec, box: Box | None = None) 
     Lanczos: 0.64 against 0.91 ms a 256-px patch), Lanczos beyond; each as close to openslide +
     area resize as the next (``tests/test_tiling.py``)."""
     T = spec.tile_px
+    if box is None and region.shape[:2] == (T, T):  # read at its size (an overlap, zstd)
+        return encode_chunk(region, spec.codec, quality=spec.jpeg_quality)
     factor = math.inf if box is None else (box[2] - box[0]) / T
     patch = resize_rgb(region, (T, T), src_box=box, resample=resample_filter(factor))
     return encode_chunk(patch, spec.codec, quality=spec.jpeg_quality)
