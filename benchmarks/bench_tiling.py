@@ -11,8 +11,9 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    resolution, with the tiler's own decoder (libjpeg-turbo through simplejpeg; OpenJPEG);
 2. openslide loop -- one ``openslide.read_region`` per patch (+ box resize), CLAM-style;
 3. our ``tile``   -- to a complete store: one process, ``--workers N`` (threads of the one
-   process, nothing to start; each the best of three runs, five when under a second, the two
-   taken alternately) and
+   process, nothing to start; :data:`PAIRS` rounds of a back-to-back pair of runs, the order
+   flipped every round: each the best of its runs, and the median and range of the pairs'
+   ratios, which the machine's drift between minutes does not move) and
    pre-started dask workers (last, so that the cluster's shutdown runs beside no other row),
    each also as a multiple of one process; beside the threads row, the ceiling of N processes
    on this machine for the path's work, nothing shared (:func:`process_ceiling`); for the
@@ -42,6 +43,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -255,6 +257,7 @@ def run_case(
         with measured() as m:
             res = tile_slides([slide], out, spec=spec, progress=False, slide_mpp=scan_mpp, **kw)
         assert res[0].status == "ok", res[0].error
+        best.setdefault("all", []).append(m["seconds"])
         if m["seconds"] < best.get("seconds", float("inf")):
             st = SlideStore(out / f"{slide.stem}.zarr")
             files = (st.path / PATCHES).rglob("*")
@@ -280,15 +283,16 @@ def run_case(
     warm = work / (_stores_name(label) + "_warm")
     tile_slides([slide], warm, spec=spec, progress=False, slide_mpp=scan_mpp, workers=1)
     shutil.rmtree(warm, ignore_errors=True)
-    # one process and N threads taken alternately, the best of three each (five for a run
-    # under a second: a 0.2 s run is at the mercy of noise, which then falls on both alike)
+    # one process and N threads taken in back-to-back pairs, the order flipped every round,
+    # PAIRS rounds: the best of each, and the median of the pairs' ratios (this machine's
+    # speed drifts by 10-20 % within minutes, which a best-of figure taken apart cannot tell
+    # from a change; a pair's two runs share their minute)
     one: dict = {}
     threads: dict = {}
-    for rep in range(5):
-        if rep == 3 and one["seconds"] >= 1.0:
-            break
-        ours("one", one, workers=1)
-        ours("threads", threads, workers=workers)
+    for rep in range(PAIRS):
+        first, second = ((one, 1), (threads, workers))[:: 1 if rep % 2 == 0 else -1]
+        ours("", first[0], workers=first[1])
+        ours("", second[0], workers=second[1])
     row("wsi-pipeline tile --workers 1 (one process)", one)
     if ds > 1:  # the store of the last run (every run writes the same patches)
         stores = work / _stores_name(label)
@@ -311,6 +315,9 @@ def run_case(
         r["x_openslide"] = r["rate"] / os_rate
         if r["row"].startswith("wsi-pipeline"):
             r["x_one"] = r["rate"] * one["seconds"] / one["res"].n_patches
+    pairs = [a / b for a, b in zip(one["all"], threads["all"])]
+    rows[-2]["x_one_pairs"] = statistics.median(pairs)  # the threads' row
+    rows[-2]["pairs_range"] = f"{min(pairs):.2f}-{max(pairs):.2f}"
     return rows
 
 
@@ -500,6 +507,8 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
 #: The paths of the one table: label, target mpp (None: level 0), overlap px, codec, and the
 #: level-0 mpp the slide is taken to have (None: its own 0.25; 0.2527 as in TCGA's 40x scans,
 #: whose patches at 0.5 or 1.0 µm/px line up with neither the tiles nor the pyramid levels).
+#: Rounds of back-to-back runs, one process and ``--workers N``, per path (:func:`run_case`).
+PAIRS = 7
 PATHS = (
     ("aligned copy", None, 0, "jpeg", None),
     ("resampled x2", 0.5, 0, "jpeg", None),
@@ -1037,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         ("copied", "copied tiles", f1),
         ("level", "read level", f1),
         ("x_one", "x one process", f2),
+        ("x_one_pairs", f"x one process, median of {PAIRS} pairs", f2),
+        ("pairs_range", "pairs' range", str),
         ("ceiling", f"ceiling: {args.workers} processes / 1", f2),
         ("mad", "MAD vs openslide", f2),
         ("mad_level", "MAD vs openslide, read level", f2),
