@@ -249,7 +249,7 @@ def run_case(
     src_bytes = int(counts[tiles].sum())
     spec = TilingSpec(tile_px=tile_px, mpp=mpp, overlap_px=overlap_px, codec=codec)
 
-    def ours(name: str, best: dict, **kw) -> None:
+    def ours(best: dict, **kw) -> None:
         """One timed run into the path's stores folder; ``best`` keeps the fastest run's
         measure, result and store bytes."""
         out = work / _stores_name(label)
@@ -291,8 +291,8 @@ def run_case(
     threads: dict = {}
     for rep in range(PAIRS):
         first, second = ((one, 1), (threads, workers))[:: 1 if rep % 2 == 0 else -1]
-        ours("", first[0], workers=first[1])
-        ours("", second[0], workers=second[1])
+        ours(first[0], workers=first[1])
+        ours(second[0], workers=second[1])
     row("wsi-pipeline tile --workers 1 (one process)", one)
     if ds > 1:  # the store of the last run (every run writes the same patches)
         stores = work / _stores_name(label)
@@ -301,6 +301,7 @@ def run_case(
             level = rows[-1]["level"]
             rows[-1]["mad_level"] = _mad_from_openslide(slide, stores, tile_px, ds, level=level)
     row(f"wsi-pipeline tile --workers {workers} (threads, no cluster)", threads)
+    threads_row = rows[-1]
     rows[-1]["ceiling"] = process_ceiling(slide, work, spec, scan_mpp, workers)
     # like the baselines' pools, the workers are started outside the timing; last, so that
     # the cluster's shutdown does not run beside the other rows
@@ -308,7 +309,7 @@ def run_case(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
         cluster_run: dict = {}
-        ours("dask", cluster_run, scheduler=cluster.scheduler_address)
+        ours(cluster_run, scheduler=cluster.scheduler_address)
         row(f"wsi-pipeline tile, {workers} dask workers", cluster_run)
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
@@ -316,8 +317,8 @@ def run_case(
         if r["row"].startswith("wsi-pipeline"):
             r["x_one"] = r["rate"] * one["seconds"] / one["res"].n_patches
     pairs = [a / b for a, b in zip(one["all"], threads["all"])]
-    rows[-2]["x_one_pairs"] = statistics.median(pairs)  # the threads' row
-    rows[-2]["pairs_range"] = f"{min(pairs):.2f}-{max(pairs):.2f}"
+    threads_row["x_one_pairs"] = statistics.median(pairs)
+    threads_row["pairs_range"] = f"{min(pairs):.2f}-{max(pairs):.2f}"
     return rows
 
 
@@ -504,11 +505,12 @@ def random_reads(slide: Path, work: Path, n: int = 2000) -> list[dict]:
     ]
 
 
+#: Rounds of back-to-back runs, one process and ``--workers N``, per path (:func:`run_case`).
+PAIRS = 7
+
 #: The paths of the one table: label, target mpp (None: level 0), overlap px, codec, and the
 #: level-0 mpp the slide is taken to have (None: its own 0.25; 0.2527 as in TCGA's 40x scans,
 #: whose patches at 0.5 or 1.0 µm/px line up with neither the tiles nor the pyramid levels).
-#: Rounds of back-to-back runs, one process and ``--workers N``, per path (:func:`run_case`).
-PAIRS = 7
 PATHS = (
     ("aligned copy", None, 0, "jpeg", None),
     ("resampled x2", 0.5, 0, "jpeg", None),

@@ -868,14 +868,14 @@ def _read_patch(
     rp = geo.read_px
     if tiff is not None:
         lds = geo.level_downsample
+        box: Box | None = None
         if not geo.resampled:
-            lx, ly = round(x / lds), round(y / lds)
-            region = tiff.read_view(lx, ly, rp, rp)
-            return (tiff.read(lx, ly, rp, rp) if region is None else region), None
-        fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
-        x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
-        w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
-        box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
+            x0, y0, w, h, s = round(x / lds), round(y / lds), rp, rp, 1
+        else:
+            fx, fy, side = x / lds / s, y / lds / s, geo.patch_l0 / lds / s
+            x0, y0 = math.floor(fx + 1e-6), math.floor(fy + 1e-6)
+            w, h = math.ceil(fx + side - 1e-6) - x0, math.ceil(fy + side - 1e-6) - y0
+            box = (fx - x0, fy - y0, fx + side - x0, fy + side - y0)
         region = tiff.read_view(x0, y0, w, h, scale=s)
         return (tiff.read(x0, y0, w, h, scale=s) if region is None else region), box
     assert (
@@ -912,8 +912,6 @@ def _encode_patch(region: np.ndarray, spec: TilingSpec, box: Box | None = None) 
     Lanczos: 0.64 against 0.91 ms a 256-px patch), Lanczos beyond; each as close to openslide +
     area resize as the next (``tests/test_tiling.py``)."""
     T = spec.tile_px
-    if box is None and region.shape[:2] == (T, T):  # read at its size (an overlap, zstd)
-        return encode_chunk(region, spec.codec, quality=spec.jpeg_quality)
     factor = math.inf if box is None else (box[2] - box[0]) / T
     patch = resize_rgb(region, (T, T), src_box=box, resample=resample_filter(factor))
     return encode_chunk(patch, spec.codec, quality=spec.jpeg_quality)
