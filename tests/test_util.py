@@ -191,6 +191,33 @@ def test_resize_rgb_linear_takes_the_exact_box() -> None:
         cv2.setNumThreads(threads)
 
 
+def test_resize_rgb_linear_on_the_pixel_grid_is_the_box_itself() -> None:
+    """A box on the pixel grid at the output's size (a 0.25 µm/px scan decoded at 1/2 for
+    0.5 µm/px) is not warped: its pixels come back as they are, the same as the warp's and as
+    Pillow's bilinear resize of the box; a box a fraction of a pixel off is still warped."""
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    box = (7, 3, 7 + 64, 3 + 64)
+    out = resize_rgb(img, (64, 64), resample="linear", src_box=box)
+    np.testing.assert_array_equal(out, img[3:67, 7:71])
+    assert np.shares_memory(out, img)  # not warped: a view of the box
+    pil = Image.fromarray(img).resize((64, 64), Image.Resampling.BILINEAR, box=box)
+    np.testing.assert_array_equal(out, np.asarray(pil))
+    m = np.array([[1.0, 0, 7], [0, 1.0, 3]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    np.testing.assert_array_equal(out, cv2.warpAffine(img, m, (64, 64), flags=flags))
+    off = (7.25, 3, 7.25 + 64, 3 + 64)
+    moved = resize_rgb(img, (64, 64), resample="linear", src_box=off)
+    assert np.abs(moved.astype(int) - out).mean() > 5
+    # a box reaching past the image's edge is warped (edges replicated), not cut short
+    edge = resize_rgb(img, (64, 64), resample="linear", src_box=(30, 3, 94, 67))
+    np.testing.assert_array_equal(edge[:, :60], img[3:67, 30:90])
+    np.testing.assert_array_equal(edge[:, 60:], np.repeat(img[3:67, -1:], 4, axis=1))
+
+
 def test_sample_mask_maps_through_level0() -> None:
     mask = np.zeros((10, 10), bool)
     mask[:5, :5] = True  # mask pixels are 4 level-0 px: the top-left 20 x 20 level-0 px
