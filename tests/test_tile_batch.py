@@ -633,6 +633,22 @@ def test_many_small_slides_are_tiled_by_processes(
         assert lane not in caplog.text and "threads in this process" in caplog.text
 
 
+def test_help_and_readme_state_the_small_slide_rule() -> None:
+    """``tile --help`` and the README say how many small slides a worker process gets, and the
+    size of a small file, as the tiler counts them (they said 32 slides after it became 64)."""
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import cli
+
+    helptext = " ".join(CliRunner().invoke(cli, ["tile", "--help"]).output.split())
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    per, mb = tile_batch.SLIDES_PER_PROCESS, tile_batch.SMALL_SLIDE_BYTES >> 20
+    assert f"a worker process for every {per} of them" in helptext
+    assert f"each at most {mb} MB" in helptext
+    assert f"one for every {per} slides up to N" in readme
+    assert f"each at most {mb} MB" in readme
+
+
 def _worker_threads_env(_: int) -> dict[str, str | None]:
     import os as os_
 

@@ -220,7 +220,7 @@ def cli(ctx: click.Context) -> None:
     show_default=True,
     help="Threads of this process tiling slides and their shards side by side (default: this "
     "machine's cores); for a batch of small slide files (each at most 64 MB), a worker "
-    "process for every 32 of them, up to N, each tiling whole slides; 1 = one slide, one "
+    "process for every 64 of them, up to N, each tiling whole slides; 1 = one slide, one "
     "shard at a time.",
 )
 @click.option(
