@@ -869,6 +869,7 @@ def test_opencv_runs_one_thread_while_tiling_threads_run(
 
     monkeypatch.setattr(tile_batch, "shard_part", part)
     before = cv2.getNumThreads()
+    assert before > 1  # a 2-core machine: OpenCV's pool has 2
     (r,) = tile_slides(
         [synth_dir / "pos.svs"],
         tmp_path / "out",
@@ -878,3 +879,21 @@ def test_opencv_runs_one_thread_while_tiling_threads_run(
     )
     assert r.status == "ok" and seen and set(seen) == {1}
     assert cv2.getNumThreads() == before
+    # and with one worker (a batch, or one slide through tile_slide): one core, not OpenCV's
+    # pool spread over all of them for each warp
+    real_extract = tile_batch.extract_shard
+
+    def shard(*args):  # type: ignore[no-untyped-def]
+        seen.append(cv2.getNumThreads())
+        return real_extract(*args)
+
+    monkeypatch.setattr(tile_batch, "extract_shard", shard)
+    spec = TilingSpec(tile_px=128, mpp=1.0)
+    seen.clear()
+    (r,) = tile_slides(
+        [synth_dir / "pos.svs"], tmp_path / "w1", spec=spec, workers=1, progress=False
+    )
+    assert r.status == "ok" and seen and set(seen) == {1} and cv2.getNumThreads() == before
+    seen.clear()
+    r = tile_batch.tile_slide(synth_dir / "pos.svs", tmp_path / "one", spec=spec)
+    assert r.status == "ok" and seen and set(seen) == {1} and cv2.getNumThreads() == before

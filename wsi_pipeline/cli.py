@@ -221,7 +221,7 @@ def cli(ctx: click.Context) -> None:
     help="Threads of this process tiling slides and their shards side by side (default: this "
     "machine's cores); for a batch of small slide files (each at most 64 MB), a worker "
     "process for every 64 of them, up to N, each tiling whole slides; 1 = one slide, one "
-    "shard at a time.",
+    "shard at a time, on one core.",
 )
 @click.option(
     "--scheduler",

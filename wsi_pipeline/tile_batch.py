@@ -101,7 +101,8 @@ def tile_slide(
     overwrite: bool = False,
     backend: str = "auto",
 ) -> TileResult:
-    """Tile one slide into ``out_dir/<slide_id>.zarr`` in this process, holding the store's lock.
+    """Tile one slide into ``out_dir/<slide_id>.zarr`` in this thread (OpenCV too:
+    :func:`one_opencv_thread`), holding the store's lock.
 
     Returns
     -------
@@ -122,7 +123,7 @@ def tile_slide(
         lock = _lock_slide(out_dir, sid)
     except StoreLocked as exc:
         return _locked_result(sid, path, exc, t0)
-    with lock:
+    with lock, one_opencv_thread():
         plan = prepare_slide(
             path,
             out_dir,
@@ -172,6 +173,31 @@ WORKER_ENV = {
     "MKL_NUM_THREADS": "1",
     "NUMEXPR_NUM_THREADS": "1",
 }
+
+
+@contextlib.contextmanager
+def one_opencv_thread() -> Iterator[None]:
+    """OpenCV's own thread pool pinned to one thread while this process tiles (its count given
+    back after), as in a worker process (:data:`WORKER_ENV`).
+
+    The patch warp and the mask's blur and morphology would otherwise spread each call over
+    every core. With tiling threads, each warping over both cores waits for the other's share
+    (a 256-px patch warp 66 us a thread, against 56 us pinned; warp and encode scale 1.66x in two
+    threads, 1.95x pinned). With ``--workers 1`` it bought nothing and cost CPU: 1.0 µm/px from
+    a 0.2527 µm/px scan took 0.61-0.66 s either way on 2 cores, but 1.06-1.18 s of CPU
+    unpinned (0.28-0.37 s of it in the kernel, OpenCV's workers waking) against 0.50-0.66 s
+    pinned; on a cluster node running one ``--workers 1`` job per core, every job's OpenCV
+    would spread over all of them. The mask loses nothing (9.1 against 9.3 ms a 1,250 x 938
+    thumbnail).
+    """
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,40 +491,43 @@ def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
 
 
 def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
-    slides_bar, patch_bar = _bars(progress, len(jobs))
-    try:
-        for sid, path in jobs:
-            t0 = time.time()
-            try:
-                lock = _lock_slide(out, sid)
-            except StoreLocked as exc:
-                record(_locked_result(sid, path, exc, t0))
-                slides_bar.update(1)
-                continue
-            with lock:  # held until the slide's result is recorded
+    """Tile the batch in this thread, one slide and one shard at a time (OpenCV too:
+    :func:`one_opencv_thread`)."""
+    with one_opencv_thread():
+        slides_bar, patch_bar = _bars(progress, len(jobs))
+        try:
+            for sid, path in jobs:
+                t0 = time.time()
                 try:
-                    res = prepare_slide(
-                        path,
-                        out,
-                        spec=spec,
-                        slide_id=sid,
-                        slide_mpp=slide_mpp,
-                        overwrite=overwrite,
-                        backend=backend,
-                    )
-                    if isinstance(res, SlidePlan):
-                        patch_bar.reset(total=res.n_patches)
-                        patch_bar.set_description(sid)
-                        res = _extract_all(
-                            res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
+                    lock = _lock_slide(out, sid)
+                except StoreLocked as exc:
+                    record(_locked_result(sid, path, exc, t0))
+                    slides_bar.update(1)
+                    continue
+                with lock:  # held until the slide's result is recorded
+                    try:
+                        res = prepare_slide(
+                            path,
+                            out,
+                            spec=spec,
+                            slide_id=sid,
+                            slide_mpp=slide_mpp,
+                            overwrite=overwrite,
+                            backend=backend,
                         )
-                except Exception as exc:
-                    res = _failed_or_stop(exc, out, sid, path, t0, debug)
-                record(res)
-            slides_bar.update(1)
-    finally:
-        patch_bar.close()
-        slides_bar.close()
+                        if isinstance(res, SlidePlan):
+                            patch_bar.reset(total=res.n_patches)
+                            patch_bar.set_description(sid)
+                            res = _extract_all(
+                                res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
+                            )
+                    except Exception as exc:
+                        res = _failed_or_stop(exc, out, sid, path, t0, debug)
+                    record(res)
+                slides_bar.update(1)
+        finally:
+            patch_bar.close()
+            slides_bar.close()
 
 
 #: A batch of small slide files (:data:`SMALL_SLIDE_BYTES`) gets a worker process for every
@@ -843,27 +872,18 @@ class _ThreadClient:
             self.pool.submit(time.sleep, 0.001)
 
     def __enter__(self) -> _ThreadClient:
-        import cv2
-
-        # OpenCV's own pool (the patch warp, the mask's blur and morphology) is pinned to one
-        # thread while ours run, as in a worker process (WORKER_ENV): two tiling threads each
-        # warping over both cores wait for each other's share (a 256-px patch warp 66 us a
-        # thread, against 56 us pinned; warp and encode scale 1.66x in two threads, 1.95x
-        # pinned), and the mask loses nothing (9.1 against 9.3 ms a 1,250 x 938 thumbnail)
-        self.cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
+        self.pinned = contextlib.ExitStack()
+        self.pinned.enter_context(one_opencv_thread())  # as in a worker process
         self.switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self.switch, SWITCH_INTERVAL_S))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import cv2
-
         try:
             self.pool.shutdown(wait=True, cancel_futures=True)
         finally:
             sys.setswitchinterval(self.switch)
-            cv2.setNumThreads(self.cv_threads)
+            self.pinned.close()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from concurrent.futures import Future
