@@ -1099,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.big:
         rows += big_rss(args.work, args.workers)
-    print(f"\nslide {slide.name}, {args.workers} worker processes for every row, 256-px patches\n")
+    print(f"\nslide {slide.name}, {args.workers} workers where a row has them, 256-px patches\n")
     print(table(rows, columns))
     print("\nscaled JPEG decoding of the slide's 2,000 largest level-0 tiles, per tile\n")
     decode_columns = [
