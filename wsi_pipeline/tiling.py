@@ -840,8 +840,9 @@ Box = tuple[float, float, float, float]
 #: the factors of real scans tiled at 0.5 or 1.0 µm/px (0.98-1.11 after the DCT-domain decode
 #: or from a level within 2 %). It does not low-pass filter, which up to ~1.3 brings no
 #: difference (mean absolute difference from openslide + area resize on the benchmark slide:
-#: 1.66 against bicubic's 1.57 at 0.99, 1.37 / 1.32 at 1.11, 1.08 / 1.15 at 1.32) and is 13x
-#: cheaper (0.05 against 0.65 ms a 256-px patch, which was 40 % of the x2 path's time).
+#: 1.66 against bicubic's 1.57 at 0.99, 1.37 / 1.32 at 1.11, 1.08 / 1.15 at 1.32) and is 9-13x
+#: cheaper (0.05 against 0.65 ms a 256-px patch, which was 40 % of the x2 path's time; on a
+#: slower day of the same machine, 2026-12-07, 0.18-0.19 against 1.6-1.8 ms).
 LINEAR_MAX_FACTOR = 1.25
 #: Up to this shrink factor left it is bicubic; beyond it, Lanczos.
 BICUBIC_MAX_FACTOR = 2.1
