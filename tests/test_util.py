@@ -18,6 +18,7 @@ from wsi_pipeline.util import (
     json_ready,
     output_dir,
     resize_rgb,
+    rows_whole,
     sample_mask,
     sanitize_id,
     save_torch,
@@ -216,6 +217,26 @@ def test_resize_rgb_linear_on_the_pixel_grid_is_the_box_itself() -> None:
     edge = resize_rgb(img, (64, 64), resample="linear", src_box=(30, 3, 94, 67))
     np.testing.assert_array_equal(edge[:, :60], img[3:67, 30:90])
     np.testing.assert_array_equal(edge[:, 60:], np.repeat(img[3:67, -1:], 4, axis=1))
+
+
+def test_rows_whole_tells_a_box_of_an_image_from_a_strided_one() -> None:
+    """A box of a larger image (whole pixels, rows one stride apart) is passed to OpenCV and
+    libjpeg-turbo as it is; a view that skips pixels or channels, or runs down the columns, is
+    made contiguous first -- and either way the warp and the encode see the same pixels."""
+    from wsi_pipeline.codecs import encode_chunk
+
+    img = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    assert rows_whole(img) and rows_whole(img[3:20, 5:30]) and rows_whole(img[:, :, 0].copy())
+    assert rows_whole(img[3:20, 5:30, 0].copy()) and rows_whole(img[::2])  # rows apart: fine
+    for odd in (img[:, ::2], img[:, :, :2], img[:, :, ::-1], img.transpose(1, 0, 2), img[..., 0]):
+        assert not rows_whole(odd)
+    for view in (img[3:35, 5:37], img[3:35, 5:37, ::-1], img[5:37, 3:35].transpose(1, 0, 2)):
+        box = (0.5, 0.25, 30.5, 30.25)
+        np.testing.assert_array_equal(
+            resize_rgb(view, (30, 30), resample="linear", src_box=box),
+            resize_rgb(view.copy(), (30, 30), resample="linear", src_box=box),
+        )
+        assert encode_chunk(view, "jpeg") == encode_chunk(view.copy(), "jpeg")
 
 
 def test_sample_mask_maps_through_level0() -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .util import rows_whole
+
 __all__ = [
     "CODEC_NAME",
     "EMPTY",
@@ -85,8 +87,7 @@ def encode_chunk(patch: np.ndarray, codec: str, *, quality: int = 90) -> bytes:
         # rows of a larger image (a view into a band of decoded tiles) are encoded where they
         # lie: libjpeg-turbo reads rows by their stride, and a copy would hand the interpreter
         # to the other threads and back once more a patch
-        rows_whole = patch.strides[-1] == 1 and patch.strides[1] == patch.shape[2]
-        src = patch if rows_whole else np.ascontiguousarray(patch)
+        src = patch if rows_whole(patch) else np.ascontiguousarray(patch)
         return bytes(imagecodecs.jpeg8_encode(src, level=quality))
     if codec == "zstd":
         from numcodecs import Zstd

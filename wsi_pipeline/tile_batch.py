@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -100,9 +101,13 @@ def tile_slide(
     slide_mpp: float | None = None,
     overwrite: bool = False,
     backend: str = "auto",
+    on_shard: Callable[[SlidePlan, dict[str, int]], None] | None = None,
 ) -> TileResult:
     """Tile one slide into ``out_dir/<slide_id>.zarr`` in this thread (OpenCV too:
     :func:`one_opencv_thread`), holding the store's lock.
+
+    ``on_shard`` is called with the slide's plan and each shard's counts (``copied``,
+    ``encoded``, ``bytes``) as the shard is written (a progress bar).
 
     Returns
     -------
@@ -135,7 +140,7 @@ def tile_slide(
         )
         if isinstance(plan, TileResult):
             return plan
-        return _extract_all(plan)
+        return _extract_all(plan, None if on_shard is None else functools.partial(on_shard, plan))
 
 
 def _lock_slide(out_dir: str | os.PathLike, slide_id: str) -> StoreLock:
@@ -490,44 +495,41 @@ def _bars(progress: bool, n_slides: int) -> tuple[Any, Any]:
     return slides_bar, patch_bar
 
 
+@one_opencv_thread()
 def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record) -> None:
     """Tile the batch in this thread, one slide and one shard at a time (OpenCV too:
-    :func:`one_opencv_thread`)."""
-    with one_opencv_thread():
-        slides_bar, patch_bar = _bars(progress, len(jobs))
-        try:
-            for sid, path in jobs:
-                t0 = time.time()
-                try:
-                    lock = _lock_slide(out, sid)
-                except StoreLocked as exc:
-                    record(_locked_result(sid, path, exc, t0))
-                    slides_bar.update(1)
-                    continue
-                with lock:  # held until the slide's result is recorded
-                    try:
-                        res = prepare_slide(
-                            path,
-                            out,
-                            spec=spec,
-                            slide_id=sid,
-                            slide_mpp=slide_mpp,
-                            overwrite=overwrite,
-                            backend=backend,
-                        )
-                        if isinstance(res, SlidePlan):
-                            patch_bar.reset(total=res.n_patches)
-                            patch_bar.set_description(sid)
-                            res = _extract_all(
-                                res, lambda st: patch_bar.update(st["copied"] + st["encoded"])
-                            )
-                    except Exception as exc:
-                        res = _failed_or_stop(exc, out, sid, path, t0, debug)
-                    record(res)
-                slides_bar.update(1)
-        finally:
-            patch_bar.close()
-            slides_bar.close()
+    :func:`one_opencv_thread`), each by :func:`tile_slide`."""
+    slides_bar, patch_bar = _bars(progress, len(jobs))
+    shown = [""]  # the slide the patch bar counts
+
+    def on_shard(plan: SlidePlan, counts: dict[str, int]) -> None:
+        if shown[0] != plan.slide_id:
+            shown[0] = plan.slide_id
+            patch_bar.reset(total=plan.n_patches)
+            patch_bar.set_description(plan.slide_id)
+        patch_bar.update(counts["copied"] + counts["encoded"])
+
+    try:
+        for sid, path in jobs:
+            t0 = time.time()
+            try:
+                res = tile_slide(
+                    path,
+                    out,
+                    spec=spec,
+                    slide_id=sid,
+                    slide_mpp=slide_mpp,
+                    overwrite=overwrite,
+                    backend=backend,
+                    on_shard=on_shard,
+                )
+            except Exception as exc:
+                res = _failed_or_stop(exc, out, sid, path, t0, debug)
+            record(res)
+            slides_bar.update(1)
+    finally:
+        patch_bar.close()
+        slides_bar.close()
 
 
 #: A batch of small slide files (:data:`SMALL_SLIDE_BYTES`) gets a worker process for every

@@ -330,12 +330,16 @@ def _warp_linear(
     w, h = size_wh
     rx, ry = (box[2] - box[0]) / w, (box[3] - box[1]) / h
     x0, y0 = int(box[0]), int(box[1])
-    if rx == ry == 1 and x0 == box[0] and y0 == box[1] and x0 >= 0 and y0 >= 0:
-        if x0 + w <= arr.shape[1] and y0 + h <= arr.shape[0]:
-            # the box lies on the pixel grid at the same size (a patch of a 0.25 um/px scan
-            # decoded at 1/2 for 0.5 um/px): the warp would return its pixels (75 us a 256-px
-            # patch)
-            return arr[y0 : y0 + h, x0 : x0 + w]
+    if (
+        rx == ry == 1
+        and (x0, y0) == box[:2]
+        and 0 <= x0 <= arr.shape[1] - w
+        and 0 <= y0 <= arr.shape[0] - h
+    ):
+        # the box lies inside, on the pixel grid at the same size (a patch of a 0.25 um/px
+        # scan decoded at 1/2 for 0.5 um/px): the warp would return its pixels (75 us a
+        # 256-px patch)
+        return arr[y0 : y0 + h, x0 : x0 + w]
     # OpenCV puts pixel centres on integers, Pillow on halves
     m = np.array([[rx, 0, box[0] + 0.5 * rx - 0.5], [0, ry, box[1] + 0.5 * ry - 0.5]])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
@@ -343,11 +347,16 @@ def _warp_linear(
     # OpenCV pinned to one thread (tiling threads): a copy would hand the interpreter over to
     # the other threads once more a patch. OpenCV's own threads warp a copy faster (31 + 3
     # against 44 us a 256-px patch, 2 threads).
-    rows_whole = arr.strides[-1] == arr.itemsize and (
-        arr.ndim == 2 or arr.strides[1] == arr.shape[2] * arr.itemsize
-    )
-    src = arr if rows_whole and cv2.getNumThreads() == 1 else np.ascontiguousarray(arr)
+    src = arr if rows_whole(arr) and cv2.getNumThreads() == 1 else np.ascontiguousarray(arr)
     return cv2.warpAffine(src, m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+
+
+def rows_whole(arr: np.ndarray) -> bool:
+    """Whether ``arr``'s rows are whole rows of packed pixels, one stride apart: a view of a
+    box of a larger image, which OpenCV and libjpeg-turbo take as it is (the row stride as
+    the pitch), with no copy made contiguous first."""
+    packed = arr.shape[2] * arr.itemsize if arr.ndim == 3 else arr.itemsize
+    return arr.strides[-1] == arr.itemsize and (arr.ndim == 2 or arr.strides[1] == packed)
 
 
 def sample_mask(
