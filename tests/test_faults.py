@@ -145,18 +145,24 @@ def test_disk_full_creating_a_lone_slides_store_while_its_patches_are_read(
     with no store claiming to be complete and no lock or temporary file left; with room again
     the rerun tiles it."""
     import builtins
+    import threading
 
     from wsi_pipeline import store as store_mod
 
     started: list[str] = []
+    reading = threading.Event()
     real_part = tile_batch.shard_part
 
     def part(plan, *args):  # type: ignore[no-untyped-def]
         started.append(plan.slide_id)
+        reading.set()
         return real_part(plan, *args)
 
     def full_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
         if "w" in mode and "b.zarr" in str(file):
+            # the disk fills once a pool thread reads its patches (without the wait, this
+            # thread could reach its store's first write before a pool thread got to run)
+            reading.wait(timeout=10)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return builtins.open(file, mode, *args, **kwargs)
 
