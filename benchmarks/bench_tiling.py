@@ -15,7 +15,9 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    flipped every round: each the best of its runs, and the median and range of the pairs'
    ratios, which the machine's drift between minutes does not move) and
    pre-started dask workers (last, so that the cluster's shutdown runs beside no other row),
-   each also as a multiple of one process; beside the threads row, the ceiling of N processes
+   each also as a multiple of one process, the in-process rows with their CPU seconds and
+   cores kept busy (CPU / wall: the same work costing more CPU side by side shows as CPU s
+   above one process's); beside the threads row, the ceiling of N processes
    on this machine for the path's work, nothing shared (:func:`process_ceiling`); for the
    resampled paths the mean absolute difference of 300 stored patches from openslide at level
    0 + box resize (grey levels), and for those read from a coarser level also from openslide at
@@ -264,12 +266,15 @@ def run_case(
             best.update(m, res=res[0], tiling=st.tiling, out=out)
             best["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
 
-    def row(name: str, best: dict) -> None:
+    def row(name: str, best: dict, in_process: bool = True) -> None:
         rows.append(
             {
                 "case": label,
                 "row": name,
                 "rate": best["res"].n_patches / best["seconds"],
+                # of the best run, this process only (dask workers' CPU is not counted)
+                "cpu_s": best["cpu_s"] if in_process else None,
+                "busy": best["cpu_s"] / best["seconds"] if in_process else None,
                 "peak_mb": best["peak_mb"],
                 "n": best["res"].n_patches,
                 "bytes_ratio": best["bytes"] / src_bytes,
@@ -310,7 +315,7 @@ def run_case(
     ) as cluster:
         cluster_run: dict = {}
         ours(cluster_run, scheduler=cluster.scheduler_address)
-        row(f"wsi-pipeline tile, {workers} dask workers", cluster_run)
+        row(f"wsi-pipeline tile, {workers} dask workers", cluster_run, in_process=False)
     for r in rows:
         r["x_floor"] = r["rate"] / floor_patches
         r["x_openslide"] = r["rate"] / os_rate
@@ -1044,6 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
         ("x_floor", "x decode floor", f2),
         ("x_openslide", "x openslide", f2),
         ("peak_mb", "peak RSS MB", f1),
+        ("cpu_s", "CPU s", f2),
+        ("busy", "cores busy (CPU/wall)", f2),
         ("bytes_ratio", "store/source bytes", f2),
         ("copied", "copied tiles", f1),
         ("level", "read level", f1),

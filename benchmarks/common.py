@@ -48,12 +48,14 @@ class PeakRSS:
 
 @contextmanager
 def measured() -> Iterator[dict[str, float]]:
-    """``with measured() as m:`` ... then ``m["seconds"]``, ``m["peak_mb"]`` (process tree)."""
+    """``with measured() as m:`` ... then ``m["seconds"]``, ``m["peak_mb"]`` (process tree) and
+    ``m["cpu_s"]`` (CPU seconds of this process, all its threads; not of other processes)."""
     out: dict[str, float] = {}
     with PeakRSS() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield out
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_s"] = time.process_time() - c0
     out["peak_mb"] = rss.peak / 2**20
 
 
