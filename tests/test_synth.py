@@ -7,6 +7,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import openslide
@@ -479,6 +481,25 @@ def test_cohort_workers_same_files(tmp_path):
     for i in range(3):
         name = f"slides/synth_{i:03d}.svs"
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_cohort_workers_do_not_rerun_an_unguarded_script(tmp_path):
+    """A user's script that writes a cohort with worker processes at its top level, without an
+    ``if __name__ == "__main__":`` guard, runs once (its workers were spawned re-running it,
+    and failed: a process started while bootstrapping)."""
+    script = tmp_path / "make_cohort.py"
+    script.write_text(
+        "import wsi_pipeline as wp\n"
+        "print('script ran', flush=True)\n"
+        f"out = wp.write_cohort({str(tmp_path / 'c')!r}, n_slides=3, width=512, height=384,"
+        " workers=2)\n"
+        "print(len(out), flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["script ran", "3"], proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(

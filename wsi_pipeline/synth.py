@@ -61,7 +61,7 @@ import tifffile
 
 from ._synth_model import Model, build_model, glass_key, maybe_content, render_glass, render_tile
 from .errors import ConfigError
-from .util import atomic_path, atomic_write_json, output_dir
+from .util import atomic_path, atomic_write_json, main_module_hidden, output_dir
 
 __all__ = [
     "COHORT_FILE",
@@ -350,7 +350,8 @@ def write_cohort(
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = [pool.submit(write_slide, **jobs[sid], threads=1) for sid in todo]
+            with main_module_hidden():  # they start with the first submits
+                futures = [pool.submit(write_slide, **jobs[sid], threads=1) for sid in todo]
             for future in as_completed(futures):
                 record(future.result())
     with open(out / LABELS_FILE, "w", newline="") as fh:

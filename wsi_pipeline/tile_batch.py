@@ -63,7 +63,7 @@ from .tiling import (
     shard_part,
     write_shard_parts,
 )
-from .util import atomic_path, output_dir, progress_bar
+from .util import atomic_path, main_module_hidden, output_dir, progress_bar
 
 __all__ = [
     "LOCK_WAIT_S",
@@ -567,7 +567,7 @@ def _run_slide_processes(
     """Tile the batch with ``workers`` processes, each taking whole slides
     (:func:`_tile_in_process`); this process records the results (manifest, callback) and
     relays the workers' log lines. The workers are spawned (no copy of this process's threads)
-    without re-importing the caller's ``__main__`` (:func:`_main_hidden`), each with one
+    without re-importing the caller's ``__main__`` (:func:`~wsi_pipeline.util.main_module_hidden`), each with one
     OpenCV/BLAS/OpenMP thread (:data:`WORKER_ENV`) and no interrupt of its own. On a full disk
     or an interrupt the slides not started are cancelled and those being tiled finish theirs.
     A worker that dies (killed, out of memory) leaves the slides not yet done to the threads of
@@ -601,7 +601,7 @@ def _run_slide_processes(
     try:
         with pool:
             try:
-                with _main_hidden(), _worker_environ():  # they start with the first submits
+                with main_module_hidden(), _worker_environ():  # they start with the first submits
                     futures = [
                         pool.submit(
                             _tile_in_process,
@@ -652,29 +652,6 @@ def _run_slide_processes(
         _run_threads(
             left, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
         )
-
-
-@contextlib.contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Within it, processes are spawned without the caller's ``__main__`` module: they run only
-    this module's functions, so a user's script that calls :func:`tile_slides` without an
-    ``if __name__ == "__main__":`` guard is not run again in each (which would fail, starting
-    processes while bootstrapping). ``multiprocessing`` reads ``__spec__`` and ``__file__`` as
-    a process starts."""
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
-    try:
-        if "__spec__" in saved:
-            main.__spec__ = None
-        if "__file__" in saved:
-            del main.__file__
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(main, k, v)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -383,6 +384,29 @@ def sample_mask(
     return mask[r[:, None], c[None, :]]
 
 
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """Within it, processes are spawned without the caller's ``__main__`` module: they run only
+    this package's functions, so a user's script that tiles slides or writes a synthetic cohort
+    with worker processes, without an ``if __name__ == "__main__":`` guard, is not run again in
+    each (which would fail, starting processes while bootstrapping). ``multiprocessing`` reads
+    ``__spec__`` and ``__file__`` as a process starts."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    try:
+        if "__spec__" in saved:
+            main.__spec__ = None
+        if "__file__" in saved:
+            del main.__file__
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 def default_workers() -> int:
     """The cores this process may run on (the default of ``--workers``)."""
     try:
@@ -396,8 +420,6 @@ def progress_bar(*args: Any, progress: bool = True, **kwargs: Any) -> Any:
     elsewhere -- the one ``tqdm.auto`` picks there, without its import of asyncio (~25 ms of
     every CLI process). With ``progress`` it shows where tqdm can draw it (not when output is
     not a terminal); without, never. The other arguments are tqdm's."""
-    import sys
-
     if "ipykernel.zmqshell" in sys.modules or "IPython.utils._process_emscripten" in sys.modules:
         from tqdm.auto import tqdm
     else:
