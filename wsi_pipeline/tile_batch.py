@@ -511,21 +511,7 @@ def _run_serial(jobs, out, spec, overwrite, slide_mpp, backend, progress, debug,
 
     try:
         for sid, path in jobs:
-            t0 = time.time()
-            try:
-                res = tile_slide(
-                    path,
-                    out,
-                    spec=spec,
-                    slide_id=sid,
-                    slide_mpp=slide_mpp,
-                    overwrite=overwrite,
-                    backend=backend,
-                    on_shard=on_shard,
-                )
-            except Exception as exc:
-                res = _failed_or_stop(exc, out, sid, path, t0, debug)
-            record(res)
+            record(_tile_one(sid, path, out, spec, overwrite, slide_mpp, backend, debug, on_shard))
             slides_bar.update(1)
     finally:
         patch_bar.close()
@@ -565,7 +551,7 @@ def _run_slide_processes(
     jobs, out, spec, overwrite, slide_mpp, backend, progress, debug, record, workers
 ) -> None:
     """Tile the batch with ``workers`` processes, each taking whole slides
-    (:func:`_tile_in_process`); this process records the results (manifest, callback) and
+    (:func:`_tile_one`); this process records the results (manifest, callback) and
     relays the workers' log lines. The workers are spawned (no copy of this process's threads)
     without re-importing the caller's ``__main__`` (:func:`~wsi_pipeline.util.main_module_hidden`), each with one
     OpenCV/BLAS/OpenMP thread (:data:`WORKER_ENV`) and no interrupt of its own. On a full disk
@@ -604,7 +590,7 @@ def _run_slide_processes(
                 with main_module_hidden(), _worker_environ():  # they start with the first submits
                     futures = [
                         pool.submit(
-                            _tile_in_process,
+                            _tile_one,
                             sid,
                             path,
                             out,
@@ -697,7 +683,7 @@ class _Relay(logging.Handler):
             logger.handle(record)
 
 
-def _tile_in_process(
+def _tile_one(
     sid: str,
     path: Path,
     out: Path,
@@ -706,9 +692,12 @@ def _tile_in_process(
     slide_mpp: float | None,
     backend: str,
     debug: bool,
+    on_shard: Callable[[SlidePlan, dict[str, int]], None] | None = None,
 ) -> TileResult:
-    """One slide in a worker process (:func:`tile_slide`): its result, or its ``failed`` row;
-    a full disk is raised (:class:`_DiskFull`), which stops the batch."""
+    """One slide of a batch by :func:`tile_slide`, in this thread (:func:`_run_serial`) or in a
+    worker process (:func:`_run_slide_processes`): its result, or its ``failed`` row; a full
+    disk is raised (:class:`_DiskFull`), which stops the batch. Its decoded tiles are let go
+    after."""
     t0 = time.time()
     try:
         return tile_slide(
@@ -719,6 +708,7 @@ def _tile_in_process(
             slide_mpp=slide_mpp,
             overwrite=overwrite,
             backend=backend,
+            on_shard=on_shard,
         )
     except Exception as exc:
         return _failed_or_stop(exc, out, sid, path, t0, debug)
