@@ -17,9 +17,8 @@ and 1/2-scale grids, x4 read from level 0), overlap 50 %, zstd -- and on the rea
    pre-started dask workers (last, so that the cluster's shutdown runs beside no other row),
    each also as a multiple of one process, the in-process rows with their CPU seconds and
    cores kept busy (CPU / wall: the same work costing more CPU side by side shows as CPU s
-   above one process's; one process reads ~1.05, the peak-RSS sampler's psutil scans every
-   50 ms in a thread of this process, 0.99 without it); beside the threads row, the ceiling
-   of N processes
+   above one process's; the peak-RSS sampler runs in a child process, outside them); beside
+   the threads row, the ceiling of N processes
    on this machine for the path's work, nothing shared (:func:`process_ceiling`); for the
    resampled paths the mean absolute difference of 300 stored patches from openslide at level
    0 + box resize (grey levels), and for those read from a coarser level also from openslide at
