@@ -57,7 +57,10 @@ class PeakRSS:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self._proc.stdout is not None and self._proc.stdout.readline().strip() == "ready"
+        assert self._proc.stdout is not None
+        ready = self._proc.stdout.readline().strip()  # its first sample is taken
+        if ready != "ready":
+            raise RuntimeError(f"the peak-RSS sampler did not start: {ready!r}")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -142,6 +142,17 @@ def run_cli(args: list[str], timeout: float = 600.0) -> subprocess.CompletedProc
     )
 
 
+def run_script(script: Path, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """A user's Python script run as ``python script.py`` in its own folder (text output)."""
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=script.parent,
+    )
+
+
 def wait_until(
     ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 600.0
 ) -> None:

@@ -7,14 +7,13 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import openslide
 import pytest
 import tifffile
 import tiffslide
+from helpers import run_script
 from PIL import Image
 from scipy import ndimage
 
@@ -495,9 +494,7 @@ def test_cohort_workers_do_not_rerun_an_unguarded_script(tmp_path):
         " workers=2)\n"
         "print(len(out), flush=True)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    proc = run_script(script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["script ran", "3"], proc.stdout + proc.stderr
 

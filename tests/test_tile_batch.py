@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import run_script
 
 from wsi_pipeline import tile_batch
 from wsi_pipeline.cli import main
@@ -683,9 +684,7 @@ def test_slide_processes_do_not_rerun_an_unguarded_script(synth_dir: Path, tmp_p
         f" {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
         "print(sorted(r.status for r in res), flush=True)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    proc = run_script(script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["script ran", "['ok', 'ok']"], proc.stdout + proc.stderr
 
@@ -707,9 +706,7 @@ def test_tiling_never_imports_zarr(synth_dir: Path, tmp_path: Path) -> None:
         "                      workers=workers, progress=False, overwrite=fresh)\n"
         "    print(sorted(r.status for r in res), 'zarr' in sys.modules, flush=True)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    proc = run_script(script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "['ok', 'ok'] False",

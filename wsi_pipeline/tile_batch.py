@@ -553,8 +553,9 @@ def _run_slide_processes(
     """Tile the batch with ``workers`` processes, each taking whole slides
     (:func:`_tile_one`); this process records the results (manifest, callback) and
     relays the workers' log lines. The workers are spawned (no copy of this process's threads)
-    without re-importing the caller's ``__main__`` (:func:`~wsi_pipeline.util.main_module_hidden`), each with one
-    OpenCV/BLAS/OpenMP thread (:data:`WORKER_ENV`) and no interrupt of its own. On a full disk
+    without re-importing the caller's ``__main__``
+    (:func:`~wsi_pipeline.util.main_module_hidden`), each with one OpenCV/BLAS/OpenMP thread
+    (:data:`WORKER_ENV`) and no interrupt of its own. On a full disk
     or an interrupt the slides not started are cancelled and those being tiled finish theirs.
     A worker that dies (killed, out of memory) leaves the slides not yet done to the threads of
     this process (one warning line); the slide it was tiling is resumed or redone there. Where

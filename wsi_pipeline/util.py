@@ -356,8 +356,9 @@ def rows_whole(arr: np.ndarray) -> bool:
     """Whether ``arr``'s rows are whole rows of packed pixels, one stride apart: a view of a
     box of a larger image, which OpenCV and libjpeg-turbo take as it is (the row stride as
     the pitch), with no copy made contiguous first."""
-    packed = arr.shape[2] * arr.itemsize if arr.ndim == 3 else arr.itemsize
-    return arr.strides[-1] == arr.itemsize and (arr.ndim == 2 or arr.strides[1] == packed)
+    return arr.strides[-1] == arr.itemsize and (
+        arr.ndim == 2 or arr.strides[1] == arr.shape[2] * arr.itemsize
+    )
 
 
 def sample_mask(
