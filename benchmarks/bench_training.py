@@ -5,8 +5,8 @@ Measured in one run:
 1. throughput of one model and its bags (abmil + smallcnn, 64 patches of 128 px per step) when
    the patches come from the store vs read on the fly with openslide (``read_region`` at level 0
    + resize, as patch datasets that keep no pixels do), with and without the model step;
-2. the seed study: ``train``'s default settings (``TrainConfig()``, the ones the demo and the
-   learning test use) on three 40-slide cohorts of demo-scale slides (8192 x 6144 px at 0.5 um/px,
+2. the seed study: ``train``'s default settings (``TrainConfig()``, the ones the demo and
+   notebook 03 use) on three 40-slide cohorts of demo-scale slides (8192 x 6144 px at 0.5 um/px,
    lesions 5% of the tissue) -- two whose lesions are tumour-like (denser, darker) and one whose
    lesions differ from normal tissue only in morphology (same stain) -- times five training
    seeds (the seed also draws the split). Per run: wall time, whether learning is visible (the

@@ -6,7 +6,9 @@ tests import these functions and constants directly (``from helpers import FAST`
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,11 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from wsi_pipeline import runs
+from wsi_pipeline.metrics import auc_score
+from wsi_pipeline.prediction import read_predictions
 from wsi_pipeline.specs import TilingSpec
-from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, write_cohort, write_slide
+from wsi_pipeline.store import SlideStore, scores_key
+from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, load_ground_truth, write_cohort, write_slide
 from wsi_pipeline.tile_batch import tile_slides
+from wsi_pipeline.tissue import rect_fractions
 
 #: The tiling of the ``small_cohort`` fixture: 64-px patches at 1 mpp.
 TILING = TilingSpec(tile_px=64, mpp=1.0)
@@ -44,6 +52,41 @@ SMALL_PIPELINE = {
     "predict": {"device": "cpu"},
     "heatmap": {"which": "score", "mode": "probability", "threshold": 0.5},
 }
+
+
+def check_learned(stores: Path, run: Path, predictions: Path, cohort: Path) -> None:
+    """A run of ``train``'s defaults on a synthetic cohort learned from its slide labels.
+
+    The run did not stall and its train loss fell well below chance (learning is visible, not
+    selected); on the slides it did not train on (validation and test), the slide AUC is high,
+    and the patches of planted lesions score higher than the other patches of positive slides
+    (the precondition for heatmaps). ``predictions``: predict's folder for ``run`` on
+    ``stores`` (scores written under the run folder's name).
+    """
+    metrics = json.loads((run / runs.METRICS).read_text())
+    assert not metrics["stalled"], metrics["warnings"]
+    assert not any("fell from" in w for w in metrics["warnings"]), metrics["warnings"]
+    loss = metrics["history"][-1]["train_loss"]
+    assert loss < 0.6 * math.log(2), f"train loss {loss:.3f}: learning is visible, not selected"
+    with open(run / runs.SPLITS) as fh:
+        split = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    rows = read_predictions(predictions / runs.PREDICTIONS)
+    held = [r for r in rows if split[r["slide_id"]]["split"] != "train"]
+    y = [int(split[r["slide_id"]]["label"]) for r in held]
+    auc = auc_score(y, np.array([float(r["p_1"]) for r in held]))
+    assert auc >= 0.9, f"held-out slide AUC {auc:.2f}"
+    ys, ss = [], []
+    for r in held:
+        if split[r["slide_id"]]["label"] != "1":
+            continue
+        st = SlideStore(stores / f"{r['slide_id']}.zarr")
+        _, lesion, ds = load_ground_truth(cohort, r["slide_id"])
+        p, c = st.tiling["patch_l0"], st.coords
+        boxes = np.c_[c, np.full(len(c), p), np.full(len(c), p)]
+        ys.append(rect_fractions(lesion, boxes, downsample=ds) >= 0.5)
+        ss.append(np.asarray(st.group[scores_key(run.name)][...]))
+    patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
+    assert patch_auc >= 0.9, f"patch-level AUC {patch_auc:.2f}"
 
 
 def make_cohort(
