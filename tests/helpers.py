@@ -6,7 +6,6 @@ tests import these functions and constants directly (``from helpers import FAST`
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -68,8 +67,7 @@ def check_learned(stores: Path, run: Path, predictions: Path, cohort: Path) -> N
     assert not any("fell from" in w for w in metrics["warnings"]), metrics["warnings"]
     loss = metrics["history"][-1]["train_loss"]
     assert loss < 0.6 * math.log(2), f"train loss {loss:.3f}: learning is visible, not selected"
-    with open(run / runs.SPLITS) as fh:
-        split = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    split = runs.read_splits(run)
     rows = read_predictions(predictions / runs.PREDICTIONS)
     held = [r for r in rows if split[r["slide_id"]]["split"] != "train"]
     y = [int(split[r["slide_id"]]["label"]) for r in held]
