@@ -176,19 +176,13 @@ def patch_auc(stores: Path, run: Path, cohort_dir: Path, run_id: str) -> float:
     from wsi_pipeline.metrics import auc_score
     from wsi_pipeline.runs import read_splits
     from wsi_pipeline.store import SlideStore, scores_key
-    from wsi_pipeline.synth import load_ground_truth
-    from wsi_pipeline.tissue import rect_fractions
+    from wsi_pipeline.synth import lesion_patches
 
     rows = [r for r in read_splits(run).values() if r["split"] != "train" and r["label"] == "1"]
     ys, ss = [], []
     for r in rows:
         st = SlideStore(stores / f"{r['slide_id']}.zarr")
-        _, lesion, ds = load_ground_truth(cohort_dir, r["slide_id"])
-        c, p = st.coords, st.tiling["patch_l0"]
-        frac = rect_fractions(
-            lesion, np.c_[c, np.full(len(c), p), np.full(len(c), p)], downsample=ds
-        )
-        ys.append(frac >= 0.5)
+        ys.append(lesion_patches(cohort_dir, r["slide_id"], st.coords, st.tiling["patch_l0"]))
         ss.append(np.asarray(st.group[scores_key(run_id)][...]))
     return auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
 
@@ -381,8 +375,7 @@ def probe_epoch(stores: Path, run: Path, cohort_dir: Path) -> dict:
     from wsi_pipeline.runs import CHECKPOINT, CONFIG
     from wsi_pipeline.specs import TrainConfig
     from wsi_pipeline.store import SlideStore
-    from wsi_pipeline.synth import load_ground_truth
-    from wsi_pipeline.tissue import rect_fractions
+    from wsi_pipeline.synth import lesion_patches
 
     saved = json.loads((run / CONFIG).read_text())
     saved = saved.get("train", saved)
@@ -404,10 +397,7 @@ def probe_epoch(stores: Path, run: Path, cohort_dir: Path) -> dict:
         head.append(float(out.logits[1] - out.logits[0]))
         top5.append(float(np.sort(margin)[-5:].mean()))
         if r["label"] == "1":
-            _, lesion, ds = load_ground_truth(cohort_dir, r["slide_id"])
-            c, p = st.coords, st.tiling["patch_l0"]
-            rects = np.c_[c, np.full(len(c), p), np.full(len(c), p)]
-            ys.append(rect_fractions(lesion, rects, downsample=ds) >= 0.5)
+            ys.append(lesion_patches(cohort_dir, r["slide_id"], st.coords, st.tiling["patch_l0"]))
             ss.append(margin)
     return {
         "patch_auc": auc_score(np.concatenate(ys).astype(int), np.concatenate(ss)),

@@ -25,9 +25,8 @@ from wsi_pipeline.metrics import auc_score
 from wsi_pipeline.prediction import read_predictions
 from wsi_pipeline.specs import TilingSpec
 from wsi_pipeline.store import SlideStore, scores_key
-from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, load_ground_truth, write_cohort, write_slide
+from wsi_pipeline.synth import LABELS_FILE, SLIDES_DIR, lesion_patches, write_cohort, write_slide
 from wsi_pipeline.tile_batch import tile_slides
-from wsi_pipeline.tissue import rect_fractions
 
 #: The tiling of the ``small_cohort`` fixture: 64-px patches at 1 mpp.
 TILING = TilingSpec(tile_px=64, mpp=1.0)
@@ -78,10 +77,7 @@ def check_learned(stores: Path, run: Path, predictions: Path, cohort: Path) -> N
         if split[r["slide_id"]]["label"] != "1":
             continue
         st = SlideStore(stores / f"{r['slide_id']}.zarr")
-        _, lesion, ds = load_ground_truth(cohort, r["slide_id"])
-        p, c = st.tiling["patch_l0"], st.coords
-        boxes = np.c_[c, np.full(len(c), p), np.full(len(c), p)]
-        ys.append(rect_fractions(lesion, boxes, downsample=ds) >= 0.5)
+        ys.append(lesion_patches(cohort, r["slide_id"], st.coords, st.tiling["patch_l0"]))
         ss.append(np.asarray(st.group[scores_key(run.name)][...]))
     patch_auc = auc_score(np.concatenate(ys).astype(int), np.concatenate(ss))
     assert patch_auc >= 0.9, f"patch-level AUC {patch_auc:.2f}"

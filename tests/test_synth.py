@@ -22,6 +22,7 @@ from wsi_pipeline.synth import (
     LESION_STYLES,
     SLIDE_DEFAULTS,
     SynthSlide,
+    lesion_patches,
     load_ground_truth,
     summarize_cohort,
     write_cohort,
@@ -453,6 +454,29 @@ def test_cohort_files(cohort):
         tissue, lesion, ds = load_ground_truth(out, s.slide_id)
         assert ds == 16
         assert np.array_equal(tissue, s.tissue_mask) and np.array_equal(lesion, s.lesion_mask)
+
+
+def test_lesion_patches_are_half_inside_a_lesion(cohort):
+    """The lesion-patch label: a patch box at least half inside the planted lesions, counted
+    here directly on the ground-truth mask (patches on its pixel grid, and off it)."""
+    out, slides = cohort
+    positive = next(s for s in slides if s.label == 1)
+    _, lesion, ds = load_ground_truth(out, positive.slide_id)
+    side = 4 * ds  # level-0 px: 4 x 4 mask pixels
+    ys, xs = np.mgrid[0 : 512 - side + 1 : ds, 0 : 768 - side + 1 : ds]
+    coords = np.c_[xs.ravel(), ys.ravel()]
+    got = lesion_patches(out, positive.slide_id, coords, side)
+    want = [
+        lesion[y // ds : (y + side) // ds, x // ds : (x + side) // ds].mean() >= 0.5
+        for x, y in coords
+    ]
+    assert got.dtype == bool and np.array_equal(got, want)
+    assert 0 < got.sum() < len(got)  # both kinds present: the check can fail
+    # half a mask pixel off the grid: box fractions, still the same rule
+    shifted = lesion_patches(out, positive.slide_id, coords + ds // 2, side)
+    assert 0 < shifted.sum() < len(shifted)
+    negative = next(s for s in slides if s.label == 0)
+    assert not lesion_patches(out, negative.slide_id, coords, side).any()
 
 
 def test_cohort_summary(cohort):

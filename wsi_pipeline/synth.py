@@ -72,6 +72,7 @@ __all__ = [
     "SLIDE_DEFAULTS",
     "SynthSlide",
     "check_cohort_options",
+    "lesion_patches",
     "load_ground_truth",
     "summarize_cohort",
     "write_cohort",
@@ -406,6 +407,39 @@ def load_ground_truth(
     meta = _read_cohort_json(out)
     tissue, lesion = (_read_mask(out, slide_id, kind) for kind in ("tissue", "lesion"))
     return tissue, lesion, int(meta["gt_downsample"])
+
+
+#: A patch is a lesion patch when at least this fraction of its box lies in a planted lesion.
+LESION_PATCH_FRACTION = 0.5
+
+
+def lesion_patches(
+    out_dir: str | os.PathLike, slide_id: str, coords: np.ndarray, patch_l0: float
+) -> np.ndarray:
+    """Which patches of one cohort slide are lesion patches (the label a patch-level score is
+    judged against): at least :data:`LESION_PATCH_FRACTION` of the patch's level-0 box lies in
+    the slide's planted lesions (its ground-truth mask, :func:`load_ground_truth`).
+
+    Parameters
+    ----------
+    out_dir : path
+        The cohort folder (:func:`write_cohort`'s ``out_dir``).
+    slide_id : str
+    coords : (N, 2) int ndarray
+        The patches' level-0 top-left ``(x, y)`` (a store's ``coords``).
+    patch_l0 : float
+        A patch's side in level-0 pixels (a store's ``tiling["patch_l0"]``).
+
+    Returns
+    -------
+    (N,) bool ndarray
+    """
+    from .tissue import rect_fractions
+
+    _, lesion, ds = load_ground_truth(out_dir, slide_id)
+    c = np.asarray(coords)
+    boxes = np.c_[c, np.full(len(c), patch_l0), np.full(len(c), patch_l0)]
+    return rect_fractions(lesion, boxes, downsample=ds) >= LESION_PATCH_FRACTION
 
 
 # ------------------------------------------------------------------------ arguments, cohort files
