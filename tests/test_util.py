@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from wsi_pipeline.util import (
     sample_mask,
     sanitize_id,
     save_torch,
+    torchscript_quiet,
 )
 
 
@@ -333,3 +337,44 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_writer(tmp_path: Path) -
         for proc in (killed, alive):
             proc.kill()
             proc.wait(10)
+
+
+def test_torchscript_quiet_hides_only_torchscripts_deprecation() -> None:
+    import torch
+
+    m = torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2), check_trace=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with torchscript_quiet():
+            torch.jit.save(m, io.BytesIO())
+            warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+        torch.jit.save(m, io.BytesIO())  # outside: shown again
+    messages = [str(w.message) for w in seen]
+    assert messages[0] == "something else is deprecated"
+    assert len(messages) == 2 and "torch.jit.save" in messages[1]
+
+
+def test_torchscript_quiet_in_threads_leaves_the_filters_as_they_were() -> None:
+    """Two overlapping blocks in two threads restored each other's filter lists (catch_warnings
+    is process-wide): B entered inside A, A left, then B put back A's list, filter included."""
+    before = list(warnings.filters)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a() -> None:
+        with torchscript_quiet():
+            a_in.set()
+            b_in.wait(0.5)  # B enters here unless the blocks exclude each other
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with torchscript_quiet():
+            b_in.set()
+            a_out.wait(5)  # leave after A
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "sample_mask",
     "sanitize_id",
     "save_torch",
+    "torchscript_quiet",
 ]
 
 
@@ -383,6 +385,27 @@ def sample_mask(
     r = np.clip(((np.arange(*rows) + 0.5) * ds / mask_ds).astype(np.int64), 0, mh - 1)
     c = np.clip(((np.arange(*cols) + 0.5) * ds / mask_ds).astype(np.int64), 0, mw - 1)
     return mask[r[:, None], c[None, :]]
+
+
+#: TorchScript's own deprecation warnings (torch 2.x: ``torch.jit.load``, ``save``, ``trace``
+#: and ``trace_method``), the only warnings :func:`torchscript_quiet` hides.
+_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def torchscript_quiet() -> Iterator[None]:
+    """Within it, TorchScript's deprecation warnings are not shown (its files are what QuPath
+    and WSInfer load), every other warning is.
+
+    ``warnings.catch_warnings`` saves and restores the process's filter list; two such blocks
+    in two threads that overlap restore each other's lists and can leave the process with a
+    filter it never asked for. The blocks of this package take a lock, so they never overlap
+    one another, and the filter they add is this one message, not ``"ignore"`` for all.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATED, category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

@@ -31,7 +31,6 @@ import importlib
 import os
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, TrainingError
+from .util import torchscript_quiet
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -182,8 +182,7 @@ def _read_safetensors(path: Path) -> Any:
 
 def _read_torchscript(path: Path) -> Any:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+        with torchscript_quiet():  # TorchScript is deprecated upstream
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise TrainingError(f"cannot read TorchScript file: {first_line(exc)}", path=path) from None

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 from . import runs
 from .errors import ConfigError, TrainingError
-from .util import atomic_path, atomic_write_json, output_dir
+from .util import atomic_path, atomic_write_json, output_dir, torchscript_quiet
 
 __all__ = ["CONFIG", "FORMATS", "TORCHSCRIPT", "export_run", "patch_scorer", "wsinfer_config"]
 
@@ -200,8 +199,8 @@ def export_run(
     scorer = patch_scorer(model, run.get("calibration"))
     size = config["patch_size_pixels"]
     example = torch.zeros((2, 3, size, size))
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated, but DJL (QuPath) loads it
+    with torch.inference_mode(False), torch.no_grad(), torchscript_quiet():
+        # torch.jit is deprecated, but DJL (QuPath) loads it
         traced = torch.jit.trace(scorer, example, check_trace=False)
     ts = out / TORCHSCRIPT
     with atomic_path(ts) as tmp:
