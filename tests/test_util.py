@@ -342,7 +342,8 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_writer(tmp_path: Path) -
 def test_torchscript_quiet_hides_only_torchscripts_deprecation() -> None:
     import torch
 
-    m = torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2), check_trace=False)
+    with torchscript_quiet():
+        m = torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2), check_trace=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with torchscript_quiet():
