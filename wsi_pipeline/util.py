@@ -390,7 +390,7 @@ def sample_mask(
 #: TorchScript's own deprecation warnings (torch 2.x: ``torch.jit.load``, ``save``, ``trace``
 #: and ``trace_method``), the only warnings :func:`torchscript_quiet` hides.
 _TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
-_WARNINGS_LOCK = threading.Lock()
+_WARNINGS_LOCK = threading.RLock()  # a block inside another of the same thread is fine
 
 
 @contextlib.contextmanager
