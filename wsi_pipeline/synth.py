@@ -66,6 +66,7 @@ from .util import atomic_path, atomic_write_json, main_module_hidden, output_dir
 __all__ = [
     "COHORT_FILE",
     "LABELS_FILE",
+    "LESION_PATCH_FRACTION",
     "LESION_STYLES",
     "MASKS_DIR",
     "SLIDES_DIR",
